@@ -1,0 +1,121 @@
+"""The Polyp-DDPM denoiser as a configuration of `diffusers.UNet2DModel`, its noise schedule and samplers."""
+
+import math
+
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
+
+# The paper's channel multipliers per image size (the guided-diffusion defaults its code uses).
+PAPER_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+
+# Named model sizes. "paper" is the published denoiser; the others exist for CPU demos and tests.
+UNET_PRESETS = {
+    "paper": dict(image_size=256),
+    "paper-128": dict(image_size=128),
+    "paper-64": dict(image_size=64),
+    # About 1.1 M parameters at 64 px: trains on a laptop CPU in minutes (a smoke run, not a real model).
+    "cpu-demo": dict(image_size=64, base_channels=32, channel_mult=(1, 2, 2), layers_per_block=1),
+    # About 0.3 M parameters at 32 px: for unit tests.
+    "tiny": dict(image_size=32, base_channels=32, channel_mult=(1, 1), layers_per_block=1),
+}
+
+# The reference embeds timesteps with a maximum period of 1000; diffusers' sinusoid uses 10000.
+REFERENCE_MAX_PERIOD = 1000
+DIFFUSERS_MAX_PERIOD = 10000
+
+NUM_TRAIN_TIMESTEPS = 250
+BETA_SCHEDULE = "squaredcos_cap_v2"
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+# log-SNR floor for DPM-Solver++: the cosine schedule's last beta is 0.999 (alpha-bar ~4e-8 at T), where the
+# solver's first step diverges without it. -5.1 is the value diffusers recommends for cosine schedules.
+DPMSOLVER_LAMBDA_MIN_CLIPPED = -5.1
+
+
+def make_polyp_unet(
+    image_size: int = 256,
+    base_channels: int = 64,
+    channel_mult: tuple[int, ...] | None = None,
+    layers_per_block: int = 2,
+    attention_resolutions: tuple[int, ...] = (16,),
+    mask_channels: int = 1,
+    dropout: float = 0.0,
+) -> UNet2DModel:
+    """
+    Builds the mask-conditioned denoiser: input `3 + mask_channels` channels (noisy RGB, then the mask),
+    output the 3-channel predicted noise.
+
+    The defaults are the paper's 256 px network (widths 64-64-128-128-256-256, two residual blocks per level,
+    one-head self-attention at 16x16 and in the middle block, GroupNorm(32) + SiLU, sinusoidal time embedding
+    with the reference's maximum period 1000), 28.4 M parameters.
+
+    Args:
+        image_size: square image side in pixels.
+        base_channels: width of the first level.
+        channel_mult: width multiplier per level; defaults to the paper's for 64, 128 and 256 px.
+        layers_per_block: residual blocks per level (the decoder has one more).
+        attention_resolutions: feature-map sides (in pixels) at which self-attention is applied.
+        mask_channels: 1 for models trained with this package; 3 for the authors' RGB-mask layout.
+        dropout: dropout inside the residual blocks.
+    """
+    if channel_mult is None:
+        if image_size not in PAPER_CHANNEL_MULT:
+            raise ValueError(
+                f"image_size {image_size} has no default channel_mult; pass channel_mult explicitly "
+                f"(defaults exist for {sorted(PAPER_CHANNEL_MULT)})."
+            )
+        channel_mult = PAPER_CHANNEL_MULT[image_size]
+    num_levels = len(channel_mult)
+    if image_size % 2 ** (num_levels - 1):
+        raise ValueError(f"image_size {image_size} is not divisible by 2**{num_levels - 1} for {num_levels} levels.")
+    resolutions = [image_size // 2**level for level in range(num_levels)]
+    with_attention = [resolution in attention_resolutions for resolution in resolutions]
+    block_out_channels = tuple(base_channels * mult for mult in channel_mult)
+    # Shift the sinusoid's frequency denominator so that its maximum period matches the reference's.
+    half_dim = block_out_channels[0] // 2
+    freq_shift = half_dim * (1 - math.log(DIFFUSERS_MAX_PERIOD) / math.log(REFERENCE_MAX_PERIOD))
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=3 + mask_channels,
+        out_channels=3,
+        layers_per_block=layers_per_block,
+        block_out_channels=block_out_channels,
+        down_block_types=tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in with_attention),
+        up_block_types=tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(with_attention)),
+        attention_head_dim=None,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        freq_shift=freq_shift,
+        flip_sin_to_cos=True,
+        dropout=dropout,
+    )
+
+
+def make_polyp_unet_from_preset(name: str, **overrides) -> UNet2DModel:
+    """Builds a named model size from `UNET_PRESETS`; keyword arguments override the preset."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(UNET_PRESETS)}.")
+    return make_polyp_unet(**{**UNET_PRESETS[name], **overrides})
+
+
+def make_polyp_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
+    """The paper's diffusion: cosine betas (clipped at 0.999), epsilon prediction, x0 clipped to [-1, 1]."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=BETA_SCHEDULE,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+def make_sampler(name: str, config) -> SchedulerMixin:
+    """A sampling scheduler (`ddpm`, `ddim` or `dpmsolver` = DPM-Solver++ 2M) from a trained scheduler's config."""
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmsolver":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", lambda_min_clipped=DPMSOLVER_LAMBDA_MIN_CLIPPED
+        )
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}.")

@@ -1,0 +1,64 @@
+"""The denoiser factory and the noise schedule follow the paper's network and diffusion."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from polyp_diffusers import UNET_PRESETS, make_polyp_scheduler, make_polyp_unet, make_polyp_unet_from_preset
+
+
+def test_default_unet_is_the_papers_256px_denoiser():
+    unet = make_polyp_unet()
+    config = unet.config
+    assert (config.sample_size, config.in_channels, config.out_channels) == (256, 4, 3)
+    assert tuple(config.block_out_channels) == (64, 64, 128, 128, 256, 256)
+    assert tuple(config.down_block_types) == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert tuple(config.up_block_types) == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+    assert config.layers_per_block == 2 and config.attention_head_dim is None
+    # The reference denoiser with a 4-channel input has 28.45 M parameters.
+    assert sum(p.numel() for p in unet.parameters()) == pytest.approx(28.45e6, rel=1e-3)
+
+
+def test_time_embedding_has_the_reference_maximum_period_of_1000():
+    unet = make_polyp_unet_from_preset("tiny")
+    timesteps = torch.tensor([0, 7, 249])
+    half = unet.config.block_out_channels[0] // 2
+    freqs = torch.exp(-math.log(1000) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    torch.testing.assert_close(unet.time_proj(timesteps), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_channels_set_the_input_width():
+    assert make_polyp_unet_from_preset("tiny", mask_channels=3).config.in_channels == 6
+
+
+@pytest.mark.parametrize("name", sorted(UNET_PRESETS))
+def test_every_preset_builds_and_runs(name):
+    unet = make_polyp_unet_from_preset(name)
+    if unet.config.sample_size <= 64:
+        size = unet.config.sample_size
+        with torch.no_grad():
+            out = unet(torch.randn(1, 4, size, size), torch.tensor([3])).sample
+        assert out.shape == (1, 3, size, size)
+
+
+def test_unknown_preset_and_size_without_defaults_are_refused():
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        make_polyp_unet_from_preset("huge")
+    with pytest.raises(ValueError, match="image_size 96 has no default channel_mult"):
+        make_polyp_unet(image_size=96)
+    with pytest.raises(ValueError, match="not divisible"):
+        make_polyp_unet(image_size=36, channel_mult=(1, 2, 2, 2))
+
+
+def test_scheduler_is_the_cosine_schedule_with_250_steps():
+    scheduler = make_polyp_scheduler()
+    steps = 250
+    t = np.arange(steps + 1) / steps
+    alphas_cumprod = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+    betas = np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
+    np.testing.assert_allclose(scheduler.betas.numpy(), betas, atol=1e-6)
+    assert scheduler.config.clip_sample and scheduler.config.prediction_type == "epsilon"

@@ -1,0 +1,258 @@
+"""PolypDDPMPipeline: inputs, outputs, determinism, schedulers and save/load, with a tiny untrained model."""
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from polyp_diffusers import PolypDDPMPipeline, make_sampler, prepare_masks
+
+STEPS = 3
+
+
+def generate(pipe, masks, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe(masks, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "output_type, image_check, mask_check",
+    [
+        ("pil", lambda im: im.size == (32, 32) and im.mode == "RGB", lambda m: m.size == (32, 32) and m.mode == "L"),
+        ("np", lambda im: im.shape == (32, 32, 3) and im.dtype == np.float32, lambda m: m.shape == (32, 32, 1)),
+        ("pt", lambda im: im.shape == (3, 32, 32) and im.dtype == torch.float32, lambda m: m.shape == (1, 32, 32)),
+    ],
+)
+def test_output_types_give_one_image_and_mask_per_request(
+    tiny_pipeline, square_mask, output_type, image_check, mask_check
+):
+    out = generate(tiny_pipeline, [square_mask, square_mask], num_images_per_mask=2, output_type=output_type)
+    assert len(out.images) == len(out.masks) == 4
+    assert all(image_check(image) for image in out.images)
+    assert all(mask_check(mask) for mask in out.masks)
+
+
+def test_image_values_lie_in_unit_range(tiny_pipeline, square_mask):
+    images = generate(tiny_pipeline, square_mask, output_type="np").images
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_output_masks_are_paired_with_images_in_input_order(tiny_pipeline):
+    empty, full = np.zeros((32, 32), np.uint8), np.full((32, 32), 255, np.uint8)
+    out = generate(tiny_pipeline, [empty, full], num_images_per_mask=2, output_type="pt")
+    assert [float(mask.mean()) for mask in out.masks] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_return_dict_false_returns_images_and_masks(tiny_pipeline, square_mask):
+    images, masks = generate(tiny_pipeline, square_mask, output_type="np", return_dict=False)
+    assert images.shape == (1, 32, 32, 3) and masks.shape == (1, 32, 32, 1)
+
+
+def test_same_seed_gives_same_images_and_other_seed_differs(tiny_pipeline, square_mask):
+    first = generate(tiny_pipeline, square_mask, seed=1, output_type="np").images
+    again = generate(tiny_pipeline, square_mask, seed=1, output_type="np").images
+    other = generate(tiny_pipeline, square_mask, seed=2, output_type="np").images
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).mean() > 1e-3
+
+
+def test_generator_list_makes_each_image_independent_of_batching(tiny_pipeline, square_mask):
+    def run(batch_size):
+        generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+        return tiny_pipeline(
+            [square_mask] * 3, num_inference_steps=STEPS, generator=generators, batch_size=batch_size, output_type="np"
+        ).images
+
+    np.testing.assert_allclose(run(batch_size=3), run(batch_size=1), atol=1e-5)
+    single = generate(tiny_pipeline, square_mask, seed=2, output_type="np").images
+    np.testing.assert_allclose(run(batch_size=2)[2], single[0], atol=1e-5)
+
+
+def test_generator_list_of_wrong_length_is_refused(tiny_pipeline, square_mask):
+    with pytest.raises(ValueError, match="one per image"):
+        tiny_pipeline(square_mask, num_images_per_mask=2, generator=[torch.Generator()], num_inference_steps=1)
+
+
+def test_the_mask_changes_the_generated_image(tiny_pipeline, square_mask):
+    with_polyp = generate(tiny_pipeline, square_mask, output_type="np").images
+    without = generate(tiny_pipeline, np.zeros_like(square_mask), output_type="np").images
+    assert np.abs(with_polyp - without).mean() > 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver"])
+def test_schedulers_swap_and_run_with_few_steps(tiny_pipeline, square_mask, sampler):
+    original = tiny_pipeline.scheduler
+    try:
+        tiny_pipeline.scheduler = make_sampler(sampler, original.config)
+        images = generate(tiny_pipeline, [square_mask] * 2, num_inference_steps=4, output_type="np").images
+    finally:
+        tiny_pipeline.scheduler = original
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_scheduler_swaps_the_diffusers_way(tiny_pipeline, square_mask):
+    ddim = DDIMScheduler.from_config(tiny_pipeline.scheduler.config)
+    pipe = PolypDDPMPipeline(unet=tiny_pipeline.unet, scheduler=ddim)
+    pipe.set_progress_bar_config(disable=True)
+    assert np.isfinite(generate(pipe, square_mask, num_inference_steps=5, output_type="np").images).all()
+
+
+def test_pipeline_runs_in_bfloat16(tiny_pipeline, square_mask):
+    pipe = PolypDDPMPipeline(unet=copy.deepcopy(tiny_pipeline.unet), scheduler=tiny_pipeline.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu", torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    images = generate(pipe, square_mask, output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_save_and_load_round_trip_reproduces_images(tiny_pipeline, saved_pipeline_dir, square_mask):
+    files = {os.path.relpath(os.path.join(root, f), saved_pipeline_dir) for root, _, names in os.walk(saved_pipeline_dir) for f in names}
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert json.loads((saved_pipeline_dir / "model_index.json").read_text())["_class_name"] == "PolypDDPMPipeline"
+    loaded = PolypDDPMPipeline.from_pretrained(saved_pipeline_dir)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.scheduler, DDPMScheduler)
+    # Weights are bit-identical; BLAS may round differently on freshly loaded (differently aligned) tensors.
+    np.testing.assert_allclose(
+        generate(loaded, square_mask, output_type="np").images,
+        generate(tiny_pipeline, square_mask, output_type="np").images,
+        atol=1e-5,
+    )
+    for name, tensor in tiny_pipeline.unet.state_dict().items():
+        assert torch.equal(tensor, loaded.unet.state_dict()[name]), name
+
+
+def test_saved_folder_loads_with_diffusers_alone(saved_pipeline_dir, tmp_path):
+    """The pipeline file saved beside the weights runs in a process where polyp_diffusers cannot be imported."""
+    script = f"""
+import sys
+sys.modules["polyp_diffusers"] = None  # any import of the package now fails
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(saved_pipeline_dir)!r}, custom_pipeline="pipeline_polyp_ddpm", trust_remote_code=True)
+mask = np.zeros((32, 32), np.uint8); mask[4:12, 4:12] = 255
+out = pipe(mask, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+print(type(pipe).__name__, type(pipe).__module__, out.images.shape)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    name, module, *shape = result.stdout.split()
+    assert name == "PolypDDPMPipeline" and not module.startswith("polyp_diffusers")
+    assert " ".join(shape) == "(1, 32, 32, 3)"
+
+
+# Mask preprocessing ------------------------------------------------------------------------------------------
+
+
+def _binary_square(dtype=np.uint8, high=255, size=(32, 32)):
+    mask = np.zeros(size, dtype=dtype)
+    mask[8:20, 10:24] = high
+    return mask
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        _binary_square(),
+        _binary_square(np.float32, 1.0),
+        _binary_square(np.float64, 255.0),
+        _binary_square(bool, True),
+        torch.from_numpy(_binary_square())[None],
+        torch.from_numpy(_binary_square(np.float32, 1.0))[None, None],
+        torch.from_numpy(_binary_square(np.float32, 1.0)).half(),
+        PIL.Image.fromarray(_binary_square()),
+        PIL.Image.fromarray(_binary_square()).convert("RGB"),
+        PIL.Image.fromarray(_binary_square()).convert("RGBA"),
+        PIL.Image.fromarray(_binary_square()).convert("1"),
+    ],
+    ids=["uint8-255", "float-1", "float-255", "bool", "torch-1HW", "torch-B1HW", "half", "pil-L", "pil-RGB", "pil-RGBA", "pil-1"],
+)
+def test_every_supported_mask_form_gives_the_same_binary_mask(mask):
+    expected = torch.from_numpy(_binary_square(np.float32, 1.0))[None, None]
+    assert torch.equal(prepare_masks(mask, (32, 32)), expected)
+
+
+def test_jpeg_mask_artifacts_are_thresholded_away():
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(_binary_square(size=(64, 64))).convert("RGB").save(buffer, format="JPEG", quality=75)
+    jpeg = PIL.Image.open(io.BytesIO(buffer.getvalue()))
+    assert len(np.unique(np.asarray(jpeg))) > 2
+    prepared = prepare_masks(jpeg, (64, 64))
+    assert set(prepared.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(prepared[0, 0], torch.from_numpy(_binary_square(np.float32, 1.0, size=(64, 64))))
+
+
+def test_masks_of_different_sizes_are_resized_with_nearest_neighbour():
+    small = _binary_square(size=(16, 16))
+    big = np.kron(_binary_square(), np.ones((4, 4), np.uint8))  # 128x128, same shape upscaled
+    prepared = prepare_masks([small, big], (32, 32))
+    assert prepared.shape == (2, 1, 32, 32)
+    assert set(prepared.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(prepared[1, 0], torch.from_numpy(_binary_square(np.float32, 1.0)))
+
+
+def test_batched_masks_expand_in_order():
+    batch = torch.stack([torch.zeros(1, 32, 32), torch.ones(1, 32, 32)])
+    prepared = prepare_masks([batch, torch.ones(32, 32)], (32, 32))
+    assert prepared.mean(dim=(1, 2, 3)).tolist() == [0.0, 1.0, 1.0]
+
+
+def test_an_empty_mask_is_allowed(tiny_pipeline):
+    out = generate(tiny_pipeline, np.zeros((32, 32), np.uint8), output_type="pt")
+    assert out.masks.sum() == 0 and torch.isfinite(out.images).all()
+
+
+def _colour_photo():
+    rng = np.random.default_rng(0)
+    return PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.mark.parametrize(
+    "masks, message",
+    [
+        (torch.zeros(2, 3, 32, 32), r"mask has shape \(2, 3, 32, 32\), with 3 channels"),
+        (torch.zeros(3, 32, 32), r"mask has shape \(3, 32, 32\).*one channel"),
+        (torch.zeros(1, 1, 1, 32, 32), r"mask has shape \(1, 1, 1, 32, 32\)"),
+        (np.zeros(32), r"mask has shape \(32,\)"),
+        (np.zeros((0, 32)), "zero-sized"),
+        ([_binary_square(), torch.full((32, 32), float("nan"))], r"masks\[1\] contains NaN"),
+        (np.full((32, 32), np.inf), "NaN or infinite"),
+        (_colour_photo(), "colour image"),
+        (np.linspace(0, 255, 32 * 32).reshape(32, 32).astype(np.uint8), "not a binary mask"),
+        (np.full((32, 32), -1.0), r"values in \[-1, -1\]"),
+        (np.full((32, 32), 300), r"values in \[300, 300\]"),
+        ("mask.png", "unsupported type str"),
+        (np.zeros((32, 32), dtype=np.complex64), "dtype complex64"),
+        ([], "masks is empty"),
+    ],
+    ids=["3-channel-batch", "3-channel", "rank-5", "rank-1", "zero-size", "nan", "inf", "colour-photo", "grey-photo",
+         "negative", "above-255", "string", "complex", "empty-list"],
+)
+def test_bad_masks_are_refused_with_a_message_naming_them(tiny_pipeline, masks, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(masks, num_inference_steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(output_type="latent"), "output_type"),
+        (dict(num_images_per_mask=0), "at least 1"),
+        (dict(batch_size=0), "at least 1"),
+        (dict(num_inference_steps=0), "at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused(tiny_pipeline, square_mask, kwargs, message):
+    kwargs.setdefault("num_inference_steps", 1)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(square_mask, **kwargs)
