@@ -1,0 +1,303 @@
+"""Reading, validating, splitting and writing image/mask pairs; the demo set; joint augmentation."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import load_from_disk
+
+from polyp_diffusers.data import (
+    FEATURES,
+    REPORT_FILE,
+    DataValidationError,
+    build_dataset,
+    load_polyp_dataset,
+    prepare_dataset,
+    split_ids,
+)
+from polyp_diffusers.demo import make_demo_dataset
+from polyp_diffusers.transforms import JointAugment, pair_transform
+
+
+def polyp_pair(width=48, height=40, seed=0):
+    """An RGB colonoscopy-coloured image and its 0/255 mask with one ellipse."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    mask = ((yy - height / 2) ** 2 / (height / 4) ** 2 + (xx - width / 2) ** 2 / (width / 4) ** 2) < 1
+    image = rng.integers(60, 200, (height, width, 3), dtype=np.uint8)
+    image[mask] = (220, 120, 110)
+    return PIL.Image.fromarray(image), PIL.Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def write_folder(root, pairs):
+    """pairs: {stem: (image, mask, image_ext, mask_ext)}; image or mask None leaves that file out."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem, (image, mask, image_ext, mask_ext) in pairs.items():
+        if image is not None:
+            image.save(root / "images" / f"{stem}{image_ext}")
+        if mask is not None:
+            mask.save(root / "masks" / f"{stem}{mask_ext}")
+    return root
+
+
+@pytest.fixture
+def good_folder(tmp_path):
+    """Ten valid pairs with mixed extensions, sizes and image modes, and JPEG (lossy, RGB) masks."""
+    pairs = {}
+    for index in range(10):
+        image, mask = polyp_pair(width=40 + 4 * index, height=36 + 2 * index, seed=index)
+        image = [image, image.convert("RGBA"), image.convert("L")][index % 3]
+        image_ext = [".png", ".jpg", ".tif", ".jpeg", ".bmp"][index % 5]
+        if image_ext in (".jpg", ".jpeg"):
+            image = image.convert("RGB")
+        pairs[f"case{index:02d}"] = (image, mask.convert("RGB"), image_ext, ".jpg" if index % 2 else ".png")
+    return write_folder(tmp_path / "Kvasir-SEG", pairs)
+
+
+def test_folder_pairs_become_the_project_schema(good_folder):
+    dataset, problems = build_dataset(str(good_folder), test_size=2, seed=0)
+    assert problems == []
+    assert {name: len(part) for name, part in dataset.items()} == {"train": 8, "test": 2}
+    train = dataset["train"]
+    assert train.features == FEATURES
+    for row in train:
+        assert row["image"].mode == "RGB" and row["mask"].mode == "L"
+        assert set(np.unique(np.asarray(row["mask"]))) == {0, 255}
+        assert row["image"].size == row["mask"].size == (row["width"], row["height"])
+    ids = sorted(list(dataset["train"]["id"]) + list(dataset["test"]["id"]))
+    assert ids == [f"case{i:02d}" for i in range(10)]
+
+
+def test_original_image_files_are_kept_byte_for_byte(good_folder):
+    dataset, _ = build_dataset(str(good_folder), test_size=2, seed=0)
+    stored = dataset["train"].cast_column("image", FEATURES["image"].__class__(decode=False))[0]
+    source = next((good_folder / "images").glob(f"{dataset['train'][0]['id']}.*"))
+    assert stored["image"]["bytes"] == source.read_bytes()
+
+
+def test_resolution_resizes_images_and_masks(good_folder):
+    dataset, _ = build_dataset(str(good_folder), test_size=2, seed=0, resolution=32)
+    row = dataset["test"][0]
+    assert row["image"].size == row["mask"].size == (32, 32)
+    assert set(np.unique(np.asarray(row["mask"]))) <= {0, 255}
+    assert (row["width"], row["height"]) != (32, 32)  # the original size is recorded
+
+
+def test_a_zip_as_downloaded_is_read(good_folder, tmp_path):
+    archive = tmp_path / "kvasir-seg.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in good_folder.rglob("*"):
+            zipped.write(path, path.relative_to(good_folder.parent))
+    dataset, problems = build_dataset(str(archive), test_size=2, seed=0)
+    assert problems == [] and len(dataset["train"]) == 8
+
+
+def test_split_is_seeded_and_deterministic():
+    ids = [f"id{i}" for i in range(50)]
+    assert split_ids(ids, 10, seed=3) == split_ids(ids, 10, seed=3)
+    assert split_ids(ids, 10, seed=3)["test"] != split_ids(ids, 10, seed=4)["test"]
+    assert len(split_ids(ids, 0.2, seed=0)["test"]) == 10
+    with pytest.raises(ValueError, match="leaves no train or no test"):
+        split_ids(ids, 50, seed=0)
+
+
+def test_a_split_file_decides_the_splits(good_folder, tmp_path):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"source": "hand-made", "train": [f"case{i:02d}" for i in range(7)],
+                                      "test": ["case07", "case08", "case09"]}))
+    dataset, _ = build_dataset(str(good_folder), split_file=str(split_file))
+    assert sorted(dataset["test"]["id"]) == ["case07", "case08", "case09"]
+
+
+def test_split_file_ids_must_match_the_source(good_folder, tmp_path):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": [f"case{i:02d}" for i in range(8)], "test": ["case08", "missing"]}))
+    with pytest.raises(DataValidationError) as raised:
+        build_dataset(str(good_folder), split_file=str(split_file))
+    kinds = {(p.id, p.kind) for p in raised.value.problems}
+    assert kinds == {("missing", "id in split file but not in source"), ("case09", "id in source but in no split")}
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    """Four valid pairs and one of every problem."""
+    pairs = {f"good{i}": (*polyp_pair(seed=i), ".png", ".png") for i in range(4)}
+    image, mask = polyp_pair()
+    pairs["orphan_image"] = (image, None, ".png", ".png")
+    pairs["orphan_mask"] = (None, mask, ".png", ".png")
+    pairs["mismatch"] = (image, mask.resize((20, 20)), ".png", ".png")
+    pairs["empty"] = (image, PIL.Image.new("L", image.size), ".png", ".png")
+    pairs["colour_mask"] = (image, image, ".png", ".png")
+    root = write_folder(tmp_path / "bad", pairs)
+    (root / "images" / "garbage.png").write_bytes(b"not an image at all")
+    PIL.Image.new("L", (10, 10)).save(root / "masks" / "garbage.png")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    (root / "images" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    mask.save(root / "masks" / "truncated.png")
+    return root
+
+
+BAD_IDS = {"orphan_image", "orphan_mask", "mismatch", "empty", "colour_mask", "garbage", "truncated"}
+
+
+def test_every_problem_is_reported_and_nothing_is_written(bad_folder, tmp_path):
+    output = tmp_path / "out"
+    with pytest.raises(DataValidationError) as raised:
+        prepare_dataset(str(bad_folder), output, test_size=1)
+    problems = {p.id: f"{p.kind}: {p.detail}" for p in raised.value.problems}
+    assert set(problems) == BAD_IDS
+    assert problems["orphan_image"].startswith("image without mask")
+    assert problems["orphan_mask"].startswith("mask without image")
+    assert "size mismatch" in problems["mismatch"]
+    assert "empty mask" in problems["empty"]
+    assert "colour image" in problems["colour_mask"]
+    assert "unreadable image" in problems["garbage"]
+    assert "unreadable image" in problems["truncated"] and "truncated" in problems["truncated"]
+    assert not output.exists()
+    assert "--skip-invalid" in str(raised.value)
+
+
+def test_skip_invalid_writes_the_valid_pairs_and_the_report(bad_folder, tmp_path):
+    output = tmp_path / "out"
+    prepare_dataset(str(bad_folder), output, test_size=1, skip_invalid=True)
+    written = load_from_disk(str(output))
+    assert sorted(list(written["train"]["id"]) + list(written["test"]["id"])) == [f"good{i}" for i in range(4)]
+    report = json.loads((output / REPORT_FILE).read_text())
+    assert {p["id"] for p in report["problems"]} == BAD_IDS
+    assert "7 problem(s)" in (output / "README.md").read_text()
+
+
+def test_existing_output_is_not_overwritten_by_default(good_folder, tmp_path):
+    output = tmp_path / "out"
+    prepare_dataset(str(good_folder), output, test_size=2)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_dataset(str(good_folder), output, test_size=2)
+    prepare_dataset(str(good_folder), output, test_size=3, overwrite=True)
+    assert len(load_from_disk(str(output))["test"]) == 3
+
+
+def test_a_prepared_folder_is_itself_a_source(good_folder, tmp_path):
+    first = prepare_dataset(str(good_folder), tmp_path / "first", test_size=2)
+    second = prepare_dataset(str(tmp_path / "first"), tmp_path / "second")
+    assert sorted(second["test"]["id"]) == sorted(first["test"]["id"])
+    assert load_polyp_dataset(str(tmp_path / "second"), split="train").num_rows == 8
+    with pytest.raises(ValueError, match="split 'valid' is not one of them"):
+        load_polyp_dataset(str(tmp_path / "second"), split="valid")
+
+
+def test_missing_source_gets_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no 'images/' and 'masks/'"):
+        build_dataset(str(tmp_path / "empty"))
+
+
+def test_demo_set_is_deterministic_binary_and_small():
+    first, again = make_demo_dataset(12, 32, test_size=2, seed=5), make_demo_dataset(12, 32, test_size=2, seed=5)
+    other = make_demo_dataset(12, 32, test_size=2, seed=6)
+    assert {name: len(part) for name, part in first.items()} == {"train": 10, "test": 2}
+    assert np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(again["train"][0]["image"]))
+    assert not np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(other["train"][0]["image"]))
+    for row in first["train"]:
+        values = set(np.unique(np.asarray(row["mask"])))
+        assert values == {0, 255}
+
+
+def test_prepare_data_cli_makes_the_demo_set(tmp_path):
+    output = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "polyp_diffusers.cli", "prepare-data", "demo", "--output", str(output),
+         "--demo-pairs", "20", "--test-size", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train: 16, test: 4" in result.stdout
+    card = (output / "README.md").read_text()
+    assert "Synthetic smoke-test data" in card and "image-segmentation" in card
+
+
+def test_prepare_data_cli_reports_problems_and_fails(bad_folder, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "polyp_diffusers.cli", "prepare-data", str(bad_folder), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "7 problem(s)" in result.stderr and "orphan_mask: mask without image" in result.stderr
+
+
+# Joint augmentation ----------------------------------------------------------------------------------------
+
+
+def _mask_batch(size=32, count=4):
+    masks = torch.zeros(count, 1, size, size)
+    for i in range(count):
+        masks[i, 0, 4 + i : 14 + 2 * i, 6 : 20 + i] = 1
+    return masks
+
+
+def test_augmentation_keeps_masks_binary_and_aligned_with_images():
+    masks = _mask_batch()
+    images = (masks * 2 - 1).repeat(1, 3, 1, 1)  # the image draws the mask
+    augmented, augmented_masks = JointAugment(degrees=45, zoom=(0.8, 1.2))(images, masks, torch.Generator().manual_seed(0))
+    assert set(augmented_masks.unique().tolist()) <= {0.0, 1.0}
+    drawn = (augmented[:, :1] > 0).float()
+    overlap = (drawn * augmented_masks).sum() / torch.maximum(drawn, augmented_masks).sum()
+    assert overlap > 0.9
+    assert not torch.equal(augmented_masks, masks)
+
+
+def test_augmentation_is_deterministic_under_a_seed():
+    masks, images = _mask_batch(), torch.rand(4, 3, 32, 32) * 2 - 1
+    augment = JointAugment()
+    first = augment(images, masks, torch.Generator().manual_seed(1))
+    again = augment(images, masks, torch.Generator().manual_seed(1))
+    other = augment(images, masks, torch.Generator().manual_seed(2))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])
+
+
+def test_a_certain_flip_without_rotation_is_an_exact_mirror():
+    masks, images = _mask_batch(), torch.rand(4, 3, 32, 32) * 2 - 1
+    flipped, flipped_masks = JointAugment(degrees=0, flip_probability=1)(images, masks)
+    torch.testing.assert_close(flipped, images.flip(-1), atol=1e-5, rtol=0)
+    assert torch.equal(flipped_masks, masks.flip(-1))
+
+
+def test_bad_augmentation_settings_are_refused():
+    with pytest.raises(ValueError, match="flip_probability"):
+        JointAugment(flip_probability=2)
+    with pytest.raises(ValueError, match="do not pair up"):
+        JointAugment()(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8))
+
+
+def test_pair_transform_works_with_dataset_with_transform():
+    dataset = make_demo_dataset(8, 48, test_size=2)["train"]
+    transformed = dataset.with_transform(pair_transform(32, JointAugment(), seed=0))
+    loader = torch.utils.data.DataLoader(transformed, batch_size=3)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (3, 3, 32, 32) and batch["masks"].shape == (3, 1, 32, 32)
+    assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+    assert set(batch["masks"].unique().tolist()) <= {0.0, 1.0}
+
+
+# Real data --------------------------------------------------------------------------------------------------
+
+
+def test_real_kvasir_seg_loads_whole_with_the_paper_split(kvasir_dir, tmp_path):
+    dataset, problems = build_dataset(str(kvasir_dir), split_file=str(kvasir_dir / "paper_split.json"))
+    assert problems == []
+    assert {name: len(part) for name, part in dataset.items()} == {"train": 898, "test": 100}
+    assert dataset["train"].features == FEATURES
+    for row in dataset["test"].select(range(0, 100, 10)):
+        assert row["image"].size == (256, 256) and row["mask"].mode == "L"
+        assert set(np.unique(np.asarray(row["mask"]))) == {0, 255}
