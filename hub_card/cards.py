@@ -49,3 +49,51 @@ def render_dataset_card(
         problem_summary=problem_summary,
     )
     return str(card)
+
+
+def render_model_card(
+    pipeline,
+    repo_id: str,
+    model_name: str = "Polyp-DDPM",
+    training_config: dict | None = None,
+    dataset: str | None = None,
+    results: dict | None = None,
+    provenance: str | None = None,
+    base_model: str | None = None,
+) -> str:
+    """
+    The README of a saved pipeline. `results` is the JSON written by the evaluation commands
+    (`{"markdown": ..., "eval_results": [...]}`); without it the card says that nothing was measured.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    unet = pipeline.unet
+    eval_results = [EvalResult(**entry) for entry in (results or {}).get("eval_results", [])]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="mit",
+        pipeline_tag="image-to-image",
+        tags=["diffusers", "polyp", "colonoscopy", "medical-imaging", "mask-to-image", "ddpm", "polyp-diffusers"],
+        datasets=[dataset] if dataset else None,
+        base_model=base_model,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "model_card.md"),
+        model_name=model_name,
+        repo_id=repo_id,
+        paper_url=PAPER_URL,
+        provenance=provenance,
+        image_size=unet.config.sample_size,
+        polyp_box=(unet.config.sample_size * 5 // 16, unet.config.sample_size * 11 // 16),
+        num_train_timesteps=pipeline.scheduler.config.num_train_timesteps,
+        num_parameters=f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M",
+        in_channels=unet.config.in_channels,
+        mask_channels=unet.config.in_channels - unet.config.out_channels,
+        block_out_channels=tuple(unet.config.block_out_channels),
+        training_config=training_config,
+        results_markdown=(results or {}).get("markdown"),
+    )
+    return str(card)

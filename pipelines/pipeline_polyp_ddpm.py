@@ -155,6 +155,11 @@ def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
     return torch.cat(prepared)
 
 
+def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
+    """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
+    return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
+
+
 class PolypDDPMPipeline(DiffusionPipeline):
     r"""
     Generates colonoscopy images with a polyp where a binary mask says, by denoising random noise with a
@@ -262,7 +267,7 @@ class PolypDDPMPipeline(DiffusionPipeline):
             for start in range(0, num_images, batch_size):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator
-                mask_input = (batch_masks * 2 - 1).repeat(1, self.mask_channels, 1, 1)
+                mask_input = mask_model_input(batch_masks, self.mask_channels)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
                 image = randn_tensor(shape, generator=batch_generator, device=device, dtype=dtype)
                 # Multistep schedulers keep state between steps: reset it for every batch.

@@ -20,7 +20,7 @@ def _add_prepare_data(subparsers):
     )
     parser.add_argument("source")
     parser.add_argument("--output", required=True, help="Folder to write (save_to_disk format, README.md card).")
-    parser.add_argument("--test-size", type=_test_size, default=100, help="Test pairs: a count or a fraction (default 100, as in the paper).")
+    parser.add_argument("--test-size", type=_test_size, default=None, help="Test pairs: a count or a fraction (default: 100, as in the paper; demo: 0.1).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the random train/test split.")
     parser.add_argument("--split-file", help="JSON {split: [ids]} to use instead of a random split (e.g. the official 880/120).")
     parser.add_argument("--skip-invalid", action="store_true", help="Write the valid pairs and a report instead of failing.")

@@ -36,6 +36,7 @@ FEATURES = Features(
 )
 REPORT_FILE = "validation_report.json"
 DEFAULT_TEST_SIZE = 100  # the paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing
+DEMO_TEST_SIZE = 0.1
 DEFAULT_SPLIT_SEED = 42
 
 
@@ -336,7 +337,7 @@ def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | D
 def prepare_dataset(
     source: str,
     output: str | os.PathLike,
-    test_size: int | float = DEFAULT_TEST_SIZE,
+    test_size: int | float | None = None,
     seed: int = DEFAULT_SPLIT_SEED,
     split_file: str | None = None,
     skip_invalid: bool = False,
@@ -350,9 +351,12 @@ def prepare_dataset(
     """
     Builds a dataset from `source` (or the synthetic demo set when `source == "demo"`) and writes it to
     `output` with its card and validation report; optionally pushes both to the Hub repo `push_to_hub`.
+    `test_size` defaults to 100 pairs (the paper's Kvasir-SEG split), and to 10% for the demo set.
     """
     from .hub_card.cards import KVASIR_LICENSE_NOTE, render_dataset_card
 
+    if test_size is None:
+        test_size = DEMO_TEST_SIZE if source == "demo" else DEFAULT_TEST_SIZE
     if source == "demo":
         from .demo import make_demo_dataset
 

@@ -1,0 +1,61 @@
+"""What every benchmark records next to its figures: the device, the versions and the command."""
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak GPU memory since the last reset; None on the CPU (no per-run figure there)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return None
+
+
+def write_results(name: str, device: torch.device, results: list[dict], output: str | None = None, **extra) -> Path:
+    """Saves results with their context as JSON (default: results/<name>-<device>.json) and prints them."""
+    import diffusers
+
+    record = {
+        "benchmark": name,
+        "device": device_name(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "command": "python " + " ".join(sys.argv),
+        **extra,
+        "results": results,
+    }
+    path = Path(output) if output else RESULTS_DIR / f"{name}-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return path

@@ -1,0 +1,376 @@
+"""Train a Polyp-DDPM denoiser on image/mask pairs with accelerate.
+
+    accelerate launch training/train.py --dataset data/kvasir-seg --output_dir runs/polyp-ddpm
+    accelerate launch training/train.py ... --resume_from_checkpoint latest
+
+Defaults are the paper's recipe (256 px, batch 32, 100k steps, 250-step cosine schedule, L1 loss on the noise,
+rotation + horizontal flip applied jointly to image and mask). `--recipe cpu-demo` sets small values for a
+few-minute run on a laptop CPU.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
+from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.hub_card.cards import render_model_card
+from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS
+from polyp_diffusers.training_utils import (
+    checkpoint_step,
+    diffusion_loss,
+    image_grid,
+    partial_path,
+    publish_checkpoint,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    step_generators,
+    to_uint8_rgb,
+)
+from polyp_diffusers.transforms import JointAugment, pair_transform
+
+logger = get_logger(__name__)
+
+# Defaults that `--recipe` changes; anything given on the command line still wins.
+RECIPES = {
+    "paper": {},
+    "cpu-demo": dict(
+        model_preset="cpu-demo", resolution=64, train_batch_size=16, max_train_steps=400, learning_rate=5e-4,
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=50, checkpointing_steps=100, validation_steps=100,
+        num_validation_masks=6,
+        validation_inference_steps=25, ema_max_decay=0.995, dataloader_num_workers=0,
+    ),
+}
+PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "pipeline_polyp_ddpm.py", "README.md")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="paper", help="A set of defaults.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="A `polyp-ddpm prepare-data` folder or a Hub dataset id.")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--validation_split", default="test", help="Split whose masks (and images) fill the validation grid.")
+    data.add_argument("--resolution", type=int, default=None, help="Training size; default: the model preset's.")
+    data.add_argument("--augment_degrees", type=float, default=45.0, help="Random rotation range, +-degrees.")
+    data.add_argument("--augment_flip_probability", type=float, default=0.5)
+    data.add_argument("--augment_zoom", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
+                      help="Random magnification range (the reference code's crop used 0.8 1.2).")
+    data.add_argument("--dataloader_num_workers", type=int, default=4)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_preset", choices=sorted(UNET_PRESETS), default="paper")
+    model.add_argument("--num_train_timesteps", type=int, default=250)
+    model.add_argument("--dropout", type=float, default=0.0)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer steps.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", default="constant",
+                       help="Any diffusers get_scheduler name: constant, constant_with_warmup, cosine, linear, ...")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
+    optim.add_argument("--loss", choices=("l1", "l2"), default="l1", help="Loss on the predicted noise.")
+    optim.add_argument("--no_ema", dest="use_ema", action="store_false", help="Save the raw weights, not an EMA.")
+    optim.add_argument("--ema_max_decay", type=float, default=0.9995,
+                       help="The reference's 0.995 every 10 steps is about 0.9995 every step.")
+    optim.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (diffusers EMAModel).")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--compile", action="store_true", help="torch.compile the UNet (fastest on GPUs).")
+    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+
+    run = parser.add_argument_group("checkpoints, validation, output")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--checkpointing_steps", type=int, default=1000)
+    run.add_argument("--checkpoints_total_limit", type=int, default=5)
+    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    run.add_argument("--validation_steps", type=int, default=1000)
+    run.add_argument("--num_validation_masks", type=int, default=8)
+    run.add_argument("--validation_sampler", choices=SAMPLERS, default="ddim")
+    run.add_argument("--validation_inference_steps", type=int, default=50)
+    run.add_argument("--save_pipeline_steps", type=int, default=0,
+                     help="Also save the (EMA) pipeline to output_dir every N steps; 0: only at the end.")
+    run.add_argument("--logger", choices=("tensorboard", "wandb"), default="tensorboard")
+    run.add_argument("--logging_dir", default="logs", help="Relative to output_dir.")
+    run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                     help="Default: what `accelerate config` says.")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", default=None, help="Default: the output_dir name.")
+    run.add_argument("--hub_private_repo", action="store_true")
+
+    recipe, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**RECIPES[recipe.recipe])
+    args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = UNET_PRESETS[args.model_preset]["image_size"]
+    return args
+
+
+def build_unet(args) -> UNet2DModel:
+    preset = UNET_PRESETS[args.model_preset]
+    overrides = {"image_size": args.resolution, "dropout": args.dropout}
+    if args.resolution != preset["image_size"] and "channel_mult" in preset:
+        logger.warning(f"training the {args.model_preset} preset at {args.resolution} px instead of {preset['image_size']}")
+    return make_polyp_unet_from_preset(args.model_preset, **overrides)
+
+
+def validation_grid(pipeline, batch, args, step):
+    """Generates images for the fixed validation masks; returns the grid mask | generated | real."""
+    pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
+    generated = pipeline(
+        batch["masks"], num_inference_steps=args.validation_inference_steps, output_type="pt",
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images
+    rows = [to_uint8_rgb(batch["masks"] * 2 - 1), to_uint8_rgb(generated * 2 - 1), to_uint8_rgb(batch["images"])]
+    return image_grid(rows)
+
+
+def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
+    """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
+    unet = accelerator.unwrap_model(unet)
+    if ema_model is not None:
+        ema_model.store(unet.parameters())
+        ema_model.copy_to(unet.parameters())
+    pipeline = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
+    staging = Path(output_dir) / ".pipeline.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    config = {key: value for key, value in vars(args).items() if key not in ("push_to_hub", "hub_private_repo")}
+    config.update(trained_steps=step, num_processes=accelerator.num_processes,
+                  mixed_precision=accelerator.mixed_precision, ema=args.use_ema)
+    card = render_model_card(
+        pipeline, repo_id=args.hub_model_id or Path(output_dir).name, training_config=config,
+        dataset=args.dataset if not os.path.exists(args.dataset) else None,
+    )
+    (staging / "README.md").write_text(card)
+    (staging / "training_config.json").write_text(json.dumps(config, indent=2))
+    for name in PIPELINE_FILES + ("training_config.json",):
+        target = Path(output_dir) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    shutil.rmtree(staging)
+    if ema_model is not None:
+        ema_model.restore(unet.parameters())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+
+    # Data: decode and resize on the CPU workers; augment on the device, batched.
+    train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
+    train_dataset = train_dataset.with_transform(pair_transform(args.resolution))
+    validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
+    validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
+    validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
+    augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+        num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size}.")
+
+    # Model, EMA, optimizer and learning-rate schedule.
+    unet = build_unet(args)
+    mask_channels = unet.config.in_channels - unet.config.out_channels
+    noise_scheduler = make_polyp_scheduler(args.num_train_timesteps)
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power,
+                             model_cls=UNet2DModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    # Checkpoints keep the weights (safetensors) outside accelerate's pickles; the EMA goes alongside.
+    def save_model_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            for model in models:
+                model.save_pretrained(os.path.join(folder, "unet"))
+                weights.pop()
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(folder, "unet_ema"))
+
+    def load_model_hook(models, folder):
+        if ema_model is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DModel)
+            ema_model.load_state_dict(loaded.state_dict())
+            ema_model.to(accelerator.device)
+        for _ in range(len(models)):
+            model = models.pop()
+            loaded = UNet2DModel.from_pretrained(folder, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    if args.compile:
+        unet = torch.compile(unet)
+
+    steps_per_epoch = len(train_dataloader) // args.gradient_accumulation_steps
+    global_step = 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint found; starting a new run.")
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("polyp-ddpm", config=tracker_config)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"{len(train_dataset)} training pairs, {steps_per_epoch} steps per epoch, batch {total_batch} in all, "
+                f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, resolution {args.resolution}")
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+
+    epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    micro_step = global_step * args.gradient_accumulation_steps
+    window_start, window_images = time.perf_counter(), 0
+    while global_step < args.max_train_steps:
+        unet.train()
+        loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip) if batches_to_skip else train_dataloader
+        loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
+        batches_to_skip = 0
+        for batch in loader:
+            augment_generator, noise_generator = step_generators(
+                args.seed, micro_step, accelerator.process_index, accelerator.device
+            )
+            micro_step += 1
+            with accelerator.accumulate(unet):
+                images, masks = augment(batch["images"], batch["masks"], augment_generator)
+                loss = diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_images += images.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if ema_model is not None:
+                ema_model.step(unet.parameters())
+            images_per_second = window_images / (time.perf_counter() - window_start)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % 20 == 0:
+                window_start, window_images = time.perf_counter(), 0
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(partial_path(output_dir, global_step)))
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
+                    logger.info(f"Saved {saved}")
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir)
+            if (accelerator.is_main_process and args.save_pipeline_steps
+                    and global_step % args.save_pipeline_steps == 0 and global_step != args.max_train_steps):
+                save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
+            if global_step >= args.max_train_steps:
+                break
+        epoch += 1
+
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
+        logger.info(f"Saved the pipeline to {output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args, output_dir)
+    accelerator.end_training()
+
+
+def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
+    """Samples the fixed validation masks with the EMA weights; saves and logs the grid."""
+    model = accelerator.unwrap_model(unet)
+    if ema_model is not None:
+        ema_model.store(model.parameters())
+        ema_model.copy_to(model.parameters())
+    model.eval()
+    pipeline = PolypDDPMPipeline(unet=model, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
+    pipeline.set_progress_bar_config(disable=True)
+    with accelerator.autocast():
+        grid = validation_grid(pipeline, validation_batch, args, step)
+    if ema_model is not None:
+        ema_model.restore(model.parameters())
+    model.train()
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{step:07d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid, caption="mask | generated | real")}, step=step)
+
+
+def push_to_hub(args, output_dir):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or Path(output_dir).name, exist_ok=True, private=args.hub_private_repo).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="Polyp-DDPM training run",
+                  ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", ".pipeline.partial/*"])
+    logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
+if __name__ == "__main__":
+    main()
