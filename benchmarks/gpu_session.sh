@@ -4,7 +4,7 @@
 # .devdata/kvasir-seg-256 and the authors' code in .devdata/reference. Results go to $OUT (default results/).
 set -u
 OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
@@ -14,8 +14,8 @@ python3 -c "import torch, diffusers, accelerate, pyarrow; print('torch', torch._
 
 cd benchmarks
 timeout 130 python3 train_throughput.py --modes fp32 bf16 --reference-dir ../.devdata/reference \
-  --output "../$OUT/train_throughput-gpu.json" 2>&1 | grep -v Warning
-timeout 80 python3 sample_throughput.py --output "../$OUT/sample_throughput-gpu.json" 2>&1 | grep -v Warning
+  --output "$OUT/train_throughput-gpu.json" 2>&1 | grep -v Warning
+timeout 80 python3 sample_throughput.py --output "$OUT/sample_throughput-gpu.json" 2>&1 | grep -v Warning
 cd ..
 
 # A real-resolution training run on Kvasir-SEG: 300 steps, stop, resume to 600 (checkpoint + resume on a GPU).
@@ -31,4 +31,4 @@ cp $run/training_config.json "$OUT/train_run_kvasir_256_config.json" 2>/dev/null
 
 cd benchmarks
 timeout 160 python3 train_throughput.py --sizes 256 --modes bf16-compile \
-  --output "../$OUT/train_throughput_compile-gpu.json" 2>&1 | grep -v Warning
+  --output "$OUT/train_throughput_compile-gpu.json" 2>&1 | grep -v Warning

@@ -51,10 +51,41 @@ def _run_prepare_data(args):
     return 0
 
 
+def _add_convert_official(subparsers):
+    parser = subparsers.add_parser(
+        "convert-official",
+        help="Convert the authors' released model.pt into a PolypDDPMPipeline (safetensors, configs, card).",
+        description="Reads the checkpoint with torch.load(weights_only=True) and maps every tensor; fails on any mismatch.",
+    )
+    parser.add_argument("checkpoint", help="The official model.pt ({'step', 'model', 'ema'}).")
+    parser.add_argument("--output", required=True, help="Folder for the saved pipeline.")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="Which weights (their inference uses ema).")
+    parser.add_argument("--keep-rgb-mask", action="store_true",
+                        help="Keep their 6 input channels (mask as 3 identical channels) instead of folding to 4.")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="Also upload the pipeline and its card to this Hub repo.")
+    parser.set_defaults(run=_run_convert_official)
+
+
+def _run_convert_official(args):
+    from .convert_official import convert_official_checkpoint, write_converted_pipeline
+
+    try:
+        pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
+    except (ValueError, OSError) as error:  # ConversionError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    write_converted_pipeline(pipeline, description, args.output, args.push_to_hub)
+    config = description["config"]
+    print(f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
+          f"{description['mask_channels']} mask channel(s)) to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyp-ddpm", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prepare_data(subparsers)
+    _add_convert_official(subparsers)
     return parser
 
 

@@ -1,0 +1,185 @@
+"""training/train.py launched with `accelerate launch` on the demo data, with a tiny model, on the CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers.data import prepare_dataset
+from polyp_diffusers.training_utils import (
+    image_grid,
+    list_checkpoints,
+    partial_path,
+    publish_checkpoint,
+    resolve_checkpoint,
+    step_generators,
+)
+
+from .conftest import REPO_ROOT
+
+TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+STEPS = 16
+TINY_RUN = [
+    "--model_preset", "tiny", "--resolution", "32", "--train_batch_size", "8", "--learning_rate", "1e-3",
+    "--max_train_steps", str(STEPS), "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
+    "--validation_steps", str(STEPS), "--num_validation_masks", "2", "--validation_inference_steps", "2",
+    "--dataloader_num_workers", "0", "--seed", "0",
+]
+
+
+def launch_command(*args):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), *args]
+
+
+def launch(*args):
+    result = subprocess.run(launch_command(*args), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "demo"
+    prepare_dataset("demo", path, test_size=8, resolution=32, demo_pairs=48)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    launch("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN)
+    return output
+
+
+def unet_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_loss_decreases_over_a_short_run(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished_run / "logs" / "polyp-ddpm"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("loss")]
+    assert len(losses) == STEPS
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+
+
+def test_checkpoints_are_written_and_pruned(finished_run):
+    checkpoints = list_checkpoints(finished_run)
+    assert [path.name for path in checkpoints] == ["checkpoint-12", "checkpoint-16"]
+    for checkpoint in checkpoints:
+        assert (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        assert (checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors").exists()
+        assert (checkpoint / "optimizer.bin").exists()
+    assert not list(finished_run.glob("*.partial"))
+
+
+def test_validation_grid_shows_mask_generated_and_real(finished_run):
+    grid = PIL.Image.open(finished_run / "validation" / f"step-{STEPS:07d}.png")
+    assert grid.size == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2)
+
+
+def test_saved_pipeline_loads_generates_and_has_a_card(finished_run):
+    pipe = PolypDDPMPipeline.from_pretrained(finished_run)
+    pipe.set_progress_bar_config(disable=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    images = pipe(mask, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    card = (finished_run / "README.md").read_text()
+    assert "library_name: diffusers" in card and "| `max_train_steps` | 16 |" in card
+    assert json.loads((finished_run / "training_config.json").read_text())["trained_steps"] == STEPS
+    # The saved weights are the EMA weights of the last checkpoint.
+    ema = load_file(str(finished_run / "checkpoint-16" / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    for name, tensor in unet_weights(finished_run).items():
+        assert torch.equal(tensor, ema[name]), name
+
+
+def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dataset, finished_run, tmp_path):
+    output = tmp_path / "killed"
+    process = subprocess.Popen(
+        launch_command("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint-8").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (output / "checkpoint-8").exists()
+    assert not (output / "model_index.json").exists(), "the run finished before it could be killed"
+    # What a kill during a checkpoint write leaves behind must not be taken for a checkpoint.
+    partial_path(output, 20).mkdir()
+
+    result = launch("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+                    "--resume_from_checkpoint", "latest")
+    assert "Resuming from" in result.stderr + result.stdout
+    assert list_checkpoints(output)[-1].name == f"checkpoint-{STEPS}"
+    assert not partial_path(output, 20).exists()
+    resumed, uninterrupted = unet_weights(output), unet_weights(finished_run)
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_help_lists_every_knob_with_its_default():
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps long lines
+    for expected in ("--resume_from_checkpoint", "--mixed_precision", "--push_to_hub", "--recipe",
+                     "(default: 100000)", "(default: 32)", "(default: 250)", "(default: l1)"):
+        assert expected in text, expected
+
+
+# Helpers -----------------------------------------------------------------------------------------------------
+
+
+def test_only_complete_checkpoints_count_as_latest(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-30", "checkpoint-7", "checkpoint-40.partial", "checkpoint-x", "other"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-7", "checkpoint-30"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-30"
+    assert resolve_checkpoint("latest", tmp_path / "empty") is None
+    assert resolve_checkpoint(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-99"), tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path / "other"), tmp_path)
+
+
+def test_publishing_a_checkpoint_keeps_the_newest_within_the_limit(tmp_path):
+    for step in (10, 20, 30):
+        partial_path(tmp_path, step).mkdir()
+        (partial_path(tmp_path, step) / "state").write_text(str(step))
+        publish_checkpoint(tmp_path, step, total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
+    assert (tmp_path / "checkpoint-30" / "state").read_text() == "30"
+
+
+def test_step_generators_depend_only_on_seed_step_and_process():
+    def draws(seed, step, process):
+        augment, noise = step_generators(seed, step, process, "cpu")
+        return torch.rand(4, generator=augment), torch.rand(4, generator=noise)
+
+    first = draws(0, 5, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(0, 5, 0)))
+    assert not torch.equal(first[0], first[1])
+    for other in (draws(1, 5, 0), draws(0, 6, 0), draws(0, 5, 1)):
+        assert not torch.equal(first[1], other[1])
+
+
+def test_image_grid_places_rows_and_columns():
+    black = np.zeros((3, 4, 5, 3), np.uint8)
+    grid = np.asarray(image_grid([black, black + 255], padding=1))
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (5 + 1) + 1, 3)
+    assert grid[1, 1].tolist() == [0, 0, 0] and grid[6, 1].tolist() == [255, 255, 255]
