@@ -81,11 +81,129 @@ def _run_convert_official(args):
     return 0
 
 
+def _add_generate(subparsers):
+    parser = subparsers.add_parser(
+        "generate",
+        help="Generate synthetic pairs from the masks of a dataset (resumable) as a datasets DatasetDict.",
+        description="Image i uses seed SEED+i; an interrupted run continues where it stopped when run again.",
+    )
+    parser.add_argument("--model", required=True, help="A saved PolypDDPMPipeline folder or Hub id.")
+    parser.add_argument("--masks", required=True, help="A prepared dataset (folder or Hub id) whose masks to use.")
+    parser.add_argument("--split", default="train", help="Split of --masks.")
+    parser.add_argument("--output", required=True, help="Folder to write.")
+    parser.add_argument("--num-images-per-mask", type=int, default=1, help="Images generated per mask.")
+    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver"), default="ddpm", help="Sampler.")
+    parser.add_argument("--steps", type=int, help="Sampling steps (default: 250 for ddpm, 50 otherwise).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Images per batch (and per written part).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the first image.")
+    parser.add_argument("--device", help="Default: cuda if available, else cpu.")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="Model precision.")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="Also push the generated dataset to this Hub repo.")
+    parser.set_defaults(run=_run_generate)
+
+
+def _run_generate(args):
+    from .generate import generate_dataset
+
+    try:
+        dataset = generate_dataset(
+            args.model, args.masks, args.output, split=args.split, num_images_per_mask=args.num_images_per_mask,
+            sampler=args.scheduler, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+            device=args.device, dtype=args.dtype, push_to_hub=args.push_to_hub,
+        )
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
+    return 0
+
+
+def _add_fid(subparsers):
+    parser = subparsers.add_parser(
+        "fid",
+        help="FID and KID (mean and std) between the images of two datasets.",
+        description="Standard 2048-d Inception features (torchmetrics / torch-fidelity), or a pluggable extractor.",
+    )
+    parser.add_argument("--real", required=True, help="Real dataset (folder or Hub id).")
+    parser.add_argument("--real-split", default="test", help="Split of --real.")
+    parser.add_argument("--generated", required=True, help="Generated dataset (folder or Hub id).")
+    parser.add_argument("--generated-split", default=None, help="Split of --generated (default: its only split).")
+    parser.add_argument("--inception-weights", help="Local weights-inception-2015-12-05-6726825d.pth (for offline use).")
+    parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead of Inception.")
+    parser.add_argument("--image-size", type=int, help="Resize every image to this square size first (bicubic).")
+    parser.add_argument("--batch-size", type=int, default=50, help="Images per feature batch.")
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the set sizes).")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="Number of KID subsets.")
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--output", help="Write the result as JSON (with a Markdown table for the model card) here.")
+    parser.set_defaults(run=_run_fid)
+
+
+def _run_fid(args):
+    import json
+
+    import torch
+
+    from .data import load_polyp_dataset
+    from .metrics import fid_kid, load_extractor
+
+    try:
+        real = load_polyp_dataset(args.real, split=args.real_split)
+        generated = load_polyp_dataset(args.generated, split=args.generated_split)
+        if args.generated_split is None:
+            if len(generated) != 1:
+                raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
+            generated = next(iter(generated.values()))
+        extractor = load_extractor(args.feature_extractor) if args.feature_extractor else None
+        scores = fid_kid(real, generated, extractor=extractor, inception_weights=args.inception_weights,
+                         batch_size=args.batch_size, kid_subset_size=args.kid_subset_size,
+                         kid_subsets=args.kid_subsets, image_size=args.image_size,
+                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    scores.update(real=f"{args.real}:{args.real_split}", generated=args.generated)
+    print(f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
+          f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})")
+    if args.output:
+        from .hub_card.cards import fid_results
+
+        with open(args.output, "w") as file:
+            json.dump({**fid_results(scores), "scores": scores}, file, indent=2)
+    return 0
+
+
+def _add_card(subparsers):
+    parser = subparsers.add_parser(
+        "card",
+        help="Re-render a saved pipeline's model card with measured results (FID/KID, segmentation benchmark).",
+    )
+    parser.add_argument("model_dir", help="A saved PolypDDPMPipeline folder (from train.py or convert-official).")
+    parser.add_argument("--results", action="append", required=True,
+                        help="JSON from `polyp-ddpm fid --output` or training/compare_segmentation.py; repeatable.")
+    parser.set_defaults(run=_run_card)
+
+
+def _run_card(args):
+    from .hub_card.cards import update_model_card
+
+    try:
+        path = update_model_card(args.model_dir, args.results)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Updated {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyp-ddpm", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prepare_data(subparsers)
     _add_convert_official(subparsers)
+    _add_generate(subparsers)
+    _add_fid(subparsers)
+    _add_card(subparsers)
     return parser
 
 

@@ -252,7 +252,7 @@ def convert_official_checkpoint(
 def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, output: str | os.PathLike,
                              push_to_hub: str | None = None) -> Path:
     """Saves the converted pipeline with a model card that credits the authors and says what was done."""
-    from .hub_card.cards import render_model_card
+    from .hub_card.cards import push_folder, write_model_card
 
     output = Path(output)
     pipeline.save_pretrained(output)
@@ -272,13 +272,8 @@ def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, out
         "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "
         "release before redistributing."
     )
-    repo_id = push_to_hub or output.name
-    card = render_model_card(pipeline, repo_id=repo_id, model_name="Polyp-DDPM (official weights, converted)",
-                             dataset=None, provenance=provenance)
-    (output / "README.md").write_text(card)
+    write_model_card(pipeline, output, repo_id=push_to_hub or output.name,
+                     model_name="Polyp-DDPM (official weights, converted)", provenance=provenance)
     if push_to_hub:
-        pipeline.push_to_hub(push_to_hub)
-        from huggingface_hub import upload_file
-
-        upload_file(path_or_fileobj=str(output / "README.md"), path_in_repo="README.md", repo_id=push_to_hub)
+        push_folder(output, push_to_hub, commit_message="Polyp-DDPM official weights, converted")
     return output

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
 from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.hub_card.cards import render_model_card
+from polyp_diffusers.hub_card.cards import push_folder, write_model_card
 from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS
 from polyp_diffusers.training_utils import (
     checkpoint_step,
@@ -55,7 +55,8 @@ RECIPES = {
         validation_inference_steps=25, ema_max_decay=0.995, dataloader_num_workers=0,
     ),
 }
-PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "pipeline_polyp_ddpm.py", "README.md")
+PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "pipeline_polyp_ddpm.py", "README.md", "card.json",
+                  "training_config.json")
 
 
 def parse_args(argv=None):
@@ -158,13 +159,12 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
     config = {key: value for key, value in vars(args).items() if key not in ("push_to_hub", "hub_private_repo")}
     config.update(trained_steps=step, num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, ema=args.use_ema)
-    card = render_model_card(
-        pipeline, repo_id=args.hub_model_id or Path(output_dir).name, training_config=config,
+    write_model_card(
+        pipeline, staging, repo_id=args.hub_model_id or Path(output_dir).name, training_config=config,
         dataset=args.dataset if not os.path.exists(args.dataset) else None,
     )
-    (staging / "README.md").write_text(card)
     (staging / "training_config.json").write_text(json.dumps(config, indent=2))
-    for name in PIPELINE_FILES + ("training_config.json",):
+    for name in PIPELINE_FILES:
         target = Path(output_dir) / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -331,7 +331,10 @@ def main(argv=None):
         save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
         logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
-            push_to_hub(args, output_dir)
+            repo_id = push_folder(output_dir, args.hub_model_id or Path(output_dir).name, args.hub_private_repo,
+                                  ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
+                                  commit_message="Polyp-DDPM training run")
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()
 
 
@@ -361,15 +364,6 @@ def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_bat
             import wandb
 
             tracker.log({"validation": wandb.Image(grid, caption="mask | generated | real")}, step=step)
-
-
-def push_to_hub(args, output_dir):
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = create_repo(args.hub_model_id or Path(output_dir).name, exist_ok=True, private=args.hub_private_repo).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="Polyp-DDPM training run",
-                  ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", ".pipeline.partial/*"])
-    logger.info(f"Pushed to https://huggingface.co/{repo_id}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,213 @@
+"""Generation of synthetic datasets, FID/KID, segmentation scores and the end-to-end benchmark command."""
+
+import json
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import load_from_disk
+from torch import nn
+
+from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers.data import prepare_dataset
+from polyp_diffusers.demo import make_demo_dataset
+from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
+from polyp_diffusers.metrics import fid_kid, inception_extractor, segmentation_scores
+
+from .conftest import REPO_ROOT
+
+GENERATION = dict(split="train", num_images_per_mask=2, sampler="ddim", num_inference_steps=2, batch_size=4, seed=10)
+
+
+@pytest.fixture(scope="module")
+def demo_masks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("masks") / "demo"
+    prepare_dataset("demo", path, test_size=4, resolution=32, demo_pairs=10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated(saved_pipeline_dir, demo_masks, tmp_path_factory):
+    output = tmp_path_factory.mktemp("generated") / "synthetic"
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    return output
+
+
+def test_generated_pairs_have_the_project_schema_and_provenance(generated, demo_masks, saved_pipeline_dir):
+    dataset = load_from_disk(str(generated))
+    assert list(dataset) == ["train"]
+    pairs = dataset["train"]
+    assert pairs.features == GENERATED_FEATURES and len(pairs) == 12  # 6 training masks x 2
+    source = load_from_disk(str(demo_masks))["train"]
+    assert list(pairs["id"][:2]) == [f"{source[0]['id']}-syn0", f"{source[0]['id']}-syn1"]
+    assert list(pairs["seed"]) == list(range(10, 22))
+    assert set(pairs["model"]) == {str(saved_pipeline_dir)}
+    first = pairs[0]
+    assert first["image"].size == (32, 32) and first["mask"].mode == "L"
+    np.testing.assert_array_equal(np.asarray(first["mask"]), np.asarray(source[0]["mask"]))
+    assert "Generated images" in (generated / "README.md").read_text()
+    assert not (generated / PARTS_DIR).exists()
+
+
+def test_each_image_is_reproducible_from_its_seed(generated, saved_pipeline_dir, demo_masks):
+    pairs = load_from_disk(str(generated))["train"]
+    pipe = PolypDDPMPipeline.from_pretrained(saved_pipeline_dir)
+    from polyp_diffusers import make_sampler
+
+    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    row = pairs[5]
+    again = pipe(row["mask"], num_inference_steps=2, generator=torch.Generator().manual_seed(row["seed"])).images[0]
+    assert np.abs(np.asarray(again, np.int16) - np.asarray(row["image"], np.int16)).max() <= 1
+
+
+def test_an_interrupted_generation_continues_where_it_stopped(generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
+    output = tmp_path / "synthetic"
+    calls = {"count": 0}
+    original = PolypDDPMPipeline.__call__
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolypDDPMPipeline, "__call__", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    parts = sorted((output / PARTS_DIR).glob("part-*"))
+    assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet"]  # whole batches only
+
+    calls["count"] = -100  # no more crashes
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    assert calls["count"] == -99  # only the one missing batch was generated
+    resumed, uninterrupted = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]
+    assert list(resumed["id"]) == list(uninterrupted["id"])
+    for a, b in zip(resumed, uninterrupted):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
+    output = tmp_path / "synthetic"
+    (output / PARTS_DIR).mkdir(parents=True)
+    settings = {**GENERATION, "model": str(saved_pipeline_dir), "masks": str(demo_masks), "dtype": "fp32",
+                "sampler": "ddpm", "num_inference_steps": 250, "num_masks": 6}
+    (output / PARTS_DIR / "generation.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="unfinished run with other settings"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+
+
+def test_generate_cli_writes_a_dataset(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", str(saved_pipeline_dir), "--masks",
+         str(demo_masks), "--split", "test", "--output", str(output), "--scheduler", "dpmsolver", "--steps", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test: 4 generated pairs" in result.stdout
+    assert len(load_from_disk(str(output))["test"]) == 4
+
+
+# FID / KID -----------------------------------------------------------------------------------------------------
+
+
+class ColourStatistics(nn.Module):
+    """A small stand-in feature extractor: per-channel means and spreads of a pooled image (8 features)."""
+
+    def forward(self, images):
+        pooled = nn.functional.avg_pool2d(images.float() / 255, 4)
+        return torch.cat([pooled.mean(dim=(2, 3)), pooled.std(dim=(2, 3)), pooled.amax(dim=(1, 2, 3))[:, None],
+                          pooled.amin(dim=(1, 2, 3))[:, None]], dim=1)
+
+
+def test_fid_and_kid_are_near_zero_for_identical_sets_and_larger_for_different_ones():
+    real = make_demo_dataset(40, 32, test_size=0.5, seed=0)["train"]
+    same = fid_kid(real, real, extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
+    other_demo = fid_kid(real, make_demo_dataset(40, 32, test_size=0.5, seed=1)["train"],
+                         extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
+    darker = real.map(lambda row: {"image": PIL.Image.eval(row["image"], lambda v: v // 2)})
+    different = fid_kid(real, darker, extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid_mean"]) < 1e-3
+    assert different["fid"] > 10 * max(other_demo["fid"], 1e-3)
+    assert different["kid_mean"] > other_demo["kid_mean"]
+    assert same["num_real"] == 20 and same["kid_subset_size"] == 10
+
+
+def test_offline_inception_gives_a_message_that_says_what_to_do(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="--inception-weights PATH"):
+        inception_extractor()
+
+
+def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, generated, tmp_path):
+    output = tmp_path / "fid.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "polyp_diffusers.cli", "fid", "--real", str(demo_masks), "--generated", str(generated),
+         "--feature-extractor", "tests.test_evaluation:ColourStatistics", "--kid-subset-size", "4",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(output.read_text())
+    assert scores["scores"]["num_real"] == 4 and scores["scores"]["num_generated"] == 12
+    assert "| FID |" in scores["markdown"] and scores["eval_results"][0]["metric_type"] == "fid"
+
+
+# Segmentation scores ---------------------------------------------------------------------------------------------
+
+
+def test_segmentation_scores_match_hand_computed_values():
+    target = torch.zeros(3, 1, 4, 4)
+    prediction = torch.zeros(3, 1, 4, 4)
+    target[0, 0, :2, :2] = 1  # 4 target pixels
+    prediction[0, 0, :2, :3] = 1  # 6 predicted, 4 of them right
+    target[1, 0, 0, 0] = 1  # a missed polyp: nothing predicted
+    # image 2: both empty
+    scores = segmentation_scores(prediction, target)
+    torch.testing.assert_close(scores["iou"], torch.tensor([4 / 6, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(scores["dice"], torch.tensor([8 / 10, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(scores["precision"], torch.tensor([4 / 6, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(scores["recall"], torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+
+
+# End to end -----------------------------------------------------------------------------------------------------
+
+
+def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(demo_masks, generated, saved_pipeline_dir, tmp_path):
+    output = tmp_path / "comparison"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "compare_segmentation.py"), "--real", str(demo_masks),
+         "--synthetic", str(generated), "--test", f"{demo_masks}:test", "--output_dir", str(output),
+         "--accelerate_config", str(REPO_ROOT / "training" / "configs" / "cpu.yaml"),
+         "--resolution", "32", "--max_train_steps", "3", "--validation_steps", "3", "--train_batch_size", "2",
+         "--validation_size", "2", "--dataloader_num_workers", "0"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    comparison = json.loads((output / "comparison.json").read_text())
+    assert list(comparison["runs"]) == ["real", "synthetic", "real+synthetic"]
+    runs = comparison["runs"]
+    assert (runs["real"]["num_train_pairs"], runs["synthetic"]["num_train_pairs"]) == (4, 8)  # validation held out
+    assert runs["real+synthetic"]["num_train_pairs"] == 12
+    for run in runs.values():
+        scores = run["test"]["demo:test"]
+        assert 0 <= scores["iou"] <= scores["dice"] <= 1 and scores["num_images"] == 4
+    table = (output / "comparison.md").read_text()
+    assert table.count("\n| real") == 2 and "| synthetic |" in table
+
+    model = tmp_path / "model"
+    PolypDDPMPipeline.from_pretrained(saved_pipeline_dir).save_pretrained(model)
+    result = subprocess.run([sys.executable, "-m", "polyp_diffusers.cli", "card", str(model), "--results",
+                             str(output / "comparison.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    card = (model / "README.md").read_text()
+    assert "model-index" in card and "UNet++ IoU, trained on real+synthetic" in card and "Downstream segmentation" in card

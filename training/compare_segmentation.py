@@ -1,0 +1,75 @@
+"""The paper's comparison in one command: UNet++ trained on real, synthetic and real+synthetic pairs.
+
+    python training/compare_segmentation.py --model runs/polyp-ddpm --real data/kvasir-seg \\
+        --test data/kvasir-seg:test --output_dir runs/comparison [train_segmentation.py flags ...]
+
+Without `--synthetic`, the synthetic pairs are generated first from the masks of the real training split
+(`polyp-ddpm generate`, resumable). Each setting is trained by `accelerate launch
+training/train_segmentation.py` with the same flags, so all get the same budget. Writes `comparison.md` and
+`comparison.json` (Markdown plus model-index entries: `polyp-ddpm card MODEL --results comparison.json`).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from polyp_diffusers.hub_card.cards import segmentation_results
+from polyp_diffusers.modeling import SAMPLERS
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = ("real", "synthetic", "real+synthetic")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real", required=True, help="Prepared real dataset (its train split is used).")
+    parser.add_argument("--test", action="append", required=True, metavar="DATASET[:SPLIT]", help="Test set(s).")
+    parser.add_argument("--output_dir", required=True, help="Runs, generated data and the comparison go here.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synthetic", help="An existing generated dataset.")
+    source.add_argument("--model", help="A PolypDDPMPipeline (folder or Hub id) to generate the synthetic pairs with.")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="Sampler for generation.")
+    parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: 250 ddpm, 50 otherwise).")
+    parser.add_argument("--generation_batch_size", type=int, default=16, help="Images per generation batch.")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="Training sets to compare.")
+    parser.add_argument("--accelerate_config", help="accelerate config file for the segmentation runs.")
+    return parser.parse_known_args(argv)
+
+
+def main(argv=None):
+    args, segmentation_flags = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    synthetic = args.synthetic
+    if synthetic is None:
+        from polyp_diffusers.generate import generate_dataset
+
+        synthetic = str(output_dir / "synthetic")
+        if not (Path(synthetic) / "dataset_dict.json").exists():
+            generate_dataset(args.model, args.real, synthetic, split="train", sampler=args.sampler,
+                             num_inference_steps=args.steps, batch_size=args.generation_batch_size)
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        launch += ["--config_file", args.accelerate_config]
+    runs = {}
+    for setting in args.settings:
+        run_dir = output_dir / f"seg-{setting.replace('+', '-')}"
+        command = [*launch, str(HERE / "train_segmentation.py"), "--train", setting, "--real", args.real,
+                   "--synthetic", synthetic, "--output_dir", str(run_dir), *segmentation_flags]
+        for test in args.test:
+            command += ["--test", test]
+        print(f"== {setting}: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+        runs[setting] = json.loads((run_dir / "results.json").read_text())
+
+    comparison = segmentation_results(runs)
+    comparison["runs"] = runs
+    (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    (output_dir / "comparison.md").write_text(comparison["markdown"] + "\n")
+    print(comparison["markdown"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Train a UNet++ polyp segmenter on real, synthetic or real+synthetic pairs and score it on test sets.
+
+    accelerate launch training/train_segmentation.py --train real+synthetic \\
+        --real data/kvasir-seg --synthetic data/kvasir-seg-synthetic --test data/kvasir-seg:test \\
+        --output_dir runs/seg-real+synthetic
+
+The paper's downstream test (after Machacek et al. 2023): UNet++, Dice + cross-entropy loss, Adam 1e-4,
+batch 8, 256 px, best checkpoint by validation IoU. The validation pairs are a fixed, seeded part of the
+real training split, held out of every training set (also the synthetic pairs made from their masks), so
+the three settings select their checkpoints on the same real images. Every setting trains for the same
+number of steps. The default segmenter is MONAI's BasicUNetPlusPlus (pure torch, trained from scratch);
+`--architecture smp` uses segmentation_models_pytorch's UnetPlusPlus with a ResNet-34 encoder as the paper did.
+"""
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from datasets import concatenate_datasets
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from polyp_diffusers.data import load_polyp_dataset, split_ids
+from polyp_diffusers.metrics import segmentation_scores
+from polyp_diffusers.transforms import JointAugment, pair_transform
+
+logger = get_logger(__name__)
+TRAIN_SETS = ("real", "synthetic", "real+synthetic")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train", choices=TRAIN_SETS, required=True, help="Which pairs to train on.")
+    parser.add_argument("--real", required=True, help="Prepared real dataset (folder or Hub id).")
+    parser.add_argument("--real_split", default="train", help="Split of --real to train (and validate) on.")
+    parser.add_argument("--synthetic", help="Generated dataset (`polyp-ddpm generate`); needed unless --train real.")
+    parser.add_argument("--synthetic_split", default="train", help="Split of --synthetic to train on.")
+    parser.add_argument("--test", action="append", required=True, metavar="DATASET[:SPLIT]",
+                        help="Test set(s), scored separately; repeat for several (split default: test).")
+    parser.add_argument("--validation_size", type=float, default=0.1, help="Fraction (or count) of the real training pairs held out for checkpoint selection.")
+    parser.add_argument("--architecture", choices=("monai", "smp"), default="monai", help="UNet++ implementation.")
+    parser.add_argument("--encoder_weights", default=None, help="smp only: e.g. 'imagenet' (needs a download); default: random init.")
+    parser.add_argument("--resolution", type=int, default=256, help="Training and test size.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Per device.")
+    parser.add_argument("--max_train_steps", type=int, default=11250, help="Same for every setting (100 epochs of 900 real pairs at batch 8).")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
+    parser.add_argument("--validation_steps", type=int, default=500, help="Validate (and keep the best) every N steps.")
+    parser.add_argument("--augment_degrees", type=float, default=45.0, help="Joint random rotation, +-degrees.")
+    parser.add_argument("--eval_batch_size", type=int, default=16, help="Batch size for validation and testing.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="CPU workers that decode pairs.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the split, initialisation, data order and augmentation.")
+    parser.add_argument("--output_dir", required=True, help="Best weights (safetensors) and results.json go here.")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config.")
+    args = parser.parse_args(argv)
+    if args.train != "real" and not args.synthetic:
+        parser.error(f"--train {args.train} needs --synthetic")
+    return args
+
+
+def build_segmenter(architecture: str, encoder_weights: str | None = None) -> torch.nn.Module:
+    if architecture == "monai":
+        from monai.networks.nets import BasicUNetPlusPlus
+
+        return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
+    import segmentation_models_pytorch as smp
+
+    return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
+
+
+def logits_of(model, images):
+    out = model(images)
+    return out[0] if isinstance(out, (list, tuple)) else out  # MONAI's UNet++ returns a list of heads
+
+
+@torch.no_grad()
+def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
+    """Mean per-image IoU, Dice, precision and recall of thresholded predictions on a dataset."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset.with_transform(pair_transform(resolution)), batch_size=batch_size)
+    scores = {"iou": [], "dice": [], "precision": [], "recall": []}
+    for batch in loader:
+        predictions = logits_of(model, batch["images"].to(device)).float() > 0
+        for name, values in segmentation_scores(predictions.cpu(), batch["masks"] > 0.5).items():
+            scores[name].append(values)
+    model.train()
+    result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
+    result["num_images"] = len(dataset)
+    return result
+
+
+def training_pairs(args):
+    """The chosen training set and the fixed real validation set (held out of every training set)."""
+    real = load_polyp_dataset(args.real, split=args.real_split)
+    ids = sorted(real["id"])
+    validation_ids = set(split_ids(ids, args.validation_size, args.seed)["test"])
+    keep = [i for i, pair_id in enumerate(real["id"]) if pair_id not in validation_ids]
+    held_out = [i for i, pair_id in enumerate(real["id"]) if pair_id in validation_ids]
+    parts = []
+    if "real" in args.train.split("+"):
+        parts.append(real.select(keep))
+    if "synthetic" in args.train.split("+"):
+        synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split)
+        sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
+        parts.append(synthetic.select([i for i, source in enumerate(sources) if source not in validation_ids]))
+    columns = ["image", "mask", "id"]
+    return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
+
+
+def test_sets(specs: list[str]) -> dict:
+    """`DATASET[:SPLIT]` specs to named datasets (split default: test)."""
+    sets = {}
+    for spec in specs:
+        path, split = spec.rsplit(":", 1) if ":" in spec else (spec, "test")
+        sets[f"{Path(path).name}:{split}"] = load_polyp_dataset(path, split=split)
+    return sets
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set, validation_set = training_pairs(args)
+    tests = test_sets(args.test)
+    logger.info(f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
+                f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}")
+    loader = torch.utils.data.DataLoader(
+        train_set.with_transform(pair_transform(args.resolution)), batch_size=args.train_batch_size, shuffle=True,
+        drop_last=True, num_workers=args.dataloader_num_workers,
+    )
+    model = build_segmenter(args.architecture, args.encoder_weights)
+    from monai.losses import DiceCELoss
+
+    loss_function = DiceCELoss(sigmoid=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    augment = JointAugment(degrees=args.augment_degrees)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    best = {"iou": -1.0, "step": 0}
+    step = 0
+    progress = tqdm(total=args.max_train_steps, desc=f"UNet++ on {args.train}", disable=not accelerator.is_local_main_process)
+    for _ in range(math.ceil(args.max_train_steps / len(loader))):
+        for batch in loader:
+            images, masks = augment(batch["images"], batch["masks"], generator)
+            loss = loss_function(logits_of(model, images), masks)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", best_val_iou=f"{best['iou']:.4f}")
+            if accelerator.is_main_process and (step % args.validation_steps == 0 or step == args.max_train_steps):
+                unwrapped = accelerator.unwrap_model(model)
+                validation = evaluate(unwrapped, validation_set, args.resolution, args.eval_batch_size, accelerator.device)
+                if validation["iou"] > best["iou"]:
+                    best = {"iou": validation["iou"], "step": step}
+                    save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
+                              str(output_dir / "best.safetensors"))
+            if step >= args.max_train_steps:
+                break
+        if step >= args.max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from safetensors.torch import load_file
+
+        model = accelerator.unwrap_model(model)
+        model.load_state_dict(load_file(str(output_dir / "best.safetensors"), device=str(accelerator.device)))
+        results = {
+            "train": args.train,
+            "num_train_pairs": len(train_set),
+            "best_step": best["step"],
+            "validation_iou": best["iou"],
+            "test": {name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
+                     for name, dataset in tests.items()},
+            "segmenter": "MONAI BasicUNetPlusPlus, random init" if args.architecture == "monai"
+            else f"smp UnetPlusPlus, ResNet-34 encoder, encoder_weights={args.encoder_weights}",
+            "config": vars(args),
+        }
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        logger.info(json.dumps(results["test"], indent=2))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
