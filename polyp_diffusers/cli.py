@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from .modeling import SAMPLERS
+
 
 def _test_size(value: str) -> int | float:
     number = float(value)
@@ -36,16 +38,12 @@ def _add_prepare_data(subparsers):
 def _run_prepare_data(args):
     from .data import prepare_dataset
 
-    try:
-        dataset = prepare_dataset(
-            args.source, args.output, test_size=args.test_size, seed=args.seed, split_file=args.split_file,
-            skip_invalid=args.skip_invalid, resolution=args.resolution, image_dir=args.image_dir,
-            mask_dir=args.mask_dir, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
-            demo_pairs=args.demo_pairs,
-        )
-    except (ValueError, OSError) as error:  # DataValidationError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    dataset = prepare_dataset(
+        args.source, args.output, test_size=args.test_size, seed=args.seed, split_file=args.split_file,
+        skip_invalid=args.skip_invalid, resolution=args.resolution, image_dir=args.image_dir,
+        mask_dir=args.mask_dir, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+        demo_pairs=args.demo_pairs,
+    )
     counts = ", ".join(f"{name}: {len(part)}" for name, part in dataset.items())
     print(f"Wrote {args.output} ({counts})")
     return 0
@@ -69,11 +67,7 @@ def _add_convert_official(subparsers):
 def _run_convert_official(args):
     from .convert_official import convert_official_checkpoint, write_converted_pipeline
 
-    try:
-        pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
-    except (ValueError, OSError) as error:  # ConversionError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
     write_converted_pipeline(pipeline, description, args.output, args.push_to_hub)
     config = description["config"]
     print(f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
@@ -92,7 +86,7 @@ def _add_generate(subparsers):
     parser.add_argument("--split", default="train", help="Split of --masks.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--num-images-per-mask", type=int, default=1, help="Images generated per mask.")
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver"), default="ddpm", help="Sampler.")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="Sampler.")
     parser.add_argument("--steps", type=int, help="Sampling steps (default: 250 for ddpm, 50 otherwise).")
     parser.add_argument("--batch-size", type=int, default=16, help="Images per batch (and per written part).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image.")
@@ -105,15 +99,11 @@ def _add_generate(subparsers):
 def _run_generate(args):
     from .generate import generate_dataset
 
-    try:
-        dataset = generate_dataset(
-            args.model, args.masks, args.output, split=args.split, num_images_per_mask=args.num_images_per_mask,
-            sampler=args.scheduler, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device, dtype=args.dtype, push_to_hub=args.push_to_hub,
-        )
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    dataset = generate_dataset(
+        args.model, args.masks, args.output, split=args.split, num_images_per_mask=args.num_images_per_mask,
+        sampler=args.scheduler, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, dtype=args.dtype, push_to_hub=args.push_to_hub,
+    )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
     return 0
 
@@ -147,21 +137,16 @@ def _run_fid(args):
     from .data import load_polyp_dataset
     from .metrics import fid_kid, load_extractor
 
-    try:
-        real = load_polyp_dataset(args.real, split=args.real_split)
-        generated = load_polyp_dataset(args.generated, split=args.generated_split)
-        if args.generated_split is None:
-            if len(generated) != 1:
-                raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
-            generated = next(iter(generated.values()))
-        extractor = load_extractor(args.feature_extractor) if args.feature_extractor else None
-        scores = fid_kid(real, generated, extractor=extractor, inception_weights=args.inception_weights,
-                         batch_size=args.batch_size, kid_subset_size=args.kid_subset_size,
-                         kid_subsets=args.kid_subsets, image_size=args.image_size,
-                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (ValueError, OSError, RuntimeError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    real = load_polyp_dataset(args.real, split=args.real_split)
+    generated = load_polyp_dataset(args.generated, split=args.generated_split)
+    if args.generated_split is None:
+        if len(generated) != 1:
+            raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
+        generated = next(iter(generated.values()))
+    extractor = load_extractor(args.feature_extractor) if args.feature_extractor else None
+    scores = fid_kid(real, generated, extractor=extractor, inception_weights=args.inception_weights,
+                     batch_size=args.batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                     image_size=args.image_size, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scores.update(real=f"{args.real}:{args.real_split}", generated=args.generated)
     print(f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
           f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})")
@@ -187,12 +172,7 @@ def _add_card(subparsers):
 def _run_card(args):
     from .hub_card.cards import update_model_card
 
-    try:
-        path = update_model_card(args.model_dir, args.results)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Updated {path}")
+    print(f"Updated {update_model_card(args.model_dir, args.results)}")
     return 0
 
 
@@ -209,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, RuntimeError, ImportError) as error:  # bad input or environment: say what, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
