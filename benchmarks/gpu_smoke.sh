@@ -8,18 +8,20 @@ mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 run=/tmp/polyp-ddpm-compiled
 launch="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
 progress() { tr '\r' '\n' | grep -E "it/s|s/it|Saved|Resuming|rror|Traceback|Wrote" | awk 'NR % 40 == 0 || /Saved|Resuming|rror|Traceback|Wrote/'; }
 
-for steps in 300 600; do
-  timeout 170 $launch training/train.py --dataset .devdata/kvasir-seg-256 --output_dir $run --compile \
-    --max_train_steps $steps --checkpointing_steps 300 --validation_steps 600 --resume_from_checkpoint latest \
+for steps in 200 400; do
+  timeout 240 $launch training/train.py --dataset .devdata/kvasir-seg-256 --output_dir $run --compile \
+    --max_train_steps $steps --checkpointing_steps 200 --validation_steps 400 --resume_from_checkpoint latest \
     --dataloader_num_workers 8 --allow_tf32 2>&1 | progress
 done | tee "$OUT/gpu_smoke_train_compile.log"
 
-timeout 60 python3 -m polyp_diffusers.cli generate --model $run --masks .devdata/kvasir-seg-256 --split train \
+# The console script: `python -m polyp_diffusers.cli` run from the repository root would import the source
+# folder polyp_diffusers/, which lacks pipelines/ outside an editable install.
+timeout 60 polyp-ddpm generate --model $run --masks .devdata/kvasir-seg-256 --split train \
   --output /tmp/synthetic --scheduler dpmsolver --steps 25 --dtype bf16 --batch-size 64 2>&1 | progress \
   | tee "$OUT/gpu_smoke_generate.log"
 
