@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,17 @@ def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generato
     if loss_type == "l1":
         return F.l1_loss(noise_pred.float(), noise.float())
     return F.mse_loss(noise_pred.float(), noise.float())
+
+
+@contextmanager
+def ema_weights(ema_model, model: torch.nn.Module):
+    """Temporarily loads the EMA weights into `model` (for sampling or saving); a no-op without an EMA."""
+    if ema_model is None:
+        yield
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema_model.restore(model.parameters())

@@ -11,7 +11,6 @@ few-minute run on a laptop CPU.
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -33,6 +32,7 @@ from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS
 from polyp_diffusers.training_utils import (
     checkpoint_step,
     diffusion_loss,
+    ema_weights,
     image_grid,
     partial_path,
     publish_checkpoint,
@@ -127,15 +127,7 @@ def parse_args(argv=None):
     return args
 
 
-def build_unet(args) -> UNet2DModel:
-    preset = UNET_PRESETS[args.model_preset]
-    overrides = {"image_size": args.resolution, "dropout": args.dropout}
-    if args.resolution != preset["image_size"] and "channel_mult" in preset:
-        logger.warning(f"training the {args.model_preset} preset at {args.resolution} px instead of {preset['image_size']}")
-    return make_polyp_unet_from_preset(args.model_preset, **overrides)
-
-
-def validation_grid(pipeline, batch, args, step):
+def validation_grid(pipeline, batch, args):
     """Generates images for the fixed validation masks; returns the grid mask | generated | real."""
     pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
     generated = pipeline(
@@ -149,13 +141,11 @@ def validation_grid(pipeline, batch, args, step):
 def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
     unet = accelerator.unwrap_model(unet)
-    if ema_model is not None:
-        ema_model.store(unet.parameters())
-        ema_model.copy_to(unet.parameters())
     pipeline = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
     staging = Path(output_dir) / ".pipeline.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging)
+    with ema_weights(ema_model, unet):
+        pipeline.save_pretrained(staging)
     config = {key: value for key, value in vars(args).items() if key not in ("push_to_hub", "hub_private_repo")}
     config.update(trained_steps=step, num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, ema=args.use_ema)
@@ -170,8 +160,6 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
             shutil.rmtree(target)
         os.replace(staging / name, target)
     shutil.rmtree(staging)
-    if ema_model is not None:
-        ema_model.restore(unet.parameters())
 
 
 def main(argv=None):
@@ -207,7 +195,7 @@ def main(argv=None):
         raise ValueError(f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size}.")
 
     # Model, EMA, optimizer and learning-rate schedule.
-    unet = build_unet(args)
+    unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
     mask_channels = unet.config.in_channels - unet.config.out_channels
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps)
     ema_model = None
@@ -341,16 +329,11 @@ def main(argv=None):
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
     """Samples the fixed validation masks with the EMA weights; saves and logs the grid."""
     model = accelerator.unwrap_model(unet)
-    if ema_model is not None:
-        ema_model.store(model.parameters())
-        ema_model.copy_to(model.parameters())
     model.eval()
     pipeline = PolypDDPMPipeline(unet=model, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
     pipeline.set_progress_bar_config(disable=True)
-    with accelerator.autocast():
-        grid = validation_grid(pipeline, validation_batch, args, step)
-    if ema_model is not None:
-        ema_model.restore(model.parameters())
+    with ema_weights(ema_model, model), accelerator.autocast():
+        grid = validation_grid(pipeline, validation_batch, args)
     model.train()
     folder = Path(output_dir) / "validation"
     folder.mkdir(exist_ok=True)
