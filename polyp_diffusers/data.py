@@ -197,9 +197,19 @@ def read_pairs(
         return {"all": pairs}, problems
     if path.exists():
         raise ValueError(f"{source} is neither a folder nor a zip file.")
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source} does not exist (and is not a Hub dataset id of the form 'owner/name').")
-    return _pairs_from_datasets(load_dataset(source)), []
+    return _pairs_from_datasets(_load_hub_dataset(source)), []
+
+
+def _load_hub_dataset(dataset_id: str) -> DatasetDict:
+    """`datasets.load_dataset` for a Hub id, with an error that also covers a mistyped local path."""
+    if dataset_id.count("/") != 1 or dataset_id.startswith((".", "/")):
+        raise FileNotFoundError(f"{dataset_id} does not exist (and is not a Hub dataset id of the form 'owner/name').")
+    try:
+        return load_dataset(dataset_id)
+    except Exception as error:  # datasets raises several types: offline, not found, gated, ...
+        raise FileNotFoundError(
+            f"{dataset_id} is not a local folder, and loading it as a Hub dataset failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, list[str]]:
@@ -317,7 +327,7 @@ def write_dataset(
 
 def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | DatasetDict:
     """Loads a prepared dataset (a `prepare-data` folder or a Hub id) and checks it has the polyp schema."""
-    loaded = load_from_disk(path_or_id) if Path(path_or_id).exists() else load_dataset(path_or_id)
+    loaded = load_from_disk(path_or_id) if Path(path_or_id).exists() else _load_hub_dataset(path_or_id)
     for name, part in (loaded.items() if isinstance(loaded, DatasetDict) else [("dataset", loaded)]):
         missing = {"image", "mask"} - set(part.column_names)
         if missing:

@@ -300,3 +300,21 @@ def test_real_kvasir_seg_loads_whole_with_the_paper_split(kvasir_dir, tmp_path):
     for row in dataset["test"].select(range(0, 100, 10)):
         assert row["image"].size == (256, 256) and row["mask"].mode == "L"
         assert set(np.unique(np.asarray(row["mask"]))) == {0, 255}
+
+
+def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
+    """The Hub cannot be reached here: `load_dataset` hands over a real DatasetDict, as it would after a download."""
+    import polyp_diffusers.data as data
+
+    hub = make_demo_dataset(6, 32, test_size=2).remove_columns(["id", "width", "height"])
+    requested = []
+    monkeypatch.setattr(data, "load_dataset", lambda dataset_id: requested.append(dataset_id) or hub)
+    dataset, problems = build_dataset("someone/polyps")
+    assert requested == ["someone/polyps"]
+    assert problems == [] and {name: len(part) for name, part in dataset.items()} == {"train": 4, "test": 2}
+    assert dataset["train"][0]["id"] == "train-00000" and dataset["train"].features == FEATURES
+
+
+def test_an_unreachable_hub_id_or_mistyped_path_is_explained():
+    with pytest.raises(FileNotFoundError, match="is not a local folder, and loading it as a Hub dataset failed"):
+        build_dataset("no-such-owner-here/no-such-dataset-here")
