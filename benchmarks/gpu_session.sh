@@ -3,12 +3,7 @@
 # tool: wheels of diffusers/datasets in .whl/, a prepared Kvasir-SEG (256 px, paper split) in
 # .devdata/kvasir-seg-256 and the authors' code in .devdata/reference. Results go to $OUT (default results/).
 set -u
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/gpu_setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers, accelerate, pyarrow; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__, 'pyarrow', pyarrow.__version__)"
 

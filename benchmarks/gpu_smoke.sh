@@ -3,12 +3,7 @@
 # (checkpoint, resume), generation from the result in bf16 with DPM-Solver++, and the UNet++ segmentation
 # script on real + synthetic pairs. Same carried folders as gpu_session.sh (plus the monai wheel in .whl/).
 set -u
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+source "$(dirname "$0")/gpu_setup.sh"
 run=/tmp/polyp-ddpm-compiled
 launch="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
 progress() { tr '\r' '\n' | grep -E "it/s|s/it|Saved|Resuming|rror|Traceback|Wrote" | awk 'NR % 40 == 0 || /Saved|Resuming|rror|Traceback|Wrote/'; }

@@ -89,8 +89,8 @@ def generate_dataset(
         if part.exists():
             continue
         batch = requests[start : start + batch_size]
-        rows = source.select(sorted({row for row, _ in batch}))
-        by_index = {index: item for index, item in zip(sorted({row for row, _ in batch}), rows)}
+        indices = sorted({row for row, _ in batch})
+        by_index = dict(zip(indices, source.select(indices)))
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         out = pipeline(
