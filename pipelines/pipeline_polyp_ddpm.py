@@ -65,9 +65,8 @@ class PolypDDPMPipelineOutput(BaseOutput):
 def _mask_array(mask, name: str) -> np.ndarray:
     """Turns one mask input into a float array of shape `(B, H, W)`, validating rank, channels and values."""
     if isinstance(mask, PIL.Image.Image):
-        array = np.asarray(mask)
-        if array.ndim == 3:
-            rgb = array[..., :3].astype(np.float32)
+        if {"R", "G", "B"} <= set(mask.getbands()):
+            rgb = np.asarray(mask.convert("RGB"), dtype=np.float32)
             deviation = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).mean()
             if deviation > MAX_GREY_RGB_DEVIATION:
                 raise ValueError(
@@ -75,6 +74,8 @@ def _mask_array(mask, name: str) -> np.ndarray:
                     "segmentation mask (black background, white polyp)."
                 )
             array = rgb.mean(axis=-1)
+        else:  # one grey band, possibly with alpha ("LA"), which is ignored
+            array = np.asarray(mask.getchannel(0))
         array = array[None]
     elif isinstance(mask, torch.Tensor):
         array = mask.detach().cpu()

@@ -174,8 +174,10 @@ def _binary_square(dtype=np.uint8, high=255, size=(32, 32)):
         PIL.Image.fromarray(_binary_square()).convert("RGB"),
         PIL.Image.fromarray(_binary_square()).convert("RGBA"),
         PIL.Image.fromarray(_binary_square()).convert("1"),
+        PIL.Image.fromarray(_binary_square()).convert("LA"),
     ],
-    ids=["uint8-255", "float-1", "float-255", "bool", "torch-1HW", "torch-B1HW", "half", "pil-L", "pil-RGB", "pil-RGBA", "pil-1"],
+    ids=["uint8-255", "float-1", "float-255", "bool", "torch-1HW", "torch-B1HW", "half", "pil-L", "pil-RGB", "pil-RGBA",
+         "pil-1", "pil-LA"],
 )
 def test_every_supported_mask_form_gives_the_same_binary_mask(mask):
     expected = torch.from_numpy(_binary_square(np.float32, 1.0))[None, None]
