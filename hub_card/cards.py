@@ -209,3 +209,9 @@ def push_folder(folder, repo_id: str, private: bool = False, ignore_patterns: li
     repo_id = create_repo(repo_id, exist_ok=True, private=private).repo_id
     upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns)
     return repo_id
+
+
+def push_dataset(dataset, card: str, repo_id: str) -> None:
+    """Uploads a DatasetDict and its card to a Hub dataset repo."""
+    dataset.push_to_hub(repo_id)
+    DatasetCard(card).push_to_hub(repo_id)

@@ -86,10 +86,13 @@ def binarize_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.fromarray((binary.numpy() * 255).astype(np.uint8), mode="L")
 
 
-def _encode_png(image: PIL.Image.Image) -> bytes:
+def png_cell(image: "PIL.Image.Image | np.ndarray") -> dict:
+    """An image (or uint8 array) as a lossless PNG value for a `datasets.Image` column."""
+    if isinstance(image, np.ndarray):
+        image = PIL.Image.fromarray(image)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return {"bytes": buffer.getvalue(), "path": None}
 
 
 def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
@@ -116,10 +119,9 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
         image = image.convert("RGB").resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
         binary = binary.resize((resolution, resolution), PIL.Image.Resampling.NEAREST)
     # Files are kept byte for byte (no recompression); decoded or resized images are stored as PNG.
-    image_bytes = Path(pair.image).read_bytes() if keep_image_bytes else _encode_png(image)
     return {
-        "image": {"bytes": image_bytes, "path": None},
-        "mask": {"bytes": _encode_png(binary), "path": None},
+        "image": {"bytes": Path(pair.image).read_bytes(), "path": None} if keep_image_bytes else png_cell(image),
+        "mask": png_cell(binary),
         "id": pair.id,
         "width": width,
         "height": height,
@@ -363,7 +365,7 @@ def prepare_dataset(
     `output` with its card and validation report; optionally pushes both to the Hub repo `push_to_hub`.
     `test_size` defaults to 100 pairs (the paper's Kvasir-SEG split), and to 10% for the demo set.
     """
-    from .hub_card.cards import DEMO_NOTE, KVASIR_LICENSE_NOTE, render_dataset_card
+    from .hub_card.cards import DEMO_NOTE, KVASIR_LICENSE_NOTE, push_dataset, render_dataset_card
 
     if test_size is None:
         test_size = DEMO_TEST_SIZE if source == "demo" else DEFAULT_TEST_SIZE
@@ -399,8 +401,5 @@ def prepare_dataset(
     )
     write_dataset(dataset, output, card, problems, overwrite)
     if push_to_hub:
-        from huggingface_hub import DatasetCard
-
-        dataset.push_to_hub(push_to_hub)
-        DatasetCard(card).push_to_hub(push_to_hub)
+        push_dataset(dataset, card, push_to_hub)
     return dataset

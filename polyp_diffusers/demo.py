@@ -4,13 +4,11 @@ It exists so that tests and the CPU demo run anywhere without patient data. It i
 teaches a model nothing about real polyps.
 """
 
-import io
 
 import numpy as np
-import PIL.Image
 from datasets import Dataset, DatasetDict
 
-from .data import FEATURES, split_ids
+from .data import FEATURES, png_cell, split_ids
 
 
 def _polyp_blob(yy, xx, rng):
@@ -53,19 +51,13 @@ def draw_demo_pair(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask.astype(np.uint8) * 255
 
 
-def _png(array: np.ndarray) -> dict:
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array).save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
 def make_demo_dataset(num_pairs: int = 200, size: int = 64, test_size: int | float = 0.1, seed: int = 0) -> DatasetDict:
     """The demo set as a train/test `DatasetDict` in the project's schema; identical for identical arguments."""
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(num_pairs):
         image, mask = draw_demo_pair(size, rng)
-        rows.append({"image": _png(image), "mask": _png(mask), "id": f"demo-{index:05d}", "width": size, "height": size})
+        rows.append({"image": png_cell(image), "mask": png_cell(mask), "id": f"demo-{index:05d}", "width": size, "height": size})
     by_id = {row["id"]: row for row in rows}
     splits = split_ids(sorted(by_id), test_size, seed)
     return DatasetDict(

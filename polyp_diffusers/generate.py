@@ -1,16 +1,14 @@
 """Generate synthetic image/mask pairs from the masks of a dataset, resumably, in the project's schema."""
 
-import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 
-from .data import FEATURES, load_polyp_dataset, write_dataset
+from .data import FEATURES, load_polyp_dataset, png_cell, write_dataset
 from .modeling import SAMPLERS, make_sampler
 from .pipelines import PolypDDPMPipeline
 
@@ -20,12 +18,6 @@ GENERATED_FEATURES = Features(
 PARTS_DIR = ".parts"
 SETTINGS_FILE = "generation.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _png(image) -> dict:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
 
 
 def _load_pipeline(model: str, sampler: str, device: str, dtype: str) -> PolypDDPMPipeline:
@@ -101,7 +93,7 @@ def generate_dataset(
         for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):
             source_id = by_index[row]["id"]
             records.append({
-                "image": _png(image), "mask": _png(mask), "id": f"{source_id}-syn{k}", "width": image.width,
+                "image": png_cell(image), "mask": png_cell(mask), "id": f"{source_id}-syn{k}", "width": image.width,
                 "height": image.height, "seed": image_seed, "model": model, "source_id": source_id,
             })
         staging = part.with_suffix(".partial")
@@ -111,14 +103,13 @@ def generate_dataset(
     part_files = sorted(parts.glob("part-*.parquet"))
     generated = concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
     dataset = DatasetDict({split: generated})
-    write_dataset(dataset, output.with_name(output.name + ".assembled"), _card(settings, len(generated)), overwrite=True)
-    shutil.rmtree(output)
-    os.replace(output.with_name(output.name + ".assembled"), output)
+    card = _card(settings, len(generated))
+    # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
+    write_dataset(dataset, output, card, overwrite=True)
     if push_to_hub:
-        from huggingface_hub import DatasetCard
+        from .hub_card.cards import push_dataset
 
-        dataset.push_to_hub(push_to_hub)
-        DatasetCard((output / "README.md").read_text()).push_to_hub(push_to_hub)
+        push_dataset(dataset, card, push_to_hub)
     return dataset
 
 
