@@ -97,10 +97,10 @@ def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
 def training_pairs(args):
     """The chosen training set and the fixed real validation set (held out of every training set)."""
     real = load_polyp_dataset(args.real, split=args.real_split)
-    ids = sorted(real["id"])
-    validation_ids = set(split_ids(ids, args.validation_size, args.seed)["test"])
-    keep = [i for i, pair_id in enumerate(real["id"]) if pair_id not in validation_ids]
-    held_out = [i for i, pair_id in enumerate(real["id"]) if pair_id in validation_ids]
+    ids = list(real["id"])
+    validation_ids = set(split_ids(sorted(ids), args.validation_size, args.seed)["test"])
+    keep = [i for i, pair_id in enumerate(ids) if pair_id not in validation_ids]
+    held_out = [i for i, pair_id in enumerate(ids) if pair_id in validation_ids]
     parts = []
     if "real" in args.train.split("+"):
         parts.append(real.select(keep))
