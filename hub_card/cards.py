@@ -1,9 +1,13 @@
-"""Model and dataset cards for the Hub, rendered from the templates in this folder."""
+"""Model and dataset cards for the Hub, rendered from the templates in this folder.
+
+Cards only render what they are given: the results they show come from `polyp_diffusers.results`, and
+uploading is `publish.py`'s job.
+"""
 
 import json
 from pathlib import Path
 
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
 TEMPLATES = Path(__file__).parent
 PAPER_URL = "https://arxiv.org/abs/2402.04031"
@@ -80,8 +84,6 @@ def render_model_card(
     The README of a saved pipeline. `results` is the JSON written by the evaluation commands
     (`{"markdown": ..., "eval_results": [...]}`); without it the card says that nothing was measured.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     unet = pipeline.unet
     eval_results = [EvalResult(**entry) for entry in (results or {}).get("eval_results", [])]
     card_data = ModelCardData(
@@ -106,7 +108,7 @@ def render_model_card(
         num_train_timesteps=pipeline.scheduler.config.num_train_timesteps,
         num_parameters=f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M",
         in_channels=unet.config.in_channels,
-        mask_channels=unet.config.in_channels - unet.config.out_channels,
+        mask_channels=pipeline.mask_channels,
         block_out_channels=tuple(unet.config.block_out_channels),
         training_config=training_config,
         results_markdown=(results or {}).get("markdown"),
@@ -115,7 +117,9 @@ def render_model_card(
 
 
 CARD_CONTEXT_FILE = "card.json"
-METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
+# Named terms of use of source data, for `prepare-data --source-terms NAME`.
+SOURCE_TERMS = {"kvasir-seg": KVASIR_LICENSE_NOTE}
+UNKNOWN_TERMS = "Check the license of the source data."
 
 
 def write_model_card(pipeline, folder, **context) -> Path:
@@ -126,92 +130,23 @@ def write_model_card(pipeline, folder, **context) -> Path:
     return folder / "README.md"
 
 
-def merge_results(results: list[dict]) -> dict:
-    """Several results files (FID/KID, segmentation) as one: Markdown sections in order, eval results joined."""
-    return {
-        "markdown": "\n\n".join(r["markdown"] for r in results if r.get("markdown")),
-        "eval_results": [entry for r in results for entry in r.get("eval_results", [])],
-    }
-
-
-def update_model_card(model_dir, result_paths: list) -> Path:
-    """Re-renders a saved pipeline's card with measured results (their Markdown and model-index entries)."""
-    from polyp_diffusers import PolypDDPMPipeline
-
-    folder = Path(model_dir)
+def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
+    """
+    Re-renders a saved pipeline's card with measured results, keyed by where each came from: each a
+    `{"markdown", "eval_results"}` dict (`polyp_diffusers.results`), shown as Markdown sections in order and
+    joined as model-index entries.
+    """
+    folder = Path(folder)
+    for source, result in results.items():
+        if not {"markdown", "eval_results"} <= set(result):
+            raise ValueError(f"{source} has keys {sorted(result)}; expected 'markdown' and 'eval_results' "
+                             "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py).")
     context_path = folder / CARD_CONTEXT_FILE
     context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
-    results = []
-    for path in result_paths:
-        loaded = json.loads(Path(path).read_text())
-        if "markdown" not in loaded or "eval_results" not in loaded:
-            raise ValueError(f"{path} has no 'markdown' and 'eval_results'; expected the JSON of `polyp-ddpm fid "
-                             "--output` or training/compare_segmentation.py.")
-        results.append(loaded)
-    context["results"] = merge_results(results)
-    return write_model_card(PolypDDPMPipeline.from_pretrained(folder), folder, **context)
-
-
-def fid_results(scores: dict) -> dict:
-    """FID/KID scores (from `polyp_diffusers.metrics.fid_kid`) as a card section and model-index entries."""
-    dataset = Path(scores["real"].split(":")[0]).name
-    markdown = (
-        f"### Image realism ({scores['num_generated']} generated vs {scores['num_real']} real images of "
-        f"`{scores['real']}`, {scores['features']})\n"
-        "| FID | KID (mean ± std) |\n| --- | --- |\n"
-        f"| {scores['fid']:.2f} | {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} |"
-    )
-    common = dict(task_type="image-to-image", dataset_type=dataset, dataset_name=dataset)
-    return {
-        "markdown": markdown,
-        "eval_results": [
-            dict(common, metric_type="fid", metric_name="FID", metric_value=round(scores["fid"], 3)),
-            dict(common, metric_type="kid", metric_name="KID", metric_value=round(scores["kid_mean"], 5)),
-        ],
+    context["results"] = {
+        "markdown": "\n\n".join(result["markdown"] for result in results.values() if result["markdown"]),
+        "eval_results": [entry for result in results.values() for entry in result["eval_results"]],
     }
+    return write_model_card(pipeline, folder, **context)
 
 
-def segmentation_results(runs: dict[str, dict]) -> dict:
-    """The downstream benchmark (one results.json per training set) as a Markdown table and model-index entries."""
-    first = next(iter(runs.values()))
-    test_names = list(first["test"])
-    header = "| trained on | pairs | " + " | ".join(f"{name} IoU | {name} Dice" for name in test_names) + " |"
-    rows = [header, "|" + " --- |" * (2 + 2 * len(test_names))]
-    eval_results = []
-    for setting, run in runs.items():
-        cells = [setting, str(run["num_train_pairs"])]
-        for name in test_names:
-            scores = run["test"][name]
-            cells += [f"{scores['iou']:.4f}", f"{scores['dice']:.4f}"]
-            dataset = name.split(":")[0]
-            for metric in ("iou", "dice"):
-                eval_results.append(dict(
-                    task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
-                    dataset_split=name.split(":")[1], metric_type=metric,
-                    metric_name=f"UNet++ {METRIC_NAMES[metric]}, trained on {setting}",
-                    metric_value=round(scores[metric], 4),
-                ))
-        rows.append("| " + " | ".join(cells) + " |")
-    config = first["config"]
-    markdown = (
-        f"### Downstream segmentation ({first['segmenter']}, {config['max_train_steps']} steps of batch "
-        f"{config['train_batch_size']} at {config['resolution']} px for every training set, best checkpoint by "
-        "IoU on held-out real pairs; mean per-image scores)\n" + "\n".join(rows)
-    )
-    return {"markdown": markdown, "eval_results": eval_results}
-
-
-def push_folder(folder, repo_id: str, private: bool = False, ignore_patterns: list[str] | None = None,
-                commit_message: str = "Upload Polyp-DDPM pipeline") -> str:
-    """Creates the Hub model repo if needed and uploads a saved pipeline folder with its card; returns the repo id."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = create_repo(repo_id, exist_ok=True, private=private).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns)
-    return repo_id
-
-
-def push_dataset(dataset, card: str, repo_id: str) -> None:
-    """Uploads a DatasetDict and its card to a Hub dataset repo."""
-    dataset.push_to_hub(repo_id)
-    DatasetCard(card).push_to_hub(repo_id)

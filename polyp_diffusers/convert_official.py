@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import check_output_apart
+from .hub_card.cards import write_model_card
+from .hub_card.publish import push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
 from .pipelines import PolypDDPMPipeline
 
@@ -250,11 +253,16 @@ def convert_official_checkpoint(
 
 
 def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, output: str | os.PathLike,
-                             push_to_hub: str | None = None) -> Path:
-    """Saves the converted pipeline with a model card that credits the authors and says what was done."""
-    from .hub_card.cards import push_folder, write_model_card
-
+                             push_to_hub: bool = False, hub_model_id: str | None = None) -> Path:
+    """
+    Saves the converted pipeline, with a model card that credits the authors and says what was done, into a
+    new or empty folder; optionally uploads it (`hub_model_id`, default: the folder's name).
+    """
     output = Path(output)
+    check_output_apart(output, checkpoint=description["source"])
+    if output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; choose a new folder for the converted pipeline.")
+    repo_id = hub_model_id or output.name
     pipeline.save_pretrained(output)
     step = f" (training step {description['step']})" if description["step"] is not None else ""
     mask_note = (
@@ -272,8 +280,8 @@ def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, out
         "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "
         "release before redistributing."
     )
-    write_model_card(pipeline, output, repo_id=push_to_hub or output.name,
+    write_model_card(pipeline, output, repo_id=repo_id,
                      model_name="Polyp-DDPM (official weights, converted)", provenance=provenance)
     if push_to_hub:
-        push_folder(output, push_to_hub, commit_message="Polyp-DDPM official weights, converted")
+        push_folder(output, repo_id, commit_message="Polyp-DDPM official weights, converted")
     return output

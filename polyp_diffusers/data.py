@@ -1,14 +1,16 @@
 """Image/mask pairs as a `datasets.DatasetDict`: reading, validating, splitting and writing them.
 
 Sources: a Kvasir-SEG-style folder (`images/` + `masks/`, matched by file stem), the same as a zip file, a
-`save_to_disk` folder, a Hub dataset id, or the built-in synthetic demo set (see `demo.py`).
-Every source goes through one validation pass before anything is written; problems are reported, never
-silently dropped.
+`save_to_disk` folder or a Hub dataset id. Every source goes through one validation pass before anything is
+written; problems are reported, never silently dropped. The `prepare-data` command itself (card, demo set,
+upload) is `prepare_data.py`.
 """
 
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -17,11 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
 from tqdm.auto import tqdm
 
 from .pipelines.pipeline_polyp_ddpm import prepare_masks
+
+logger = logging.getLogger(__name__)
+
+# One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
+HUB_ID_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -36,8 +44,20 @@ FEATURES = Features(
 )
 REPORT_FILE = "validation_report.json"
 DEFAULT_TEST_SIZE = 100  # the paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing
-DEMO_TEST_SIZE = 0.1
 DEFAULT_SPLIT_SEED = 42
+# A mask whose polyp covers more than this fraction of the frame is probably inverted (white background).
+MAX_POLYP_FRACTION = 0.9
+# EXIF orientation tag values and the transposition that shows the picture upright (as PIL.ImageOps does).
+EXIF_ORIENTATION = 0x0112
+ORIENTATION_TRANSPOSE = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
+    3: PIL.Image.Transpose.ROTATE_180,
+    4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE,
+    6: PIL.Image.Transpose.ROTATE_270,
+    7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
 
 
 class DataValidationError(ValueError):
@@ -95,8 +115,18 @@ def png_cell(image: "PIL.Image.Image | np.ndarray") -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def _orientation(image: PIL.Image.Image) -> int:
+    return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
-    """Decodes, checks and encodes one pair as a row of `FEATURES`; raises ValueError naming the problem."""
+    """
+    Decodes, checks and encodes one pair as a row of `FEATURES`; raises ValueError naming the problem.
+
+    An image with an EXIF orientation tag is turned upright, and its mask with it (annotation tools draw on
+    the stored pixel grid, which is the mask's grid): `datasets` would otherwise rotate the image on decode and
+    leave the mask as it is.
+    """
     try:
         image = _open_fully(pair.image)
     except (OSError, SyntaxError) as error:
@@ -107,18 +137,28 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
         raise ValueError(f"unreadable mask: {error}") from error
     if image.size != mask.size:
         raise ValueError(f"size mismatch: image is {image.width}x{image.height}, mask is {mask.width}x{mask.height}")
+    orientation, mask_orientation = _orientation(image), _orientation(mask)
+    if mask_orientation not in (1, orientation):
+        raise ValueError(f"EXIF orientation {orientation} of the image and {mask_orientation} of the mask disagree")
     try:
         binary = binarize_mask(mask)
     except ValueError as error:
         raise ValueError(f"invalid mask: {error}") from error
-    if not np.asarray(binary).any():
+    polyp_fraction = np.asarray(binary).mean() / 255
+    if polyp_fraction == 0:
         raise ValueError("empty mask: no polyp pixel")
+    if polyp_fraction > MAX_POLYP_FRACTION:
+        logger.warning(f"{pair.id}: the polyp covers {polyp_fraction:.0%} of the mask; is the mask inverted "
+                       "(white should be the polyp, black the background)?")
+    if orientation in ORIENTATION_TRANSPOSE:
+        image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
+        binary = binary.transpose(ORIENTATION_TRANSPOSE[orientation])
     width, height = image.size
-    keep_image_bytes = resolution is None and isinstance(pair.image, str)
+    keep_image_bytes = resolution is None and isinstance(pair.image, str) and orientation == 1
     if resolution is not None:
         image = image.convert("RGB").resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
         binary = binary.resize((resolution, resolution), PIL.Image.Resampling.NEAREST)
-    # Files are kept byte for byte (no recompression); decoded or resized images are stored as PNG.
+    # Files are kept byte for byte (no recompression); decoded, turned or resized images are stored as PNG.
     return {
         "image": {"bytes": Path(pair.image).read_bytes(), "path": None} if keep_image_bytes else png_cell(image),
         "mask": png_cell(binary),
@@ -146,7 +186,14 @@ def _find_pair_folder(root: Path, image_dir: str, mask_dir: str) -> Path:
     for folder in candidates:
         if (folder / image_dir).is_dir() and (folder / mask_dir).is_dir():
             return folder
-    raise FileNotFoundError(f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below).")
+    for folder in candidates:
+        missing = [name for name in (image_dir, mask_dir) if not (folder / name).is_dir()]
+        if len(missing) == 1:
+            option = "--image-dir" if missing[0] == image_dir else "--mask-dir"
+            raise FileNotFoundError(f"{folder} has no '{missing[0]}/' folder; name the folder that holds the "
+                                    f"{'images' if option == '--image-dir' else 'masks'} with {option}.")
+    raise FileNotFoundError(f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below); "
+                            "name them with --image-dir and --mask-dir.")
 
 
 def pairs_from_folder(root: Path, image_dir: str = "images", mask_dir: str = "masks") -> tuple[list[RawPair], list[Problem]]:
@@ -163,12 +210,17 @@ def pairs_from_folder(root: Path, image_dir: str = "images", mask_dir: str = "ma
     return pairs, problems
 
 
-def _pairs_from_datasets(splits: DatasetDict) -> dict[str, list[RawPair]]:
+def _check_pair_columns(splits: DatasetDict, source: str) -> None:
+    for split, dataset in splits.items():
+        if not {"image", "mask"} <= set(dataset.column_names):
+            raise ValueError(f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and "
+                             "'mask' (make it with `polyp-ddpm prepare-data`).")
+
+
+def _pairs_from_datasets(splits: DatasetDict, source: str) -> dict[str, list[RawPair]]:
+    _check_pair_columns(splits, source)
     by_split = {}
     for split, dataset in splits.items():
-        missing = {"image", "mask"} - set(dataset.column_names)
-        if missing:
-            raise ValueError(f"split '{split}' has columns {dataset.column_names}; expected 'image' and 'mask'.")
         ids = dataset["id"] if "id" in dataset.column_names else [f"{split}-{i:05d}" for i in range(len(dataset))]
         by_split[split] = [RawPair(str(i), row["image"], row["mask"]) for i, row in zip(ids, dataset)]
     return by_split
@@ -194,17 +246,26 @@ def read_pairs(
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             loaded = load_from_disk(str(path))
             splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"all": loaded})
-            return _pairs_from_datasets(splits), []
+            return _pairs_from_datasets(splits, source), []
         pairs, problems = pairs_from_folder(path, image_dir, mask_dir)
         return {"all": pairs}, problems
     if path.exists():
         raise ValueError(f"{source} is neither a folder nor a zip file.")
-    return _pairs_from_datasets(_load_hub_dataset(source)), []
+    return _pairs_from_datasets(_load_hub_dataset(source), source), []
+
+
+def is_hub_id(name: str) -> bool:
+    """
+    Whether a name that is not an existing path may be a Hub repo id (`owner/name`). A name whose first part
+    is a local folder (`data/kvasir-seg` where `data/` exists) is a missing path, not a Hub id.
+    """
+    owner, _, repo = name.partition("/")
+    return bool(HUB_ID_PART.fullmatch(owner) and HUB_ID_PART.fullmatch(repo)) and not Path(owner).is_dir()
 
 
 def _load_hub_dataset(dataset_id: str) -> DatasetDict:
     """`datasets.load_dataset` for a Hub id, with an error that also covers a mistyped local path."""
-    if dataset_id.count("/") != 1 or dataset_id.startswith((".", "/")):
+    if not is_hub_id(dataset_id):
         raise FileNotFoundError(f"{dataset_id} does not exist (and is not a Hub dataset id of the form 'owner/name').")
     try:
         return load_dataset(dataset_id)
@@ -301,105 +362,72 @@ def build_dataset(
     return dataset, problems
 
 
+def check_output_apart(output: str | os.PathLike, **inputs: str | None) -> None:
+    """Refuses an output folder that is, or lies above, one of the inputs: replacing it would delete them."""
+    target = Path(output).resolve()
+    for name, value in inputs.items():
+        if value is not None and Path(value).exists():
+            path = Path(value).resolve()
+            if path == target or target in path.parents:
+                raise ValueError(f"the output {output} is or contains the {name} {value}; writing it would delete "
+                                 "the input. Choose another output folder.")
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Moves the complete folder `new` to `target`; a previous `target` is removed only once `new` is in place."""
+    previous = target.parent / f".{target.name}.previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(new, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def write_dataset(
     dataset: DatasetDict,
     output: str | os.PathLike,
     card: str,
     problems: list[Problem] = (),
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Writes `save_to_disk` files, the dataset card and the validation report; a crash leaves no half folder."""
+    """
+    Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text).
+
+    Everything is written to `.<output>.partial` beside `output` and moved into place once complete, so a
+    crash never leaves a half dataset; the next write to the same output removes such a leftover.
+    """
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite.")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    staging = output.parent / f".{output.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         dataset.save_to_disk(str(staging))
         (staging / "README.md").write_text(card)
         report = {"problems": [asdict(problem) for problem in problems], "counts": {s: len(d) for s, d in dataset.items()}}
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
 
 
+def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
+    """`DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`."""
+    dataset, separator, split = spec.rpartition(":")
+    return (dataset, split) if separator and dataset else (spec, default_split)
+
+
 def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | DatasetDict:
     """Loads a prepared dataset (a `prepare-data` folder or a Hub id) and checks it has the polyp schema."""
     loaded = load_from_disk(path_or_id) if Path(path_or_id).exists() else _load_hub_dataset(path_or_id)
-    for name, part in (loaded.items() if isinstance(loaded, DatasetDict) else [("dataset", loaded)]):
-        missing = {"image", "mask"} - set(part.column_names)
-        if missing:
-            raise ValueError(
-                f"{path_or_id} ({name}) has columns {part.column_names}; expected 'image' and 'mask' "
-                "(make it with `polyp-ddpm prepare-data`)."
-            )
-    if split is None:
-        return loaded
-    if not isinstance(loaded, DatasetDict):
+    _check_pair_columns(loaded if isinstance(loaded, DatasetDict) else {"dataset": loaded}, path_or_id)
+    if split is None or not isinstance(loaded, DatasetDict):
         return loaded
     if split not in loaded:
         raise ValueError(f"{path_or_id} has splits {sorted(loaded)}; split {split!r} is not one of them.")
     return loaded[split]
-
-
-def prepare_dataset(
-    source: str,
-    output: str | os.PathLike,
-    test_size: int | float | None = None,
-    seed: int = DEFAULT_SPLIT_SEED,
-    split_file: str | None = None,
-    skip_invalid: bool = False,
-    resolution: int | None = None,
-    image_dir: str = "images",
-    mask_dir: str = "masks",
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    demo_pairs: int = 200,
-) -> DatasetDict:
-    """
-    Builds a dataset from `source` (or the synthetic demo set when `source == "demo"`) and writes it to
-    `output` with its card and validation report; optionally pushes both to the Hub repo `push_to_hub`.
-    `test_size` defaults to 100 pairs (the paper's Kvasir-SEG split), and to 10% for the demo set.
-    """
-    from .hub_card.cards import DEMO_NOTE, KVASIR_LICENSE_NOTE, push_dataset, render_dataset_card
-
-    if test_size is None:
-        test_size = DEMO_TEST_SIZE if source == "demo" else DEFAULT_TEST_SIZE
-    if source == "demo":
-        from .demo import make_demo_dataset
-
-        dataset, problems = make_demo_dataset(demo_pairs, resolution or 64, test_size, seed), []
-        card_kwargs = dict(
-            source_description=f"Procedurally generated by polyp-diffusers ({demo_pairs} pairs, seed {seed}).",
-            synthetic_note=DEMO_NOTE,
-            license="mit",
-            title="polyp-diffusers synthetic demo pairs",
-        )
-    else:
-        dataset, problems = build_dataset(
-            source, test_size, seed, split_file, skip_invalid, resolution, image_dir, mask_dir
-        )
-        card_kwargs = dict(
-            source_description=f"Read from `{Path(source).name}` ({image_dir}/ and {mask_dir}/ matched by file stem).",
-            license_note=KVASIR_LICENSE_NOTE if "kvasir" in source.lower() else "Check the license of the source data.",
-        )
-    split_description = (
-        f"the ids listed in `{Path(split_file).name}`."
-        if split_file
-        else f"seeded random split (seed {seed}, test size {test_size})."
-    )
-    card = render_dataset_card(
-        {name: len(part) for name, part in dataset.items()},
-        split_description=split_description,
-        num_problems=len(problems),
-        resolution=resolution,
-        **card_kwargs,
-    )
-    write_dataset(dataset, output, card, problems, overwrite)
-    if push_to_hub:
-        push_dataset(dataset, card, push_to_hub)
-    return dataset

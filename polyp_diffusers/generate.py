@@ -1,36 +1,80 @@
-"""Generate synthetic image/mask pairs from the masks of a dataset, resumably, in the project's schema."""
+"""The `generate` command: synthetic pairs from the masks of a dataset, resumably, in the project's schema."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 
-from .data import FEATURES, load_polyp_dataset, png_cell, write_dataset
-from .modeling import SAMPLERS, make_sampler
+from .data import FEATURES, check_output_apart, is_hub_id, load_polyp_dataset, png_cell, write_dataset
+from .hub_card.cards import GENERATED_NOTE, render_dataset_card
+from .hub_card.publish import push_dataset
+from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import PolypDDPMPipeline
+from .training_utils import CHECKPOINT_PATTERN
 
 GENERATED_FEATURES = Features(
     {**FEATURES, "seed": Value("int64"), "model": Value("string"), "source_id": Value("string")}
 )
 PARTS_DIR = ".parts"
+# The settings of a run: in PARTS_DIR while it is unfinished, at the top of the output once it is done. Its
+# presence is what marks a folder as written by this command (and so as one that --overwrite may replace).
 SETTINGS_FILE = "generation.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _load_pipeline(model: str, sampler: str, device: str, dtype: str) -> PolypDDPMPipeline:
-    pipeline = PolypDDPMPipeline.from_pretrained(model)
-    pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
-    pipeline.to(device, DTYPES[dtype])
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def load_pipeline(model: str) -> PolypDDPMPipeline:
+    """`PolypDDPMPipeline.from_pretrained` with errors that say what is wrong with a `--model` argument."""
+    path = Path(model)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if CHECKPOINT_PATTERN.match(path.name):
+            raise ValueError(
+                f"{model} is a training checkpoint, not a saved pipeline: pass the training run's --output_dir "
+                "(train.py saves the pipeline there at the end, and every --save_pipeline_steps)."
+            )
+        raise ValueError(f"{model} is not a saved PolypDDPMPipeline: it has no model_index.json.")
+    if not path.exists() and not is_hub_id(model):
+        raise FileNotFoundError(f"{model} does not exist (and is not a Hub model id of the form 'owner/name').")
+    try:
+        return PolypDDPMPipeline.from_pretrained(model)
+    except OSError as error:
+        raise OSError(f"could not load the pipeline {model}: {error}") from error
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} is {value!r}; expected a whole number of at least 1.")
+
+
+def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
+    """
+    A run may write to an empty or new folder, continue an unfinished run with the same settings, or (with
+    `overwrite`) replace a folder this command wrote. Anything else is refused before any work.
+    """
+    unfinished = output / PARTS_DIR / SETTINGS_FILE
+    if unfinished.is_file():
+        previous = json.loads(unfinished.read_text())
+        if previous == settings:
+            return
+        if not overwrite:
+            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+            raise ValueError(f"{output} holds an unfinished run with other settings {changed}; run the same command "
+                             "again to continue it, pass --overwrite to discard it, or choose another --output.")
+        shutil.rmtree(output / PARTS_DIR)
+    elif (output / SETTINGS_FILE).is_file() and not overwrite:
+        raise FileExistsError(f"{output} already holds a finished generated dataset; pass --overwrite to replace "
+                              "it, or choose another --output.")
+    elif output.is_dir() and any(output.iterdir()) and not (output / SETTINGS_FILE).is_file():
+        raise FileExistsError(f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
+                              "alone. Choose another --output.")
 
 
 def generate_dataset(
     model: str,
-    masks: str,
+    mask_dataset: str,
     output: str | os.PathLike,
     split: str = "train",
     num_images_per_mask: int = 1,
@@ -40,43 +84,45 @@ def generate_dataset(
     seed: int = 0,
     device: str | None = None,
     dtype: str = "fp32",
-    push_to_hub: str | None = None,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    hub_dataset_id: str | None = None,
 ) -> DatasetDict:
     """
-    Generates `num_images_per_mask` images for every mask of `masks[split]` and writes the pairs as a
+    Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
     `DatasetDict` (one split, named like the source split) with `GENERATED_FEATURES`.
 
     Image `i` is generated with seed `seed + i`, so results do not depend on `batch_size` or interruptions.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
-    batches already there and continues. The dataset is assembled once every batch is done.
+    batches already there and continues. The dataset replaces the folder once every batch is done.
+    `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}.")
-    num_inference_steps = num_inference_steps or (250 if sampler == "ddpm" else 50)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; expected one of {sorted(DTYPES)}.")
+    if num_inference_steps is None:
+        num_inference_steps = 250 if sampler == "ddpm" else 50
+    for name, value in (("num_images_per_mask", num_images_per_mask), ("batch_size", batch_size),
+                        ("num_inference_steps", num_inference_steps)):
+        _positive_int(value, name)
     output = Path(output)
-    source = load_polyp_dataset(masks, split=split)
+    check_output_apart(output, model=model, mask_dataset=mask_dataset)
+    source = load_polyp_dataset(mask_dataset, split=split)
     settings = {
-        "model": model, "masks": masks, "split": split, "num_images_per_mask": num_images_per_mask,
+        "model": model, "mask_dataset": mask_dataset, "split": split, "num_images_per_mask": num_images_per_mask,
         "sampler": sampler, "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size,
         "dtype": dtype, "num_masks": len(source),
     }
-    parts = output / PARTS_DIR
-    if (output / "dataset_dict.json").exists():
-        raise FileExistsError(f"{output} already holds a finished dataset; choose another --output.")
-    if (parts / SETTINGS_FILE).exists():
-        previous = json.loads((parts / SETTINGS_FILE).read_text())
-        if previous != settings:
-            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-            raise ValueError(f"{output} holds an unfinished run with other settings {changed}; use another --output.")
-    parts.mkdir(parents=True, exist_ok=True)
-    (parts / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    _check_output(output, settings, overwrite)
+    pipeline = load_pipeline(model)
+    pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
+    pipeline.to(device or default_device(), DTYPES[dtype])
+    pipeline.set_progress_bar_config(disable=True)
 
-    pipeline = _load_pipeline(model, sampler, device, dtype)
+    parts = output / PARTS_DIR
     requests = [(row, k) for row in range(len(source)) for k in range(num_images_per_mask)]
-    batches = range(0, len(requests), batch_size)
-    progress = tqdm(batches, desc="Generating", unit="batch")
-    for start in progress:
+    for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
         part = parts / f"part-{start // batch_size:06d}.parquet"
         if part.exists():
             continue
@@ -96,6 +142,10 @@ def generate_dataset(
                 "image": png_cell(image), "mask": png_cell(mask), "id": f"{source_id}-syn{k}", "width": image.width,
                 "height": image.height, "seed": image_seed, "model": model, "source_id": source_id,
             })
+        # The run is recorded only once it produces, so a command that failed before its first image leaves
+        # nothing behind that a corrected command would trip over.
+        parts.mkdir(parents=True, exist_ok=True)
+        (parts / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         staging = part.with_suffix(".partial")
         Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
         os.replace(staging, part)
@@ -105,22 +155,19 @@ def generate_dataset(
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
     # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
-    write_dataset(dataset, output, card, overwrite=True)
+    write_dataset(dataset, output, card, overwrite=True,
+                  extra_files={SETTINGS_FILE: json.dumps(settings, indent=2)})
     if push_to_hub:
-        from .hub_card.cards import push_dataset
-
-        push_dataset(dataset, card, push_to_hub)
+        push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
 
 
 def _card(settings: dict, count: int) -> str:
-    from .hub_card.cards import GENERATED_NOTE, render_dataset_card
-
     return render_dataset_card(
         {settings["split"]: count},
         source_description=(
             f"Generated by `polyp-ddpm generate` with the model `{settings['model']}` from the masks of "
-            f"`{settings['masks']}` (split `{settings['split']}`, {settings['num_masks']} masks, "
+            f"`{settings['mask_dataset']}` (split `{settings['split']}`, {settings['num_masks']} masks, "
             f"{settings['num_images_per_mask']} image(s) each), {settings['sampler']} sampler with "
             f"{settings['num_inference_steps']} steps, {settings['dtype']}. Image `i` used seed "
             f"{settings['seed']} + i (column `seed`); `source_id` names the mask's pair in the source."

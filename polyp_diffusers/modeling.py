@@ -2,6 +2,7 @@
 
 import math
 
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
 
 # The paper's channel multipliers per image size (the guided-diffusion defaults its code uses).
@@ -121,3 +122,8 @@ def make_sampler(name: str, config) -> SchedulerMixin:
             config, algorithm_type="dpmsolver++", lambda_min_clipped=DPMSOLVER_LAMBDA_MIN_CLIPPED
         )
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}.")
+
+
+def default_device() -> str:
+    """Where the commands run models unless told otherwise: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,10 +18,10 @@ from polyp_diffusers.data import (
     DataValidationError,
     build_dataset,
     load_polyp_dataset,
-    prepare_dataset,
     split_ids,
 )
 from polyp_diffusers.demo import make_demo_dataset
+from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.transforms import JointAugment, pair_transform
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polyp_diffusers.hub_card.cards import segmentation_results
+from polyp_diffusers.results import segmentation_results
 from polyp_diffusers.modeling import SAMPLERS
 
 HERE = Path(__file__).resolve().parent
