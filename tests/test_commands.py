@@ -1,0 +1,222 @@
+"""The commands as a user runs them: what they refuse, what they never delete, what they say when input is wrong."""
+
+import io
+import json
+import logging
+
+import numpy as np
+import PIL.Image
+import pytest
+from datasets import load_from_disk
+
+from polyp_diffusers.cli import main as polyp_ddpm
+from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
+from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, generate_dataset, load_pipeline
+from polyp_diffusers.prepare_data import prepare_dataset
+
+from .test_data import polyp_pair, write_folder
+
+GENERATION = dict(split="test", sampler="ddim", num_inference_steps=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def demo_masks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("masks") / "demo"
+    prepare_dataset("demo", path, test_size=4, resolution=32, demo_pairs=10)
+    return path
+
+
+@pytest.fixture
+def pair_folder(tmp_path):
+    pairs = {f"case{i}": (*polyp_pair(seed=i), ".png", ".png") for i in range(4)}
+    return write_folder(tmp_path / "source", pairs)
+
+
+def run_cli(capsys, *argv):
+    """Runs `polyp-ddpm ARGV` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = polyp_ddpm([str(arg) for arg in argv])
+    except SystemExit as exit_:  # argparse rejects arguments with exit code 2
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# prepare-data ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_of", [lambda source: source, lambda source: source.parent])
+def test_prepare_data_never_overwrites_its_own_source(pair_folder, output_of):
+    before = sorted(p.name for p in (pair_folder / "images").iterdir())
+    with pytest.raises(ValueError, match="would delete the input"):
+        prepare_dataset(str(pair_folder), output_of(pair_folder), test_size=1, overwrite=True)
+    assert sorted(p.name for p in (pair_folder / "images").iterdir()) == before
+
+
+def test_a_folder_with_images_but_no_masks_names_the_missing_folder(tmp_path):
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no 'masks/' folder.*--mask-dir"):
+        build_dataset(str(tmp_path / "src"))
+
+
+def test_a_missing_relative_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match="data/kvasir-seg does not exist"):
+        load_polyp_dataset("data/kvasir-seg")
+
+
+def test_an_exif_rotated_image_turns_its_mask_with_it(tmp_path):
+    """The stored pixels of image and mask match; the tag says how to show the image upright (here: 90 degrees)."""
+    image, mask = polyp_pair(width=48, height=32)
+    mask_pixels = np.asarray(mask)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    folder = tmp_path / "exif"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    image.save(folder / "images" / "a.jpg", exif=exif)
+    mask.save(folder / "masks" / "a.png")
+    row = validate_pair(RawPair("a", str(folder / "images" / "a.jpg"), str(folder / "masks" / "a.png")))
+    stored_mask = np.asarray(PIL.Image.open(io.BytesIO(row["mask"]["bytes"])))
+    stored_image = PIL.Image.open(io.BytesIO(row["image"]["bytes"]))
+    assert stored_image.size == (32, 48) and stored_mask.shape == (48, 32)
+    np.testing.assert_array_equal(stored_mask > 127, np.rot90(mask_pixels > 127, k=-1))
+    assert (row["width"], row["height"]) == (32, 48)
+
+
+def test_a_mostly_white_mask_is_flagged_as_possibly_inverted(tmp_path, caplog):
+    image, mask = polyp_pair()
+    inverted = np.full_like(np.asarray(mask), 255)
+    inverted[10:14, 20:26] = 0  # white background, a small black polyp
+    inverted = PIL.Image.fromarray(inverted)
+    folder = write_folder(tmp_path / "src", {"inv": (image, inverted, ".png", ".png"),
+                                              **{f"ok{i}": (*polyp_pair(seed=i), ".png", ".png") for i in range(2)}})
+    with caplog.at_level(logging.WARNING, logger="polyp_diffusers.data"):
+        build_dataset(str(folder), test_size=1)
+    assert any("inv:" in message and "inverted" in message for message in caplog.messages)
+    assert not any(message.startswith("ok") for message in caplog.messages)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["prepare-data", "demo", "--resolution", "0"], "--resolution: 0 is not a whole number of at least 1"),
+        (["prepare-data", "demo", "--test-size", "nan"], "--test-size: nan is neither a count"),
+        (["prepare-data", "demo", "--test-size", "2.5"], "--test-size: 2.5 is neither a whole count"),
+    ],
+)
+def test_prepare_data_rejects_bad_numbers_before_any_work(capsys, tmp_path, argv, expected):
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
+    assert code == 2 and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_pages_show_defaults(capsys):
+    code, out, _ = run_cli(capsys, "generate", "--help")
+    assert code == 0
+    assert "(default: train)" in out and "(default: 16)" in out and "(default: 0)" in out
+
+
+# generate ------------------------------------------------------------------------------------------------------
+
+
+def test_generate_refuses_a_folder_it_did_not_write_even_with_overwrite(saved_pipeline_dir, demo_masks, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="was not written by `polyp-ddpm generate`"):
+            generate_dataset(str(saved_pipeline_dir), str(demo_masks), precious, overwrite=overwrite, **GENERATION)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("which", ["model", "masks"])
+def test_generate_never_writes_over_its_inputs(saved_pipeline_dir, demo_masks, which):
+    before = sorted(p.name for p in demo_masks.iterdir())
+    output = saved_pipeline_dir if which == "model" else demo_masks
+    with pytest.raises(ValueError, match="would delete the input"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, overwrite=True, **GENERATION)
+    assert sorted(p.name for p in demo_masks.iterdir()) == before
+    assert (saved_pipeline_dir / "model_index.json").is_file()
+
+
+def test_overwrite_replaces_a_finished_generation_only_when_asked(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=0, **GENERATION)
+    assert json.loads((output / SETTINGS_FILE).read_text())["seed"] == 0
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, **GENERATION)
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, overwrite=True, **GENERATION)
+    assert list(load_from_disk(str(output))["test"]["seed"]) == [1, 2, 3, 4]
+    assert not (output / PARTS_DIR).exists()
+    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_a_generate_that_fails_before_its_first_image_leaves_nothing(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    with pytest.raises(FileNotFoundError):
+        generate_dataset(str(tmp_path / "no-model"), str(demo_masks), output, **GENERATION)
+    assert not output.exists()
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)  # the corrected command runs
+    assert len(load_from_disk(str(output))["test"]) == 4
+
+
+def test_overwrite_discards_an_unfinished_run_with_other_settings(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    (output / PARTS_DIR).mkdir(parents=True)
+    (output / PARTS_DIR / SETTINGS_FILE).write_text(json.dumps({"seed": 99}))
+    (output / PARTS_DIR / "part-000000.parquet").write_text("stale")
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, overwrite=True, **GENERATION)
+    assert list(load_from_disk(str(output))["test"]["seed"]) == [0, 1, 2, 3]
+
+
+def test_a_checkpoint_folder_as_model_is_explained(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint-500"
+    (checkpoint / "unet").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is a training checkpoint.*--output_dir"):
+        load_pipeline(str(checkpoint))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pipeline(str(tmp_path / "missing" / "model"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--steps", "0"), ("--batch-size", "0"), ("--num-images-per-mask", "0"), ("--steps", "2.5")]
+)
+def test_generate_rejects_bad_numbers_before_any_work(capsys, saved_pipeline_dir, demo_masks, tmp_path, flag, value):
+    output = tmp_path / "out"
+    code, _, err = run_cli(capsys, "generate", "--model", saved_pipeline_dir, "--mask-dataset", demo_masks,
+                           "--output", output, flag, value)
+    assert code == 2 and flag in err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("value", [0, 2.5, True, "2"])
+def test_generate_dataset_checks_its_numbers(saved_pipeline_dir, demo_masks, tmp_path, value):
+    with pytest.raises(ValueError, match="num_images_per_mask is"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "o", num_images_per_mask=value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_wrong_model_on_the_command_line_is_one_line_not_a_traceback(capsys, demo_masks, tmp_path):
+    checkpoint = tmp_path / "checkpoint-8"
+    (checkpoint / "unet").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "generate", "--model", checkpoint, "--mask-dataset", demo_masks,
+                           "--output", tmp_path / "out")
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err and "Error no file" not in err
+
+
+# convert-official -----------------------------------------------------------------------------------------------
+
+
+def test_convert_official_refuses_a_non_empty_output(tmp_path, tiny_pipeline):
+    from polyp_diffusers.convert_official import write_converted_pipeline
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    description = {"source": str(tmp_path / "model.pt"), "weights": "ema", "step": 1, "config": {}, "mask_channels": 1,
+                   "num_train_timesteps": 250}
+    with pytest.raises(FileExistsError, match="is not empty"):
+        write_converted_pipeline(tiny_pipeline, description, output)
+    assert (output / "notes.txt").read_text() == "keep me"
