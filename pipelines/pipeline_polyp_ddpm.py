@@ -6,6 +6,7 @@ weights and loaded with `DiffusionPipeline.from_pretrained(folder, custom_pipeli
 in a process where `polyp_diffusers` is not installed.
 """
 
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
 
 PIPELINE_MODULE_NAME = "pipeline_polyp_ddpm"
 
@@ -28,6 +31,18 @@ MAX_GREY_FRACTION = 0.10
 # Mean absolute difference between a pixel's RGB channels and their mean, in 0-255 units, above which a
 # three-channel image is a colour picture rather than a grey mask saved as RGB.
 MAX_GREY_RGB_DEVIATION = 4.0
+# A mask whose polyp covers more than this fraction of the frame is probably inverted (white background).
+MAX_POLYP_FRACTION = 0.9
+# The polyp level of a mask: 1 or 255, and also 65535 for integer masks that can hold it (16-bit PNGs).
+MASK_SCALES = (1, 255)
+WIDE_INTEGER_MASK_SCALES = (1, 255, 65535)
+# Float masks may pass the ends of their scale by this fraction of it (rounding, resampling): 1.0001 is 1.
+FLOAT_OVERSHOOT = 0.01
+# Tensor dtypes whose values numpy can hold exactly (float8 cannot; half precision is widened to float32).
+TENSOR_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+)  # fmt: skip
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -62,22 +77,52 @@ class PolypDDPMPipelineOutput(BaseOutput):
     masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+def _is_uniform(values: np.ndarray) -> bool:
+    """Whether an `(H, W)` or `(H, W, C)` image has one value (or colour) everywhere."""
+    return bool((values == values[0, 0]).all())
+
+
+def _pil_mask_values(image: PIL.Image.Image, name: str) -> np.ndarray:
+    """
+    One mask image as a `(H, W)` array. A palette image is judged by its colours, not by its arbitrary indices;
+    the alpha band is the mask only where the colour is uniform and the alpha is not (a polyp drawn as opacity).
+    """
+    mode = image.mode
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    alpha = None
+    if image.mode in ("LA", "RGBA"):
+        alpha = np.asarray(image.getchannel("A"))
+        image = image.convert(image.mode[:-1])
+    if len(image.getbands()) > 1:
+        values = np.asarray(image.convert("RGB"), dtype=np.float32)
+    else:  # "1" (bool), "L" (uint8), "I;16" (uint16), "I" (int32) or "F" (float32)
+        values = np.asarray(image)
+    if alpha is not None and _is_uniform(values) and not _is_uniform(alpha):
+        return alpha
+    if values.ndim == 3:
+        deviation = np.abs(values - values.mean(axis=-1, keepdims=True)).mean()
+        if deviation > MAX_GREY_RGB_DEVIATION:
+            raise ValueError(
+                f"{name} is a colour image (mode {mode}, its RGB channels differ); expected a binary "
+                "segmentation mask (black background, white polyp)."
+            )
+        values = values.mean(axis=-1)
+    return values
+
+
 def _mask_array(mask, name: str) -> np.ndarray:
-    """Turns one mask input into a float array of shape `(B, H, W)`, validating rank, channels and values."""
+    """Turns one mask input into an array of shape `(B, H, W)` of its own dtype, validating type and rank."""
     if isinstance(mask, PIL.Image.Image):
-        if {"R", "G", "B"} <= set(mask.getbands()):
-            rgb = np.asarray(mask.convert("RGB"), dtype=np.float32)
-            deviation = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).mean()
-            if deviation > MAX_GREY_RGB_DEVIATION:
-                raise ValueError(
-                    f"{name} is a colour image (mode {mask.mode}, its RGB channels differ); expected a binary "
-                    "segmentation mask (black background, white polyp)."
-                )
-            array = rgb.mean(axis=-1)
-        else:  # one grey band, possibly with alpha ("LA"), which is ignored
-            array = np.asarray(mask.getchannel(0))
-        array = array[None]
+        array = _pil_mask_values(mask, name)[None]
     elif isinstance(mask, torch.Tensor):
+        if mask.layout != torch.strided:
+            raise ValueError(f"{name} is a {mask.layout} tensor; expected a dense tensor (use .to_dense()).")
+        if mask.dtype not in TENSOR_DTYPES:
+            raise ValueError(
+                f"{name} has dtype {mask.dtype}; expected bool, an integer dtype or float16, bfloat16, float32 "
+                "or float64."
+            )
         array = mask.detach().cpu()
         array = (array.float() if array.dtype in (torch.bfloat16, torch.float16) else array).numpy()
     elif isinstance(mask, np.ndarray):
@@ -106,38 +151,68 @@ def _mask_array(mask, name: str) -> np.ndarray:
         raise ValueError(f"{name} has shape {tuple(array.shape)}; expected (H, W), (1, H, W) or (B, 1, H, W).")
     if 0 in array.shape:
         raise ValueError(f"{name} has shape {tuple(array.shape)} with a zero-sized dimension.")
+    return array
 
+
+def _describe_values(values: np.ndarray) -> str:
+    distinct = np.unique(values)
+    if len(distinct) <= 6:
+        return "{" + ", ".join(f"{value:g}" for value in distinct) + "}"
+    return f"{len(distinct)} distinct values in [{distinct[0]:g}, {distinct[-1]:g}]"
+
+
+def _binarize(array: np.ndarray, name: str) -> np.ndarray:
+    """
+    Thresholds `(B, H, W)` mask values at half their scale, after checking that they are two levels of it:
+    background near 0 and, unless the mask is empty, a polyp level near the scale, with few grey pixels between.
+    """
     if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        return array
+    is_integer = np.issubdtype(array.dtype, np.integer)
+    if not (is_integer or np.issubdtype(array.dtype, np.floating)):
         raise ValueError(f"{name} has dtype {array.dtype}; expected bool, an integer or a floating-point dtype.")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
+    scales = WIDE_INTEGER_MASK_SCALES if is_integer and np.iinfo(array.dtype).max >= 65535 else MASK_SCALES
+    levels = [f"{{0, {scale}}}" for scale in scales]
+    expected = f"expected two levels: {', '.join(levels[:-1])} or {levels[-1]}"
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
-    low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 255:
-        raise ValueError(f"{name} has values in [{low:g}, {high:g}]; expected values in {{0, 1}} or {{0, 255}}.")
-    scale = 255.0 if high > 1 else 1.0
-    for index, single in enumerate(array):
+    overshoot = 0.0 if is_integer else FLOAT_OVERSHOOT
+    scale = next((scale for scale in scales if values.max() <= scale * (1 + overshoot)), None)
+    if scale is None or values.min() < -overshoot * scale:
+        raise ValueError(f"{name} has values {_describe_values(values)}; {expected}.")
+    for index, single in enumerate(values):
+        where = name if len(values) == 1 else f"{name}[{index}]"
         grey = ((single > GREY_BAND[0] * scale) & (single < GREY_BAND[1] * scale)).mean()
         if grey > MAX_GREY_FRACTION:
-            where = f"{name}" if len(array) == 1 else f"{name}[{index}]"
             raise ValueError(
                 f"{where} is not a binary mask: {grey:.0%} of its pixels lie between {GREY_BAND[0]:g} and "
-                f"{GREY_BAND[1]:g} of its range (a JPEG mask has under {MAX_GREY_FRACTION:.0%}); "
-                "expected values in {0, 1} or {0, 255}."
+                f"{GREY_BAND[1]:g} of its range (a JPEG mask has under {MAX_GREY_FRACTION:.0%}); it has values "
+                f"{_describe_values(single)}; {expected}."
             )
-    return array / scale
+        peak = single.max()
+        if overshoot < peak < GREY_BAND[1] * scale:  # neither empty (0, give or take rounding) nor a polyp
+            raise ValueError(f"{where} has values {_describe_values(single)}; {expected}.")
+    return values >= scale / 2
 
 
 def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
     """
     Validates, binarizes and resizes masks for the model.
 
+    A mask has two levels, background 0 and polyp at its scale: {0, 1} or {0, 255}, and also {0, 65535} for
+    integer masks of 16 bits or more (16-bit PNGs). The scale is the smallest one its maximum fits in, and
+    values are thresholded at half of it. Around the two levels, up to `MAX_GREY_FRACTION` (10%) of the
+    pixels may be grey, between 25% and 75% of the scale (JPEG masks); other values (`{0, 1, 2}`, a grey
+    photo, a mask without its polyp level) are an error that lists them. An all-zero mask is valid: polyp-free
+    mucosa. Float masks may overshoot their scale by 1% (`1.0001` is 1; `1.02` is refused), never more.
+    PIL images: a palette image ("P") is read through its palette, as the colours it shows; an RGB image must
+    be grey (its channels equal); the alpha band (LA, RGBA) is the mask only when the colour is uniform and the
+    alpha is not, otherwise it is ignored.
+
     Args:
-        masks: a PIL image, numpy array or torch tensor of shape `(H, W)`, `(1, H, W)` or `(B, 1, H, W)` with
-            values in {0, 1} or {0, 255} (bool, integer or float dtype), or a list of these (sizes may differ).
-            JPEG artifacts are removed by thresholding at half the value range.
+        masks: a PIL image, numpy array or torch tensor of shape `(H, W)`, `(1, H, W)` or `(B, 1, H, W)` (bool,
+            integer or float dtype), or a list of these (sizes may differ).
         size: `(height, width)` of the model.
 
     Returns:
@@ -149,11 +224,30 @@ def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
     prepared = []
     for index, item in enumerate(items):
         name = f"masks[{index}]" if isinstance(masks, (list, tuple)) else "mask"
-        binary = torch.from_numpy(_mask_array(item, name) >= 0.5).float()[:, None]
+        binary = torch.from_numpy(_binarize(_mask_array(item, name), name).astype(np.float32))[:, None]
         if tuple(binary.shape[-2:]) != tuple(size):
             binary = F.interpolate(binary, size=size, mode="nearest-exact")
         prepared.append(binary)
     return torch.cat(prepared)
+
+
+def check_positive_int(value, name: str):
+    """Refuses anything but a whole number of at least 1 (a bool or 2.5 too), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} is {value!r} ({type(value).__name__}); expected an int of at least 1.")
+
+
+def _check_generator(generator):
+    if isinstance(generator, list):
+        named = [(f"generator[{index}]", single) for index, single in enumerate(generator)]
+    else:
+        named = [] if generator is None else [("generator", generator)]
+    for where, single in named:
+        if not isinstance(single, torch.Generator):
+            raise ValueError(
+                f"{where} is {single!r} ({type(single).__name__}); expected a torch.Generator, a list of them "
+                "(one per image) or None. For a seed, pass torch.Generator().manual_seed(seed)."
+            )
 
 
 def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
@@ -193,6 +287,15 @@ class PolypDDPMPipeline(DiffusionPipeline):
     def mask_channels(self) -> int:
         return self.unet.config.in_channels - self.unet.config.out_channels
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """
+        Like [`DiffusionPipeline.from_pretrained`], but loads only safetensors weights by default: a pickled
+        `.bin` file can run code when loaded. Pass `use_safetensors=False` to load one you trust.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Saves weights and configs, plus this file so the folder loads without `polyp_diffusers` installed."""
         super().save_pretrained(save_directory, **kwargs)
@@ -223,10 +326,11 @@ class PolypDDPMPipeline(DiffusionPipeline):
 
         Args:
             masks (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of these):
-                Binary polyp masks, white (1 or 255) where the polyp is: shape `(H, W)`, `(1, H, W)` or
-                `(B, 1, H, W)`; bool, integer or float. Masks are thresholded at half their range (so JPEG
-                masks work) and resized to the model size with nearest-neighbour; masks in a list may differ
-                in size. An all-zero mask is allowed and asks for polyp-free mucosa.
+                Binary polyp masks, white (1, 255, or 65535 for 16-bit PNGs) where the polyp is: shape
+                `(H, W)`, `(1, H, W)` or `(B, 1, H, W)`; bool, integer or float. Masks are thresholded at half
+                their range (so JPEG masks work) and resized to the model size with nearest-neighbour; masks in
+                a list may differ in size. An all-zero mask is allowed and asks for polyp-free mucosa. Other
+                values are refused; [`prepare_masks`] gives the exact rule (palette, alpha, float overshoot).
             num_images_per_mask (`int`, defaults to 1):
                 Images generated for each mask; they follow each other in the output.
             num_inference_steps (`int`, defaults to 250):
@@ -246,12 +350,16 @@ class PolypDDPMPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type is {output_type!r}; expected 'pil', 'np' or 'pt'.")
-        if num_images_per_mask < 1 or batch_size < 1 or num_inference_steps < 1:
-            raise ValueError(
-                "num_images_per_mask, batch_size and num_inference_steps must be at least 1; got "
-                f"{num_images_per_mask}, {batch_size} and {num_inference_steps}."
-            )
-        masks = prepare_masks(masks, self.sample_size).repeat_interleave(num_images_per_mask, dim=0)
+        check_positive_int(num_images_per_mask, "num_images_per_mask")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        check_positive_int(batch_size, "batch_size")
+        _check_generator(generator)
+        masks = prepare_masks(masks, self.sample_size)
+        mostly_polyp = (masks.mean(dim=(1, 2, 3)) > MAX_POLYP_FRACTION).nonzero().flatten().tolist()
+        if mostly_polyp:
+            logger.warning(f"masks {mostly_polyp} are over {MAX_POLYP_FRACTION:.0%} polyp; are they inverted (white "
+                           "should be the polyp, black the background)?")
+        masks = masks.repeat_interleave(num_images_per_mask, dim=0)
         num_images = masks.shape[0]
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
@@ -287,4 +395,3 @@ class PolypDDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, masks)
         return PolypDDPMPipelineOutput(images=images, masks=masks)
-

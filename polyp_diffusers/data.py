@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_f
 from datasets import Image as ImageFeature
 from tqdm.auto import tqdm
 
-from .pipelines.pipeline_polyp_ddpm import prepare_masks
+from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, prepare_masks
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ FEATURES = Features(
 REPORT_FILE = "validation_report.json"
 DEFAULT_TEST_SIZE = 100  # the paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing
 DEFAULT_SPLIT_SEED = 42
-# A mask whose polyp covers more than this fraction of the frame is probably inverted (white background).
-MAX_POLYP_FRACTION = 0.9
 # EXIF orientation tag values and the transposition that shows the picture upright (as PIL.ImageOps does).
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_TRANSPOSE = {

@@ -14,6 +14,7 @@ from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import PolypDDPMPipeline
+from .pipelines.pipeline_polyp_ddpm import check_positive_int
 from .training_utils import CHECKPOINT_PATTERN
 
 GENERATED_FEATURES = Features(
@@ -42,11 +43,6 @@ def load_pipeline(model: str) -> PolypDDPMPipeline:
         return PolypDDPMPipeline.from_pretrained(model)
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
-
-
-def _positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} is {value!r}; expected a whole number of at least 1.")
 
 
 def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
@@ -105,7 +101,7 @@ def generate_dataset(
         num_inference_steps = 250 if sampler == "ddpm" else 50
     for name, value in (("num_images_per_mask", num_images_per_mask), ("batch_size", batch_size),
                         ("num_inference_steps", num_inference_steps)):
-        _positive_int(value, name)
+        check_positive_int(value, name)
     output = Path(output)
     check_output_apart(output, model=model, mask_dataset=mask_dataset)
     source = load_polyp_dataset(mask_dataset, split=split)

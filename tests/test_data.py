@@ -318,3 +318,54 @@ def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
 def test_an_unreachable_hub_id_or_mistyped_path_is_explained():
     with pytest.raises(FileNotFoundError, match="is not a local folder, and loading it as a Hub dataset failed"):
         build_dataset("no-such-owner-here/no-such-dataset-here")
+
+
+# Mask reading rule (the pipeline's prepare_masks) as prepare-data applies it ----------------------------------
+
+
+def _png_round_trip(image, path):
+    image.save(path)
+    with PIL.Image.open(path) as png:
+        png.load()
+        return png.copy()
+
+
+def test_a_16_bit_png_mask_is_stored_as_0_and_255(tmp_path):
+    from polyp_diffusers.data import binarize_mask
+
+    _, mask = polyp_pair()
+    sixteen_bit = _png_round_trip(PIL.Image.fromarray(np.asarray(mask).astype(np.uint16) * 257), tmp_path / "m.png")
+    assert sixteen_bit.mode == "I;16" and np.asarray(sixteen_bit).max() == 65535
+    binary = binarize_mask(sixteen_bit)
+    assert binary.mode == "L" and np.array_equal(np.asarray(binary), np.asarray(mask))
+
+
+def test_a_folder_with_16_bit_png_masks_prepares_without_problems(tmp_path):
+    pairs = {}
+    for index in range(4):
+        image, mask = polyp_pair(seed=index)
+        pairs[f"case{index}"] = (image, PIL.Image.fromarray(np.asarray(mask).astype(np.uint16) * 257), ".png", ".png")
+    dataset, problems = build_dataset(str(write_folder(tmp_path / "sixteen-bit", pairs)), test_size=1)
+    assert problems == []
+    for row in dataset["train"]:
+        assert row["mask"].mode == "L" and set(np.unique(np.asarray(row["mask"]))) == {0, 255}
+
+
+def test_a_palette_mask_is_read_by_its_colours_not_its_indices(tmp_path):
+    from polyp_diffusers.data import binarize_mask
+
+    _, mask = polyp_pair()
+    background_is_index_1 = (np.asarray(mask) == 0).astype(np.uint8)
+    palette = PIL.Image.fromarray(background_is_index_1, mode="P")
+    palette.putpalette([255, 255, 255, 0, 0, 0])  # index 0 white (polyp), index 1 black (background)
+    binary = binarize_mask(_png_round_trip(palette, tmp_path / "m.png"))
+    assert np.array_equal(np.asarray(binary), np.asarray(mask))
+
+
+def test_a_mask_with_three_levels_is_refused_naming_its_values():
+    from polyp_diffusers.data import binarize_mask
+
+    values = np.asarray(polyp_pair()[1]) // 255  # 0/1
+    values[0, :4] = 2
+    with pytest.raises(ValueError, match=r"has values \{0, 1, 2\}; expected two levels: \{0, 1\} or \{0, 255\}"):
+        binarize_mask(PIL.Image.fromarray(values))

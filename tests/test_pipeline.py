@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -132,6 +133,18 @@ def test_save_and_load_round_trip_reproduces_images(tiny_pipeline, saved_pipelin
         assert torch.equal(tensor, loaded.unet.state_dict()[name]), name
 
 
+def test_pickled_weights_load_only_when_asked_for(tiny_pipeline, tmp_path):
+    """A `.bin` file is a pickle that can run code on load: refused unless `use_safetensors=False` says so."""
+    tiny_pipeline.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    assert not (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
+        PolypDDPMPipeline.from_pretrained(tmp_path)
+    loaded = PolypDDPMPipeline.from_pretrained(tmp_path, use_safetensors=False)
+    for name, tensor in tiny_pipeline.unet.state_dict().items():
+        assert torch.equal(tensor, loaded.unet.state_dict()[name]), name
+
+
 def test_saved_folder_loads_with_diffusers_alone(saved_pipeline_dir, tmp_path):
     """The pipeline file saved beside the weights runs in a process where polyp_diffusers cannot be imported."""
     script = f"""
@@ -184,6 +197,109 @@ def test_every_supported_mask_form_gives_the_same_binary_mask(mask):
     assert torch.equal(prepare_masks(mask, (32, 32)), expected)
 
 
+def _palette_square(inverted_palette=False):
+    """A palette ("P") mask showing the white square on black; with `inverted_palette`, index 0 is white."""
+    indices = _binary_square(high=1)
+    image = PIL.Image.fromarray(1 - indices if inverted_palette else indices, mode="P")
+    image.putpalette([255, 255, 255, 0, 0, 0] if inverted_palette else [0, 0, 0, 255, 255, 255])
+    return image
+
+
+def _alpha_square(colour_mode, colour=255):
+    """A mask drawn only as opacity: uniform colour, alpha 255 on the square."""
+    colour_bands = [PIL.Image.new("L", (32, 32), colour)] * len(colour_mode)
+    return PIL.Image.merge(colour_mode + "A", [*colour_bands, PIL.Image.fromarray(_binary_square())])
+
+
+def _transparent_palette_square():
+    """Both palette colours white; index 0 is transparent (a tRNS chunk), so only alpha shows the square."""
+    image = PIL.Image.fromarray(_binary_square(high=1), mode="P")
+    image.putpalette([255, 255, 255, 255, 255, 255])
+    image.info["transparency"] = 0
+    return image
+
+
+def _square_with_noisy_alpha():
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    square = PIL.Image.fromarray(_binary_square())
+    return PIL.Image.merge("RGBA", [square, square, square, PIL.Image.fromarray(noise)])
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        _binary_square(np.float32, 1.0001),
+        _binary_square(np.uint16, 65535),
+        _binary_square(np.int64, 1),
+        torch.from_numpy(_binary_square(np.int32, 65535)),
+        _palette_square(),
+        _palette_square(inverted_palette=True),
+        _transparent_palette_square(),
+        _alpha_square("L", colour=0),
+        _alpha_square("RGB"),
+        _square_with_noisy_alpha(),
+        PIL.Image.fromarray(_binary_square(np.float32, 1.0)),
+    ],
+    ids=["float-overshoot", "uint16-65535", "int64-1", "torch-int32-65535", "pil-P", "pil-P-inverted-palette",
+         "pil-P-transparency", "pil-LA-alpha-only", "pil-RGBA-alpha-only", "pil-RGBA-colour-wins-over-alpha",
+         "pil-F"],
+)
+def test_masks_are_read_by_what_they_show(mask):
+    """Palette images by their colours, alpha only when the colour is uniform, float rounding above 1 tolerated."""
+    expected = torch.from_numpy(_binary_square(np.float32, 1.0))[None, None]
+    assert torch.equal(prepare_masks(mask, (32, 32)), expected)
+
+
+def test_an_opaque_uniform_mask_with_alpha_is_judged_by_its_colour():
+    opaque_black = PIL.Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    assert prepare_masks(opaque_black, (32, 32)).sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+@pytest.mark.parametrize("polyp_level", [65535, 255, 1])
+def test_16_bit_png_masks_are_read(tmp_path, mode, polyp_level):
+    path = tmp_path / "mask.png"
+    PIL.Image.fromarray(_binary_square(np.uint16, polyp_level)).save(path)
+    with PIL.Image.open(path) as png:
+        assert png.mode == "I;16"
+        mask = png.convert(mode)
+    expected = torch.from_numpy(_binary_square(np.float32, 1.0))[None, None]
+    assert torch.equal(prepare_masks(mask, (32, 32)), expected)
+
+
+def _with_extra_value(mask, value):
+    mask = mask.copy()
+    mask[0, 0] = value
+    return mask
+
+
+@pytest.mark.parametrize(
+    "masks, message",
+    [
+        (_with_extra_value(_binary_square(high=1), 2), r"^mask has values \{0, 1, 2\}; expected two levels: "
+         r"\{0, 1\} or \{0, 255\}\.$"),
+        ([_binary_square(), _binary_square(high=3)], r"^masks\[1\] has values \{0, 3\}; expected two levels"),
+        (torch.stack([torch.from_numpy(_binary_square()), torch.from_numpy(_binary_square(high=1))])[:, None],
+         r"^mask\[1\] has values \{0, 1\}; expected two levels: \{0, 1\} or \{0, 255\}\.$"),
+        (_binary_square(np.float32, 1.02), r"^mask has values \{0, 1.02\}; expected two levels"),
+        (np.pad(np.full((4, 4), 0.5, np.float32), 14),
+         r"^mask has values \{0, 0.5\}; expected two levels"),
+        (_binary_square(np.uint16, 1000), r"^mask has values \{0, 1000\}; expected two levels: \{0, 1\}, "
+         r"\{0, 255\} or \{0, 65535\}\.$"),
+        (_binary_square(np.int64, 300), r"^mask has values \{0, 300\}; expected two levels: \{0, 1\}, "
+         r"\{0, 255\} or \{0, 65535\}\.$"),
+        (_binary_square(np.uint8, 255) // 2, r"^mask is not a binary mask: 16% of its pixels .* it has values "
+         r"\{0, 127\}; expected two levels"),
+        (PIL.Image.fromarray(_binary_square(np.uint16, 1000)), r"^mask has values \{0, 1000\}; expected"),
+    ],
+    ids=["0-1-2", "list-0-3", "batch-of-two-scales", "float-1.02", "float-half", "uint16-1000", "int64-300",
+         "half-grey", "pil-I;16-1000"],
+)
+def test_masks_that_are_not_two_levels_are_refused_with_their_values(masks, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_masks(masks, (32, 32))
+
+
 def test_jpeg_mask_artifacts_are_thresholded_away():
     buffer = io.BytesIO()
     PIL.Image.fromarray(_binary_square(size=(64, 64))).convert("RGB").save(buffer, format="JPEG", quality=75)
@@ -231,14 +347,16 @@ def _colour_photo():
         (np.full((32, 32), np.inf), "NaN or infinite"),
         (_colour_photo(), "colour image"),
         (np.linspace(0, 255, 32 * 32).reshape(32, 32).astype(np.uint8), "not a binary mask"),
-        (np.full((32, 32), -1.0), r"values in \[-1, -1\]"),
-        (np.full((32, 32), 300), r"values in \[300, 300\]"),
+        (np.full((32, 32), -1.0), r"mask has values \{-1\}; expected two levels: \{0, 1\} or \{0, 255\}"),
+        (np.full((32, 32), 300.0), r"mask has values \{300\}; expected two levels: \{0, 1\} or \{0, 255\}"),
+        (torch.zeros(32, 32, dtype=torch.float8_e4m3fn), "dtype torch.float8_e4m3fn; expected bool, an integer"),
+        (torch.zeros(32, 32).to_sparse(), "mask is a torch.sparse_coo tensor; expected a dense tensor"),
         ("mask.png", "unsupported type str"),
         (np.zeros((32, 32), dtype=np.complex64), "dtype complex64"),
         ([], "masks is empty"),
     ],
     ids=["3-channel-batch", "3-channel", "rank-5", "rank-1", "zero-size", "nan", "inf", "colour-photo", "grey-photo",
-         "negative", "above-255", "string", "complex", "empty-list"],
+         "negative", "above-255", "float8", "sparse", "string", "complex", "empty-list"],
 )
 def test_bad_masks_are_refused_with_a_message_naming_them(tiny_pipeline, masks, message):
     with pytest.raises(ValueError, match=message):
@@ -249,12 +367,39 @@ def test_bad_masks_are_refused_with_a_message_naming_them(tiny_pipeline, masks, 
     "kwargs, message",
     [
         (dict(output_type="latent"), "output_type"),
-        (dict(num_images_per_mask=0), "at least 1"),
-        (dict(batch_size=0), "at least 1"),
-        (dict(num_inference_steps=0), "at least 1"),
+        (dict(num_images_per_mask=0), r"num_images_per_mask is 0 \(int\); expected an int of at least 1"),
+        (dict(num_images_per_mask=2.5), r"num_images_per_mask is 2.5 \(float\); expected an int of at least 1"),
+        (dict(num_images_per_mask=True), r"num_images_per_mask is True \(bool\); expected an int of at least 1"),
+        (dict(num_images_per_mask="2"), r"num_images_per_mask is '2' \(str\); expected an int of at least 1"),
+        (dict(batch_size=0), r"batch_size is 0 \(int\); expected an int of at least 1"),
+        (dict(batch_size=1.5), r"batch_size is 1.5 \(float\); expected an int of at least 1"),
+        (dict(num_inference_steps=0), r"num_inference_steps is 0 \(int\); expected an int of at least 1"),
+        (dict(num_inference_steps=2.5), r"num_inference_steps is 2.5 \(float\); expected an int of at least 1"),
+        (dict(generator=0), r"generator is 0 \(int\); expected a torch.Generator, a list of them"),
+        (dict(generator=[torch.Generator(), 0]), r"generator\[1\] is 0 \(int\); expected a torch.Generator"),
     ],
+    ids=["output-type", "images-zero", "images-float", "images-bool", "images-str", "batch-zero", "batch-float",
+         "steps-zero", "steps-float", "generator-int", "generator-list-with-int"],
 )
 def test_bad_arguments_are_refused(tiny_pipeline, square_mask, kwargs, message):
     kwargs.setdefault("num_inference_steps", 1)
     with pytest.raises(ValueError, match=message):
         tiny_pipeline(square_mask, **kwargs)
+
+
+def test_arguments_are_checked_before_the_masks_are_read(tiny_pipeline):
+    with pytest.raises(ValueError, match="batch_size is 1.5"):
+        tiny_pipeline([], batch_size=1.5, num_inference_steps=1)
+
+
+def test_numpy_integers_are_accepted_as_counts(tiny_pipeline, square_mask):
+    out = generate(tiny_pipeline, square_mask, num_images_per_mask=np.int64(2), num_inference_steps=np.int32(1))
+    assert len(out.images) == 2
+
+
+def test_a_mostly_white_mask_is_flagged_as_possibly_inverted(tiny_pipeline, square_mask, caplog):
+    inverted = np.full_like(square_mask, 255)
+    inverted[8:12, 10:16] = 0  # white background, a small black polyp: 98% "polyp"
+    with caplog.at_level(logging.WARNING):
+        tiny_pipeline([square_mask, inverted], num_inference_steps=1, output_type="np")
+    assert any("masks [1] are over 90% polyp" in message for message in caplog.messages)
