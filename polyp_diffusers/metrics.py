@@ -1,12 +1,16 @@
 """Scores: segmentation overlap (IoU, Dice, precision, recall) and image realism (FID, KID)."""
 
 import importlib
+import os
+import pickle
+import urllib.parse
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
 
 
 def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -50,25 +54,78 @@ class ReuseLastBatch(nn.Module):
         return self._last_features
 
 
-def inception_extractor(weights_path: str | None = None) -> nn.Module:
+def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """
+    Inception weights from a `.safetensors` file or a `torch.save`d state dict, read without running anything
+    stored in the file: a pickle can carry a program, and weights files come from downloads and shared caches.
+    Anything but a plain state dict of tensors is refused with a `ValueError` that names the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = load_file(path, device="cpu")
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as error:
+        raise ValueError(
+            f"Inception weights {path} are not a plain state dict of tensors (damaged, or objects that would run "
+            f"code when loaded); refused."
+        ) from error
+    if not (isinstance(state_dict, dict)
+            and all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items())):
+        raise ValueError(f"Inception weights {path} hold a {type(state_dict).__name__}, not a state dict of tensors.")
+    return state_dict
+
+
+def download_inception_weights(url: str) -> Path:
+    """
+    The official weights file in the torch hub cache (where torch-fidelity keeps it too), downloaded if absent.
+    Only downloaded here, never loaded: `load_inception_state_dict` reads it like any other file.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path))  # writes a temporary file, then renames it
+    return path
+
+
+def inception_extractor(weights_path: str | os.PathLike | None = None) -> nn.Module:
     """
     The standard FID feature extractor: torch-fidelity's InceptionV3 (2048-d pool features, TF-compatible
-    resizing to 299 px), via torchmetrics. Without `weights_path` its weights are downloaded on first use.
+    resizing to 299 px), via torchmetrics. `weights_path` is a `.pth` state dict or a `.safetensors` file;
+    without it the official weights are downloaded into the torch hub cache on first use.
     """
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+        from torch_fidelity import feature_extractor_inceptionv3
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as error:
         raise ImportError("FID/KID need the [eval] extra: pip install 'polyp-diffusers[eval]'.") from error
-    try:
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                  feature_extractor_weights_path=weights_path)
-    except Exception as error:  # the download fails with URLError, HTTPError, OSError... depending on where
-        raise RuntimeError(
-            f"could not load the Inception weights ({type(error).__name__}: {error}). They are downloaded on "
-            f"first use from {URL_INCEPTION_V3}. Offline, download that file on a connected machine and pass it "
-            f"with --inception-weights PATH (or put it into {torch.hub.get_dir()}/checkpoints/)."
-        ) from error
+    url = feature_extractor_inceptionv3.URL_INCEPTION_V3
+    if weights_path is None:
+        try:
+            weights_path = download_inception_weights(url)
+        except Exception as error:  # the download fails with URLError, HTTPError, OSError... depending on where
+            raise RuntimeError(
+                f"could not download the Inception weights ({type(error).__name__}: {error}). They are downloaded "
+                f"on first use from {url}. Offline, download that file on a connected machine and pass it with "
+                f"--inception-weights PATH (or put it into {torch.hub.get_dir()}/checkpoints/)."
+            ) from error
+    state_dict = load_inception_state_dict(weights_path)
+    # torch-fidelity's constructor loads its weights itself, with a full unpickler (`torch.load(weights_only=False)`
+    # for a path, `load_state_dict_from_url` for the hub cache); here it gets the state dict read safely above.
+    def checked_state_dict(*args, **kwargs):
+        return state_dict
+
+    with mock.patch.object(feature_extractor_inceptionv3, "load_state_dict_from_url", checked_state_dict):
+        try:
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except RuntimeError as error:  # missing, unexpected or misshapen tensors
+            raise ValueError(
+                f"Inception weights {weights_path} do not fit torch-fidelity's InceptionV3: {error}"
+            ) from error
 
 
 def load_extractor(spec: str) -> nn.Module:

@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def resolve_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -
         raise FileNotFoundError(f"checkpoint {resume_from} does not exist.")
     checkpoint_step(path)
     return path
+
+
+def previous_checkpoint(checkpoint: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint beside `checkpoint` from an earlier step: where to go back when it is broken."""
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in list_checkpoints(Path(checkpoint).parent) if checkpoint_step(path) < step]
+    return earlier[-1] if earlier else None
 
 
 def partial_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -133,3 +141,18 @@ def ema_weights(ema_model, model: torch.nn.Module):
         yield
     finally:
         ema_model.restore(model.parameters())
+
+
+def non_finite_weights(model: torch.nn.Module, ema_parameters: Iterable[torch.Tensor] | None = None) -> list[str]:
+    """
+    Names of the weight tensors of `model` and of its EMA (`ema_parameters` in `model.parameters()` order, named
+    `ema.<name>`) that hold NaN or inf. A diverged run or a damaged file has them; such weights must be neither
+    resumed nor saved. One host sync for all tensors.
+    """
+    named = [(name, parameter.detach()) for name, parameter in model.named_parameters()]
+    if ema_parameters is not None:
+        names = [name for name, _ in named]
+        named += [(f"ema.{name}", tensor.detach()) for name, tensor in zip(names, ema_parameters)]
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(tensor).all().to(device) for _, tensor in named]).tolist()
+    return [name for (name, _), is_finite in zip(named, finite) if not is_finite]

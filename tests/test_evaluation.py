@@ -1,19 +1,24 @@
 """Generation of synthetic datasets, FID/KID, segmentation scores and the end-to-end benchmark command."""
 
 import json
+import pathlib
 import subprocess
 import sys
 import urllib.error
+from unittest import mock
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from datasets import load_from_disk
+from safetensors.torch import save_file
 from torch import nn
+from torch_fidelity import feature_extractor_inceptionv3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from polyp_diffusers import PolypDDPMPipeline
-from polyp_diffusers.data import prepare_dataset
+from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
 from polyp_diffusers.metrics import fid_kid, inception_extractor, segmentation_scores
@@ -94,7 +99,7 @@ def test_an_interrupted_generation_continues_where_it_stopped(generated, saved_p
 def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
     output = tmp_path / "synthetic"
     (output / PARTS_DIR).mkdir(parents=True)
-    settings = {**GENERATION, "model": str(saved_pipeline_dir), "masks": str(demo_masks), "dtype": "fp32",
+    settings = {**GENERATION, "model": str(saved_pipeline_dir), "mask_dataset": str(demo_masks), "dtype": "fp32",
                 "sampler": "ddpm", "num_inference_steps": 250, "num_masks": 6}
     (output / PARTS_DIR / "generation.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="unfinished run with other settings"):
@@ -104,8 +109,8 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
 def test_generate_cli_writes_a_dataset(saved_pipeline_dir, demo_masks, tmp_path):
     output = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", str(saved_pipeline_dir), "--masks",
-         str(demo_masks), "--split", "test", "--output", str(output), "--scheduler", "dpmsolver", "--steps", "2"],
+        [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", str(saved_pipeline_dir), "--mask-dataset",
+         str(demo_masks), "--split", "test", "--output", str(output), "--sampler", "dpmsolver", "--steps", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -142,10 +147,71 @@ def test_offline_inception_gives_a_message_that_says_what_to_do(monkeypatch, tmp
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="--inception-weights PATH"):
+    with pytest.raises(RuntimeError, match="--inception-weights PATH") as error:
         inception_extractor()
+    assert URL_INCEPTION_V3 in str(error.value)
+
+
+class TouchesAMarkerWhenUnpickled:
+    """A pickle that runs code: unpickling it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_inception_weights_that_would_run_code_are_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "weights.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": TouchesAMarkerWhenUnpickled(marker)}, weights)
+    with pytest.raises(ValueError, match=f"{weights}.*refused"):
+        inception_extractor(weights)
+    assert not marker.exists()
+
+
+def test_a_hub_cache_inception_file_that_would_run_code_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / pathlib.Path(URL_INCEPTION_V3).name
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"Conv2d_1a_3x3.conv.weight": TouchesAMarkerWhenUnpickled(marker)}, cached)
+    with pytest.raises(ValueError, match=f"{cached}.*refused"):
+        inception_extractor()
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def random_inception_state_dict():
+    """A state dict of torch-fidelity's InceptionV3 with random weights (the real ones are a download)."""
+    with mock.patch.object(feature_extractor_inceptionv3, "load_state_dict_from_url"), \
+            mock.patch.object(feature_extractor_inceptionv3.FeatureExtractorInceptionV3, "load_state_dict"):
+        return feature_extractor_inceptionv3.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_plain_inception_state_dict_loads_and_gives_2048_features(random_inception_state_dict, suffix, tmp_path):
+    weights = tmp_path / f"inception{suffix}"
+    if suffix == ".pth":
+        torch.save(random_inception_state_dict, weights)
+    else:
+        save_file(random_inception_state_dict, weights)
+    extractor = inception_extractor(weights)
+    for name, tensor in extractor.state_dict().items():
+        assert torch.equal(tensor, random_inception_state_dict[name]), name
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    features = extractor(images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float32 and torch.isfinite(features).all()
+
+
+def test_inception_weights_of_another_network_are_refused(tmp_path):
+    weights = tmp_path / "other.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), weights)
+    with pytest.raises(ValueError, match=f"{weights} do not fit"):
+        inception_extractor(weights)
 
 
 def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, generated, tmp_path):

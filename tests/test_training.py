@@ -1,7 +1,9 @@
 """training/train.py launched with `accelerate launch` on the demo data, with a tiny model, on the CPU."""
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from safetensors.torch import load_file
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 
-from polyp_diffusers import PolypDDPMPipeline
-from polyp_diffusers.data import prepare_dataset
+from polyp_diffusers import PolypDDPMPipeline, make_polyp_unet_from_preset
+from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
     image_grid,
     list_checkpoints,
+    non_finite_weights,
     partial_path,
+    previous_checkpoint,
     publish_checkpoint,
     resolve_checkpoint,
     step_generators,
@@ -47,6 +52,13 @@ def launch(*args):
     return result
 
 
+def launch_expecting_failure(*args):
+    """The output of a run that must stop with an error."""
+    result = subprocess.run(launch_command(*args), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def demo_dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "demo"
@@ -63,6 +75,12 @@ def finished_run(demo_dataset, tmp_path_factory):
 
 def unet_weights(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def copy_checkpoints(run, output):
+    """A new output folder holding only the checkpoints of `run`, to be damaged and resumed from."""
+    for checkpoint in list_checkpoints(run):
+        shutil.copytree(checkpoint, output / checkpoint.name)
 
 
 def test_loss_decreases_over_a_short_run(finished_run):
@@ -132,6 +150,64 @@ def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dat
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_no_pipeline(demo_dataset, tmp_path):
+    output = tmp_path / "diverging"
+    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+                                   "--learning_rate", "1e30", "--max_train_steps", "4", "--checkpointing_steps", "1")
+    assert "FloatingPointError: the loss is nan at step" in log or "FloatingPointError: the loss is inf at step" in log
+    assert not (output / "model_index.json").exists()
+    for checkpoint in list_checkpoints(output):
+        assert all(torch.isfinite(tensor).all() for tensor in unet_weights(checkpoint).values()), checkpoint
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name_and_nothing_is_saved(demo_dataset, finished_run, tmp_path):
+    output = tmp_path / "nan"
+    copy_checkpoints(finished_run, output)
+    weights = unet_weights(output / "checkpoint-16")
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(output / "checkpoint-16" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+                                   "--resume_from_checkpoint", "latest")
+    assert f"checkpoint {output / 'checkpoint-16'} has NaN or inf in 1 weight tensors (first: {name})" in log
+    assert f"Resume from {output / 'checkpoint-12'} instead" in log
+    assert not (output / "model_index.json").exists()
+
+
+def truncate_unet_weights(checkpoint):
+    weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def test_latest_falls_back_from_an_unreadable_checkpoint_to_the_one_before(demo_dataset, finished_run, tmp_path):
+    output = tmp_path / "truncated"
+    copy_checkpoints(finished_run, output)
+    truncate_unet_weights(output / "checkpoint-16")
+
+    result = launch("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+                    "--resume_from_checkpoint", "latest")
+    log = " ".join((result.stdout + result.stderr).split())
+    assert f"checkpoint {output / 'checkpoint-16'} cannot be read (OSError" in log
+    assert f"falling back to {output / 'checkpoint-12'}" in log
+    resumed, uninterrupted = unet_weights(output), unet_weights(finished_run)  # 12 + 4 steps, as uninterrupted
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the_one_before(
+    demo_dataset, finished_run, tmp_path
+):
+    output = tmp_path / "truncated"
+    copy_checkpoints(finished_run, output)
+    truncate_unet_weights(output / "checkpoint-16")
+    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+                                   "--resume_from_checkpoint", str(output / "checkpoint-16"))
+    assert f"checkpoint {output / 'checkpoint-16'} cannot be read" in log
+    assert f"resume from {output / 'checkpoint-12'} instead" in log
+    assert not (output / "model_index.json").exists()
+
+
 def test_help_lists_every_knob_with_its_default():
     result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -155,6 +231,26 @@ def test_only_complete_checkpoints_count_as_latest(tmp_path):
         resolve_checkpoint(str(tmp_path / "checkpoint-99"), tmp_path)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "other"), tmp_path)
+
+
+def test_the_previous_checkpoint_is_the_newest_from_an_earlier_step(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-30", "checkpoint-7", "checkpoint-20.partial"):
+        (tmp_path / name).mkdir()
+    assert previous_checkpoint(tmp_path / "checkpoint-30").name == "checkpoint-7"
+    assert previous_checkpoint(tmp_path / "checkpoint-7").name == "checkpoint-5"
+    assert previous_checkpoint(tmp_path / "checkpoint-5") is None
+
+
+def test_non_finite_weights_are_named_in_the_model_and_in_its_ema():
+    unet = make_polyp_unet_from_preset("tiny")
+    ema = EMAModel(unet.parameters())
+    assert non_finite_weights(unet, ema.shadow_params) == []
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    ema.shadow_params[-1][0] = math.inf
+    last = [name for name, _ in unet.named_parameters()][-1]
+    assert non_finite_weights(unet, ema.shadow_params) == ["conv_in.weight", f"ema.{last}"]
+    assert non_finite_weights(unet) == ["conv_in.weight"]
 
 
 def test_publishing_a_checkpoint_keeps_the_newest_within_the_limit(tmp_path):

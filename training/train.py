@@ -11,7 +11,9 @@ few-minute run on a laptop CPU.
 import argparse
 import json
 import logging
+import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -23,18 +25,22 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
 from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.hub_card.cards import push_folder, write_model_card
+from polyp_diffusers.hub_card.cards import write_model_card
+from polyp_diffusers.hub_card.publish import push_folder
 from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS
 from polyp_diffusers.training_utils import (
     checkpoint_step,
     diffusion_loss,
     ema_weights,
     image_grid,
+    non_finite_weights,
     partial_path,
+    previous_checkpoint,
     publish_checkpoint,
     remove_partial_checkpoints,
     resolve_checkpoint,
@@ -57,6 +63,8 @@ RECIPES = {
 }
 PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "pipeline_polyp_ddpm.py", "README.md", "card.json",
                   "training_config.json")
+# What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
+UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
 
 def parse_args(argv=None):
@@ -141,6 +149,7 @@ def validation_grid(pipeline, batch, args):
 def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
     unet = accelerator.unwrap_model(unet)
+    check_weights_are_finite(unet, ema_model, step)
     pipeline = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
     staging = Path(output_dir) / ".pipeline.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -160,6 +169,46 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
             shutil.rmtree(target)
         os.replace(staging / name, target)
     shutil.rmtree(staging)
+
+
+def check_weights_are_finite(unet, ema_model, step):
+    """Stops a diverged run before it writes weights that NaN or inf has reached: they would be resumed or published."""
+    non_finite = non_finite_weights(unet, ema_model.shadow_params if ema_model is not None else None)
+    if non_finite:
+        raise FloatingPointError(
+            f"NaN or inf in {len(non_finite)} weight tensors at step {step} (first: {non_finite[0]}): the training "
+            f"diverged, nothing was saved. Resume from the last checkpoint with a lower --learning_rate."
+        )
+
+
+def resume(accelerator, resume_from, output_dir):
+    """
+    Loads the checkpoint `resume_from` names and returns it (None: start a new run). With `latest`, a newest
+    checkpoint that cannot be read (a truncated or damaged file) gives way, with a warning, to the one before it;
+    a checkpoint named explicitly that cannot be read is an error that suggests the one before it.
+    """
+    checkpoint = resolve_checkpoint(resume_from, output_dir)
+    if resume_from and checkpoint is None:
+        logger.info("No checkpoint found; starting a new run.")
+    while checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        try:
+            accelerator.load_state(str(checkpoint))
+            return checkpoint
+        except UNREADABLE_CHECKPOINT_ERRORS as error:
+            problem = f"checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error})"
+            earlier = previous_checkpoint(checkpoint)
+            if resume_from != "latest":
+                hint = f"resume from {earlier} instead" if earlier else "no earlier checkpoint is beside it"
+                raise RuntimeError(f"{problem}; {hint}.") from error
+            if earlier is None:
+                raise RuntimeError(
+                    f"{problem}, and there is no earlier checkpoint in {output_dir}. To start a new run, move the "
+                    f"checkpoint-* folders away (or choose another --output_dir), without --resume_from_checkpoint."
+                ) from error
+            logger.warning(f"{problem}; falling back to {earlier}.")
+            checkpoint = earlier
+    return None
 
 
 def main(argv=None):
@@ -218,15 +267,29 @@ def main(argv=None):
                 ema_model.save_pretrained(os.path.join(folder, "unet_ema"))
 
     def load_model_hook(models, folder):
+        # Safetensors only (no pickles), and no weights that NaN or inf has reached, checked before any is applied.
+        loaded_unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        ema_folder = os.path.join(folder, "unet_ema")
+        loaded_ema = None
+        if ema_model is not None:  # not EMAModel.from_pretrained: it cannot be held to safetensors
+            loaded_ema = UNet2DModel.from_pretrained(ema_folder, use_safetensors=True)
+        non_finite = non_finite_weights(loaded_unet, loaded_ema.parameters() if loaded_ema is not None else None)
+        if non_finite:
+            earlier = previous_checkpoint(folder)
+            raise ValueError(
+                f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
+                f"the run had diverged or the files are damaged. "
+                + (f"Resume from {earlier} instead." if earlier else "There is no earlier checkpoint beside it.")
+            )
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), UNet2DModel)
-            ema_model.load_state_dict(loaded.state_dict())
+            # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
+            shadow_params = [parameter.detach() for parameter in loaded_ema.parameters()]
+            ema_model.load_state_dict({**UNet2DModel.load_config(ema_folder), "shadow_params": shadow_params})
             ema_model.to(accelerator.device)
         for _ in range(len(models)):
             model = models.pop()
-            loaded = UNet2DModel.from_pretrained(folder, subfolder="unet")
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
+            model.register_to_config(**loaded_unet.config)
+            model.load_state_dict(loaded_unet.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -238,14 +301,8 @@ def main(argv=None):
         unet = torch.compile(unet)
 
     steps_per_epoch = len(train_dataloader) // args.gradient_accumulation_steps
-    global_step = 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint found; starting a new run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
+    checkpoint = resume(accelerator, args.resume_from_checkpoint, output_dir)
+    global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
 
     if accelerator.is_main_process:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -285,10 +342,16 @@ def main(argv=None):
                 continue
 
             global_step += 1
+            loss_value = loss.detach().item()  # the step's one host sync
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"the loss is {loss_value} at step {global_step}: the training diverged, nothing more is saved. "
+                    f"Resume from the last checkpoint with a lower --learning_rate."
+                )
             if ema_model is not None:
                 ema_model.step(unet.parameters())
             images_per_second = window_images / (time.perf_counter() - window_start)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
             progress.update(1)
@@ -298,6 +361,7 @@ def main(argv=None):
                 window_start, window_images = time.perf_counter(), 0
 
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
                 accelerator.wait_for_everyone()
                 accelerator.save_state(str(partial_path(output_dir, global_step)))
                 accelerator.wait_for_everyone()
