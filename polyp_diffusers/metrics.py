@@ -1,4 +1,4 @@
-"""Scores: segmentation overlap (IoU, Dice, precision, recall) and image realism (FID, KID)."""
+"""Image realism: FID and KID of generated against real images (segmentation scores: `segmentation.py`)."""
 
 import importlib
 import os
@@ -11,32 +11,6 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-
-def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """
-    Per-image IoU, Dice, precision and recall of binary masks `(N, 1, H, W)` (or `(N, H, W)`).
-
-    Conventions for empty masks: an empty prediction of an empty target scores 1 on every measure; precision
-    of an empty prediction of a non-empty target is 0 (nothing was found), as is its recall.
-    """
-    predictions = predictions.bool().flatten(1)
-    targets = targets.bool().flatten(1)
-    true_positive = (predictions & targets).sum(1).double()
-    predicted = predictions.sum(1).double()
-    actual = targets.sum(1).double()
-    union = predicted + actual - true_positive
-    both_empty = union == 0
-
-    def ratio(numerator, denominator):
-        return torch.where(both_empty, 1.0, numerator / denominator.clamp(min=1))
-
-    return {
-        "iou": ratio(true_positive, union),
-        "dice": ratio(2 * true_positive, predicted + actual),
-        "precision": ratio(true_positive, predicted),
-        "recall": ratio(true_positive, actual),
-    }
 
 
 class ReuseLastBatch(nn.Module):

@@ -18,10 +18,11 @@ from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from polyp_diffusers import PolypDDPMPipeline
-from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
-from polyp_diffusers.metrics import fid_kid, inception_extractor, segmentation_scores
+from polyp_diffusers.metrics import fid_kid, inception_extractor
+from polyp_diffusers.prepare_data import prepare_dataset
+from polyp_diffusers.segmentation import segmentation_scores
 
 from .conftest import REPO_ROOT
 
@@ -239,10 +240,10 @@ def test_segmentation_scores_match_hand_computed_values():
     target[1, 0, 0, 0] = 1  # a missed polyp: nothing predicted
     # image 2: both empty
     scores = segmentation_scores(prediction, target)
-    torch.testing.assert_close(scores["iou"], torch.tensor([4 / 6, 0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(scores["dice"], torch.tensor([8 / 10, 0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(scores["precision"], torch.tensor([4 / 6, 0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(scores["recall"], torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(scores["iou"], torch.tensor([4 / 6, 0.0, 1.0]))
+    torch.testing.assert_close(scores["dice"], torch.tensor([8 / 10, 0.0, 1.0]))
+    torch.testing.assert_close(scores["precision"], torch.tensor([4 / 6, 0.0, 1.0]))
+    torch.testing.assert_close(scores["recall"], torch.tensor([1.0, 0.0, 1.0]))
 
 
 # End to end -----------------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polyp_diffusers.results import segmentation_results
+from polyp_diffusers.generate import generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
+from polyp_diffusers.results import segmentation_results
+from polyp_diffusers.segmentation import TRAIN_SETS
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("real", "synthetic", "real+synthetic")
 
 
 def parse_args(argv=None):
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="Sampler for generation.")
     parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: 250 ddpm, 50 otherwise).")
     parser.add_argument("--generation_batch_size", type=int, default=16, help="Images per generation batch.")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="Training sets to compare.")
+    parser.add_argument("--settings", nargs="+", choices=TRAIN_SETS, default=list(TRAIN_SETS), help="Training sets to compare.")
     parser.add_argument("--accelerate_config", help="accelerate config file for the segmentation runs.")
     return parser.parse_known_args(argv)
 
@@ -43,8 +44,6 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     synthetic = args.synthetic
     if synthetic is None:
-        from polyp_diffusers.generate import generate_dataset
-
         synthetic = str(output_dir / "synthetic")
         if not (Path(synthetic) / "dataset_dict.json").exists():
             generate_dataset(args.model, args.real, synthetic, split="train", sampler=args.sampler,

@@ -22,20 +22,28 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from datasets import concatenate_datasets
-from safetensors.torch import save_file
+from monai.losses import DiceCELoss
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyp_diffusers.data import load_polyp_dataset, split_ids
-from polyp_diffusers.metrics import segmentation_scores
+from polyp_diffusers.cli import HelpFormatter
+from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.segmentation import (
+    TRAIN_SETS,
+    build_segmenter,
+    describe_segmenter,
+    evaluate,
+    load_test_sets,
+    logits_of,
+    training_pairs,
+)
 from polyp_diffusers.transforms import JointAugment, pair_transform
 
 logger = get_logger(__name__)
-TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train", choices=TRAIN_SETS, required=True, help="Which pairs to train on.")
     parser.add_argument("--real", required=True, help="Prepared real dataset (folder or Hub id).")
     parser.add_argument("--real_split", default="train", help="Split of --real to train (and validate) on.")
@@ -63,64 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def build_segmenter(architecture: str, encoder_weights: str | None = None) -> torch.nn.Module:
-    if architecture == "monai":
-        from monai.networks.nets import BasicUNetPlusPlus
-
-        return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
-    import segmentation_models_pytorch as smp
-
-    return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
-
-
-def logits_of(model, images):
-    out = model(images)
-    return out[0] if isinstance(out, (list, tuple)) else out  # MONAI's UNet++ returns a list of heads
-
-
-@torch.no_grad()
-def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
-    """Mean per-image IoU, Dice, precision and recall of thresholded predictions on a dataset."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset.with_transform(pair_transform(resolution)), batch_size=batch_size)
-    scores = {"iou": [], "dice": [], "precision": [], "recall": []}
-    for batch in loader:
-        predictions = logits_of(model, batch["images"].to(device)).float() > 0
-        for name, values in segmentation_scores(predictions.cpu(), batch["masks"] > 0.5).items():
-            scores[name].append(values)
-    model.train()
-    result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
-    result["num_images"] = len(dataset)
-    return result
-
-
-def training_pairs(args):
-    """The chosen training set and the fixed real validation set (held out of every training set)."""
-    real = load_polyp_dataset(args.real, split=args.real_split)
-    ids = list(real["id"])
-    validation_ids = set(split_ids(sorted(ids), args.validation_size, args.seed)["test"])
-    keep = [i for i, pair_id in enumerate(ids) if pair_id not in validation_ids]
-    held_out = [i for i, pair_id in enumerate(ids) if pair_id in validation_ids]
-    parts = []
-    if "real" in args.train.split("+"):
-        parts.append(real.select(keep))
-    if "synthetic" in args.train.split("+"):
-        synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split)
-        sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
-        parts.append(synthetic.select([i for i, source in enumerate(sources) if source not in validation_ids]))
-    columns = ["image", "mask", "id"]
-    return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
-
-
-def test_sets(specs: list[str]) -> dict:
-    """`DATASET[:SPLIT]` specs to named datasets (split default: test)."""
-    sets = {}
-    for spec in specs:
-        path, split = spec.rsplit(":", 1) if ":" in spec else (spec, "test")
-        sets[f"{Path(path).name}:{split}"] = load_polyp_dataset(path, split=split)
-    return sets
-
-
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -129,8 +79,10 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    train_set, validation_set = training_pairs(args)
-    tests = test_sets(args.test)
+    real = load_polyp_dataset(args.real, split=args.real_split)
+    synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split) if args.train != "real" else None
+    train_set, validation_set = training_pairs(args.train, real, synthetic, args.validation_size, args.seed)
+    tests = load_test_sets(args.test)
     logger.info(f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
                 f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}")
     loader = torch.utils.data.DataLoader(
@@ -138,8 +90,6 @@ def main(argv=None):
         drop_last=True, num_workers=args.dataloader_num_workers,
     )
     model = build_segmenter(args.architecture, args.encoder_weights)
-    from monai.losses import DiceCELoss
-
     loss_function = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -174,8 +124,6 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from safetensors.torch import load_file
-
         model = accelerator.unwrap_model(model)
         model.load_state_dict(load_file(str(output_dir / "best.safetensors"), device=str(accelerator.device)))
         results = {
@@ -185,8 +133,7 @@ def main(argv=None):
             "validation_iou": best["iou"],
             "test": {name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
                      for name, dataset in tests.items()},
-            "segmenter": "MONAI BasicUNetPlusPlus, random init" if args.architecture == "monai"
-            else f"smp UnetPlusPlus, ResNet-34 encoder, encoder_weights={args.encoder_weights}",
+            "segmenter": describe_segmenter(args.architecture, args.encoder_weights),
             "config": vars(args),
         }
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,106 @@
+"""The paper's downstream test: UNet++ segmenters, their training sets (real, synthetic or both) and their scores.
+
+`training/train_segmentation.py` trains one setting with these pieces; `training/compare_segmentation.py`
+runs all three.
+"""
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+from monai.networks.nets import BasicUNetPlusPlus
+
+from .data import load_polyp_dataset, parse_dataset_spec, split_ids
+from .transforms import pair_transform
+
+TRAIN_SETS = ("real", "synthetic", "real+synthetic")
+
+
+def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """
+    Per-image IoU, Dice, precision and recall of binary masks `(N, 1, H, W)` (or `(N, H, W)`), from MONAI's
+    confusion matrix.
+
+    Conventions for empty masks: an empty prediction of an empty target scores 1 on every measure; precision
+    of an empty prediction of a non-empty target is 0 (nothing was found), as is its recall.
+    """
+    predictions, targets = (mask.reshape(len(mask), 1, -1).double() for mask in (predictions, targets))
+    confusion = get_confusion_matrix(predictions, targets)  # (N, 1, 4): tp, fp, tn, fn
+    true_positive, false_positive, _, false_negative = confusion[:, 0].unbind(-1)
+    both_empty = true_positive + false_positive + false_negative == 0
+
+    def score(metric: str) -> torch.Tensor:
+        value = compute_confusion_matrix_metric(metric, confusion)[:, 0]
+        return torch.where(both_empty, 1.0, value.nan_to_num(0.0))
+
+    return {"iou": score("threat score"), "dice": score("f1"), "precision": score("precision"), "recall": score("recall")}
+
+
+def build_segmenter(architecture: str, encoder_weights: str | None = None) -> torch.nn.Module:
+    """MONAI's UNet++ trained from scratch (`monai`), or the paper's ResNet-34 UNet++ (`smp`, an optional extra)."""
+    if architecture == "monai":
+        return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as error:
+        raise ImportError("--architecture smp needs the [smp] extra: pip install 'polyp-diffusers[smp]'.") from error
+    return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
+
+
+def describe_segmenter(architecture: str, encoder_weights: str | None = None) -> str:
+    if architecture == "monai":
+        return "MONAI BasicUNetPlusPlus, random init"
+    return f"smp UnetPlusPlus, ResNet-34 encoder, encoder_weights={encoder_weights}"
+
+
+def logits_of(model, images):
+    out = model(images)
+    return out[0] if isinstance(out, (list, tuple)) else out  # MONAI's UNet++ returns a list of heads
+
+
+@torch.no_grad()
+def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
+    """Mean per-image IoU, Dice, precision and recall of thresholded predictions on a dataset."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset.with_transform(pair_transform(resolution)), batch_size=batch_size)
+    scores = {"iou": [], "dice": [], "precision": [], "recall": []}
+    for batch in loader:
+        predictions = logits_of(model, batch["images"].to(device)).float() > 0
+        for name, values in segmentation_scores(predictions.cpu(), batch["masks"] > 0.5).items():
+            scores[name].append(values)
+    model.train()
+    result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
+    result["num_images"] = len(dataset)
+    return result
+
+
+def training_pairs(train_set: str, real: Dataset, synthetic: Dataset | None, validation_size: int | float,
+                   seed: int) -> tuple[Dataset, Dataset]:
+    """
+    The chosen training set and the fixed real validation pairs: a seeded part of the real training pairs,
+    held out of every training set (their synthetic twins too), so all settings select checkpoints alike.
+    """
+    if train_set not in TRAIN_SETS:
+        raise ValueError(f"training set {train_set!r}; expected one of {TRAIN_SETS}.")
+    ids = list(real["id"])
+    validation_ids = set(split_ids(sorted(ids), validation_size, seed)["test"])
+    keep = [i for i, pair_id in enumerate(ids) if pair_id not in validation_ids]
+    held_out = [i for i, pair_id in enumerate(ids) if pair_id in validation_ids]
+    parts = []
+    if "real" in train_set.split("+"):
+        parts.append(real.select(keep))
+    if "synthetic" in train_set.split("+"):
+        if synthetic is None:
+            raise ValueError(f"training on {train_set} needs a synthetic dataset.")
+        sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
+        parts.append(synthetic.select([i for i, source in enumerate(sources) if source not in validation_ids]))
+    columns = ["image", "mask", "id"]
+    return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
+
+
+def load_test_sets(specs: list[str]) -> dict[str, Dataset]:
+    """`DATASET[:SPLIT]` specs (split default: test) as datasets named `folder-name:split`."""
+    sets = {}
+    for spec in specs:
+        path, split = parse_dataset_spec(spec)
+        sets[f"{path.rstrip('/').rsplit('/', 1)[-1]}:{split}"] = load_polyp_dataset(path, split=split)
+    return sets
