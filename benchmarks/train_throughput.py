@@ -13,10 +13,10 @@ import sys
 import time
 
 import torch
-
 from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
+
 from polyp_diffusers import make_polyp_scheduler, make_polyp_unet
-from polyp_diffusers.training_utils import diffusion_loss
+from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
 
 MODES = ("fp32", "bf16", "bf16-compile", "fp32-compile")

@@ -1,3 +1,9 @@
-from .pipeline_polyp_ddpm import PolypDDPMPipeline, PolypDDPMPipelineOutput, mask_model_input, prepare_masks
+from .pipeline_polyp_ddpm import (
+    PolypDDPMPipeline,
+    PolypDDPMPipelineOutput,
+    mask_channels_of,
+    mask_model_input,
+    prepare_masks,
+)
 
-__all__ = ["PolypDDPMPipeline", "PolypDDPMPipelineOutput", "mask_model_input", "prepare_masks"]
+__all__ = ["PolypDDPMPipeline", "PolypDDPMPipelineOutput", "mask_channels_of", "mask_model_input", "prepare_masks"]

@@ -250,6 +250,11 @@ def _check_generator(generator):
             )
 
 
+def mask_channels_of(unet_config) -> int:
+    """How many times a UNet takes the mask: its input channels beyond the 3 of the noisy image it predicts."""
+    return unet_config.in_channels - unet_config.out_channels
+
+
 def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
@@ -285,7 +290,7 @@ class PolypDDPMPipeline(DiffusionPipeline):
 
     @property
     def mask_channels(self) -> int:
-        return self.unet.config.in_channels - self.unet.config.out_channels
+        return mask_channels_of(self.unet.config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

@@ -1,9 +1,13 @@
-"""The Polyp-DDPM denoiser as a configuration of `diffusers.UNet2DModel`, its noise schedule and samplers."""
+"""The Polyp-DDPM denoiser as a configuration of `diffusers.UNet2DModel`, its noise schedule, its training
+objective and its samplers."""
 
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
+
+from .pipelines.pipeline_polyp_ddpm import mask_model_input
 
 # The paper's channel multipliers per image size (the guided-diffusion defaults its code uses).
 PAPER_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
@@ -109,6 +113,20 @@ def make_polyp_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPM
         clip_sample=True,
         clip_sample_range=1.0,
     )
+
+
+def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generator, loss_type="l1"):
+    """The paper's objective: predict the noise added to the image, given the noisy image and the mask."""
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device
+    )
+    noisy = noise_scheduler.add_noise(images, noise, timesteps)
+    model_input = torch.cat([noisy, mask_model_input(masks, mask_channels)], dim=1)
+    noise_pred = unet(model_input, timesteps).sample
+    if loss_type == "l1":
+        return F.l1_loss(noise_pred.float(), noise.float())
+    return F.mse_loss(noise_pred.float(), noise.float())
 
 
 def make_sampler(name: str, config) -> SchedulerMixin:

@@ -1,4 +1,4 @@
-"""Pieces of the training scripts that deserve their own tests: checkpoints, per-step randomness, grids."""
+"""Pieces of the training script that deserve their own tests: checkpoints, per-step randomness, EMA weights."""
 
 import os
 import re
@@ -8,11 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
-
-from .pipelines.pipeline_polyp_ddpm import mask_model_input
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_SUFFIX = ".partial"
@@ -92,41 +88,6 @@ def step_generators(
         torch.Generator().manual_seed(int(augment_seed) & mask),
         torch.Generator(device=device).manual_seed(int(noise_seed) & mask),
     )
-
-
-def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
-    """`(B, C, H, W)` in `[-1, 1]` (C is 1 or 3) to `(B, H, W, 3)` uint8."""
-    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
-    return images.permute(0, 2, 3, 1).numpy()
-
-
-def image_grid(rows: list[np.ndarray], padding: int = 2) -> PIL.Image.Image:
-    """Stacks rows of `(B, H, W, 3)` uint8 images into one picture, white gaps between cells."""
-    columns, height, width, _ = rows[0].shape
-    grid = np.full(
-        (len(rows) * (height + padding) + padding, columns * (width + padding) + padding, 3), 255, dtype=np.uint8
-    )
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            top, left = padding + r * (height + padding), padding + c * (width + padding)
-            grid[top : top + height, left : left + width] = cell
-    return PIL.Image.fromarray(grid)
-
-
-def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generator, loss_type):
-    """The paper's objective: predict the noise added to the image, given the noisy image and the mask."""
-    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device
-    )
-    noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    model_input = torch.cat([noisy, mask_model_input(masks, mask_channels)], dim=1)
-    noise_pred = unet(model_input, timesteps).sample
-    if loss_type == "l1":
-        return F.l1_loss(noise_pred.float(), noise.float())
-    return F.mse_loss(noise_pred.float(), noise.float())
 
 
 @contextmanager

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_unet_from_preset
 from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
-    image_grid,
     list_checkpoints,
     non_finite_weights,
     partial_path,
@@ -103,9 +102,11 @@ def test_checkpoints_are_written_and_pruned(finished_run):
     assert not list(finished_run.glob("*.partial"))
 
 
-def test_validation_grid_shows_mask_generated_and_real(finished_run):
-    grid = PIL.Image.open(finished_run / "validation" / f"step-{STEPS:07d}.png")
-    assert grid.size == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2)
+def test_validation_grid_rows_are_masks_generated_and_real(finished_run):
+    grid = np.asarray(PIL.Image.open(finished_run / "validation" / f"step-{STEPS:07d}.png"))
+    assert grid.shape == (3 * 32, 2 * 32, 3)  # 3 rows of the 2 validation masks at 32 px
+    assert set(np.unique(grid[:32])) == {0, 255}  # the masks: black and white only
+    assert len(np.unique(grid[32:64])) > 2 and len(np.unique(grid[64:])) > 2
 
 
 def test_saved_pipeline_loads_generates_and_has_a_card(finished_run):
@@ -274,8 +275,12 @@ def test_step_generators_depend_only_on_seed_step_and_process():
         assert not torch.equal(first[1], other[1])
 
 
-def test_image_grid_places_rows_and_columns():
-    black = np.zeros((3, 4, 5, 3), np.uint8)
-    grid = np.asarray(image_grid([black, black + 255], padding=1))
-    assert grid.shape == (2 * (4 + 1) + 1, 3 * (5 + 1) + 1, 3)
-    assert grid[1, 1].tolist() == [0, 0, 0] and grid[6, 1].tolist() == [255, 255, 255]
+
+
+def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir",
+                             str(output)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a local folder")
+    assert "Traceback" not in result.stderr and not output.exists()

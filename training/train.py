@@ -1,5 +1,6 @@
 """Train a Polyp-DDPM denoiser on image/mask pairs with accelerate.
 
+examples:
     accelerate launch training/train.py --dataset data/kvasir-seg --output_dir runs/polyp-ddpm
     accelerate launch training/train.py ... --resume_from_checkpoint latest
 
@@ -18,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -25,19 +27,20 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
+from polyp_diffusers.cli import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
-from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS
+from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS, diffusion_loss
+from polyp_diffusers.pipelines import mask_channels_of
 from polyp_diffusers.training_utils import (
     checkpoint_step,
-    diffusion_loss,
     ema_weights,
-    image_grid,
     non_finite_weights,
     partial_path,
     previous_checkpoint,
@@ -45,7 +48,6 @@ from polyp_diffusers.training_utils import (
     remove_partial_checkpoints,
     resolve_checkpoint,
     step_generators,
-    to_uint8_rgb,
 )
 from polyp_diffusers.transforms import JointAugment, pair_transform
 
@@ -68,7 +70,7 @@ UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.Unpickli
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="paper", help="A set of defaults.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="A `polyp-ddpm prepare-data` folder or a Hub dataset id.")
@@ -135,22 +137,29 @@ def parse_args(argv=None):
     return args
 
 
+def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
+    """The pipeline around the model being trained (its current weights), with the trained DDPM schedule."""
+    pipeline = PolypDDPMPipeline(unet=accelerator.unwrap_model(unet),
+                                 scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def validation_grid(pipeline, batch, args):
-    """Generates images for the fixed validation masks; returns the grid mask | generated | real."""
+    """Generates images for the fixed validation masks; returns a grid whose rows are masks, generated, real."""
     pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
-    generated = pipeline(
-        batch["masks"], num_inference_steps=args.validation_inference_steps, output_type="pt",
-        generator=torch.Generator().manual_seed(args.seed),
-    ).images
-    rows = [to_uint8_rgb(batch["masks"] * 2 - 1), to_uint8_rgb(generated * 2 - 1), to_uint8_rgb(batch["images"])]
-    return image_grid(rows)
+    out = pipeline(batch["masks"], num_inference_steps=args.validation_inference_steps,
+                   generator=torch.Generator().manual_seed(args.seed))
+    real = pipeline.image_processor.postprocess(batch["images"], output_type="pil")
+    cells = [mask.convert("RGB") for mask in out.masks] + out.images + real
+    return make_image_grid(cells, rows=3, cols=len(real))
 
 
 def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
-    unet = accelerator.unwrap_model(unet)
+    pipeline = trained_pipeline(accelerator, unet, noise_scheduler)
+    unet = pipeline.unet
     check_weights_are_finite(unet, ema_model, step)
-    pipeline = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
     staging = Path(output_dir) / ".pipeline.partial"
     shutil.rmtree(staging, ignore_errors=True)
     with ema_weights(ema_model, unet):
@@ -214,6 +223,12 @@ def resume(accelerator, resume_from, output_dir):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    # The data first: a wrong --dataset is one line of error, before anything is written.
+    try:
+        train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
+        validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -230,9 +245,7 @@ def main(argv=None):
         remove_partial_checkpoints(output_dir)
 
     # Data: decode and resize on the CPU workers; augment on the device, batched.
-    train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
     train_dataset = train_dataset.with_transform(pair_transform(args.resolution))
-    validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
     validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
@@ -245,7 +258,7 @@ def main(argv=None):
 
     # Model, EMA, optimizer and learning-rate schedule.
     unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
-    mask_channels = unet.config.in_channels - unet.config.out_channels
+    mask_channels = mask_channels_of(unet.config)
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps)
     ema_model = None
     if args.use_ema:
@@ -392,10 +405,9 @@ def main(argv=None):
 
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
     """Samples the fixed validation masks with the EMA weights; saves and logs the grid."""
-    model = accelerator.unwrap_model(unet)
+    pipeline = trained_pipeline(accelerator, unet, noise_scheduler)
+    model = pipeline.unet
     model.eval()
-    pipeline = PolypDDPMPipeline(unet=model, scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
-    pipeline.set_progress_bar_config(disable=True)
     with ema_weights(ema_model, model), accelerator.autocast():
         grid = validation_grid(pipeline, validation_batch, args)
     model.train()
@@ -404,13 +416,11 @@ def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_bat
     grid.save(folder / f"step-{step:07d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         elif tracker.name == "wandb":
-            import wandb
+            import wandb  # the optional [wandb] extra, present when --logger wandb works at all
 
-            tracker.log({"validation": wandb.Image(grid, caption="mask | generated | real")}, step=step)
+            tracker.log({"validation": wandb.Image(grid, caption="rows: masks, generated, real")}, step=step)
 
 
 if __name__ == "__main__":
