@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from polyp_diffusers.modeling import default_device
+
+__all__ = ["default_device"]  # re-exported: the benchmarks run where the commands would
+
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name(device: torch.device) -> str:

@@ -12,8 +12,9 @@ import time
 import numpy as np
 import torch
 
-from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet, make_sampler
+
+from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -27,7 +28,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
-    device = default_device()
+    device = torch.device(default_device())
     batch_sizes = args.batch_sizes or ([16] if device.type == "cuda" else [1])
 
     torch.manual_seed(0)

@@ -13,11 +13,12 @@ import sys
 import time
 
 import torch
-from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 
 from polyp_diffusers import make_polyp_scheduler, make_polyp_unet
 from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
+
+from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 
 MODES = ("fp32", "bf16", "bf16-compile", "fp32-compile")
 
@@ -91,7 +92,7 @@ def main():
     parser.add_argument("--reference-dir", help="Folder holding the authors' diffusion_model/ package, to time it too.")
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/train_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
-    device = default_device()
+    device = torch.device(default_device())
     batch_size = args.batch_size or (32 if device.type == "cuda" else 2)
     steps = args.steps or (10 if device.type == "cuda" else 2)
 
