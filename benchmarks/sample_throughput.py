@@ -22,8 +22,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpmsolver:25"],
-                        help="SAMPLER:STEPS pairs.")
+    parser.add_argument(
+        "--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpmsolver:25"], help="SAMPLER:STEPS pairs."
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="Default: 16 on a GPU, 1 on a CPU.")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
@@ -51,9 +52,14 @@ def main():
                 synchronize(device)
                 seconds = time.perf_counter() - start
                 result = {
-                    "sampler": sampler, "steps": int(steps), "dtype": dtype_name, "batch_size": batch_size,
-                    "size": args.size, "seconds_per_image": round(seconds / batch_size, 3),
-                    "images_per_s": round(batch_size / seconds, 2), "peak_memory_gib": peak_memory_gib(device),
+                    "sampler": sampler,
+                    "steps": int(steps),
+                    "dtype": dtype_name,
+                    "batch_size": batch_size,
+                    "size": args.size,
+                    "seconds_per_image": round(seconds / batch_size, 3),
+                    "images_per_s": round(batch_size / seconds, 2),
+                    "peak_memory_gib": peak_memory_gib(device),
                 }
                 print(result, flush=True)
                 results.append(result)

@@ -110,10 +110,14 @@ def main():
         first, seconds = time_steps(step, steps, args.warmup, device)
         result = {
             "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
-            "size": size, "mode": mode, "batch_size": batch_size,
+            "size": size,
+            "mode": mode,
+            "batch_size": batch_size,
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "images_per_s": round(batch_size / seconds, 2), "step_ms": round(seconds * 1000, 1),
-            "first_step_s": round(first, 1), "peak_memory_gib": peak_memory_gib(device),
+            "images_per_s": round(batch_size / seconds, 2),
+            "step_ms": round(seconds * 1000, 1),
+            "first_step_s": round(first, 1),
+            "peak_memory_gib": peak_memory_gib(device),
             "timed_steps": steps,
         }
         print(result, flush=True)

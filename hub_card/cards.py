@@ -22,7 +22,7 @@ GENERATED_NOTE = (
 )
 KVASIR_LICENSE_NOTE = (
     "Kvasir-SEG (Jha et al., MMM 2020, Simula) may be used for research and education; cite "
-    "\"Kvasir-SEG: A Segmented Polyp Dataset\" when you use it. Check the terms of the original release "
+    '"Kvasir-SEG: A Segmented Polyp Dataset" when you use it. Check the terms of the original release '
     "before redistributing."
 )
 
@@ -139,8 +139,10 @@ def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
     folder = Path(folder)
     for source, result in results.items():
         if not {"markdown", "eval_results"} <= set(result):
-            raise ValueError(f"{source} has keys {sorted(result)}; expected 'markdown' and 'eval_results' "
-                             "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py).")
+            raise ValueError(
+                f"{source} has keys {sorted(result)}; expected 'markdown' and 'eval_results' "
+                "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py)."
+            )
     context_path = folder / CARD_CONTEXT_FILE
     context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
     context["results"] = {
@@ -148,5 +150,3 @@ def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
         "eval_results": [entry for result in results.values() for entry in result["eval_results"]],
     }
     return write_model_card(pipeline, folder, **context)
-
-

@@ -3,11 +3,18 @@
 from huggingface_hub import DatasetCard, create_repo, upload_folder
 
 
-def push_folder(folder, repo_id: str, private: bool = False, ignore_patterns: list[str] | None = None,
-                commit_message: str = "Upload Polyp-DDPM pipeline") -> str:
+def push_folder(
+    folder,
+    repo_id: str,
+    private: bool = False,
+    ignore_patterns: list[str] | None = None,
+    commit_message: str = "Upload Polyp-DDPM pipeline",
+) -> str:
     """Creates the Hub model repo if needed and uploads a saved pipeline folder with its card; returns the repo id."""
     repo_id = create_repo(repo_id, exist_ok=True, private=private).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns)
+    upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
+    )
     return repo_id
 
 

@@ -362,8 +362,10 @@ class PolypDDPMPipeline(DiffusionPipeline):
         masks = prepare_masks(masks, self.sample_size)
         mostly_polyp = (masks.mean(dim=(1, 2, 3)) > MAX_POLYP_FRACTION).nonzero().flatten().tolist()
         if mostly_polyp:
-            logger.warning(f"masks {mostly_polyp} are over {MAX_POLYP_FRACTION:.0%} polyp; are they inverted (white "
-                           "should be the polyp, black the background)?")
+            logger.warning(
+                f"masks {mostly_polyp} are over {MAX_POLYP_FRACTION:.0%} polyp; are they inverted (white "
+                "should be the polyp, black the background)?"
+            )
         masks = masks.repeat_interleave(num_images_per_mask, dim=0)
         num_images = masks.shape[0]
         if isinstance(generator, list) and len(generator) != num_images:

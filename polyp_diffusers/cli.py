@@ -54,7 +54,8 @@ def _add_hub_options(parser, what: str, default_name: str):
 
 def _add_prepare_data(subparsers):
     parser = subparsers.add_parser(
-        "prepare-data", formatter_class=HelpFormatter,
+        "prepare-data",
+        formatter_class=HelpFormatter,
         help="Validate image/mask pairs and write them as a datasets DatasetDict (train/test) with a card.",
         description=(
             "SOURCE: a folder with images/ and masks/ (Kvasir-SEG layout, matched by file stem), its zip, a "
@@ -63,17 +64,29 @@ def _add_prepare_data(subparsers):
     )
     parser.add_argument("source")
     parser.add_argument("--output", required=True, help="Folder to write (save_to_disk format, README.md card).")
-    parser.add_argument("--test-size", type=count_or_fraction, default=None,
-                        help="Test pairs: a count or a fraction (default: 100, as in the paper; demo: 0.1).")
+    parser.add_argument(
+        "--test-size",
+        type=count_or_fraction,
+        default=None,
+        help="Test pairs: a count or a fraction (default: 100, as in the paper; demo: 0.1).",
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the random train/test split.")
-    parser.add_argument("--split-file", help="JSON {split: [ids]} to use instead of a random split (e.g. the official 880/120).")
-    parser.add_argument("--skip-invalid", action="store_true", help="Write the valid pairs and a report instead of failing.")
-    parser.add_argument("--resolution", type=positive_int,
-                        help="Resize to RESxRES (images bicubic, masks nearest). Default: keep sizes; demo: 64.")
+    parser.add_argument(
+        "--split-file", help="JSON {split: [ids]} to use instead of a random split (e.g. the official 880/120)."
+    )
+    parser.add_argument(
+        "--skip-invalid", action="store_true", help="Write the valid pairs and a report instead of failing."
+    )
+    parser.add_argument(
+        "--resolution",
+        type=positive_int,
+        help="Resize to RESxRES (images bicubic, masks nearest). Default: keep sizes; demo: 64.",
+    )
     parser.add_argument("--image-dir", default="images", help="Name of the image folder inside SOURCE.")
     parser.add_argument("--mask-dir", default="masks", help="Name of the mask folder inside SOURCE.")
-    parser.add_argument("--source-terms",
-                        help=f"Terms of use of the source data for the card: {', '.join(SOURCE_TERMS)} or free text.")
+    parser.add_argument(
+        "--source-terms", help=f"Terms of use of the source data for the card: {', '.join(SOURCE_TERMS)} or free text."
+    )
     parser.add_argument("--demo-pairs", type=positive_int, default=200, help="Number of pairs of the demo set.")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists (never the source).")
     _add_hub_options(parser, "dataset and its card", "the output folder's name")
@@ -82,10 +95,20 @@ def _add_prepare_data(subparsers):
 
 def _run_prepare_data(args):
     dataset = prepare_dataset(
-        args.source, args.output, test_size=args.test_size, seed=args.seed, split_file=args.split_file,
-        skip_invalid=args.skip_invalid, resolution=args.resolution, image_dir=args.image_dir,
-        mask_dir=args.mask_dir, source_terms=args.source_terms, overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_id, demo_pairs=args.demo_pairs,
+        args.source,
+        args.output,
+        test_size=args.test_size,
+        seed=args.seed,
+        split_file=args.split_file,
+        skip_invalid=args.skip_invalid,
+        resolution=args.resolution,
+        image_dir=args.image_dir,
+        mask_dir=args.mask_dir,
+        source_terms=args.source_terms,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        hub_dataset_id=args.hub_id,
+        demo_pairs=args.demo_pairs,
     )
     counts = ", ".join(f"{name}: {len(part)}" for name, part in dataset.items())
     print(f"Wrote {args.output} ({counts})")
@@ -93,15 +116,21 @@ def _run_prepare_data(args):
 
 def _add_convert_official(subparsers):
     parser = subparsers.add_parser(
-        "convert-official", formatter_class=HelpFormatter,
+        "convert-official",
+        formatter_class=HelpFormatter,
         help="Convert the authors' released model.pt into a PolypDDPMPipeline (safetensors, configs, card).",
         description="Reads the checkpoint with torch.load(weights_only=True) and maps every tensor; fails on any mismatch.",
     )
     parser.add_argument("checkpoint", help="The official model.pt ({'step', 'model', 'ema'}).")
     parser.add_argument("--output", required=True, help="New (or empty) folder for the saved pipeline.")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="Which weights (their inference uses ema).")
-    parser.add_argument("--keep-rgb-mask", action="store_true",
-                        help="Keep their 6 input channels (mask as 3 identical channels) instead of folding to 4.")
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="Which weights (their inference uses ema)."
+    )
+    parser.add_argument(
+        "--keep-rgb-mask",
+        action="store_true",
+        help="Keep their 6 input channels (mask as 3 identical channels) instead of folding to 4.",
+    )
     _add_hub_options(parser, "pipeline and its card", "the output folder's name")
     parser.set_defaults(run=_run_convert_official)
 
@@ -110,13 +139,16 @@ def _run_convert_official(args):
     pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
     write_converted_pipeline(pipeline, description, args.output, args.push_to_hub, args.hub_id)
     config = description["config"]
-    print(f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
-          f"{description['mask_channels']} mask channel(s)) to {args.output}")
+    print(
+        f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
+        f"{description['mask_channels']} mask channel(s)) to {args.output}"
+    )
 
 
 def _add_generate(subparsers):
     parser = subparsers.add_parser(
-        "generate", formatter_class=HelpFormatter,
+        "generate",
+        formatter_class=HelpFormatter,
         help="Generate synthetic pairs from the masks of a dataset (resumable) as a datasets DatasetDict.",
         description=(
             "Image i uses seed SEED+i; an interrupted run continues where it stopped when the same command is run "
@@ -124,9 +156,14 @@ def _add_generate(subparsers):
             "folder this command wrote."
         ),
     )
-    parser.add_argument("--model", required=True,
-                        help="A saved PolypDDPMPipeline: train.py's --output_dir, a convert-official folder or a Hub id.")
-    parser.add_argument("--mask-dataset", required=True, help="A prepared dataset (folder or Hub id) whose masks to use.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="A saved PolypDDPMPipeline: train.py's --output_dir, a convert-official folder or a Hub id.",
+    )
+    parser.add_argument(
+        "--mask-dataset", required=True, help="A prepared dataset (folder or Hub id) whose masks to use."
+    )
     parser.add_argument("--split", default="train", help="Split of --mask-dataset.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--num-images-per-mask", type=positive_int, default=1, help="Images generated per mask.")
@@ -136,17 +173,30 @@ def _add_generate(subparsers):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Discard an unfinished run with other settings, or replace a finished one.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Discard an unfinished run with other settings, or replace a finished one.",
+    )
     _add_hub_options(parser, "generated dataset", "the output folder's name")
     parser.set_defaults(run=_run_generate)
 
 
 def _run_generate(args):
     dataset = generate_dataset(
-        args.model, args.mask_dataset, args.output, split=args.split, num_images_per_mask=args.num_images_per_mask,
-        sampler=args.sampler, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-        device=args.device, dtype=args.dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+        args.model,
+        args.mask_dataset,
+        args.output,
+        split=args.split,
+        num_images_per_mask=args.num_images_per_mask,
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
         hub_dataset_id=args.hub_id,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
@@ -154,7 +204,8 @@ def _run_generate(args):
 
 def _add_fid(subparsers):
     parser = subparsers.add_parser(
-        "fid", formatter_class=HelpFormatter,
+        "fid",
+        formatter_class=HelpFormatter,
         help="FID and KID (mean and std) between the images of two datasets.",
         description="Standard 2048-d Inception features (torchmetrics / torch-fidelity), or a pluggable extractor.",
     )
@@ -162,12 +213,18 @@ def _add_fid(subparsers):
     parser.add_argument("--real-split", default="test", help="Split of --real.")
     parser.add_argument("--generated", required=True, help="Generated dataset (folder or Hub id).")
     parser.add_argument("--generated-split", default=None, help="Split of --generated (default: its only split).")
-    parser.add_argument("--inception-weights",
-                        help="Local weights-inception-2015-12-05-6726825d.pth (for offline use); read as tensors only.")
+    parser.add_argument(
+        "--inception-weights",
+        help="Local weights-inception-2015-12-05-6726825d.pth (for offline use); read as tensors only.",
+    )
     parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead of Inception.")
-    parser.add_argument("--image-size", type=positive_int, help="Resize every image to this square size first (bicubic).")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="Resize every image to this square size first (bicubic)."
+    )
     parser.add_argument("--batch-size", type=positive_int, default=50, help="Images per feature batch.")
-    parser.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID subset size (capped at the set sizes).")
+    parser.add_argument(
+        "--kid-subset-size", type=positive_int, default=1000, help="KID subset size (capped at the set sizes)."
+    )
     parser.add_argument("--kid-subsets", type=positive_int, default=100, help="Number of KID subsets.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the result as JSON (with a Markdown table for the model card) here.")
@@ -182,24 +239,39 @@ def _run_fid(args):
             raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
         generated = next(iter(generated.values()))
     extractor = load_extractor(args.feature_extractor) if args.feature_extractor else None
-    scores = fid_kid(real, generated, extractor=extractor, inception_weights=args.inception_weights,
-                     batch_size=args.batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-                     image_size=args.image_size, device=args.device or default_device())
+    scores = fid_kid(
+        real,
+        generated,
+        extractor=extractor,
+        inception_weights=args.inception_weights,
+        batch_size=args.batch_size,
+        kid_subset_size=args.kid_subset_size,
+        kid_subsets=args.kid_subsets,
+        image_size=args.image_size,
+        device=args.device or default_device(),
+    )
     scores.update(real=f"{args.real}:{args.real_split}", generated=args.generated)
-    print(f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
-          f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})")
+    print(
+        f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
+        f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
+    )
     if args.output:
         Path(args.output).write_text(json.dumps({**fid_results(scores), "scores": scores}, indent=2))
 
 
 def _add_card(subparsers):
     parser = subparsers.add_parser(
-        "card", formatter_class=HelpFormatter,
+        "card",
+        formatter_class=HelpFormatter,
         help="Re-render a saved pipeline's model card with measured results (FID/KID, segmentation benchmark).",
     )
     parser.add_argument("model_dir", help="A saved PolypDDPMPipeline folder (from train.py or convert-official).")
-    parser.add_argument("--results", action="append", required=True,
-                        help="JSON from `polyp-ddpm fid --output` or training/compare_segmentation.py; repeatable.")
+    parser.add_argument(
+        "--results",
+        action="append",
+        required=True,
+        help="JSON from `polyp-ddpm fid --output` or training/compare_segmentation.py; repeatable.",
+    )
     parser.set_defaults(run=_run_card)
 
 
@@ -223,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, RuntimeError, ImportError) as error:  # bad input or environment: say what, no traceback
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+        ImportError,
+    ) as error:  # bad input or environment: say what, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

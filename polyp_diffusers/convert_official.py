@@ -26,11 +26,20 @@ DENOISER_PREFIX = "denoise_fn."
 ATTENTION_SIDE = 16
 
 RESBLOCK_PARTS = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
 }
-TOP_LEVEL = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+TOP_LEVEL = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 
 
 class ConversionError(ValueError):
@@ -59,7 +68,9 @@ def load_official_checkpoint(path: str | os.PathLike, weights: str = "ema") -> t
         )
     state = checkpoint[weights]
     if not isinstance(state, dict) or not any(str(k).startswith(DENOISER_PREFIX) for k in state):
-        raise ConversionError(f"{path}['{weights}'] has no '{DENOISER_PREFIX}*' entries; expected the state dict of their GaussianDiffusion.")
+        raise ConversionError(
+            f"{path}['{weights}'] has no '{DENOISER_PREFIX}*' entries; expected the state dict of their GaussianDiffusion."
+        )
     step = checkpoint.get("step")
     return state, int(step) if isinstance(step, (int, float)) else None
 
@@ -161,14 +172,23 @@ def convert_denoiser(denoiser: dict, config: dict) -> dict[str, torch.Tensor]:
     for level in range(num_levels):
         for block in range(layers):
             names = input_blocks[index]
-            take(_map_resblock(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{block}",
-                               {n[2:] for n in names if n.startswith("0.")}))
+            take(
+                _map_resblock(
+                    f"input_blocks.{index}.0",
+                    f"down_blocks.{level}.resnets.{block}",
+                    {n[2:] for n in names if n.startswith("0.")},
+                )
+            )
             if "1.qkv.weight" in names:
                 take_attention(f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{block}")
             index += 1
         if level < num_levels - 1:
-            take({f"input_blocks.{index}.0.op.{leaf}": f"down_blocks.{level}.downsamplers.0.conv.{leaf}"
-                  for leaf in ("weight", "bias")})
+            take(
+                {
+                    f"input_blocks.{index}.0.op.{leaf}": f"down_blocks.{level}.downsamplers.0.conv.{leaf}"
+                    for leaf in ("weight", "bias")
+                }
+            )
             index += 1
 
     middle = _blocks(denoiser, "middle_block")
@@ -180,15 +200,24 @@ def convert_denoiser(denoiser: dict, config: dict) -> dict[str, torch.Tensor]:
     for up_level in range(num_levels):
         for block in range(layers + 1):
             names = output_blocks[index]
-            take(_map_resblock(f"output_blocks.{index}.0", f"up_blocks.{up_level}.resnets.{block}",
-                               {n[2:] for n in names if n.startswith("0.")}))
+            take(
+                _map_resblock(
+                    f"output_blocks.{index}.0",
+                    f"up_blocks.{up_level}.resnets.{block}",
+                    {n[2:] for n in names if n.startswith("0.")},
+                )
+            )
             if "1.qkv.weight" in names:
                 take_attention(f"output_blocks.{index}.1", f"up_blocks.{up_level}.attentions.{block}")
             upsample = [n for n in names if re.match(r"\d+\.conv\.", n)]
             if upsample:
                 position = upsample[0].split(".")[0]
-                take({f"output_blocks.{index}.{position}.conv.{leaf}": f"up_blocks.{up_level}.upsamplers.0.conv.{leaf}"
-                      for leaf in ("weight", "bias")})
+                take(
+                    {
+                        f"output_blocks.{index}.{position}.conv.{leaf}": f"up_blocks.{up_level}.upsamplers.0.conv.{leaf}"
+                        for leaf in ("weight", "bias")
+                    }
+                )
             index += 1
 
     leftover = sorted(set(denoiser) - used)
@@ -210,7 +239,7 @@ def convert_official_checkpoint(
 ) -> tuple[PolypDDPMPipeline, dict]:
     """The authors' checkpoint as a `PolypDDPMPipeline`, and a description of what was converted."""
     state, step = load_official_checkpoint(path, weights)
-    denoiser = {k[len(DENOISER_PREFIX):]: v for k, v in state.items() if k.startswith(DENOISER_PREFIX)}
+    denoiser = {k[len(DENOISER_PREFIX) :]: v for k, v in state.items() if k.startswith(DENOISER_PREFIX)}
     config = infer_config(denoiser)
     if config["out_channels"] != 3 or config["in_channels"] not in (4, 6):
         raise ConversionError(
@@ -224,15 +253,21 @@ def convert_official_checkpoint(
         mask_channels = 1
 
     unet = make_polyp_unet(
-        image_size=config["image_size"], base_channels=config["base_channels"], channel_mult=config["channel_mult"],
-        layers_per_block=config["layers_per_block"], attention_resolutions=(ATTENTION_SIDE,),
+        image_size=config["image_size"],
+        base_channels=config["base_channels"],
+        channel_mult=config["channel_mult"],
+        layers_per_block=config["layers_per_block"],
+        attention_resolutions=(ATTENTION_SIDE,),
         mask_channels=mask_channels,
     )
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    wrong_shape = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in tensors and tensors[k].shape != v.shape]
+    wrong_shape = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or extra or wrong_shape:
         raise ConversionError(
             f"the checkpoint does not fit the inferred configuration {config}: missing {missing[:10]}, "
@@ -246,14 +281,23 @@ def convert_official_checkpoint(
         if difference > 1e-5:
             raise ConversionError(f"the checkpoint's betas differ from the cosine schedule by {difference:.2e}.")
     description = {
-        "source": str(path), "weights": weights, "step": step, "config": config,
-        "mask_channels": mask_channels, "num_train_timesteps": scheduler.config.num_train_timesteps,
+        "source": str(path),
+        "weights": weights,
+        "step": step,
+        "config": config,
+        "mask_channels": mask_channels,
+        "num_train_timesteps": scheduler.config.num_train_timesteps,
     }
     return PolypDDPMPipeline(unet=unet, scheduler=scheduler), description
 
 
-def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, output: str | os.PathLike,
-                             push_to_hub: bool = False, hub_model_id: str | None = None) -> Path:
+def write_converted_pipeline(
+    pipeline: PolypDDPMPipeline,
+    description: dict,
+    output: str | os.PathLike,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+) -> Path:
     """
     Saves the converted pipeline, with a model card that credits the authors and says what was done, into a
     new or empty folder; optionally uploads it (`hub_model_id`, default: the folder's name).
@@ -280,8 +324,9 @@ def write_converted_pipeline(pipeline: PolypDDPMPipeline, description: dict, out
         "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "
         "release before redistributing."
     )
-    write_model_card(pipeline, output, repo_id=repo_id,
-                     model_name="Polyp-DDPM (official weights, converted)", provenance=provenance)
+    write_model_card(
+        pipeline, output, repo_id=repo_id, model_name="Polyp-DDPM (official weights, converted)", provenance=provenance
+    )
     if push_to_hub:
         push_folder(output, repo_id, commit_message="Polyp-DDPM official weights, converted")
     return output

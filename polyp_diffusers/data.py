@@ -146,8 +146,10 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
     if polyp_fraction == 0:
         raise ValueError("empty mask: no polyp pixel")
     if polyp_fraction > MAX_POLYP_FRACTION:
-        logger.warning(f"{pair.id}: the polyp covers {polyp_fraction:.0%} of the mask; is the mask inverted "
-                       "(white should be the polyp, black the background)?")
+        logger.warning(
+            f"{pair.id}: the polyp covers {polyp_fraction:.0%} of the mask; is the mask inverted "
+            "(white should be the polyp, black the background)?"
+        )
     if orientation in ORIENTATION_TRANSPOSE:
         image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
         binary = binary.transpose(ORIENTATION_TRANSPOSE[orientation])
@@ -188,13 +190,19 @@ def _find_pair_folder(root: Path, image_dir: str, mask_dir: str) -> Path:
         missing = [name for name in (image_dir, mask_dir) if not (folder / name).is_dir()]
         if len(missing) == 1:
             option = "--image-dir" if missing[0] == image_dir else "--mask-dir"
-            raise FileNotFoundError(f"{folder} has no '{missing[0]}/' folder; name the folder that holds the "
-                                    f"{'images' if option == '--image-dir' else 'masks'} with {option}.")
-    raise FileNotFoundError(f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below); "
-                            "name them with --image-dir and --mask-dir.")
+            raise FileNotFoundError(
+                f"{folder} has no '{missing[0]}/' folder; name the folder that holds the "
+                f"{'images' if option == '--image-dir' else 'masks'} with {option}."
+            )
+    raise FileNotFoundError(
+        f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below); "
+        "name them with --image-dir and --mask-dir."
+    )
 
 
-def pairs_from_folder(root: Path, image_dir: str = "images", mask_dir: str = "masks") -> tuple[list[RawPair], list[Problem]]:
+def pairs_from_folder(
+    root: Path, image_dir: str = "images", mask_dir: str = "masks"
+) -> tuple[list[RawPair], list[Problem]]:
     """Pairs images and masks by file stem; orphans on either side are problems."""
     folder = _find_pair_folder(root, image_dir, mask_dir)
     problems: list[Problem] = []
@@ -211,8 +219,10 @@ def pairs_from_folder(root: Path, image_dir: str = "images", mask_dir: str = "ma
 def _check_pair_columns(splits: DatasetDict, source: str) -> None:
     for split, dataset in splits.items():
         if not {"image", "mask"} <= set(dataset.column_names):
-            raise ValueError(f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and "
-                             "'mask' (make it with `polyp-ddpm prepare-data`).")
+            raise ValueError(
+                f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and "
+                "'mask' (make it with `polyp-ddpm prepare-data`)."
+            )
 
 
 def _pairs_from_datasets(splits: DatasetDict, source: str) -> dict[str, list[RawPair]]:
@@ -367,8 +377,10 @@ def check_output_apart(output: str | os.PathLike, **inputs: str | None) -> None:
         if value is not None and Path(value).exists():
             path = Path(value).resolve()
             if path == target or target in path.parents:
-                raise ValueError(f"the output {output} is or contains the {name} {value}; writing it would delete "
-                                 "the input. Choose another output folder.")
+                raise ValueError(
+                    f"the output {output} is or contains the {name} {value}; writing it would delete "
+                    "the input. Choose another output folder."
+                )
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -404,7 +416,10 @@ def write_dataset(
     try:
         dataset.save_to_disk(str(staging))
         (staging / "README.md").write_text(card)
-        report = {"problems": [asdict(problem) for problem in problems], "counts": {s: len(d) for s, d in dataset.items()}}
+        report = {
+            "problems": [asdict(problem) for problem in problems],
+            "counts": {s: len(d) for s, d in dataset.items()},
+        }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

@@ -4,7 +4,6 @@ It exists so that tests and the CPU demo run anywhere without patient data. It i
 teaches a model nothing about real polyps.
 """
 
-
 import numpy as np
 from datasets import Dataset, DatasetDict
 
@@ -57,7 +56,9 @@ def make_demo_dataset(num_pairs: int = 200, size: int = 64, test_size: int | flo
     rows = []
     for index in range(num_pairs):
         image, mask = draw_demo_pair(size, rng)
-        rows.append({"image": png_cell(image), "mask": png_cell(mask), "id": f"demo-{index:05d}", "width": size, "height": size})
+        rows.append(
+            {"image": png_cell(image), "mask": png_cell(mask), "id": f"demo-{index:05d}", "width": size, "height": size}
+        )
     by_id = {row["id"]: row for row in rows}
     splits = split_ids(sorted(by_id), test_size, seed)
     return DatasetDict(

@@ -57,15 +57,21 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
             return
         if not overwrite:
             changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-            raise ValueError(f"{output} holds an unfinished run with other settings {changed}; run the same command "
-                             "again to continue it, pass --overwrite to discard it, or choose another --output.")
+            raise ValueError(
+                f"{output} holds an unfinished run with other settings {changed}; run the same command "
+                "again to continue it, pass --overwrite to discard it, or choose another --output."
+            )
         shutil.rmtree(output / PARTS_DIR)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
-        raise FileExistsError(f"{output} already holds a finished generated dataset; pass --overwrite to replace "
-                              "it, or choose another --output.")
+        raise FileExistsError(
+            f"{output} already holds a finished generated dataset; pass --overwrite to replace "
+            "it, or choose another --output."
+        )
     elif output.is_dir() and any(output.iterdir()) and not (output / SETTINGS_FILE).is_file():
-        raise FileExistsError(f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
-                              "alone. Choose another --output.")
+        raise FileExistsError(
+            f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
+            "alone. Choose another --output."
+        )
 
 
 def generate_dataset(
@@ -99,16 +105,26 @@ def generate_dataset(
         raise ValueError(f"dtype is {dtype!r}; expected one of {sorted(DTYPES)}.")
     if num_inference_steps is None:
         num_inference_steps = 250 if sampler == "ddpm" else 50
-    for name, value in (("num_images_per_mask", num_images_per_mask), ("batch_size", batch_size),
-                        ("num_inference_steps", num_inference_steps)):
+    for name, value in (
+        ("num_images_per_mask", num_images_per_mask),
+        ("batch_size", batch_size),
+        ("num_inference_steps", num_inference_steps),
+    ):
         check_positive_int(value, name)
     output = Path(output)
     check_output_apart(output, model=model, mask_dataset=mask_dataset)
     source = load_polyp_dataset(mask_dataset, split=split)
     settings = {
-        "model": model, "mask_dataset": mask_dataset, "split": split, "num_images_per_mask": num_images_per_mask,
-        "sampler": sampler, "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size,
-        "dtype": dtype, "num_masks": len(source),
+        "model": model,
+        "mask_dataset": mask_dataset,
+        "split": split,
+        "num_images_per_mask": num_images_per_mask,
+        "sampler": sampler,
+        "num_inference_steps": num_inference_steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "num_masks": len(source),
     }
     _check_output(output, settings, overwrite)
     pipeline = load_pipeline(model)
@@ -128,16 +144,27 @@ def generate_dataset(
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         out = pipeline(
-            [by_index[row]["mask"] for row, _ in batch], num_inference_steps=num_inference_steps,
-            generator=generators, batch_size=batch_size, output_type="pil",
+            [by_index[row]["mask"] for row, _ in batch],
+            num_inference_steps=num_inference_steps,
+            generator=generators,
+            batch_size=batch_size,
+            output_type="pil",
         )
         records = []
         for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):
             source_id = by_index[row]["id"]
-            records.append({
-                "image": png_cell(image), "mask": png_cell(mask), "id": f"{source_id}-syn{k}", "width": image.width,
-                "height": image.height, "seed": image_seed, "model": model, "source_id": source_id,
-            })
+            records.append(
+                {
+                    "image": png_cell(image),
+                    "mask": png_cell(mask),
+                    "id": f"{source_id}-syn{k}",
+                    "width": image.width,
+                    "height": image.height,
+                    "seed": image_seed,
+                    "model": model,
+                    "source_id": source_id,
+                }
+            )
         # The run is recorded only once it produces, so a command that failed before its first image leaves
         # nothing behind that a corrected command would trip over.
         parts.mkdir(parents=True, exist_ok=True)
@@ -151,8 +178,7 @@ def generate_dataset(
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
     # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
-    write_dataset(dataset, output, card, overwrite=True,
-                  extra_files={SETTINGS_FILE: json.dumps(settings, indent=2)})
+    write_dataset(dataset, output, card, overwrite=True, extra_files={SETTINGS_FILE: json.dumps(settings, indent=2)})
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset

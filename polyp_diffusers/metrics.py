@@ -48,8 +48,10 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
             f"Inception weights {path} are not a plain state dict of tensors (damaged, or objects that would run "
             f"code when loaded); refused."
         ) from error
-    if not (isinstance(state_dict, dict)
-            and all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items())):
+    if not (
+        isinstance(state_dict, dict)
+        and all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items())
+    ):
         raise ValueError(f"Inception weights {path} hold a {type(state_dict).__name__}, not a state dict of tensors.")
     return state_dict
 
@@ -88,6 +90,7 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> nn.Mod
                 f"--inception-weights PATH (or put it into {torch.hub.get_dir()}/checkpoints/)."
             ) from error
     state_dict = load_inception_state_dict(weights_path)
+
     # torch-fidelity's constructor loads its weights itself, with a full unpickler (`torch.load(weights_only=False)`
     # for a path, `load_state_dict_from_url` for the hub cache); here it gets the state dict read safely above.
     def checked_state_dict(*args, **kwargs):
@@ -147,11 +150,17 @@ def fid_kid(
     shared = ReuseLastBatch(extractor if extractor is not None else inception_extractor(inception_weights))
     subset_size = min(kid_subset_size, len(real), len(generated))
     fid = FrechetInceptionDistance(feature=shared, normalize=False).to(device)
-    kid = KernelInceptionDistance(feature=shared, subsets=kid_subsets, subset_size=subset_size, normalize=False).to(device)
+    kid = KernelInceptionDistance(feature=shared, subsets=kid_subsets, subset_size=subset_size, normalize=False).to(
+        device
+    )
     for dataset, is_real in ((real, True), (generated, False)):
         name = "real" if is_real else "generated"
-        for images in tqdm(_uint8_batches(dataset, batch_size, image_size), desc=f"Features of {name} images",
-                           total=-(-len(dataset) // batch_size), unit="batch"):
+        for images in tqdm(
+            _uint8_batches(dataset, batch_size, image_size),
+            desc=f"Features of {name} images",
+            total=-(-len(dataset) // batch_size),
+            unit="batch",
+        ):
             images = images.to(device)
             fid.update(images, real=is_real)
             kid.update(images, real=is_real)

@@ -44,12 +44,17 @@ def segmentation_results(runs: dict[str, dict]) -> dict:
             cells += [f"{scores['iou']:.4f}", f"{scores['dice']:.4f}"]
             dataset, split = parse_dataset_spec(name)
             for metric in ("iou", "dice"):
-                eval_results.append(dict(
-                    task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
-                    dataset_split=split, metric_type=metric,
-                    metric_name=f"UNet++ {METRIC_NAMES[metric]}, trained on {setting}",
-                    metric_value=round(scores[metric], 4),
-                ))
+                eval_results.append(
+                    dict(
+                        task_type="image-segmentation",
+                        dataset_type=dataset,
+                        dataset_name=dataset,
+                        dataset_split=split,
+                        metric_type=metric,
+                        metric_name=f"UNet++ {METRIC_NAMES[metric]}, trained on {setting}",
+                        metric_value=round(scores[metric], 4),
+                    )
+                )
         rows.append("| " + " | ".join(cells) + " |")
     config = first["config"]
     markdown = (

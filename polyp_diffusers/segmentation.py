@@ -32,7 +32,12 @@ def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dic
         value = compute_confusion_matrix_metric(metric, confusion)[:, 0]
         return torch.where(both_empty, 1.0, value.nan_to_num(0.0))
 
-    return {"iou": score("threat score"), "dice": score("f1"), "precision": score("precision"), "recall": score("recall")}
+    return {
+        "iou": score("threat score"),
+        "dice": score("f1"),
+        "precision": score("precision"),
+        "recall": score("recall"),
+    }
 
 
 def build_segmenter(architecture: str, encoder_weights: str | None = None) -> torch.nn.Module:
@@ -73,8 +78,9 @@ def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
     return result
 
 
-def training_pairs(train_set: str, real: Dataset, synthetic: Dataset | None, validation_size: int | float,
-                   seed: int) -> tuple[Dataset, Dataset]:
+def training_pairs(
+    train_set: str, real: Dataset, synthetic: Dataset | None, validation_size: int | float, seed: int
+) -> tuple[Dataset, Dataset]:
     """
     The chosen training set and the fixed real validation pairs: a seeded part of the real training pairs,
     held out of every training set (their synthetic twins too), so all settings select checkpoints alike.

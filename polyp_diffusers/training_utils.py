@@ -19,7 +19,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), path) for path in folder.iterdir() if path.is_dir() and (m := CHECKPOINT_PATTERN.match(path.name))]
+    found = [
+        (int(m.group(1)), path)
+        for path in folder.iterdir()
+        if path.is_dir() and (m := CHECKPOINT_PATTERN.match(path.name))
+    ]
     return [path for _, path in sorted(found)]
 
 

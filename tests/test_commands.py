@@ -90,8 +90,13 @@ def test_a_mostly_white_mask_is_flagged_as_possibly_inverted(tmp_path, caplog):
     inverted = np.full_like(np.asarray(mask), 255)
     inverted[10:14, 20:26] = 0  # white background, a small black polyp
     inverted = PIL.Image.fromarray(inverted)
-    folder = write_folder(tmp_path / "src", {"inv": (image, inverted, ".png", ".png"),
-                                              **{f"ok{i}": (*polyp_pair(seed=i), ".png", ".png") for i in range(2)}})
+    folder = write_folder(
+        tmp_path / "src",
+        {
+            "inv": (image, inverted, ".png", ".png"),
+            **{f"ok{i}": (*polyp_pair(seed=i), ".png", ".png") for i in range(2)},
+        },
+    )
     with caplog.at_level(logging.WARNING, logger="polyp_diffusers.data"):
         build_dataset(str(folder), test_size=1)
     assert any("inv:" in message and "inverted" in message for message in caplog.messages)
@@ -185,8 +190,9 @@ def test_a_checkpoint_folder_as_model_is_explained(tmp_path):
 )
 def test_generate_rejects_bad_numbers_before_any_work(capsys, saved_pipeline_dir, demo_masks, tmp_path, flag, value):
     output = tmp_path / "out"
-    code, _, err = run_cli(capsys, "generate", "--model", saved_pipeline_dir, "--mask-dataset", demo_masks,
-                           "--output", output, flag, value)
+    code, _, err = run_cli(
+        capsys, "generate", "--model", saved_pipeline_dir, "--mask-dataset", demo_masks, "--output", output, flag, value
+    )
     assert code == 2 and flag in err
     assert not output.exists()
 
@@ -201,8 +207,9 @@ def test_generate_dataset_checks_its_numbers(saved_pipeline_dir, demo_masks, tmp
 def test_a_wrong_model_on_the_command_line_is_one_line_not_a_traceback(capsys, demo_masks, tmp_path):
     checkpoint = tmp_path / "checkpoint-8"
     (checkpoint / "unet").mkdir(parents=True)
-    code, _, err = run_cli(capsys, "generate", "--model", checkpoint, "--mask-dataset", demo_masks,
-                           "--output", tmp_path / "out")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", checkpoint, "--mask-dataset", demo_masks, "--output", tmp_path / "out"
+    )
     assert code == 1 and err.startswith("error: ") and "Traceback" not in err and "Error no file" not in err
 
 
@@ -215,8 +222,14 @@ def test_convert_official_refuses_a_non_empty_output(tmp_path, tiny_pipeline):
     output = tmp_path / "out"
     output.mkdir()
     (output / "notes.txt").write_text("keep me")
-    description = {"source": str(tmp_path / "model.pt"), "weights": "ema", "step": 1, "config": {}, "mask_channels": 1,
-                   "num_train_timesteps": 250}
+    description = {
+        "source": str(tmp_path / "model.pt"),
+        "weights": "ema",
+        "step": 1,
+        "config": {},
+        "mask_channels": 1,
+        "num_train_timesteps": 250,
+    }
     with pytest.raises(FileExistsError, match="is not empty"):
         write_converted_pipeline(tiny_pipeline, description, output)
     assert (output / "notes.txt").read_text() == "keep me"

@@ -23,7 +23,9 @@ SIZE = 32  # their create_model at 32 px, widths 32-64, one residual block per l
 def reference():
     folder = os.environ.get("POLYP_REFERENCE_DIR")
     if not folder or not (Path(folder) / "diffusion_model" / "unet.py").exists():
-        pytest.skip("POLYP_REFERENCE_DIR does not point at the authors' code (CI sets ../shared/reference/polyp_ddpm_official)")
+        pytest.skip(
+            "POLYP_REFERENCE_DIR does not point at the authors' code (CI sets ../shared/reference/polyp_ddpm_official)"
+        )
     sys.path.insert(0, folder)
     try:
         from diffusion_model.trainer import GaussianDiffusion
@@ -61,10 +63,17 @@ def random_inputs(batch=3, seed=1):
 
 def test_inferred_configuration_is_their_network(official_checkpoint):
     path, diffusion = official_checkpoint
-    denoiser = {k[len("denoise_fn."):]: v for k, v in diffusion.state_dict().items() if k.startswith("denoise_fn.")}
+    denoiser = {k[len("denoise_fn.") :]: v for k, v in diffusion.state_dict().items() if k.startswith("denoise_fn.")}
     config = infer_config(denoiser)
-    assert config == {"image_size": 32, "base_channels": 32, "channel_mult": (1, 2), "layers_per_block": 1,
-                      "attention_levels": [1], "in_channels": 6, "out_channels": 3}
+    assert config == {
+        "image_size": 32,
+        "base_channels": 32,
+        "channel_mult": (1, 2),
+        "layers_per_block": 1,
+        "attention_levels": [1],
+        "in_channels": 6,
+        "out_channels": 3,
+    }
 
 
 @pytest.mark.parametrize("keep_rgb_mask", [False, True], ids=["folded-4-channels", "rgb-mask-6-channels"])
@@ -113,7 +122,9 @@ def test_converted_folder_is_a_normal_pipeline_with_a_card(official_checkpoint, 
     output = tmp_path / "polyp-ddpm-kvasir-official"
     result = subprocess.run(
         [sys.executable, "-m", "polyp_diffusers.cli", "convert-official", str(path), "--output", str(output)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "step 1234" in result.stdout
@@ -194,7 +205,9 @@ def test_convert_cli_reports_errors(tmp_path):
     path.write_bytes(b"garbage")
     result = subprocess.run(
         [sys.executable, "-m", "polyp_diffusers.cli", "convert-official", str(path), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1 and "not a readable PyTorch checkpoint" in result.stderr
     assert not (tmp_path / "o").exists()

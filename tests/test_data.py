@@ -110,8 +110,11 @@ def test_split_is_seeded_and_deterministic():
 
 def test_a_split_file_decides_the_splits(good_folder, tmp_path):
     split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps({"source": "hand-made", "train": [f"case{i:02d}" for i in range(7)],
-                                      "test": ["case07", "case08", "case09"]}))
+    split_file.write_text(
+        json.dumps(
+            {"source": "hand-made", "train": [f"case{i:02d}" for i in range(7)], "test": ["case07", "case08", "case09"]}
+        )
+    )
     dataset, _ = build_dataset(str(good_folder), split_file=str(split_file))
     assert sorted(dataset["test"]["id"]) == ["case07", "case08", "case09"]
 
@@ -215,9 +218,22 @@ def test_demo_set_is_deterministic_binary_and_small():
 def test_prepare_data_cli_makes_the_demo_set(tmp_path):
     output = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "polyp_diffusers.cli", "prepare-data", "demo", "--output", str(output),
-         "--demo-pairs", "20", "--test-size", "4"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "polyp_diffusers.cli",
+            "prepare-data",
+            "demo",
+            "--output",
+            str(output),
+            "--demo-pairs",
+            "20",
+            "--test-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "train: 16, test: 4" in result.stdout
@@ -228,7 +244,9 @@ def test_prepare_data_cli_makes_the_demo_set(tmp_path):
 def test_prepare_data_cli_reports_problems_and_fails(bad_folder, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "polyp_diffusers.cli", "prepare-data", str(bad_folder), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     assert "7 problem(s)" in result.stderr and "orphan_mask: mask without image" in result.stderr
@@ -247,7 +265,9 @@ def _mask_batch(size=32, count=4):
 def test_augmentation_keeps_masks_binary_and_aligned_with_images():
     masks = _mask_batch()
     images = (masks * 2 - 1).repeat(1, 3, 1, 1)  # the image draws the mask
-    augmented, augmented_masks = JointAugment(degrees=45, zoom=(0.8, 1.2))(images, masks, torch.Generator().manual_seed(0))
+    augmented, augmented_masks = JointAugment(degrees=45, zoom=(0.8, 1.2))(
+        images, masks, torch.Generator().manual_seed(0)
+    )
     assert set(augmented_masks.unique().tolist()) <= {0.0, 1.0}
     drawn = (augmented[:, :1] > 0).float()
     overlap = (drawn * augmented_masks).sum() / torch.maximum(drawn, augmented_masks).sum()

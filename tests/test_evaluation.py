@@ -71,7 +71,9 @@ def test_each_image_is_reproducible_from_its_seed(generated, saved_pipeline_dir,
     assert np.abs(np.asarray(again, np.int16) - np.asarray(row["image"], np.int16)).max() <= 1
 
 
-def test_an_interrupted_generation_continues_where_it_stopped(generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
+def test_an_interrupted_generation_continues_where_it_stopped(
+    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+):
     output = tmp_path / "synthetic"
     calls = {"count": 0}
     original = PolypDDPMPipeline.__call__
@@ -100,8 +102,15 @@ def test_an_interrupted_generation_continues_where_it_stopped(generated, saved_p
 def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
     output = tmp_path / "synthetic"
     (output / PARTS_DIR).mkdir(parents=True)
-    settings = {**GENERATION, "model": str(saved_pipeline_dir), "mask_dataset": str(demo_masks), "dtype": "fp32",
-                "sampler": "ddpm", "num_inference_steps": 250, "num_masks": 6}
+    settings = {
+        **GENERATION,
+        "model": str(saved_pipeline_dir),
+        "mask_dataset": str(demo_masks),
+        "dtype": "fp32",
+        "sampler": "ddpm",
+        "num_inference_steps": 250,
+        "num_masks": 6,
+    }
     (output / PARTS_DIR / "generation.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
@@ -110,9 +119,27 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
 def test_generate_cli_writes_a_dataset(saved_pipeline_dir, demo_masks, tmp_path):
     output = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", str(saved_pipeline_dir), "--mask-dataset",
-         str(demo_masks), "--split", "test", "--output", str(output), "--sampler", "dpmsolver", "--steps", "2"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "polyp_diffusers.cli",
+            "generate",
+            "--model",
+            str(saved_pipeline_dir),
+            "--mask-dataset",
+            str(demo_masks),
+            "--split",
+            "test",
+            "--output",
+            str(output),
+            "--sampler",
+            "dpmsolver",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "test: 4 generated pairs" in result.stdout
@@ -127,15 +154,27 @@ class ColourStatistics(nn.Module):
 
     def forward(self, images):
         pooled = nn.functional.avg_pool2d(images.float() / 255, 4)
-        return torch.cat([pooled.mean(dim=(2, 3)), pooled.std(dim=(2, 3)), pooled.amax(dim=(1, 2, 3))[:, None],
-                          pooled.amin(dim=(1, 2, 3))[:, None]], dim=1)
+        return torch.cat(
+            [
+                pooled.mean(dim=(2, 3)),
+                pooled.std(dim=(2, 3)),
+                pooled.amax(dim=(1, 2, 3))[:, None],
+                pooled.amin(dim=(1, 2, 3))[:, None],
+            ],
+            dim=1,
+        )
 
 
 def test_fid_and_kid_are_near_zero_for_identical_sets_and_larger_for_different_ones():
     real = make_demo_dataset(40, 32, test_size=0.5, seed=0)["train"]
     same = fid_kid(real, real, extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
-    other_demo = fid_kid(real, make_demo_dataset(40, 32, test_size=0.5, seed=1)["train"],
-                         extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
+    other_demo = fid_kid(
+        real,
+        make_demo_dataset(40, 32, test_size=0.5, seed=1)["train"],
+        extractor=ColourStatistics(),
+        kid_subset_size=10,
+        kid_subsets=20,
+    )
     darker = real.map(lambda row: {"image": PIL.Image.eval(row["image"], lambda v: v // 2)})
     different = fid_kid(real, darker, extractor=ColourStatistics(), kid_subset_size=10, kid_subsets=20)
     assert abs(same["fid"]) < 1e-3 and abs(same["kid_mean"]) < 1e-3
@@ -188,8 +227,10 @@ def test_a_hub_cache_inception_file_that_would_run_code_is_refused(monkeypatch, 
 @pytest.fixture(scope="module")
 def random_inception_state_dict():
     """A state dict of torch-fidelity's InceptionV3 with random weights (the real ones are a download)."""
-    with mock.patch.object(feature_extractor_inceptionv3, "load_state_dict_from_url"), \
-            mock.patch.object(feature_extractor_inceptionv3.FeatureExtractorInceptionV3, "load_state_dict"):
+    with (
+        mock.patch.object(feature_extractor_inceptionv3, "load_state_dict_from_url"),
+        mock.patch.object(feature_extractor_inceptionv3.FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
         return feature_extractor_inceptionv3.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
 
 
@@ -218,10 +259,26 @@ def test_inception_weights_of_another_network_are_refused(tmp_path):
 def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, generated, tmp_path):
     output = tmp_path / "fid.json"
     result = subprocess.run(
-        [sys.executable, "-m", "polyp_diffusers.cli", "fid", "--real", str(demo_masks), "--generated", str(generated),
-         "--feature-extractor", "tests.test_evaluation:ColourStatistics", "--kid-subset-size", "4",
-         "--output", str(output)],
-        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "polyp_diffusers.cli",
+            "fid",
+            "--real",
+            str(demo_masks),
+            "--generated",
+            str(generated),
+            "--feature-extractor",
+            "tests.test_evaluation:ColourStatistics",
+            "--kid-subset-size",
+            "4",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     scores = json.loads(output.read_text())
@@ -249,15 +306,40 @@ def test_segmentation_scores_match_hand_computed_values():
 # End to end -----------------------------------------------------------------------------------------------------
 
 
-def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(demo_masks, generated, saved_pipeline_dir, tmp_path):
+def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(
+    demo_masks, generated, saved_pipeline_dir, tmp_path
+):
     output = tmp_path / "comparison"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "training" / "compare_segmentation.py"), "--real", str(demo_masks),
-         "--synthetic", str(generated), "--test", f"{demo_masks}:test", "--output_dir", str(output),
-         "--accelerate_config", str(REPO_ROOT / "training" / "configs" / "cpu.yaml"),
-         "--resolution", "32", "--max_train_steps", "3", "--validation_steps", "3", "--train_batch_size", "2",
-         "--validation_size", "2", "--dataloader_num_workers", "0"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO_ROOT / "training" / "compare_segmentation.py"),
+            "--real",
+            str(demo_masks),
+            "--synthetic",
+            str(generated),
+            "--test",
+            f"{demo_masks}:test",
+            "--output_dir",
+            str(output),
+            "--accelerate_config",
+            str(REPO_ROOT / "training" / "configs" / "cpu.yaml"),
+            "--resolution",
+            "32",
+            "--max_train_steps",
+            "3",
+            "--validation_steps",
+            "3",
+            "--train_batch_size",
+            "2",
+            "--validation_size",
+            "2",
+            "--dataloader_num_workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     comparison = json.loads((output / "comparison.json").read_text())
@@ -273,8 +355,14 @@ def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(demo_mas
 
     model = tmp_path / "model"
     PolypDDPMPipeline.from_pretrained(saved_pipeline_dir).save_pretrained(model)
-    result = subprocess.run([sys.executable, "-m", "polyp_diffusers.cli", "card", str(model), "--results",
-                             str(output / "comparison.json")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "polyp_diffusers.cli", "card", str(model), "--results", str(output / "comparison.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     card = (model / "README.md").read_text()
-    assert "model-index" in card and "UNet++ IoU, trained on real+synthetic" in card and "Downstream segmentation" in card
+    assert (
+        "model-index" in card and "UNet++ IoU, trained on real+synthetic" in card and "Downstream segmentation" in card
+    )

@@ -116,7 +116,11 @@ def test_pipeline_runs_in_bfloat16(tiny_pipeline, square_mask):
 
 
 def test_save_and_load_round_trip_reproduces_images(tiny_pipeline, saved_pipeline_dir, square_mask):
-    files = {os.path.relpath(os.path.join(root, f), saved_pipeline_dir) for root, _, names in os.walk(saved_pipeline_dir) for f in names}
+    files = {
+        os.path.relpath(os.path.join(root, f), saved_pipeline_dir)
+        for root, _, names in os.walk(saved_pipeline_dir)
+        for f in names
+    }
     assert "unet/diffusion_pytorch_model.safetensors" in files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     assert json.loads((saved_pipeline_dir / "model_index.json").read_text())["_class_name"] == "PolypDDPMPipeline"
@@ -189,8 +193,20 @@ def _binary_square(dtype=np.uint8, high=255, size=(32, 32)):
         PIL.Image.fromarray(_binary_square()).convert("1"),
         PIL.Image.fromarray(_binary_square()).convert("LA"),
     ],
-    ids=["uint8-255", "float-1", "float-255", "bool", "torch-1HW", "torch-B1HW", "half", "pil-L", "pil-RGB", "pil-RGBA",
-         "pil-1", "pil-LA"],
+    ids=[
+        "uint8-255",
+        "float-1",
+        "float-255",
+        "bool",
+        "torch-1HW",
+        "torch-B1HW",
+        "half",
+        "pil-L",
+        "pil-RGB",
+        "pil-RGBA",
+        "pil-1",
+        "pil-LA",
+    ],
 )
 def test_every_supported_mask_form_gives_the_same_binary_mask(mask):
     expected = torch.from_numpy(_binary_square(np.float32, 1.0))[None, None]
@@ -240,9 +256,19 @@ def _square_with_noisy_alpha():
         _square_with_noisy_alpha(),
         PIL.Image.fromarray(_binary_square(np.float32, 1.0)),
     ],
-    ids=["float-overshoot", "uint16-65535", "int64-1", "torch-int32-65535", "pil-P", "pil-P-inverted-palette",
-         "pil-P-transparency", "pil-LA-alpha-only", "pil-RGBA-alpha-only", "pil-RGBA-colour-wins-over-alpha",
-         "pil-F"],
+    ids=[
+        "float-overshoot",
+        "uint16-65535",
+        "int64-1",
+        "torch-int32-65535",
+        "pil-P",
+        "pil-P-inverted-palette",
+        "pil-P-transparency",
+        "pil-LA-alpha-only",
+        "pil-RGBA-alpha-only",
+        "pil-RGBA-colour-wins-over-alpha",
+        "pil-F",
+    ],
 )
 def test_masks_are_read_by_what_they_show(mask):
     """Palette images by their colours, alpha only when the colour is uniform, float rounding above 1 tolerated."""
@@ -276,24 +302,46 @@ def _with_extra_value(mask, value):
 @pytest.mark.parametrize(
     "masks, message",
     [
-        (_with_extra_value(_binary_square(high=1), 2), r"^mask has values \{0, 1, 2\}; expected two levels: "
-         r"\{0, 1\} or \{0, 255\}\.$"),
+        (
+            _with_extra_value(_binary_square(high=1), 2),
+            r"^mask has values \{0, 1, 2\}; expected two levels: "
+            r"\{0, 1\} or \{0, 255\}\.$",
+        ),
         ([_binary_square(), _binary_square(high=3)], r"^masks\[1\] has values \{0, 3\}; expected two levels"),
-        (torch.stack([torch.from_numpy(_binary_square()), torch.from_numpy(_binary_square(high=1))])[:, None],
-         r"^mask\[1\] has values \{0, 1\}; expected two levels: \{0, 1\} or \{0, 255\}\.$"),
+        (
+            torch.stack([torch.from_numpy(_binary_square()), torch.from_numpy(_binary_square(high=1))])[:, None],
+            r"^mask\[1\] has values \{0, 1\}; expected two levels: \{0, 1\} or \{0, 255\}\.$",
+        ),
         (_binary_square(np.float32, 1.02), r"^mask has values \{0, 1.02\}; expected two levels"),
-        (np.pad(np.full((4, 4), 0.5, np.float32), 14),
-         r"^mask has values \{0, 0.5\}; expected two levels"),
-        (_binary_square(np.uint16, 1000), r"^mask has values \{0, 1000\}; expected two levels: \{0, 1\}, "
-         r"\{0, 255\} or \{0, 65535\}\.$"),
-        (_binary_square(np.int64, 300), r"^mask has values \{0, 300\}; expected two levels: \{0, 1\}, "
-         r"\{0, 255\} or \{0, 65535\}\.$"),
-        (_binary_square(np.uint8, 255) // 2, r"^mask is not a binary mask: 16% of its pixels .* it has values "
-         r"\{0, 127\}; expected two levels"),
+        (np.pad(np.full((4, 4), 0.5, np.float32), 14), r"^mask has values \{0, 0.5\}; expected two levels"),
+        (
+            _binary_square(np.uint16, 1000),
+            r"^mask has values \{0, 1000\}; expected two levels: \{0, 1\}, "
+            r"\{0, 255\} or \{0, 65535\}\.$",
+        ),
+        (
+            _binary_square(np.int64, 300),
+            r"^mask has values \{0, 300\}; expected two levels: \{0, 1\}, "
+            r"\{0, 255\} or \{0, 65535\}\.$",
+        ),
+        (
+            _binary_square(np.uint8, 255) // 2,
+            r"^mask is not a binary mask: 16% of its pixels .* it has values "
+            r"\{0, 127\}; expected two levels",
+        ),
         (PIL.Image.fromarray(_binary_square(np.uint16, 1000)), r"^mask has values \{0, 1000\}; expected"),
     ],
-    ids=["0-1-2", "list-0-3", "batch-of-two-scales", "float-1.02", "float-half", "uint16-1000", "int64-300",
-         "half-grey", "pil-I;16-1000"],
+    ids=[
+        "0-1-2",
+        "list-0-3",
+        "batch-of-two-scales",
+        "float-1.02",
+        "float-half",
+        "uint16-1000",
+        "int64-300",
+        "half-grey",
+        "pil-I;16-1000",
+    ],
 )
 def test_masks_that_are_not_two_levels_are_refused_with_their_values(masks, message):
     with pytest.raises(ValueError, match=message):
@@ -355,8 +403,24 @@ def _colour_photo():
         (np.zeros((32, 32), dtype=np.complex64), "dtype complex64"),
         ([], "masks is empty"),
     ],
-    ids=["3-channel-batch", "3-channel", "rank-5", "rank-1", "zero-size", "nan", "inf", "colour-photo", "grey-photo",
-         "negative", "above-255", "float8", "sparse", "string", "complex", "empty-list"],
+    ids=[
+        "3-channel-batch",
+        "3-channel",
+        "rank-5",
+        "rank-1",
+        "zero-size",
+        "nan",
+        "inf",
+        "colour-photo",
+        "grey-photo",
+        "negative",
+        "above-255",
+        "float8",
+        "sparse",
+        "string",
+        "complex",
+        "empty-list",
+    ],
 )
 def test_bad_masks_are_refused_with_a_message_naming_them(tiny_pipeline, masks, message):
     with pytest.raises(ValueError, match=message):
@@ -378,8 +442,19 @@ def test_bad_masks_are_refused_with_a_message_naming_them(tiny_pipeline, masks, 
         (dict(generator=0), r"generator is 0 \(int\); expected a torch.Generator, a list of them"),
         (dict(generator=[torch.Generator(), 0]), r"generator\[1\] is 0 \(int\); expected a torch.Generator"),
     ],
-    ids=["output-type", "images-zero", "images-float", "images-bool", "images-str", "batch-zero", "batch-float",
-         "steps-zero", "steps-float", "generator-int", "generator-list-with-int"],
+    ids=[
+        "output-type",
+        "images-zero",
+        "images-float",
+        "images-bool",
+        "images-str",
+        "batch-zero",
+        "batch-float",
+        "steps-zero",
+        "steps-float",
+        "generator-int",
+        "generator-list-with-int",
+    ],
 )
 def test_bad_arguments_are_refused(tiny_pipeline, square_mask, kwargs, message):
     kwargs.setdefault("num_inference_steps", 1)

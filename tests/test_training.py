@@ -33,16 +33,50 @@ from .conftest import REPO_ROOT
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 STEPS = 16
 TINY_RUN = [
-    "--model_preset", "tiny", "--resolution", "32", "--train_batch_size", "8", "--learning_rate", "1e-3",
-    "--max_train_steps", str(STEPS), "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
-    "--validation_steps", str(STEPS), "--num_validation_masks", "2", "--validation_inference_steps", "2",
-    "--dataloader_num_workers", "0", "--seed", "0",
+    "--model_preset",
+    "tiny",
+    "--resolution",
+    "32",
+    "--train_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--max_train_steps",
+    str(STEPS),
+    "--checkpointing_steps",
+    "4",
+    "--checkpoints_total_limit",
+    "2",
+    "--validation_steps",
+    str(STEPS),
+    "--num_validation_masks",
+    "2",
+    "--validation_inference_steps",
+    "2",
+    "--dataloader_num_workers",
+    "0",
+    "--seed",
+    "0",
 ]
 
 
 def launch_command(*args):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(TRAIN_SCRIPT),
+        *args,
+    ]
 
 
 def launch(*args):
@@ -129,7 +163,9 @@ def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dat
     output = tmp_path / "killed"
     process = subprocess.Popen(
         launch_command("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not (output / "checkpoint-8").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -141,8 +177,9 @@ def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dat
     # What a kill during a checkpoint write leaves behind must not be taken for a checkpoint.
     partial_path(output, 20).mkdir()
 
-    result = launch("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
-                    "--resume_from_checkpoint", "latest")
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
+    )
     assert "Resuming from" in result.stderr + result.stdout
     assert list_checkpoints(output)[-1].name == f"checkpoint-{STEPS}"
     assert not partial_path(output, 20).exists()
@@ -153,8 +190,19 @@ def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dat
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_no_pipeline(demo_dataset, tmp_path):
     output = tmp_path / "diverging"
-    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
-                                   "--learning_rate", "1e30", "--max_train_steps", "4", "--checkpointing_steps", "1")
+    log = launch_expecting_failure(
+        "--dataset",
+        str(demo_dataset),
+        "--output_dir",
+        str(output),
+        *TINY_RUN,
+        "--learning_rate",
+        "1e30",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "1",
+    )
     assert "FloatingPointError: the loss is nan at step" in log or "FloatingPointError: the loss is inf at step" in log
     assert not (output / "model_index.json").exists()
     for checkpoint in list_checkpoints(output):
@@ -169,8 +217,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name_and_nothing_is_saved(d
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, str(output / "checkpoint-16" / "unet" / "diffusion_pytorch_model.safetensors"))
 
-    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
-                                   "--resume_from_checkpoint", "latest")
+    log = launch_expecting_failure(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
+    )
     assert f"checkpoint {output / 'checkpoint-16'} has NaN or inf in 1 weight tensors (first: {name})" in log
     assert f"Resume from {output / 'checkpoint-12'} instead" in log
     assert not (output / "model_index.json").exists()
@@ -186,8 +235,9 @@ def test_latest_falls_back_from_an_unreadable_checkpoint_to_the_one_before(demo_
     copy_checkpoints(finished_run, output)
     truncate_unet_weights(output / "checkpoint-16")
 
-    result = launch("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
-                    "--resume_from_checkpoint", "latest")
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
+    )
     log = " ".join((result.stdout + result.stderr).split())
     assert f"checkpoint {output / 'checkpoint-16'} cannot be read (OSError" in log
     assert f"falling back to {output / 'checkpoint-12'}" in log
@@ -202,8 +252,15 @@ def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the
     output = tmp_path / "truncated"
     copy_checkpoints(finished_run, output)
     truncate_unet_weights(output / "checkpoint-16")
-    log = launch_expecting_failure("--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
-                                   "--resume_from_checkpoint", str(output / "checkpoint-16"))
+    log = launch_expecting_failure(
+        "--dataset",
+        str(demo_dataset),
+        "--output_dir",
+        str(output),
+        *TINY_RUN,
+        "--resume_from_checkpoint",
+        str(output / "checkpoint-16"),
+    )
     assert f"checkpoint {output / 'checkpoint-16'} cannot be read" in log
     assert f"resume from {output / 'checkpoint-12'} instead" in log
     assert not (output / "model_index.json").exists()
@@ -213,8 +270,16 @@ def test_help_lists_every_knob_with_its_default():
     result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps long lines
-    for expected in ("--resume_from_checkpoint", "--mixed_precision", "--push_to_hub", "--recipe",
-                     "(default: 100000)", "(default: 32)", "(default: 250)", "(default: l1)"):
+    for expected in (
+        "--resume_from_checkpoint",
+        "--mixed_precision",
+        "--push_to_hub",
+        "--recipe",
+        "(default: 100000)",
+        "(default: 32)",
+        "(default: 250)",
+        "(default: l1)",
+    ):
         assert expected in text, expected
 
 
@@ -275,12 +340,15 @@ def test_step_generators_depend_only_on_seed_step_and_process():
         assert not torch.equal(first[1], other[1])
 
 
-
-
 def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
     output = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir",
-                             str(output)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a local folder")
     assert "Traceback" not in result.stderr and not output.exists()

@@ -34,7 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="Sampler for generation.")
     parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: 250 ddpm, 50 otherwise).")
     parser.add_argument("--generation_batch_size", type=int, default=16, help="Images per generation batch.")
-    parser.add_argument("--settings", nargs="+", choices=TRAIN_SETS, default=list(TRAIN_SETS), help="Training sets to compare.")
+    parser.add_argument(
+        "--settings", nargs="+", choices=TRAIN_SETS, default=list(TRAIN_SETS), help="Training sets to compare."
+    )
     parser.add_argument("--accelerate_config", help="accelerate config file for the segmentation runs.")
     return parser.parse_known_args(argv)
 
@@ -46,8 +48,15 @@ def main(argv=None):
     if synthetic is None:
         synthetic = str(output_dir / "synthetic")
         if not (Path(synthetic) / "dataset_dict.json").exists():
-            generate_dataset(args.model, args.real, synthetic, split="train", sampler=args.sampler,
-                             num_inference_steps=args.steps, batch_size=args.generation_batch_size)
+            generate_dataset(
+                args.model,
+                args.real,
+                synthetic,
+                split="train",
+                sampler=args.sampler,
+                num_inference_steps=args.steps,
+                batch_size=args.generation_batch_size,
+            )
 
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.accelerate_config:
@@ -55,8 +64,19 @@ def main(argv=None):
     runs = {}
     for setting in args.settings:
         run_dir = output_dir / f"seg-{setting.replace('+', '-')}"
-        command = [*launch, str(HERE / "train_segmentation.py"), "--train", setting, "--real", args.real,
-                   "--synthetic", synthetic, "--output_dir", str(run_dir), *segmentation_flags]
+        command = [
+            *launch,
+            str(HERE / "train_segmentation.py"),
+            "--train",
+            setting,
+            "--real",
+            args.real,
+            "--synthetic",
+            synthetic,
+            "--output_dir",
+            str(run_dir),
+            *segmentation_flags,
+        ]
         for test in args.test:
             command += ["--test", test]
         print(f"== {setting}: {' '.join(command)}", flush=True)

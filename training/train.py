@@ -57,14 +57,30 @@ logger = get_logger(__name__)
 RECIPES = {
     "paper": {},
     "cpu-demo": dict(
-        model_preset="cpu-demo", resolution=64, train_batch_size=16, max_train_steps=400, learning_rate=5e-4,
-        lr_scheduler="constant_with_warmup", lr_warmup_steps=50, checkpointing_steps=100, validation_steps=100,
+        model_preset="cpu-demo",
+        resolution=64,
+        train_batch_size=16,
+        max_train_steps=400,
+        learning_rate=5e-4,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=50,
+        checkpointing_steps=100,
+        validation_steps=100,
         num_validation_masks=6,
-        validation_inference_steps=25, ema_max_decay=0.995, dataloader_num_workers=0,
+        validation_inference_steps=25,
+        ema_max_decay=0.995,
+        dataloader_num_workers=0,
     ),
 }
-PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "pipeline_polyp_ddpm.py", "README.md", "card.json",
-                  "training_config.json")
+PIPELINE_FILES = (
+    "model_index.json",
+    "unet",
+    "scheduler",
+    "pipeline_polyp_ddpm.py",
+    "README.md",
+    "card.json",
+    "training_config.json",
+)
 # What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
@@ -75,16 +91,29 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="A `polyp-ddpm prepare-data` folder or a Hub dataset id.")
     data.add_argument("--train_split", default="train", help="Split to train on.")
-    data.add_argument("--validation_split", default="test", help="Split whose masks (and images) fill the validation grid.")
+    data.add_argument(
+        "--validation_split", default="test", help="Split whose masks (and images) fill the validation grid."
+    )
     data.add_argument("--resolution", type=int, default=None, help="Training size; default: the model preset's.")
     data.add_argument("--augment_degrees", type=float, default=45.0, help="Random rotation range, +-degrees.")
     data.add_argument("--augment_flip_probability", type=float, default=0.5, help="Chance of a joint horizontal flip.")
-    data.add_argument("--augment_zoom", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
-                      help="Random magnification range (the reference code's crop used 0.8 1.2).")
+    data.add_argument(
+        "--augment_zoom",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("MIN", "MAX"),
+        help="Random magnification range (the reference code's crop used 0.8 1.2).",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=4, help="CPU workers that decode and resize pairs.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model_preset", choices=sorted(UNET_PRESETS), default="paper", help="Denoiser size (polyp_diffusers.UNET_PRESETS).")
+    model.add_argument(
+        "--model_preset",
+        choices=sorted(UNET_PRESETS),
+        default="paper",
+        help="Denoiser size (polyp_diffusers.UNET_PRESETS).",
+    )
     model.add_argument("--num_train_timesteps", type=int, default=250, help="Diffusion steps of the cosine schedule.")
     model.add_argument("--dropout", type=float, default=0.0, help="Dropout in the residual blocks.")
 
@@ -93,8 +122,11 @@ def parse_args(argv=None):
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     optim.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer steps.")
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak AdamW learning rate.")
-    optim.add_argument("--lr_scheduler", default="constant",
-                       help="Any diffusers get_scheduler name: constant, constant_with_warmup, cosine, linear, ...")
+    optim.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="Any diffusers get_scheduler name: constant, constant_with_warmup, cosine, linear, ...",
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
@@ -103,29 +135,51 @@ def parse_args(argv=None):
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     optim.add_argument("--loss", choices=("l1", "l2"), default="l1", help="Loss on the predicted noise.")
     optim.add_argument("--no_ema", dest="use_ema", action="store_false", help="Save the raw weights, not an EMA.")
-    optim.add_argument("--ema_max_decay", type=float, default=0.9995,
-                       help="The reference's 0.995 every 10 steps is about 0.9995 every step.")
+    optim.add_argument(
+        "--ema_max_decay",
+        type=float,
+        default=0.9995,
+        help="The reference's 0.995 every 10 steps is about 0.9995 every step.",
+    )
     optim.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (diffusers EMAModel).")
     optim.add_argument("--seed", type=int, default=0, help="Seeds initialisation, data order, noise and augmentation.")
     optim.add_argument("--compile", action="store_true", help="torch.compile the UNet (fastest on GPUs).")
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
 
     run = parser.add_argument_group("checkpoints, validation, output")
-    run.add_argument("--output_dir", required=True, help="Checkpoints, logs, validation grids and the final pipeline go here.")
+    run.add_argument(
+        "--output_dir", required=True, help="Checkpoints, logs, validation grids and the final pipeline go here."
+    )
     run.add_argument("--checkpointing_steps", type=int, default=1000, help="Save a resumable checkpoint every N steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=5, help="Keep only the newest N checkpoints.")
     run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     run.add_argument("--validation_steps", type=int, default=1000, help="Sample the validation masks every N steps.")
-    run.add_argument("--num_validation_masks", type=int, default=8, help="Masks (first of the validation split) in the grid.")
+    run.add_argument(
+        "--num_validation_masks", type=int, default=8, help="Masks (first of the validation split) in the grid."
+    )
     run.add_argument("--validation_sampler", choices=SAMPLERS, default="ddim", help="Sampler for the validation grid.")
-    run.add_argument("--validation_inference_steps", type=int, default=50, help="Sampling steps for the validation grid.")
-    run.add_argument("--save_pipeline_steps", type=int, default=0,
-                     help="Also save the (EMA) pipeline to output_dir every N steps; 0: only at the end.")
-    run.add_argument("--logger", choices=("tensorboard", "wandb"), default="tensorboard", help="Where losses and grids are logged.")
+    run.add_argument(
+        "--validation_inference_steps", type=int, default=50, help="Sampling steps for the validation grid."
+    )
+    run.add_argument(
+        "--save_pipeline_steps",
+        type=int,
+        default=0,
+        help="Also save the (EMA) pipeline to output_dir every N steps; 0: only at the end.",
+    )
+    run.add_argument(
+        "--logger", choices=("tensorboard", "wandb"), default="tensorboard", help="Where losses and grids are logged."
+    )
     run.add_argument("--logging_dir", default="logs", help="Relative to output_dir.")
-    run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                     help="Default: what `accelerate config` says.")
-    run.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline (not checkpoints or logs) to the Hub.")
+    run.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="Default: what `accelerate config` says.",
+    )
+    run.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the final pipeline (not checkpoints or logs) to the Hub."
+    )
     run.add_argument("--hub_model_id", default=None, help="Default: the output_dir name.")
     run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
 
@@ -139,8 +193,9 @@ def parse_args(argv=None):
 
 def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
     """The pipeline around the model being trained (its current weights), with the trained DDPM schedule."""
-    pipeline = PolypDDPMPipeline(unet=accelerator.unwrap_model(unet),
-                                 scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps))
+    pipeline = PolypDDPMPipeline(
+        unet=accelerator.unwrap_model(unet), scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps)
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -148,8 +203,11 @@ def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
 def validation_grid(pipeline, batch, args):
     """Generates images for the fixed validation masks; returns a grid whose rows are masks, generated, real."""
     pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
-    out = pipeline(batch["masks"], num_inference_steps=args.validation_inference_steps,
-                   generator=torch.Generator().manual_seed(args.seed))
+    out = pipeline(
+        batch["masks"],
+        num_inference_steps=args.validation_inference_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     real = pipeline.image_processor.postprocess(batch["images"], output_type="pil")
     cells = [mask.convert("RGB") for mask in out.masks] + out.images + real
     return make_image_grid(cells, rows=3, cols=len(real))
@@ -165,10 +223,17 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
     with ema_weights(ema_model, unet):
         pipeline.save_pretrained(staging)
     config = {key: value for key, value in vars(args).items() if key not in ("push_to_hub", "hub_private_repo")}
-    config.update(trained_steps=step, num_processes=accelerator.num_processes,
-                  mixed_precision=accelerator.mixed_precision, ema=args.use_ema)
+    config.update(
+        trained_steps=step,
+        num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision,
+        ema=args.use_ema,
+    )
     write_model_card(
-        pipeline, staging, repo_id=args.hub_model_id or Path(output_dir).name, training_config=config,
+        pipeline,
+        staging,
+        repo_id=args.hub_model_id or Path(output_dir).name,
+        training_config=config,
         dataset=args.dataset if not os.path.exists(args.dataset) else None,
     )
     (staging / "training_config.json").write_text(json.dumps(config, indent=2))
@@ -233,7 +298,9 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.logger,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -250,8 +317,12 @@ def main(argv=None):
     validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-        num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
     )
     if len(train_dataloader) == 0:
         raise ValueError(f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size}.")
@@ -262,13 +333,27 @@ def main(argv=None):
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps)
     ema_model = None
     if args.use_ema:
-        ema_model = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power,
-                             model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+        ema_model = EMAModel(
+            unet.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            power=args.ema_power,
+            model_cls=UNet2DModel,
+            model_config=unet.config,
+        )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
 
     # Checkpoints keep the weights (safetensors) outside accelerate's pickles; the EMA goes alongside.
     def save_model_hook(models, weights, folder):
@@ -307,7 +392,9 @@ def main(argv=None):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     if ema_model is not None:
         ema_model.to(accelerator.device)
     if args.compile:
@@ -322,10 +409,13 @@ def main(argv=None):
         accelerator.init_trackers("polyp-ddpm", config=tracker_config)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"{len(train_dataset)} training pairs, {steps_per_epoch} steps per epoch, batch {total_batch} in all, "
-                f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, resolution {args.resolution}")
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
+    logger.info(
+        f"{len(train_dataset)} training pairs, {steps_per_epoch} steps per epoch, batch {total_batch} in all, "
+        f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, resolution {args.resolution}"
+    )
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
 
     epoch = global_step // steps_per_epoch
     batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -333,7 +423,9 @@ def main(argv=None):
     window_start, window_images = time.perf_counter(), 0
     while global_step < args.max_train_steps:
         unet.train()
-        loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip) if batches_to_skip else train_dataloader
+        loader = (
+            accelerator.skip_first_batches(train_dataloader, batches_to_skip) if batches_to_skip else train_dataloader
+        )
         loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
         batches_to_skip = 0
         for batch in loader:
@@ -381,10 +473,18 @@ def main(argv=None):
                 if accelerator.is_main_process:
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
                     logger.info(f"Saved {saved}")
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-                run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir)
-            if (accelerator.is_main_process and args.save_pipeline_steps
-                    and global_step % args.save_pipeline_steps == 0 and global_step != args.max_train_steps):
+            if accelerator.is_main_process and (
+                global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            ):
+                run_validation(
+                    accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir
+                )
+            if (
+                accelerator.is_main_process
+                and args.save_pipeline_steps
+                and global_step % args.save_pipeline_steps == 0
+                and global_step != args.max_train_steps
+            ):
                 save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
             if global_step >= args.max_train_steps:
                 break
@@ -396,9 +496,13 @@ def main(argv=None):
         save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
         logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
-            repo_id = push_folder(output_dir, args.hub_model_id or Path(output_dir).name, args.hub_private_repo,
-                                  ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
-                                  commit_message="Polyp-DDPM training run")
+            repo_id = push_folder(
+                output_dir,
+                args.hub_model_id or Path(output_dir).name,
+                args.hub_private_repo,
+                ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
+                commit_message="Polyp-DDPM training run",
+            )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()
 

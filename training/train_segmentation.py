@@ -49,22 +49,43 @@ def parse_args(argv=None):
     parser.add_argument("--real_split", default="train", help="Split of --real to train (and validate) on.")
     parser.add_argument("--synthetic", help="Generated dataset (`polyp-ddpm generate`); needed unless --train real.")
     parser.add_argument("--synthetic_split", default="train", help="Split of --synthetic to train on.")
-    parser.add_argument("--test", action="append", required=True, metavar="DATASET[:SPLIT]",
-                        help="Test set(s), scored separately; repeat for several (split default: test).")
-    parser.add_argument("--validation_size", type=float, default=0.1, help="Fraction (or count) of the real training pairs held out for checkpoint selection.")
+    parser.add_argument(
+        "--test",
+        action="append",
+        required=True,
+        metavar="DATASET[:SPLIT]",
+        help="Test set(s), scored separately; repeat for several (split default: test).",
+    )
+    parser.add_argument(
+        "--validation_size",
+        type=float,
+        default=0.1,
+        help="Fraction (or count) of the real training pairs held out for checkpoint selection.",
+    )
     parser.add_argument("--architecture", choices=("monai", "smp"), default="monai", help="UNet++ implementation.")
-    parser.add_argument("--encoder_weights", default=None, help="smp only: e.g. 'imagenet' (needs a download); default: random init.")
+    parser.add_argument(
+        "--encoder_weights", default=None, help="smp only: e.g. 'imagenet' (needs a download); default: random init."
+    )
     parser.add_argument("--resolution", type=int, default=256, help="Training and test size.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per device.")
-    parser.add_argument("--max_train_steps", type=int, default=11250, help="Same for every setting (100 epochs of 900 real pairs at batch 8).")
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=11250,
+        help="Same for every setting (100 epochs of 900 real pairs at batch 8).",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
     parser.add_argument("--validation_steps", type=int, default=500, help="Validate (and keep the best) every N steps.")
     parser.add_argument("--augment_degrees", type=float, default=45.0, help="Joint random rotation, +-degrees.")
     parser.add_argument("--eval_batch_size", type=int, default=16, help="Batch size for validation and testing.")
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="CPU workers that decode pairs.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the split, initialisation, data order and augmentation.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seeds the split, initialisation, data order and augmentation."
+    )
     parser.add_argument("--output_dir", required=True, help="Best weights (safetensors) and results.json go here.")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config.")
+    parser.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
+    )
     args = parser.parse_args(argv)
     if args.train != "real" and not args.synthetic:
         parser.error(f"--train {args.train} needs --synthetic")
@@ -83,11 +104,16 @@ def main(argv=None):
     synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split) if args.train != "real" else None
     train_set, validation_set = training_pairs(args.train, real, synthetic, args.validation_size, args.seed)
     tests = load_test_sets(args.test)
-    logger.info(f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
-                f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}")
+    logger.info(
+        f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
+        f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
+    )
     loader = torch.utils.data.DataLoader(
-        train_set.with_transform(pair_transform(args.resolution)), batch_size=args.train_batch_size, shuffle=True,
-        drop_last=True, num_workers=args.dataloader_num_workers,
+        train_set.with_transform(pair_transform(args.resolution)),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
     )
     model = build_segmenter(args.architecture, args.encoder_weights)
     loss_function = DiceCELoss(sigmoid=True)
@@ -98,7 +124,9 @@ def main(argv=None):
 
     best = {"iou": -1.0, "step": 0}
     step = 0
-    progress = tqdm(total=args.max_train_steps, desc=f"UNet++ on {args.train}", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=args.max_train_steps, desc=f"UNet++ on {args.train}", disable=not accelerator.is_local_main_process
+    )
     for _ in range(math.ceil(args.max_train_steps / len(loader))):
         for batch in loader:
             images, masks = augment(batch["images"], batch["masks"], generator)
@@ -111,11 +139,15 @@ def main(argv=None):
             progress.set_postfix(loss=f"{loss.item():.4f}", best_val_iou=f"{best['iou']:.4f}")
             if accelerator.is_main_process and (step % args.validation_steps == 0 or step == args.max_train_steps):
                 unwrapped = accelerator.unwrap_model(model)
-                validation = evaluate(unwrapped, validation_set, args.resolution, args.eval_batch_size, accelerator.device)
+                validation = evaluate(
+                    unwrapped, validation_set, args.resolution, args.eval_batch_size, accelerator.device
+                )
                 if validation["iou"] > best["iou"]:
                     best = {"iou": validation["iou"], "step": step}
-                    save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
-                              str(output_dir / "best.safetensors"))
+                    save_file(
+                        {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
+                        str(output_dir / "best.safetensors"),
+                    )
             if step >= args.max_train_steps:
                 break
         if step >= args.max_train_steps:
@@ -131,8 +163,10 @@ def main(argv=None):
             "num_train_pairs": len(train_set),
             "best_step": best["step"],
             "validation_iou": best["iou"],
-            "test": {name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
-                     for name, dataset in tests.items()},
+            "test": {
+                name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
+                for name, dataset in tests.items()
+            },
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights),
             "config": vars(args),
         }
