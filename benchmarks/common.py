@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 from polyp_diffusers.modeling import default_device
@@ -41,8 +42,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 def write_results(name: str, device: torch.device, results: list[dict], output: str | None = None, **extra) -> Path:
     """Saves results with their context as JSON (default: results/<name>-<device>.json) and prints them."""
-    import diffusers
-
     record = {
         "benchmark": name,
         "device": device_name(device),

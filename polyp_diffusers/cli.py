@@ -215,7 +215,8 @@ def _add_fid(subparsers):
     parser.add_argument("--generated-split", default=None, help="Split of --generated (default: its only split).")
     parser.add_argument(
         "--inception-weights",
-        help="Local weights-inception-2015-12-05-6726825d.pth (for offline use); read as tensors only.",
+        help="Local weights-inception-2015-12-05-6726825d.pth or a .safetensors copy (for offline use); read as "
+        "tensors only, never unpickled.",
     )
     parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead of Inception.")
     parser.add_argument(

@@ -9,6 +9,8 @@ from unittest import mock
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,9 +36,6 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     stored in the file: a pickle can carry a program, and weights files come from downloads and shared caches.
     Anything but a plain state dict of tensors is refused with a `ValueError` that names the file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
