@@ -14,10 +14,8 @@ for steps in 200 400; do
     --dataloader_num_workers 8 --allow_tf32 2>&1 | progress
 done | tee "$OUT/gpu_smoke_train_compile.log"
 
-# The console script: `python -m polyp_diffusers.cli` run from the repository root would import the source
-# folder polyp_diffusers/, which lacks pipelines/ outside an editable install.
-timeout 60 polyp-ddpm generate --model $run --masks .devdata/kvasir-seg-256 --split train \
-  --output /tmp/synthetic --scheduler dpmsolver --steps 25 --dtype bf16 --batch-size 64 2>&1 | progress \
+timeout 60 polyp-ddpm generate --model $run --mask-dataset .devdata/kvasir-seg-256 --split train \
+  --output /tmp/synthetic --sampler dpmsolver --steps 25 --dtype bf16 --batch-size 64 2>&1 | progress \
   | tee "$OUT/gpu_smoke_generate.log"
 
 timeout 150 $launch training/train_segmentation.py --train real+synthetic --real .devdata/kvasir-seg-256 \

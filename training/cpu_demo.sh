@@ -12,5 +12,5 @@ accelerate launch --config_file "$here/configs/cpu.yaml" "$here/train.py" --reci
   --dataset "$output/data" --output_dir "$output/model" "$@"
 
 grid="$(ls "$output/model/validation/"*.png | tail -n 1)"
-echo "Sample grid (mask | generated | real): $grid"
+echo "Sample grid (rows: masks, generated, real): $grid"
 echo "Pipeline: $output/model  ->  PolypDDPMPipeline.from_pretrained(\"$output/model\")"
