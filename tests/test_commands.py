@@ -233,3 +233,12 @@ def test_convert_official_refuses_a_non_empty_output(tmp_path, tiny_pipeline):
     with pytest.raises(FileExistsError, match="is not empty"):
         write_converted_pipeline(tiny_pipeline, description, output)
     assert (output / "notes.txt").read_text() == "keep me"
+
+
+def test_leftovers_of_a_killed_final_write_are_cleaned_by_the_next_run(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    for leftover in (".synthetic.partial", ".synthetic.previous"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "half-written.arrow").write_text("")
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
