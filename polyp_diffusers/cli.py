@@ -13,10 +13,12 @@ from .convert_official import convert_official_checkpoint, write_converted_pipel
 from .data import load_polyp_dataset
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, update_model_card
-from .metrics import fid_kid, load_extractor
+from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
+
+FEATURES = ("inception", "dinov2")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -218,7 +220,14 @@ def _add_fid(subparsers):
         help="Local weights-inception-2015-12-05-6726825d.pth or a .safetensors copy (for offline use); read as "
         "tensors only, never unpickled.",
     )
-    parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead of Inception.")
+    parser.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="inception",
+        help="Inception (the standard FID) or DINOv2 (closer to human judgement of realism).",
+    )
+    parser.add_argument("--dinov2-weights", default=DINOV2_WEIGHTS, help="Hub id or local folder of the DINOv2 model.")
+    parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead (any features).")
     parser.add_argument(
         "--image-size", type=positive_int, help="Resize every image to this square size first (bicubic)."
     )
@@ -239,7 +248,10 @@ def _run_fid(args):
         if len(generated) != 1:
             raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
         generated = next(iter(generated.values()))
-    extractor = load_extractor(args.feature_extractor) if args.feature_extractor else None
+    if args.feature_extractor:
+        extractor = load_extractor(args.feature_extractor)
+    else:
+        extractor = dinov2_extractor(args.dinov2_weights) if args.features == "dinov2" else None
     scores = fid_kid(
         real,
         generated,

@@ -1,18 +1,29 @@
-"""The paper's downstream test: UNet++ segmenters, their training sets (real, synthetic or both) and their scores.
+"""The paper's downstream test: segmenters (UNet++ as in the paper, or SegFormer), their training sets (real,
+synthetic or both) and their scores.
 
 `training/train_segmentation.py` trains one setting with these pieces; `training/compare_segmentation.py`
 runs all three.
 """
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.networks.nets import BasicUNetPlusPlus
+from torch import nn
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from .data import load_polyp_dataset, parse_dataset_spec, split_ids
 from .transforms import pair_transform
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
+ARCHITECTURES = ("monai", "smp", "segformer")
+# SegFormer's MiT encoder sizes (Xie et al. 2021), as in the configs of nvidia/mit-b0, -b1 and -b2.
+SEGFORMER_SIZES = {
+    "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
+}
 
 
 def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,10 +51,43 @@ def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dic
     }
 
 
-def build_segmenter(architecture: str, encoder_weights: str | None = None) -> torch.nn.Module:
-    """MONAI's UNet++ trained from scratch (`monai`), or the paper's ResNet-34 UNet++ (`smp`, an optional extra)."""
+class FullResolutionLogits(nn.Module):
+    """SegFormer predicts at a quarter of the input size; the benchmark trains and scores at full size."""
+
+    def __init__(self, segformer: SegformerForSemanticSegmentation):
+        super().__init__()
+        self.segformer = segformer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.segformer(pixel_values=images).logits
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_segmenter(
+    architecture: str, encoder_weights: str | None = None, segformer_size: str = "b0"
+) -> torch.nn.Module:
+    """
+    A binary segmenter (one logit per pixel): MONAI's UNet++ trained from scratch (`monai`), the paper's
+    ResNet-34 UNet++ (`smp`, an optional extra; `encoder_weights="imagenet"` downloads the encoder), or a
+    SegFormer (`segformer`, transformers; `encoder_weights` names a Hub id or folder such as `nvidia/mit-b0`,
+    otherwise `segformer_size` picks a randomly initialised MiT encoder).
+    """
     if architecture == "monai":
         return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
+    if architecture == "segformer":
+        if encoder_weights:
+            segformer = SegformerForSemanticSegmentation.from_pretrained(
+                encoder_weights, num_labels=1, ignore_mismatched_sizes=True, use_safetensors=True
+            )
+        elif segformer_size in SEGFORMER_SIZES:
+            segformer = SegformerForSemanticSegmentation(
+                SegformerConfig(num_labels=1, **SEGFORMER_SIZES[segformer_size])
+            )
+        else:
+            raise ValueError(f"SegFormer size {segformer_size!r}; expected one of {sorted(SEGFORMER_SIZES)}.")
+        return FullResolutionLogits(segformer)
+    if architecture != "smp":
+        raise ValueError(f"architecture {architecture!r}; expected one of {ARCHITECTURES}.")
     try:
         import segmentation_models_pytorch as smp
     except ImportError as error:
@@ -51,9 +95,11 @@ def build_segmenter(architecture: str, encoder_weights: str | None = None) -> to
     return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
 
 
-def describe_segmenter(architecture: str, encoder_weights: str | None = None) -> str:
+def describe_segmenter(architecture: str, encoder_weights: str | None = None, segformer_size: str = "b0") -> str:
     if architecture == "monai":
         return "MONAI BasicUNetPlusPlus, random init"
+    if architecture == "segformer":
+        return f"SegFormer ({encoder_weights or f'MiT-{segformer_size}, random init'})"
     return f"smp UnetPlusPlus, ResNet-34 encoder, encoder_weights={encoder_weights}"
 
 

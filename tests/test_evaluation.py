@@ -12,17 +12,21 @@ import PIL.Image
 import pytest
 import torch
 from datasets import load_from_disk
+from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from torch import nn
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from transformers import Dinov2Config, Dinov2Model
 
 from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
-from polyp_diffusers.metrics import fid_kid, inception_extractor
+from polyp_diffusers.metrics import dinov2_extractor, fid_kid, inception_extractor
 from polyp_diffusers.prepare_data import prepare_dataset
-from polyp_diffusers.segmentation import segmentation_scores
+from polyp_diffusers.segmentation import build_segmenter, logits_of, segmentation_scores
+from polyp_diffusers.transforms import pair_transform
 
 from .conftest import REPO_ROOT
 
@@ -286,6 +290,44 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     assert "| FID |" in scores["markdown"] and scores["eval_results"][0]["metric_type"] == "fid"
 
 
+# DINOv2 features (transformers) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A randomly initialised DINOv2 of a few thousand parameters, saved as a model folder (safetensors)."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    path = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def test_dinov2_distances_are_near_zero_for_identical_sets_and_larger_for_different_ones(tiny_dinov2_dir):
+    extractor = dinov2_extractor(str(tiny_dinov2_dir))
+    real = make_demo_dataset(24, 32, test_size=0.5, seed=0)["train"]
+    darker = real.map(lambda row: {"image": PIL.Image.eval(row["image"], lambda v: v // 3)})
+    same = fid_kid(real, real, extractor=extractor, kid_subset_size=6, kid_subsets=10)
+    different = fid_kid(real, darker, extractor=extractor, kid_subset_size=6, kid_subsets=10)
+    assert abs(same["fid"]) < 1e-2 and different["fid"] > 100 * max(abs(same["fid"]), 1e-3)
+    assert different["kid_mean"] > same["kid_mean"]
+    assert same["features"] == f"DINOv2 {tiny_dinov2_dir.name} class token (32)"
+
+
+def test_dinov2_weights_that_cannot_be_loaded_say_how_to_provide_them(tmp_path):
+    with pytest.raises(RuntimeError, match="pass it with --dinov2-weights DIR"):
+        dinov2_extractor(str(tmp_path / "no-such-model"))
+
+
+def test_fid_cli_computes_dinov2_distances(demo_masks, generated, tiny_dinov2_dir, tmp_path, capsys):
+    output = tmp_path / "fid.json"
+    argv = ["fid", "--real", str(demo_masks), "--generated", str(generated), "--features", "dinov2",
+            "--dinov2-weights", str(tiny_dinov2_dir), "--kid-subset-size", "4", "--output", str(output)]  # fmt: skip
+    assert polyp_ddpm(argv) == 0, capsys.readouterr().err
+    scores = json.loads(output.read_text())["scores"]
+    assert scores["features"].startswith("DINOv2") and scores["fid"] > 0
+
+
 # Segmentation scores ---------------------------------------------------------------------------------------------
 
 
@@ -301,6 +343,39 @@ def test_segmentation_scores_match_hand_computed_values():
     torch.testing.assert_close(scores["dice"], torch.tensor([8 / 10, 0.0, 1.0]))
     torch.testing.assert_close(scores["precision"], torch.tensor([4 / 6, 0.0, 1.0]))
     torch.testing.assert_close(scores["recall"], torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_a_segformer_predicts_full_size_masks_and_learns_a_batch():
+    torch.manual_seed(0)
+    pairs = make_demo_dataset(8, 32, test_size=2, seed=0)["train"].with_transform(pair_transform(32))[:]
+    model = build_segmenter("segformer", segformer_size="b0")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_function = DiceCELoss(sigmoid=True)
+    losses = []
+    for _ in range(15):
+        logits = logits_of(model, pairs["images"])
+        loss = loss_function(logits, pairs["masks"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert logits.shape == pairs["masks"].shape == (6, 1, 32, 32)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
+    output = tmp_path / "segformer"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
+         "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output),
+         "--architecture", "segformer", "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2",
+         "--train_batch_size", "2", "--validation_size", "2", "--dataloader_num_workers", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((output / "results.json").read_text())
+    assert results["segmenter"] == "SegFormer (MiT-b0, random init)"
+    assert 0 <= results["test"]["demo:test"]["iou"] <= 1
 
 
 # End to end -----------------------------------------------------------------------------------------------------

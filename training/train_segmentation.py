@@ -9,7 +9,8 @@ batch 8, 256 px, best checkpoint by validation IoU. The validation pairs are a f
 real training split, held out of every training set (also the synthetic pairs made from their masks), so
 the three settings select their checkpoints on the same real images. Every setting trains for the same
 number of steps. The default segmenter is MONAI's BasicUNetPlusPlus (pure torch, trained from scratch);
-`--architecture smp` uses segmentation_models_pytorch's UnetPlusPlus with a ResNet-34 encoder as the paper did.
+`--architecture smp` uses segmentation_models_pytorch's UnetPlusPlus with a ResNet-34 encoder as the paper did;
+`--architecture segformer` a SegFormer (transformers), to ask whether synthetic pairs help a transformer too.
 """
 
 import argparse
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 from polyp_diffusers.cli import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.segmentation import (
+    ARCHITECTURES,
+    SEGFORMER_SIZES,
     TRAIN_SETS,
     build_segmenter,
     describe_segmenter,
@@ -62,9 +65,20 @@ def parse_args(argv=None):
         default=0.1,
         help="Fraction (or count) of the real training pairs held out for checkpoint selection.",
     )
-    parser.add_argument("--architecture", choices=("monai", "smp"), default="monai", help="UNet++ implementation.")
     parser.add_argument(
-        "--encoder_weights", default=None, help="smp only: e.g. 'imagenet' (needs a download); default: random init."
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="monai",
+        help="Segmenter: MONAI's UNet++, smp's ResNet-34 UNet++ (the paper's), or a SegFormer.",
+    )
+    parser.add_argument(
+        "--encoder_weights",
+        default=None,
+        help="smp: 'imagenet'; segformer: a Hub id or folder such as nvidia/mit-b0 (both need a download). "
+        "Default: random init.",
+    )
+    parser.add_argument(
+        "--segformer_size", choices=sorted(SEGFORMER_SIZES), default="b0", help="MiT encoder size without weights."
     )
     parser.add_argument("--resolution", type=int, default=256, help="Training and test size.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per device.")
@@ -115,7 +129,7 @@ def main(argv=None):
         drop_last=True,
         num_workers=args.dataloader_num_workers,
     )
-    model = build_segmenter(args.architecture, args.encoder_weights)
+    model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size)
     loss_function = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -167,7 +181,7 @@ def main(argv=None):
                 name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
                 for name, dataset in tests.items()
             },
-            "segmenter": describe_segmenter(args.architecture, args.encoder_weights),
+            "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
         }
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
