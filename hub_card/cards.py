@@ -138,9 +138,9 @@ def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
     """
     folder = Path(folder)
     for source, result in results.items():
-        if not {"markdown", "eval_results"} <= set(result):
+        if not isinstance(result, dict) or not {"markdown", "eval_results"} <= set(result):
             raise ValueError(
-                f"{source} has keys {sorted(result)}; expected 'markdown' and 'eval_results' "
+                f"{source} holds {sorted(result) if isinstance(result, dict) else type(result).__name__}; expected 'markdown' and 'eval_results' "
                 "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py)."
             )
     context_path = folder / CARD_CONTEXT_FILE

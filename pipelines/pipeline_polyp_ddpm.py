@@ -191,7 +191,7 @@ def _binarize(array: np.ndarray, name: str) -> np.ndarray:
                 f"{_describe_values(single)}; {expected}."
             )
         peak = single.max()
-        if overshoot < peak < GREY_BAND[1] * scale:  # neither empty (0, give or take rounding) nor a polyp
+        if overshoot < peak < GREY_BAND[1] * scale:  # neither empty (0 within the overshoot of a 0-1 mask) nor a polyp
             raise ValueError(f"{where} has values {_describe_values(single)}; {expected}.")
     return values >= scale / 2
 

@@ -9,12 +9,13 @@ an error. The file is read with `torch.load(weights_only=True)`: no arbitrary un
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import check_output_apart
+from .folders import check_is_folder, check_output_apart, is_empty, replace_folder, staging_folder
 from .hub_card.cards import write_model_card
 from .hub_card.publish import push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
@@ -303,30 +304,37 @@ def write_converted_pipeline(
     new or empty folder; optionally uploads it (`hub_model_id`, default: the folder's name).
     """
     output = Path(output)
-    check_output_apart(output, checkpoint=description["source"])
-    if output.is_dir() and any(output.iterdir()):
+    check_is_folder(output)
+    check_output_apart(output, {"checkpoint": description["source"]})
+    if not is_empty(output):
         raise FileExistsError(f"{output} is not empty; choose a new folder for the converted pipeline.")
-    repo_id = hub_model_id or output.name
-    pipeline.save_pretrained(output)
-    step = f" (training step {description['step']})" if description["step"] is not None else ""
-    mask_note = (
-        "the three mask input kernels of the first convolution were summed into one (exactly the same function "
-        "for a binary mask replicated to RGB), so the model takes the mask as one channel"
-        if description["mask_channels"] == 1 and description["config"]["in_channels"] == 6
-        else f"the model keeps its {description['mask_channels']}-channel mask input"
-    )
-    provenance = (
-        f"These weights were **converted, not trained here**: the {description['weights'].upper()} weights of the "
-        f"authors' released checkpoint `{Path(description['source']).name}`{step}, trained on Kvasir-SEG at 256 px "
-        f"with their code ({AUTHORS_REPOSITORY}, MIT License), mapped tensor by tensor onto a "
-        f"`UNet2DModel` by `polyp-ddpm convert-official`; {mask_note}. The scheduler reproduces their sampler "
-        f"({description['num_train_timesteps']} steps, cosine schedule, x0 clipped to [-1, 1], their posterior "
-        "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "
-        "release before redistributing."
-    )
-    write_model_card(
-        pipeline, output, repo_id=repo_id, model_name="Polyp-DDPM (official weights, converted)", provenance=provenance
-    )
+    repo_id = hub_model_id or output.resolve().name
+    staging = staging_folder(output)
+    try:
+        pipeline.save_pretrained(staging)
+        step = f" (training step {description['step']})" if description["step"] is not None else ""
+        mask_note = (
+            "the three mask input kernels of the first convolution were summed into one (exactly the same function "
+            "for a binary mask replicated to RGB), so the model takes the mask as one channel"
+            if description["mask_channels"] == 1 and description["config"]["in_channels"] == 6
+            else f"the model keeps its {description['mask_channels']}-channel mask input"
+        )
+        provenance = (
+            f"These weights were **converted, not trained here**: the {description['weights'].upper()} weights of the "
+            f"authors' released checkpoint `{Path(description['source']).name}`{step}, trained on Kvasir-SEG at 256 px "
+            f"with their code ({AUTHORS_REPOSITORY}, MIT License), mapped tensor by tensor onto a "
+            f"`UNet2DModel` by `polyp-ddpm convert-official`; {mask_note}. The scheduler reproduces their sampler "
+            f"({description['num_train_timesteps']} steps, cosine schedule, x0 clipped to [-1, 1], their posterior "
+            "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "
+            "release before redistributing."
+        )
+        write_model_card(
+            pipeline, staging, repo_id=repo_id, model_name="Polyp-DDPM (official weights, converted)",
+            provenance=provenance,
+        )  # fmt: skip
+        replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if push_to_hub:
         push_folder(output, repo_id, commit_message="Polyp-DDPM official weights, converted")
     return output

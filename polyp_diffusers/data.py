@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
+from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
+from .folders import check_is_folder, is_empty, replace_folder, staging_folder
 from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, prepare_masks
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ FEATURES = Features(
 REPORT_FILE = "validation_report.json"
 DEFAULT_TEST_SIZE = 100  # the paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing
 DEFAULT_SPLIT_SEED = 42
-# EXIF orientation tag values and the transposition that shows the picture upright (as PIL.ImageOps does).
+# EXIF orientation tag values and the transposition that shows the picture upright.
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_TRANSPOSE = {
     2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
@@ -82,18 +83,16 @@ class Problem:
 
 @dataclass
 class RawPair:
-    """A pair before validation: where its image and mask come from (file paths or decoded PIL images)."""
+    """A pair before validation: where its image and mask come from (file paths or encoded file bytes)."""
 
     id: str
-    image: "str | PIL.Image.Image | None"
-    mask: "str | PIL.Image.Image | None"
+    image: "str | bytes"
+    mask: "str | bytes"
 
 
-def _open_fully(source) -> PIL.Image.Image:
+def _open_fully(source: "str | bytes") -> PIL.Image.Image:
     """Opens and decodes an image completely, so truncated files fail here and not later."""
-    if isinstance(source, PIL.Image.Image):
-        return source
-    with PIL.Image.open(source) as image:
+    with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         image.load()
         return image.copy()
 
@@ -111,6 +110,10 @@ def png_cell(image: "PIL.Image.Image | np.ndarray") -> dict:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _file_bytes(source: "str | bytes") -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
 def _orientation(image: PIL.Image.Image) -> int:
@@ -154,13 +157,13 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
         image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
         binary = binary.transpose(ORIENTATION_TRANSPOSE[orientation])
     width, height = image.size
-    keep_image_bytes = resolution is None and isinstance(pair.image, str) and orientation == 1
+    keep_image_bytes = resolution is None and orientation == 1
     if resolution is not None:
         image = image.convert("RGB").resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
         binary = binary.resize((resolution, resolution), PIL.Image.Resampling.NEAREST)
     # Files are kept byte for byte (no recompression); decoded, turned or resized images are stored as PNG.
     return {
-        "image": {"bytes": Path(pair.image).read_bytes(), "path": None} if keep_image_bytes else png_cell(image),
+        "image": {"bytes": _file_bytes(pair.image), "path": None} if keep_image_bytes else png_cell(image),
         "mask": png_cell(binary),
         "id": pair.id,
         "width": width,
@@ -225,12 +228,26 @@ def _check_pair_columns(splits: DatasetDict, source: str) -> None:
             )
 
 
+def _encoded(cell: dict) -> "str | bytes":
+    """An undecoded `datasets.Image` cell: its file bytes, or the file it points at."""
+    return cell["bytes"] if cell["bytes"] is not None else cell["path"]
+
+
 def _pairs_from_datasets(splits: DatasetDict, source: str) -> dict[str, list[RawPair]]:
+    """
+    The pairs of a dataset as their encoded files: `datasets` would apply an image's EXIF orientation on decode
+    (and not its mask's), so `validate_pair` must see the files as stored.
+    """
     _check_pair_columns(splits, source)
     by_split = {}
     for split, dataset in splits.items():
         ids = dataset["id"] if "id" in dataset.column_names else [f"{split}-{i:05d}" for i in range(len(dataset))]
-        by_split[split] = [RawPair(str(i), row["image"], row["mask"]) for i, row in zip(ids, dataset)]
+        encoded = dataset.cast_column("image", ImageFeature(decode=False)).cast_column(
+            "mask", ImageFeature(decode=False)
+        )
+        by_split[split] = [
+            RawPair(str(i), _encoded(row["image"]), _encoded(row["mask"])) for i, row in zip(ids, encoded)
+        ]
     return by_split
 
 
@@ -271,16 +288,44 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID_PART.fullmatch(owner) and HUB_ID_PART.fullmatch(repo)) and not Path(owner).is_dir()
 
 
+def check_hub_repo(name: str, repo_type: str) -> None:
+    """
+    Raises `FileNotFoundError`, saying which, for a name that is neither a local path nor a Hub repo. One request,
+    no retries: a mistyped path fails at once instead of after a minute of download retries.
+    """
+    if not is_hub_id(name):
+        raise FileNotFoundError(f"{name} does not exist (and is not a Hub {repo_type} id of the form 'owner/name').")
+    try:
+        exists = HfApi().repo_exists(name, repo_type=repo_type)
+    except Exception as error:  # offline mode, no network, a proxy: several types
+        raise FileNotFoundError(
+            f"{name} is not a folder under {Path.cwd()}, and the Hub could not be reached to look for a {repo_type} "
+            f"of that name ({type(error).__name__}: {error})."
+        ) from error
+    if not exists:
+        raise FileNotFoundError(
+            f"{name} is neither a folder under {Path.cwd()} nor a {repo_type} on the Hub (if it is a private or "
+            "gated repo, log in first: `hf auth login`)."
+        )
+
+
 def _load_hub_dataset(dataset_id: str) -> DatasetDict:
-    """`datasets.load_dataset` for a Hub id, with an error that also covers a mistyped local path."""
-    if not is_hub_id(dataset_id):
-        raise FileNotFoundError(f"{dataset_id} does not exist (and is not a Hub dataset id of the form 'owner/name').")
+    """`datasets.load_dataset` for a Hub id, after checking that the name is one (see `check_hub_repo`)."""
+    check_hub_repo(dataset_id, "dataset")
     try:
         return load_dataset(dataset_id)
-    except Exception as error:  # datasets raises several types: offline, not found, gated, ...
+    except Exception as error:  # datasets raises several types: not found, gated, no data files, ...
         raise FileNotFoundError(
-            f"{dataset_id} is not a local folder, and loading it as a Hub dataset failed: {type(error).__name__}: {error}"
+            f"loading the Hub dataset {dataset_id} failed: {type(error).__name__}: {error}"
         ) from error
+
+
+def check_test_size(test_size) -> None:
+    """A test split is a whole count of pairs (at least 1) or a fraction of them (between 0 and 1)."""
+    is_number = isinstance(test_size, (int, float)) and not isinstance(test_size, bool)
+    is_count = is_number and test_size >= 1 and float(test_size).is_integer()
+    if not (is_count or (is_number and 0 < test_size < 1)):
+        raise ValueError(f"test size is {test_size!r}; expected a whole count (>= 1) or a fraction in (0, 1).")
 
 
 def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, list[str]]:
@@ -370,29 +415,6 @@ def build_dataset(
     return dataset, problems
 
 
-def check_output_apart(output: str | os.PathLike, **inputs: str | None) -> None:
-    """Refuses an output folder that is, or lies above, one of the inputs: replacing it would delete them."""
-    target = Path(output).resolve()
-    for name, value in inputs.items():
-        if value is not None and Path(value).exists():
-            path = Path(value).resolve()
-            if path == target or target in path.parents:
-                raise ValueError(
-                    f"the output {output} is or contains the {name} {value}; writing it would delete "
-                    "the input. Choose another output folder."
-                )
-
-
-def replace_folder(new: Path, target: Path) -> None:
-    """Moves the complete folder `new` to `target`; a previous `target` is removed only once `new` is in place."""
-    previous = target.parent / f".{target.name}.previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(new, target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def write_dataset(
     dataset: DatasetDict,
     output: str | os.PathLike,
@@ -402,17 +424,14 @@ def write_dataset(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """
-    Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text).
-
-    Everything is written to `.<output>.partial` beside `output` and moved into place once complete, so a
-    crash never leaves a half dataset; the next write to the same output removes such a leftover.
+    Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text) into a
+    staging folder, and moves it into place once complete (`folders.py`): a crash never leaves a half dataset.
+    With `overwrite`, an existing output is replaced; which outputs a command may replace is the caller's rule.
     """
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
+    check_is_folder(output)
+    if not is_empty(output) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(output)
     try:
         dataset.save_to_disk(str(staging))
         (staging / "README.md").write_text(card)
@@ -426,7 +445,7 @@ def write_dataset(
         replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return output
+    return Path(output)
 
 
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
@@ -436,11 +455,19 @@ def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str
 
 
 def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | DatasetDict:
-    """Loads a prepared dataset (a `prepare-data` folder or a Hub id) and checks it has the polyp schema."""
+    """
+    Loads a prepared dataset (a `prepare-data` folder or a Hub id) and checks it has the polyp schema. With
+    `split`, returns that split; a single dataset without splits is returned only when no split is asked for.
+    """
     loaded = load_from_disk(path_or_id) if Path(path_or_id).exists() else _load_hub_dataset(path_or_id)
     _check_pair_columns(loaded if isinstance(loaded, DatasetDict) else {"dataset": loaded}, path_or_id)
-    if split is None or not isinstance(loaded, DatasetDict):
+    if split is None:
         return loaded
+    if not isinstance(loaded, DatasetDict):
+        raise ValueError(
+            f"{path_or_id} is a single dataset without splits, so it has no split {split!r}; make a train/test "
+            "dataset of it with `polyp-ddpm prepare-data`."
+        )
     if split not in loaded:
         raise ValueError(f"{path_or_id} has splits {sorted(loaded)}; split {split!r} is not one of them.")
     return loaded[split]

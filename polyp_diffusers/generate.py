@@ -9,7 +9,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 
-from .data import FEATURES, check_output_apart, is_hub_id, load_polyp_dataset, png_cell, write_dataset
+from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_dataset
+from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .modeling import SAMPLERS, default_device, make_sampler
@@ -27,7 +28,7 @@ SETTINGS_FILE = "generation.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pipeline(model: str) -> PolypDDPMPipeline:
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> PolypDDPMPipeline:
     """`PolypDDPMPipeline.from_pretrained` with errors that say what is wrong with a `--model` argument."""
     path = Path(model)
     if path.is_dir() and not (path / "model_index.json").is_file():
@@ -37,12 +38,26 @@ def load_pipeline(model: str) -> PolypDDPMPipeline:
                 "(train.py saves the pipeline there at the end, and every --save_pipeline_steps)."
             )
         raise ValueError(f"{model} is not a saved PolypDDPMPipeline: it has no model_index.json.")
-    if not path.exists() and not is_hub_id(model):
-        raise FileNotFoundError(f"{model} does not exist (and is not a Hub model id of the form 'owner/name').")
+    if path.is_dir() and not list(path.glob("unet/*.safetensors")) and list(path.glob("unet/*.bin")):
+        raise ValueError(
+            f"{model} holds only pickled .bin weights, which can run code when loaded, so they are refused. If you "
+            "trust the file, convert it once in Python: PolypDDPMPipeline.from_pretrained(folder, "
+            "use_safetensors=False).save_pretrained(new_folder)."
+        )
+    if not path.exists():
+        check_hub_repo(model, "model")
     try:
-        return PolypDDPMPipeline.from_pretrained(model)
+        return PolypDDPMPipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
+
+
+def _read_settings(path: Path) -> dict | None:
+    """The settings a run recorded, or None when the file is missing or damaged (a run killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
@@ -50,28 +65,42 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
     A run may write to an empty or new folder, continue an unfinished run with the same settings, or (with
     `overwrite`) replace a folder this command wrote. Anything else is refused before any work.
     """
-    unfinished = output / PARTS_DIR / SETTINGS_FILE
-    if unfinished.is_file():
-        previous = json.loads(unfinished.read_text())
+    check_is_folder(output)
+    parts = output / PARTS_DIR
+    if parts.is_dir():
+        previous = _read_settings(parts / SETTINGS_FILE)
         if previous == settings:
             return
         if not overwrite:
+            if previous is None:
+                raise ValueError(
+                    f"{output} holds an unfinished run whose {parts / SETTINGS_FILE} is missing or damaged; pass "
+                    "--overwrite to discard it, or choose another --output."
+                )
             changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
             raise ValueError(
                 f"{output} holds an unfinished run with other settings {changed}; run the same command "
                 "again to continue it, pass --overwrite to discard it, or choose another --output."
             )
-        shutil.rmtree(output / PARTS_DIR)
+        shutil.rmtree(parts)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
         raise FileExistsError(
             f"{output} already holds a finished generated dataset; pass --overwrite to replace "
             "it, or choose another --output."
         )
-    elif output.is_dir() and any(output.iterdir()) and not (output / SETTINGS_FILE).is_file():
+    elif not is_empty(output) and not (output / SETTINGS_FILE).is_file():
         raise FileExistsError(
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
             "alone. Choose another --output."
         )
+
+
+def _record_settings(parts: Path, settings: dict) -> None:
+    """Writes the run's settings into `parts` atomically: a kill leaves the old file or the new one, never half."""
+    parts.mkdir(parents=True, exist_ok=True)
+    staging = parts / f"{SETTINGS_FILE}.partial"
+    staging.write_text(json.dumps(settings, indent=2))
+    os.replace(staging, parts / SETTINGS_FILE)
 
 
 def generate_dataset(
@@ -112,8 +141,10 @@ def generate_dataset(
     ):
         check_positive_int(value, name)
     output = Path(output)
-    check_output_apart(output, model=model, mask_dataset=mask_dataset)
+    check_output_apart(output, {"model": model, "mask dataset": mask_dataset})
+    recover_interrupted_write(output)
     source = load_polyp_dataset(mask_dataset, split=split)
+    source_ids = list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
     settings = {
         "model": model,
         "mask_dataset": mask_dataset,
@@ -127,12 +158,13 @@ def generate_dataset(
         "num_masks": len(source),
     }
     _check_output(output, settings, overwrite)
-    pipeline = load_pipeline(model)
+    pipeline = load_pipeline(model, DTYPES[dtype])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
-    pipeline.to(device or default_device(), DTYPES[dtype])
+    pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
 
     parts = output / PARTS_DIR
+    recorded = _read_settings(parts / SETTINGS_FILE) == settings
     requests = [(row, k) for row in range(len(source)) for k in range(num_images_per_mask)]
     for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
         part = parts / f"part-{start // batch_size:06d}.parquet"
@@ -152,7 +184,7 @@ def generate_dataset(
         )
         records = []
         for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):
-            source_id = by_index[row]["id"]
+            source_id = source_ids[row]
             records.append(
                 {
                     "image": png_cell(image),
@@ -167,8 +199,9 @@ def generate_dataset(
             )
         # The run is recorded only once it produces, so a command that failed before its first image leaves
         # nothing behind that a corrected command would trip over.
-        parts.mkdir(parents=True, exist_ok=True)
-        (parts / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        if not recorded:
+            _record_settings(parts, settings)
+            recorded = True
         staging = part.with_suffix(".partial")
         Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
         os.replace(staging, part)

@@ -1,15 +1,16 @@
 """The `prepare-data` command: a source of image/mask pairs (or the demo set) as a validated dataset with a card."""
 
-import math
 import os
 from pathlib import Path
 
 from datasets import DatasetDict
 
-from .data import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, build_dataset, check_output_apart, write_dataset
+from .data import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, REPORT_FILE, build_dataset, check_test_size, write_dataset
 from .demo import make_demo_dataset
+from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
 from .hub_card.cards import DEMO_NOTE, SOURCE_TERMS, UNKNOWN_TERMS, render_dataset_card
 from .hub_card.publish import push_dataset
+from .pipelines.pipeline_polyp_ddpm import check_positive_int
 
 DEMO_SOURCE = "demo"
 DEMO_TEST_SIZE = 0.1
@@ -40,11 +41,19 @@ def prepare_dataset(
     `source_terms` is the data's terms of use for the card: a name from `SOURCE_TERMS` (`"kvasir-seg"`) or
     free text.
     """
-    if resolution is not None and resolution < 1:
-        raise ValueError(f"resolution is {resolution}; expected a positive number of pixels.")
-    if test_size is not None and not (math.isfinite(test_size) and test_size > 0):
-        raise ValueError(f"test_size is {test_size}; expected a count (>= 1) or a fraction in (0, 1).")
-    check_output_apart(output, source=source, split_file=split_file)
+    if resolution is not None:
+        check_positive_int(resolution, "resolution")
+    if test_size is not None:
+        check_test_size(test_size)
+    check_positive_int(demo_pairs, "demo_pairs")
+    check_is_folder(output)
+    check_output_apart(output, {"source": source, "split file": split_file})
+    recover_interrupted_write(output)
+    if overwrite and not is_empty(output) and not (Path(output) / REPORT_FILE).is_file():
+        raise FileExistsError(
+            f"{output} was not written by `polyp-ddpm prepare-data` (it has no {REPORT_FILE}); --overwrite replaces "
+            "only a prepared dataset, so this folder is left alone. Choose another --output."
+        )
     if source == DEMO_SOURCE:
         test_size = DEMO_TEST_SIZE if test_size is None else test_size
         dataset, problems = make_demo_dataset(demo_pairs, resolution or 64, test_size, seed), []

@@ -51,7 +51,7 @@ def segmentation_results(runs: dict[str, dict]) -> dict:
                         dataset_name=dataset,
                         dataset_split=split,
                         metric_type=metric,
-                        metric_name=f"UNet++ {METRIC_NAMES[metric]}, trained on {setting}",
+                        metric_name=f"{run['segmenter_family']} {METRIC_NAMES[metric]}, trained on {setting}",
                         metric_value=round(scores[metric], 4),
                     )
                 )

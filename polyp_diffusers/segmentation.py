@@ -18,6 +18,8 @@ from .transforms import pair_transform
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 ARCHITECTURES = ("monai", "smp", "segformer")
+# What results call each architecture's segmenter (tables, model-index entries, progress bars).
+SEGMENTER_FAMILIES = {"monai": "UNet++", "smp": "UNet++", "segformer": "SegFormer"}
 # SegFormer's MiT encoder sizes (Xie et al. 2021), as in the configs of nvidia/mit-b0, -b1 and -b2.
 SEGFORMER_SIZES = {
     "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
+from polyp_diffusers.prepare_data import prepare_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,14 @@ def tiny_pipeline():
 def saved_pipeline_dir(tiny_pipeline, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-pipeline")
     tiny_pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_masks(tmp_path_factory):
+    """A prepared demo dataset (6 train and 4 test pairs at 32 px) whose masks the generation tests use."""
+    path = tmp_path_factory.mktemp("masks") / "demo"
+    prepare_dataset("demo", path, test_size=4, resolution=32, demo_pairs=10)
     return path
 
 

@@ -3,27 +3,24 @@
 import io
 import json
 import logging
+import os
+import time
 
 import numpy as np
 import PIL.Image
 import pytest
-from datasets import load_from_disk
+from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Image as ImageFeature
 
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
+from polyp_diffusers.folders import staging_folder
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, generate_dataset, load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
 
 from .test_data import polyp_pair, write_folder
 
 GENERATION = dict(split="test", sampler="ddim", num_inference_steps=2, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def demo_masks(tmp_path_factory):
-    path = tmp_path_factory.mktemp("masks") / "demo"
-    prepare_dataset("demo", path, test_size=4, resolution=32, demo_pairs=10)
-    return path
 
 
 @pytest.fixture
@@ -59,11 +56,20 @@ def test_a_folder_with_images_but_no_masks_names_the_missing_folder(tmp_path):
         build_dataset(str(tmp_path / "src"))
 
 
-def test_a_missing_relative_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+def test_a_missing_relative_path_is_named_as_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     with pytest.raises(FileNotFoundError, match="data/kvasir-seg does not exist"):
         load_polyp_dataset("data/kvasir-seg")
+
+
+def test_a_name_that_may_be_a_hub_id_costs_one_quick_look_at_the_hub(tmp_path, monkeypatch):
+    """No `data/` folder: the name may be a Hub id. One request, no download retries (offline here: it fails)."""
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"data/kvasir-seg is (not a folder under|neither a folder under)"):
+        load_polyp_dataset("data/kvasir-seg")
+    assert time.perf_counter() - started < 10
 
 
 def test_an_exif_rotated_image_turns_its_mask_with_it(tmp_path):
@@ -107,7 +113,7 @@ def test_a_mostly_white_mask_is_flagged_as_possibly_inverted(tmp_path, caplog):
     ("argv", "expected"),
     [
         (["prepare-data", "demo", "--resolution", "0"], "--resolution: 0 is not a whole number of at least 1"),
-        (["prepare-data", "demo", "--test-size", "nan"], "--test-size: nan is neither a count"),
+        (["prepare-data", "demo", "--test-size", "nan"], "--test-size: nan is neither a whole count"),
         (["prepare-data", "demo", "--test-size", "2.5"], "--test-size: 2.5 is neither a whole count"),
     ],
 )
@@ -235,10 +241,105 @@ def test_convert_official_refuses_a_non_empty_output(tmp_path, tiny_pipeline):
     assert (output / "notes.txt").read_text() == "keep me"
 
 
-def test_leftovers_of_a_killed_final_write_are_cleaned_by_the_next_run(saved_pipeline_dir, demo_masks, tmp_path):
+def test_a_write_killed_between_its_two_moves_loses_nothing(saved_pipeline_dir, demo_masks, tmp_path):
+    """The previous output was moved aside and the new one not yet moved in: the next run puts the old one back."""
     output = tmp_path / "synthetic"
-    for leftover in (".synthetic.partial", ".synthetic.previous"):
-        (tmp_path / leftover).mkdir()
-        (tmp_path / leftover / "half-written.arrow").write_text("")
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    before = load_from_disk(str(output))["test"]["id"]
+    output.rename(tmp_path / ".synthetic.previous")
+    (tmp_path / ".synthetic.partial-999999999").mkdir()  # the staging folder of a process that no longer runs
+    with pytest.raises(FileExistsError, match="already holds a finished generated dataset"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    assert load_from_disk(str(output))["test"]["id"] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+
+
+def test_a_staging_folder_of_a_running_writer_is_left_alone(tmp_path):
+    """Two writers to one output each stage their own copy; neither deletes the other's."""
+    running = tmp_path / f".out.partial-{os.getppid()}"
+    running.mkdir()
+    staging = staging_folder(tmp_path / "out")
+    assert running.is_dir() and staging != running and staging.name == f".out.partial-{os.getpid()}"
+
+
+def test_a_damaged_run_record_is_named_and_can_be_discarded(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    (output / PARTS_DIR).mkdir(parents=True)
+    (output / PARTS_DIR / SETTINGS_FILE).write_text('{"model": "tru')  # killed while writing
+    with pytest.raises(ValueError, match=f"{SETTINGS_FILE} is missing or damaged.*--overwrite"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, overwrite=True, **GENERATION)
+    assert len(load_from_disk(str(output))["test"]) == 4
+
+
+def test_generate_refuses_a_file_as_output_before_any_work(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    output.write_text("a file")
+    with pytest.raises(FileExistsError, match="is a file"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+
+
+def test_masks_without_an_id_column_get_ids_from_their_split(saved_pipeline_dir, demo_masks, tmp_path):
+    masks = tmp_path / "masks"
+    load_from_disk(str(demo_masks)).remove_columns("id").save_to_disk(str(masks))
+    generate_dataset(str(saved_pipeline_dir), str(masks), tmp_path / "out", **GENERATION)
+    assert load_from_disk(str(tmp_path / "out"))["test"]["source_id"] == [f"test-{i:05d}" for i in range(4)]
+
+
+def test_a_split_of_a_dataset_without_splits_is_refused(demo_masks, tmp_path):
+    single = tmp_path / "single"
+    load_from_disk(str(demo_masks))["test"].save_to_disk(str(single))
+    with pytest.raises(ValueError, match="single dataset without splits"):
+        load_polyp_dataset(str(single), split="train")
+
+
+def test_a_model_with_only_pickled_weights_is_refused_with_the_way_out(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(ValueError, match="only pickled .bin weights.*use_safetensors=False"):
+        load_pipeline(str(tmp_path / "pickled"))
+
+
+def test_prepare_data_overwrite_replaces_only_a_prepared_dataset(pair_folder, tmp_path):
+    model = tmp_path / "runs" / "polyp-ddpm"
+    model.mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="was not written by `polyp-ddpm prepare-data`"):
+        prepare_dataset(str(pair_folder), model, test_size=1, overwrite=True)
+    assert (model / "model_index.json").read_text() == "{}"
+    prepare_dataset(str(pair_folder), tmp_path / "data", test_size=1)
+    prepare_dataset(str(pair_folder), tmp_path / "data", test_size=2, overwrite=True)
+    assert len(load_from_disk(str(tmp_path / "data"))["test"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (dict(resolution=0), "resolution is 0"),
+        (dict(resolution=2.5), "resolution is 2.5"),
+        (dict(test_size=1.5), "test size is 1.5"),
+        (dict(test_size=float("nan")), "test size is nan"),
+        (dict(demo_pairs=0), "demo_pairs is 0"),
+    ],
+)
+def test_prepare_dataset_checks_its_numbers_before_any_work(tmp_path, arguments, expected):
+    with pytest.raises(ValueError, match=expected):
+        prepare_dataset("demo", tmp_path / "out", **arguments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
+    """A `save_to_disk` source holds the files as bytes; `datasets` would turn the image on decode, not the mask."""
+    image, mask = polyp_pair(width=48, height=32)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    image_bytes, mask_bytes = io.BytesIO(), io.BytesIO()
+    image.save(image_bytes, format="JPEG", exif=exif)
+    mask.save(mask_bytes, format="PNG")
+    cells = {"image": [{"bytes": image_bytes.getvalue(), "path": None}] * 2,
+             "mask": [{"bytes": mask_bytes.getvalue(), "path": None}] * 2, "id": ["a", "b"]}  # fmt: skip
+    features = Features({"image": ImageFeature(), "mask": ImageFeature(), "id": Value("string")})
+    Dataset.from_dict(cells, features=features).save_to_disk(str(tmp_path / "saved"))
+    dataset, problems = build_dataset(str(tmp_path / "saved"), test_size=1)
+    row = dataset["train"][0]
+    assert problems == [] and row["image"].size == row["mask"].size == (32, 48)
+    np.testing.assert_array_equal(np.asarray(row["mask"]) > 127, np.rot90(np.asarray(mask) > 127, k=-1))

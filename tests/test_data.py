@@ -323,11 +323,12 @@ def test_real_kvasir_seg_loads_whole_with_the_paper_split(kvasir_dir, tmp_path):
 
 
 def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
-    """The Hub cannot be reached here: `load_dataset` hands over a real DatasetDict, as it would after a download."""
+    """The Hub cannot be reached here: the repo is said to exist, and `load_dataset` hands over a real DatasetDict."""
     import polyp_diffusers.data as data
 
     hub = make_demo_dataset(6, 32, test_size=2).remove_columns(["id", "width", "height"])
     requested = []
+    monkeypatch.setattr(data.HfApi, "repo_exists", lambda self, repo_id, repo_type: repo_type == "dataset")
     monkeypatch.setattr(data, "load_dataset", lambda dataset_id: requested.append(dataset_id) or hub)
     dataset, problems = build_dataset("someone/polyps")
     assert requested == ["someone/polyps"]
@@ -336,7 +337,7 @@ def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
 
 
 def test_an_unreachable_hub_id_or_mistyped_path_is_explained():
-    with pytest.raises(FileNotFoundError, match="is not a local folder, and loading it as a Hub dataset failed"):
+    with pytest.raises(FileNotFoundError, match="is not a folder under .*, and the Hub could not be reached"):
         build_dataset("no-such-owner-here/no-such-dataset-here")
 
 

@@ -24,20 +24,12 @@ from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
 from polyp_diffusers.metrics import dinov2_extractor, fid_kid, inception_extractor
-from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.segmentation import build_segmenter, logits_of, segmentation_scores
 from polyp_diffusers.transforms import pair_transform
 
 from .conftest import REPO_ROOT
 
 GENERATION = dict(split="train", num_images_per_mask=2, sampler="ddim", num_inference_steps=2, batch_size=4, seed=10)
-
-
-@pytest.fixture(scope="module")
-def demo_masks(tmp_path_factory):
-    path = tmp_path_factory.mktemp("masks") / "demo"
-    prepare_dataset("demo", path, test_size=4, resolution=32, demo_pairs=10)
-    return path
 
 
 @pytest.fixture(scope="module")

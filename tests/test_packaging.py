@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,30 @@ def test_the_console_script_runs_from_any_directory(installed_wheel, tmp_path, w
     result = run_python(installed_wheel, cwd, str(installed_wheel / "bin" / "polyp-ddpm"), "generate", "--help")
     assert result.returncode == 0, result.stderr
     assert "--mask-dataset" in result.stdout
+
+
+def test_the_source_distribution_holds_the_files_behind_the_links(tmp_path):
+    """An sdist is what pip builds from when there is no wheel: the linked folders must travel as files."""
+    build = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in SOURCES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, source / name)
+    result = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(source / "dist" / result.stdout.split()[-1]) as archive:
+        members = {member.name.partition("/")[2]: member for member in archive.getmembers()}
+    for name in ("polyp_diffusers/pipelines/pipeline_polyp_ddpm.py", "polyp_diffusers/hub_card/model_card.md"):
+        assert members[name].isfile(), name
+
+
+def test_the_editable_install_runs_from_elsewhere(tmp_path):
+    """The README's install (`pip install -e`): its console script, started outside the repository."""
+    script = Path(sys.executable).parent / "polyp-ddpm"
+    result = subprocess.run([str(script), "card", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model_dir" in result.stdout

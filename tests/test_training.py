@@ -281,6 +281,7 @@ def test_help_lists_every_knob_with_its_default():
         "(default: l1)",
     ):
         assert expected in text, expected
+    assert "(default: True)" not in text and "(default: False)" not in text  # flags say what they do instead
 
 
 # Helpers -----------------------------------------------------------------------------------------------------
@@ -350,5 +351,5 @@ def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a local folder")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a folder under")
     assert "Traceback" not in result.stderr and not output.exists()

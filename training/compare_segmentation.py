@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.generate import generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--real", required=True, help="Prepared real dataset (its train split is used).")
     parser.add_argument("--test", action="append", required=True, metavar="DATASET[:SPLIT]", help="Test set(s).")
     parser.add_argument("--output_dir", required=True, help="Runs, generated data and the comparison go here.")

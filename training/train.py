@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
-from polyp_diffusers.cli import HelpFormatter
+from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
@@ -127,7 +127,7 @@ def parse_args(argv=None):
         default="constant",
         help="Any diffusers get_scheduler name: constant, constant_with_warmup, cosine, linear, ...",
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up of the learning rate.")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")

@@ -1,4 +1,4 @@
-"""Train a UNet++ polyp segmenter on real, synthetic or real+synthetic pairs and score it on test sets.
+"""Train a polyp segmenter (UNet++ as in the paper, or SegFormer) on real, synthetic or real+synthetic pairs and score it on test sets.
 
     accelerate launch training/train_segmentation.py --train real+synthetic \\
         --real data/kvasir-seg --synthetic data/kvasir-seg-synthetic --test data/kvasir-seg:test \\
@@ -27,11 +27,12 @@ from monai.losses import DiceCELoss
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyp_diffusers.cli import HelpFormatter
+from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
+    SEGMENTER_FAMILIES,
     TRAIN_SETS,
     build_segmenter,
     describe_segmenter,
@@ -139,7 +140,9 @@ def main(argv=None):
     best = {"iou": -1.0, "step": 0}
     step = 0
     progress = tqdm(
-        total=args.max_train_steps, desc=f"UNet++ on {args.train}", disable=not accelerator.is_local_main_process
+        total=args.max_train_steps,
+        desc=f"{SEGMENTER_FAMILIES[args.architecture]} on {args.train}",
+        disable=not accelerator.is_local_main_process,
     )
     for _ in range(math.ceil(args.max_train_steps / len(loader))):
         for batch in loader:
@@ -181,6 +184,7 @@ def main(argv=None):
                 name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
                 for name, dataset in tests.items()
             },
+            "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
         }

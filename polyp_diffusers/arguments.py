@@ -1,0 +1,35 @@
+"""Command-line pieces shared by `polyp-ddpm` and the training scripts: help pages and number arguments."""
+
+import argparse
+
+from .data import check_test_size
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every default that a help text does not state itself, and keeps the line breaks of examples."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        is_flag = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+        unstated = action.default is None or action.default == argparse.SUPPRESS
+        if is_flag or unstated or "(default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def positive_int(value: str) -> int:
+    """A whole number of at least 1 (image counts, batch sizes, steps, pixels)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 1")
+    return number
+
+
+def count_or_fraction(value: str) -> int | float:
+    """A test split: a whole count of pairs (>= 1) or a fraction of them (between 0 and 1)."""
+    number = float(value)
+    try:
+        check_test_size(int(number) if number >= 1 and number.is_integer() else number)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{value} is neither a whole count (>= 1) nor a fraction in (0, 1)") from error
+    return int(number) if number >= 1 else number

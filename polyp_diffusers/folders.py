@@ -1,0 +1,92 @@
+"""Output folders written without losing anything: never over an input, never half, never a lost previous copy.
+
+Every command writes its output into a staging folder beside it (`.<name>.partial-<pid>`) and moves it into
+place once complete. A previous output is moved aside (`.<name>.previous`) first and deleted only once the new
+one is in place; a run killed between the two moves is repaired by the next run on the same output.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+
+def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | None]) -> None:
+    """Refuses an output that is, or lies above, one of the inputs (`{what: path}`): replacing it would delete them."""
+    target = Path(output).resolve()
+    for what, value in inputs.items():
+        if value is not None and Path(value).exists():
+            path = Path(value).resolve()
+            if path == target or target in path.parents:
+                raise ValueError(
+                    f"the output {output} is or contains the {what} {value}; writing it would delete the input. "
+                    "Choose another output folder."
+                )
+
+
+def check_is_folder(output: str | os.PathLike) -> None:
+    if Path(output).exists() and not Path(output).is_dir():
+        raise FileExistsError(f"the output {output} is a file; expected a folder to write.")
+
+
+def is_empty(folder: str | os.PathLike) -> bool:
+    """True for a missing or empty folder."""
+    return not Path(folder).exists() or not any(Path(folder).iterdir())
+
+
+def _previous(target: Path) -> Path:
+    return target.parent / f".{target.name}.previous"
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_interrupted_write(output: str | os.PathLike) -> None:
+    """
+    Repairs what a killed write left beside `output`: puts back a previous copy moved aside just before the kill,
+    and removes staging folders of processes that no longer run. Staging folders of running writers stay.
+    """
+    target = Path(output).resolve()
+    previous = _previous(target)
+    if previous.exists():
+        if target.exists():
+            shutil.rmtree(previous)  # killed while deleting the replaced copy: the new one is in place
+        else:
+            os.replace(previous, target)
+    for leftover in target.parent.glob(f".{target.name}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_is_running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def staging_folder(output: str | os.PathLike) -> Path:
+    """A new, empty folder beside `output` for this process to write into before `replace_folder`."""
+    target = Path(output).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_write(target)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def replace_folder(new: Path, output: str | os.PathLike) -> None:
+    """Moves the complete folder `new` to `output`; a previous `output` is deleted only once `new` is in place."""
+    target = Path(output).resolve()
+    previous = _previous(target)
+    if target.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(target, previous)
+    try:
+        os.replace(new, target)
+    except BaseException:  # also Ctrl-C between the two moves
+        if previous.exists() and not target.exists():
+            os.replace(previous, target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
