@@ -103,12 +103,27 @@ def make_polyp_unet_from_preset(name: str, **overrides) -> UNet2DModel:
     return make_polyp_unet(**{**UNET_PRESETS[name], **overrides})
 
 
-def make_polyp_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
-    """The paper's diffusion: cosine betas (clipped at 0.999), epsilon prediction, x0 clipped to [-1, 1]."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_polyp_scheduler(
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon", zero_terminal_snr: bool = False
+) -> DDPMScheduler:
+    """
+    The paper's diffusion: cosine betas (clipped at 0.999), epsilon prediction, x0 clipped to [-1, 1].
+
+    Options beyond the paper, saved in the scheduler config so that the pipeline and every sampler follow:
+    `prediction_type="v_prediction"` and `zero_terminal_snr=True` (Lin et al. 2024, betas rescaled so the last
+    step is pure noise). With the paper's objective the last steps (alpha-bar down to 4e-8) turn small noise
+    errors into wrong colours at small training budgets; v-prediction with zero terminal SNR does not.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=BETA_SCHEDULE,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr,
         variance_type="fixed_small",
         clip_sample=True,
         clip_sample_range=1.0,
@@ -116,29 +131,41 @@ def make_polyp_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPM
 
 
 def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generator, loss_type="l1"):
-    """The paper's objective: predict the noise added to the image, given the noisy image and the mask."""
+    """
+    The paper's objective: predict the noise added to the image, given the noisy image and the mask (or the
+    velocity, for a scheduler configured with `prediction_type="v_prediction"`).
+    """
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device
     )
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
     model_input = torch.cat([noisy, mask_model_input(masks, mask_channels)], dim=1)
-    noise_pred = unet(model_input, timesteps).sample
+    prediction = unet(model_input, timesteps).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(images, noise, timesteps)
+    else:
+        target = noise
     if loss_type == "l1":
-        return F.l1_loss(noise_pred.float(), noise.float())
-    return F.mse_loss(noise_pred.float(), noise.float())
+        return F.l1_loss(prediction.float(), target.float())
+    return F.mse_loss(prediction.float(), target.float())
 
 
 def make_sampler(name: str, config) -> SchedulerMixin:
-    """A sampling scheduler (`ddpm`, `ddim` or `dpmsolver` = DPM-Solver++ 2M) from a trained scheduler's config."""
+    """
+    A sampling scheduler (`ddpm`, `ddim` or `dpmsolver` = DPM-Solver++ 2M) from a trained scheduler's config.
+    With zero terminal SNR the few-step samplers must start at the last training step ("trailing" spacing).
+    """
+    spacing = {"timestep_spacing": "trailing"} if config.get("rescale_betas_zero_snr") else {}
     if name == "ddpm":
         return DDPMScheduler.from_config(config)
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, **spacing)
     if name == "dpmsolver":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", lambda_min_clipped=DPMSOLVER_LAMBDA_MIN_CLIPPED
-        )
+        # The log-SNR floor protects the data prediction of a noise-predicting model; a velocity-predicting one
+        # gives x0 without dividing by sqrt(alpha-bar) and may start at the last step.
+        floor = {"lambda_min_clipped": DPMSOLVER_LAMBDA_MIN_CLIPPED} if config.prediction_type == "epsilon" else {}
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **floor, **spacing)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}.")
 
 

@@ -5,8 +5,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from polyp_diffusers import UNET_PRESETS, make_polyp_scheduler, make_polyp_unet, make_polyp_unet_from_preset
+from polyp_diffusers import (
+    UNET_PRESETS,
+    PolypDDPMPipeline,
+    make_polyp_scheduler,
+    make_polyp_unet,
+    make_polyp_unet_from_preset,
+    make_sampler,
+)
+from polyp_diffusers.modeling import diffusion_loss
 
 
 def test_default_unet_is_the_papers_256px_denoiser():
@@ -62,3 +71,44 @@ def test_scheduler_is_the_cosine_schedule_with_250_steps():
     betas = np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
     np.testing.assert_allclose(scheduler.betas.numpy(), betas, atol=1e-6)
     assert scheduler.config.clip_sample and scheduler.config.prediction_type == "epsilon"
+
+
+def test_v_prediction_with_zero_terminal_snr_is_kept_in_the_config_and_followed_by_every_sampler():
+    scheduler = make_polyp_scheduler(prediction_type="v_prediction", zero_terminal_snr=True)
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # the last step is (almost exactly) pure noise
+    for name in ("ddim", "dpmsolver"):
+        sampler = make_sampler(name, scheduler.config)
+        sampler.set_timesteps(10)
+        assert sampler.config.prediction_type == "v_prediction"
+        assert int(sampler.timesteps[0]) == 249  # "trailing" spacing starts at the last training step
+    assert make_sampler("ddim", make_polyp_scheduler().config).config.timestep_spacing != "trailing"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_compares_the_prediction_with_the_noise_or_the_velocity(prediction_type):
+    class PredictsZero(torch.nn.Module):
+        def forward(self, sample, timestep):
+            return UNet2DOutput(sample=torch.zeros_like(sample[:, :3]))
+
+    scheduler = make_polyp_scheduler(prediction_type=prediction_type)
+    images, masks = torch.rand(2, 3, 8, 8) * 2 - 1, torch.ones(2, 1, 8, 8)
+    loss = diffusion_loss(PredictsZero(), scheduler, images, masks, 1, torch.Generator().manual_seed(0), "l1")
+    generator = torch.Generator().manual_seed(0)  # the same draws as inside the loss
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(0, 250, (2,), generator=generator)
+    target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
+    torch.testing.assert_close(loss, target.abs().mean())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
+def test_a_velocity_model_with_zero_terminal_snr_samples_finite_images(sampler):
+    scheduler = make_polyp_scheduler(prediction_type="v_prediction", zero_terminal_snr=True)
+    pipe = PolypDDPMPipeline(
+        unet=make_polyp_unet_from_preset("tiny"), scheduler=make_sampler(sampler, scheduler.config)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    images = pipe(mask, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()

@@ -353,3 +353,14 @@ def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a folder under")
     assert "Traceback" not in result.stderr and not output.exists()
+
+
+def test_a_velocity_objective_with_zero_terminal_snr_is_saved_with_the_pipeline(demo_dataset, tmp_path):
+    output = tmp_path / "v-prediction"
+    short_run = [*TINY_RUN[: TINY_RUN.index("--max_train_steps")], "--max_train_steps", "2", "--checkpointing_steps",
+                 "2", "--validation_steps", "2", "--num_validation_masks", "2", "--validation_inference_steps", "2",
+                 "--dataloader_num_workers", "0"]  # fmt: skip
+    launch("--dataset", str(demo_dataset), "--output_dir", str(output), *short_run, "--prediction_type",
+           "v_prediction", "--zero_terminal_snr")  # fmt: skip
+    scheduler = PolypDDPMPipeline.from_pretrained(output).scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr

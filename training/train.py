@@ -4,7 +4,7 @@ examples:
     accelerate launch training/train.py --dataset data/kvasir-seg --output_dir runs/polyp-ddpm
     accelerate launch training/train.py ... --resume_from_checkpoint latest
 
-Defaults are the paper's recipe (256 px, batch 32, 100k steps, 250-step cosine schedule, L1 loss on the noise,
+Defaults are the paper's recipe (256 px, batch 32 with 2 accumulated micro-batches, 100k steps, 250-step cosine schedule, L1 loss on the noise,
 rotation + horizontal flip applied jointly to image and mask). `--recipe cpu-demo` sets small values for a
 few-minute run on a laptop CPU.
 """
@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -36,7 +36,7 @@ from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
-from polyp_diffusers.modeling import SAMPLERS, UNET_PRESETS, diffusion_loss
+from polyp_diffusers.modeling import PREDICTION_TYPES, SAMPLERS, UNET_PRESETS, diffusion_loss
 from polyp_diffusers.pipelines import mask_channels_of
 from polyp_diffusers.training_utils import (
     checkpoint_step,
@@ -58,6 +58,7 @@ RECIPES = {
     "paper": {},
     "cpu-demo": dict(
         model_preset="cpu-demo",
+        gradient_accumulation_steps=1,
         resolution=64,
         train_batch_size=16,
         max_train_steps=400,
@@ -115,11 +116,26 @@ def parse_args(argv=None):
         help="Denoiser size (polyp_diffusers.UNET_PRESETS).",
     )
     model.add_argument("--num_train_timesteps", type=int, default=250, help="Diffusion steps of the cosine schedule.")
+    model.add_argument(
+        "--prediction_type",
+        choices=PREDICTION_TYPES,
+        default="epsilon",
+        help="What the UNet predicts: the noise (the paper) or the velocity (with --zero_terminal_snr, better "
+        "colours at small budgets).",
+    )
+    model.add_argument(
+        "--zero_terminal_snr", action="store_true", help="Rescale the betas so that the last step is pure noise."
+    )
     model.add_argument("--dropout", type=float, default=0.0, help="Dropout in the residual blocks.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    optim.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=2,
+        help="Micro-batches per optimizer step (the paper: 2 of 32, so 64 images per step).",
+    )
     optim.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer steps.")
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak AdamW learning rate.")
     optim.add_argument(
@@ -194,7 +210,7 @@ def parse_args(argv=None):
 def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
     """The pipeline around the model being trained (its current weights), with the trained DDPM schedule."""
     pipeline = PolypDDPMPipeline(
-        unet=accelerator.unwrap_model(unet), scheduler=make_polyp_scheduler(noise_scheduler.config.num_train_timesteps)
+        unet=accelerator.unwrap_model(unet), scheduler=DDPMScheduler.from_config(noise_scheduler.config)
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -330,7 +346,7 @@ def main(argv=None):
     # Model, EMA, optimizer and learning-rate schedule.
     unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
     mask_channels = mask_channels_of(unet.config)
-    noise_scheduler = make_polyp_scheduler(args.num_train_timesteps)
+    noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
@@ -400,7 +416,9 @@ def main(argv=None):
     if args.compile:
         unet = torch.compile(unet)
 
-    steps_per_epoch = len(train_dataloader) // args.gradient_accumulation_steps
+    # accelerate also steps the optimizer at the end of an epoch whose last micro-batches do not fill an
+    # accumulation, and starts counting anew in the next epoch.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     checkpoint = resume(accelerator, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
 
@@ -419,7 +437,7 @@ def main(argv=None):
 
     epoch = global_step // steps_per_epoch
     batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    micro_step = global_step * args.gradient_accumulation_steps
+    micro_step = epoch * len(train_dataloader) + batches_to_skip
     window_start, window_images = time.perf_counter(), 0
     while global_step < args.max_train_steps:
         unet.train()
