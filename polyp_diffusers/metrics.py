@@ -16,6 +16,10 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+INCEPTION_WEIGHTS_FILE = (
+    "weights-inception-2015-12-05-6726825d.pth"  # the standard FID network, as torch-fidelity names it
+)
+
 
 class ReuseLastBatch(nn.Module):
     """Lets FID and KID share one forward pass of the feature extractor for the same batch."""
@@ -57,12 +61,18 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     return state_dict
 
 
+def inception_cache_path(url: str | None = None) -> Path:
+    """Where the official Inception weights (or those of `url`) are kept: the torch hub cache, as torch-fidelity does."""
+    name = Path(urllib.parse.urlparse(url).path).name if url else INCEPTION_WEIGHTS_FILE
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
 def download_inception_weights(url: str) -> Path:
     """
     The official weights file in the torch hub cache (where torch-fidelity keeps it too), downloaded if absent.
     Only downloaded here, never loaded: `load_inception_state_dict` reads it like any other file.
     """
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    path = inception_cache_path(url)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(path))  # writes a temporary file, then renames it

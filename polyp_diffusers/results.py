@@ -6,6 +6,8 @@ Every evaluation command writes `{"markdown": ..., "eval_results": [...]}` (plus
 
 from pathlib import Path
 
+import numpy as np
+
 from .data import parse_dataset_spec
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
@@ -30,20 +32,52 @@ def fid_results(scores: dict) -> dict:
     }
 
 
-def segmentation_results(runs: dict[str, dict]) -> dict:
-    """The downstream benchmark (one results.json per training set) as a Markdown table and model-index entries."""
-    first = next(iter(runs.values()))
+def _mean_and_spread(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize_segmentation(runs: list[dict]) -> dict:
+    """
+    Segmentation runs (`results.json` of `train_segmentation.py`), several seeds per training set, as
+    `{setting: {test set: {iou_mean, iou_std, dice_mean, dice_std, seeds, train_pairs}}}`.
+    """
+    by_setting: dict[str, list[dict]] = {}
+    for run in runs:
+        by_setting.setdefault(run["train"], []).append(run)
+    summary = {}
+    for setting, setting_runs in by_setting.items():
+        summary[setting] = {}
+        for test_name in setting_runs[0]["test"]:
+            scores = {}
+            for metric in ("iou", "dice"):
+                mean, spread = _mean_and_spread([run["test"][test_name][metric] for run in setting_runs])
+                scores.update({f"{metric}_mean": mean, f"{metric}_std": spread})
+            summary[setting][test_name] = {**scores, "seeds": len(setting_runs),
+                                           "train_pairs": setting_runs[0]["num_train_pairs"]}  # fmt: skip
+    return summary
+
+
+def segmentation_results(runs: list[dict]) -> dict:
+    """
+    The downstream benchmark (one `results.json` per training set and seed) as a Markdown table (mean ± std over
+    seeds), model-index entries (the means) and the summary they come from.
+    """
+    summary = summarize_segmentation(runs)
+    first = runs[0]
+    seeds = max(scores["seeds"] for setting in summary.values() for scores in setting.values())
     test_names = list(first["test"])
     header = "| trained on | pairs | " + " | ".join(f"{name} IoU | {name} Dice" for name in test_names) + " |"
     rows = [header, "|" + " --- |" * (2 + 2 * len(test_names))]
     eval_results = []
-    for setting, run in runs.items():
-        cells = [setting, str(run["num_train_pairs"])]
+    for setting, by_test in summary.items():
+        cells = [setting, str(next(iter(by_test.values()))["train_pairs"])]
         for name in test_names:
-            scores = run["test"][name]
-            cells += [f"{scores['iou']:.4f}", f"{scores['dice']:.4f}"]
-            dataset, split = parse_dataset_spec(name)
+            scores = by_test[name]
             for metric in ("iou", "dice"):
+                mean, spread = scores[f"{metric}_mean"], scores[f"{metric}_std"]
+                cells.append(f"{mean:.4f} ± {spread:.4f}" if scores["seeds"] > 1 else f"{mean:.4f}")
+                dataset, split = parse_dataset_spec(name)
+                over_seeds = f", mean of {scores['seeds']} seeds" if scores["seeds"] > 1 else ""
                 eval_results.append(
                     dict(
                         task_type="image-segmentation",
@@ -51,15 +85,20 @@ def segmentation_results(runs: dict[str, dict]) -> dict:
                         dataset_name=dataset,
                         dataset_split=split,
                         metric_type=metric,
-                        metric_name=f"{run['segmenter_family']} {METRIC_NAMES[metric]}, trained on {setting}",
-                        metric_value=round(scores[metric], 4),
+                        metric_name=f"{first['segmenter_family']} {METRIC_NAMES[metric]}, trained on {setting}{over_seeds}",
+                        metric_value=round(mean, 4),
                     )
                 )
         rows.append("| " + " | ".join(cells) + " |")
     config = first["config"]
+    seed_note = f"mean ± std over {seeds} seeds of " if seeds > 1 else ""
     markdown = (
         f"### Downstream segmentation ({first['segmenter']}, {config['max_train_steps']} steps of batch "
         f"{config['train_batch_size']} at {config['resolution']} px for every training set, best checkpoint by "
-        "IoU on held-out real pairs; mean per-image scores)\n" + "\n".join(rows)
+        f"IoU on held-out real pairs; {seed_note}mean per-image scores)\n" + "\n".join(rows)
     )
-    return {"markdown": markdown, "eval_results": eval_results}
+    for name in test_names:
+        if "real" in summary and "real+synthetic" in summary:
+            gain = summary["real+synthetic"][name]["iou_mean"] - summary["real"][name]["iou_mean"]
+            markdown += f"\n\nAdding the synthetic pairs to the real ones changed the IoU on {name} by {gain:+.4f}."
+    return {"markdown": markdown, "eval_results": eval_results, "summary": summary}

@@ -84,7 +84,7 @@ def main(argv=None):
         subprocess.run(command, check=True)
         runs[setting] = json.loads((run_dir / "results.json").read_text())
 
-    comparison = segmentation_results(runs)
+    comparison = segmentation_results(list(runs.values()))
     comparison["runs"] = runs
     (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     (output_dir / "comparison.md").write_text(comparison["markdown"] + "\n")

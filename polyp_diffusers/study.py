@@ -1,0 +1,376 @@
+"""The `reproduce` command: the paper's study in one command, from image/mask pairs to a report.
+
+Steps, each recorded in `OUTPUT/steps/<step>.json` once done, so that rerunning the same command after a kill
+continues where it stopped (training and generation also resume inside their own step):
+1. `data`: the pairs prepared at the preset's size (the paper's split with `split_file`);
+2. `denoiser`: `training/train.py` under accelerate;
+3. `synthetic`: one synthetic pair per training mask (`generate`);
+4. `realism`: FID/KID of the synthetic against the real training images, when Inception weights are at hand;
+5. `segmentation-<setting>-seed<k>`: a segmenter trained on real, synthetic or real+synthetic pairs;
+6. the report: `report.md`, `report.json` (also a results file for `polyp-ddpm card`) and figures.
+"""
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+
+from .data import load_polyp_dataset
+from .generate import generate_dataset
+from .metrics import fid_kid, inception_cache_path
+from .modeling import default_device
+from .prepare_data import DEMO_SOURCE, prepare_dataset
+from .results import fid_results, segmentation_results
+from .segmentation import TRAIN_SETS
+
+logger = logging.getLogger(__name__)
+
+TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+# The objective of the denoiser: the paper's noise prediction, or the velocity on a zero-terminal-SNR schedule.
+OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
+
+# Presets are data: the flags of each step. `train_images_per_s` is the measured speed of train.py's loop on an
+# H200 for that preset (benchmarks/results/ and issue 10), used only for the time estimate printed at start.
+STUDY_PRESETS = {
+    # The whole path in about two minutes on two CPU cores, on the built-in demo data: proves it runs, nothing more.
+    "smoke": dict(
+        resolution=32,
+        denoiser=dict(
+            model_preset="tiny", train_batch_size=8, gradient_accumulation_steps=1, max_train_steps=30,
+            learning_rate=1e-3, checkpointing_steps=10, validation_steps=30, num_validation_masks=4,
+            validation_inference_steps=4, dataloader_num_workers=0,
+        ),
+        generation=dict(sampler="ddim", num_inference_steps=4, batch_size=32),
+        segmentation=dict(
+            max_train_steps=4, train_batch_size=4, validation_steps=4, validation_size=0.1,
+            dataloader_num_workers=0,
+        ),
+        seeds=2,
+        mixed_precision="no",
+        train_images_per_s=None,
+    ),
+    # One GPU, about 8 minutes: the paper's 64 px denoiser for 192 k training images (6% of its image budget).
+    "quick-64": dict(
+        resolution=64,
+        denoiser=dict(
+            model_preset="paper-64", train_batch_size=128, gradient_accumulation_steps=1, max_train_steps=1500,
+            checkpointing_steps=500, validation_steps=1500, dataloader_num_workers=8, compile=True, allow_tf32=True,
+        ),
+        generation=dict(sampler="dpmsolver", num_inference_steps=25, batch_size=256),
+        segmentation=dict(max_train_steps=600, train_batch_size=32, validation_steps=200, dataloader_num_workers=8),
+        seeds=3,
+        mixed_precision="bf16",
+        train_images_per_s=1100,
+    ),
+    # The paper's scale: 256 px, 100k steps of 2 x 32 images, 250 DDPM steps, UNet++ for 100 epochs.
+    "paper": dict(
+        resolution=256,
+        denoiser=dict(
+            model_preset="paper", train_batch_size=32, gradient_accumulation_steps=2, max_train_steps=100_000,
+            checkpointing_steps=1000, validation_steps=5000, dataloader_num_workers=8, compile=True, allow_tf32=True,
+        ),
+        generation=dict(sampler="ddpm", num_inference_steps=250, batch_size=64),
+        segmentation=dict(max_train_steps=11_250, train_batch_size=8, validation_steps=500, dataloader_num_workers=8),
+        seeds=3,
+        mixed_precision="bf16",
+        train_images_per_s=250,
+    ),
+}  # fmt: skip
+
+
+def _flags(options: dict) -> list[str]:
+    """`{"max_train_steps": 4, "compile": True}` as `["--max_train_steps", "4", "--compile"]`."""
+    flags = []
+    for name, value in options.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is not False:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def _launch_command(script: str, mixed_precision: str) -> list[str]:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        launch.append("--cpu")
+    return [*launch, str(TRAINING_SCRIPTS / script)]
+
+
+def _run(command: list[str], log: Path) -> None:
+    """Runs one step's script, its output kept in `log`; a failure shows the end of the log."""
+    print("$ " + " ".join(command), flush=True)
+    with log.open("a") as file:
+        result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"the step logged in {log} failed (exit code {result.returncode}):\n{tail}")
+
+
+class Study:
+    """One study folder: its steps, their records, and what they produced."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+        self.steps = self.output / "steps"
+        self.logs = self.output / "logs"
+        self.steps.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+
+    def record(self, name: str) -> dict | None:
+        path = self.steps / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def step(self, name: str, work) -> dict:
+        """Runs `work()` unless the step is recorded as done; records its result and wall time."""
+        done = self.record(name)
+        if done is not None:
+            print(f"== {name}: done earlier ({done['wall_s']:.0f} s), skipped", flush=True)
+            return done
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        result = work()
+        record = {"wall_s": round(time.perf_counter() - started, 1), "result": result}
+        staging = self.steps / f"{name}.json.partial"
+        staging.write_text(json.dumps(record, indent=2))
+        staging.replace(self.steps / f"{name}.json")
+        return record
+
+
+def describe_device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _inception_weights(path: str | None) -> str | None:
+    """The Inception weights to use: the given file, or the official file if it is already in the hub cache."""
+    if path is not None:
+        return path
+    return str(inception_cache_path()) if inception_cache_path().is_file() else None
+
+
+def run_study(
+    data: str,
+    output: str | Path,
+    preset: str = "quick-64",
+    split_file: str | None = None,
+    tests: list[str] | None = None,
+    seeds: int | None = None,
+    objective: str = "paper",
+    inception_weights: str | None = None,
+) -> dict:
+    """
+    Runs (or continues) the study in `output` and returns the report (also written as `report.json`).
+
+    `data` is a Kvasir-SEG-style source for `prepare-data` (or `"demo"`); `tests` are extra test sets
+    `DATASET[:SPLIT]` scored beside the data's own test split; `seeds` overrides the preset's number of
+    segmentation seeds; `objective` is the denoiser's (`OBJECTIVES`).
+    """
+    if preset not in STUDY_PRESETS:
+        raise ValueError(f"preset {preset!r}; expected one of {sorted(STUDY_PRESETS)}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}; expected one of {sorted(OBJECTIVES)}.")
+    if not (TRAINING_SCRIPTS / "train.py").is_file():
+        raise FileNotFoundError(
+            f"`reproduce` runs the scripts in training/ of a polyp-diffusers checkout; {TRAINING_SCRIPTS} has none."
+        )
+    settings = STUDY_PRESETS[preset]
+    seeds = settings["seeds"] if seeds is None else seeds
+    study = Study(output)
+    arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
+                 "objective": objective}  # fmt: skip
+    previous = study.record("arguments")
+    if previous is not None and previous["result"] != arguments:
+        raise ValueError(
+            f"{output} holds a study with other arguments {previous['result']}; run the same command to continue "
+            "it, or choose another --output."
+        )
+    study.step("arguments", lambda: arguments)
+    _print_estimate(settings, seeds)
+    started = time.perf_counter()
+
+    dataset = study.output / (Path(data).stem if data != DEMO_SOURCE else "demo")  # names the test set
+    study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
+    denoiser = study.output / "denoiser"
+    train_command = [
+        *_launch_command("train.py", settings["mixed_precision"]),
+        *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
+        *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
+        "--resume_from_checkpoint", "latest",
+    ]  # fmt: skip
+    study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
+    synthetic = study.output / "synthetic"
+    generation = settings["generation"]
+    study.step(
+        "synthetic",
+        lambda: len(
+            generate_dataset(
+                str(denoiser), str(dataset), synthetic, split="train", sampler=generation["sampler"],
+                num_inference_steps=generation["num_inference_steps"], batch_size=generation["batch_size"],
+                dtype="bf16" if torch.cuda.is_available() else "fp32",
+            )["train"]
+        ),
+    )  # fmt: skip
+    study.step("realism", lambda: _realism(dataset, synthetic, _inception_weights(inception_weights)))
+
+    test_specs = [f"{dataset}:test", *(tests or [])]
+    for setting in TRAIN_SETS:
+        for seed in range(seeds):
+            run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
+            command = [
+                *_launch_command("train_segmentation.py", settings["mixed_precision"]),
+                *_flags({"train": setting, "real": dataset, "synthetic": synthetic, "output_dir": run_dir,
+                         "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
+                *[flag for spec in test_specs for flag in ("--test", spec)],
+            ]  # fmt: skip
+            study.step(
+                f"segmentation-{setting.replace('+', '-')}-seed{seed}",
+                lambda command=command, run_dir=run_dir: (
+                    _run(command, study.logs / f"{run_dir.name}.log")
+                    or json.loads((run_dir / "results.json").read_text())
+                ),
+            )
+    report = write_report(study, arguments, wall_s=time.perf_counter() - started)
+    print((study.output / "report.md").read_text())
+    return report
+
+
+def _print_estimate(settings: dict, seeds: int) -> None:
+    images = settings["denoiser"]["train_batch_size"] * settings["denoiser"]["gradient_accumulation_steps"]
+    images *= settings["denoiser"]["max_train_steps"]
+    line = f"The denoiser trains on {images:,} images; segmenters: {len(TRAIN_SETS)} settings x {seeds} seeds."
+    if settings["train_images_per_s"] and torch.cuda.is_available():
+        minutes = images / settings["train_images_per_s"] / 60
+        line += f" Training alone takes about {minutes:.0f} min at the speed measured on an H200."
+    elif settings["train_images_per_s"]:
+        line += " This preset is meant for a GPU; on a CPU it takes days."
+    print(line, flush=True)
+
+
+def _prepare(data: str, dataset: Path, resolution: int, split_file: str | None) -> dict:
+    demo = {"demo_pairs": 40} if data == DEMO_SOURCE else {}
+    prepared = prepare_dataset(data, dataset, split_file=split_file, resolution=resolution, overwrite=True, **demo)
+    return {name: len(part) for name, part in prepared.items()}
+
+
+def _realism(dataset: Path, synthetic: Path, inception_weights: str | None) -> dict:
+    if inception_weights is None:
+        message = "skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
+        print(f"FID/KID {message}", flush=True)
+        return {"skipped": message}
+    real = load_polyp_dataset(str(dataset), split="train")
+    generated = load_polyp_dataset(str(synthetic), split="train")
+    scores = fid_kid(real, generated, inception_weights=inception_weights, device=default_device())
+    scores.update(real=f"{dataset}:train", generated=str(synthetic))
+    return scores
+
+
+def _loss_curve(study: Study) -> tuple[np.ndarray, np.ndarray] | None:
+    """The denoiser's training loss from its TensorBoard events (None without the tensorboard package)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # [train] extra
+    except ImportError:
+        return None
+    for folder in sorted((study.output / "denoiser" / "logs").glob("*")):
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+        if "loss" in events.Tags().get("scalars", []):
+            scalars = events.Scalars("loss")
+            return np.array([s.step for s in scalars]), np.array([s.value for s in scalars])
+    return None
+
+
+def _figures(study: Study, summary: dict) -> list[str]:
+    """Writes the figures a person looks at first; returns their file names."""
+    import matplotlib  # the [eval] extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    grids = sorted((study.output / "denoiser" / "validation").glob("step-*.png"))
+    if grids:
+        shutil.copyfile(grids[-1], study.output / "samples.png")
+        written.append("samples.png")
+    test_name = next(iter(next(iter(summary.values()))))
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    means = [summary[setting][test_name]["iou_mean"] for setting in summary]
+    spreads = [summary[setting][test_name]["iou_std"] for setting in summary]
+    axis.bar(list(summary), means, yerr=spreads, capsize=6, color=["#4c72b0", "#dd8452", "#55a868"])
+    axis.set_ylabel(f"IoU on {test_name}")
+    axis.set_title("Segmenters trained on each set (mean ± std over seeds)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(study.output / "iou.png", dpi=120)
+    plt.close(figure)
+    written.append("iou.png")
+    curve = _loss_curve(study)
+    if curve is not None:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(*curve, linewidth=0.8)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss")
+        axis.set_yscale("log")
+        figure.tight_layout()
+        figure.savefig(study.output / "loss.png", dpi=120)
+        plt.close(figure)
+        written.append("loss.png")
+    return written
+
+
+def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
+    """Gathers the step records into `report.json`, `report.md` and the figures."""
+    in_order = sorted(study.steps.glob("*.json"), key=lambda path: path.stat().st_mtime_ns)
+    records = {path.stem: json.loads(path.read_text()) for path in in_order}
+    runs = [record["result"] for name, record in records.items() if name.startswith("segmentation-")]
+    realism = records["realism"]["result"]
+    results = segmentation_results(runs)
+    if "fid" in realism:
+        image_realism = fid_results(realism)
+        results["markdown"] = image_realism["markdown"] + "\n\n" + results["markdown"]
+        results["eval_results"] = image_realism["eval_results"] + results["eval_results"]
+    figures = _figures(study, results["summary"])
+    report = {
+        **arguments,
+        "device": describe_device(),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "command": " ".join(["polyp-ddpm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "polyp-ddpm" else None,
+        "wall_s": {name: record["wall_s"] for name, record in records.items()},
+        "this_run_s": round(wall_s, 1),
+        "data": records["data"]["result"],
+        "realism": realism,
+        "figures": figures,
+        **results,
+    }  # fmt: skip
+    lines = [
+        f"# Polyp-DDPM study: preset `{arguments['preset']}`, objective `{arguments['objective']}`",
+        "",
+        f"Device: {report['device']}; torch {torch.__version__}, diffusers {diffusers.__version__}.",
+        f"Data: `{arguments['data']}` ({', '.join(f'{k}: {v}' for k, v in report['data'].items())} pairs).",
+        "",
+        results["markdown"],
+        "",
+        f"Realism: {realism['skipped']}." if "skipped" in realism else "",
+        "",
+        "## Figures",
+        *[f"![{name}]({name})" for name in figures],
+        "",
+        "## Wall time of each step (seconds)",
+        "| step | s |",
+        "| --- | --- |",
+        *[f"| {name} | {seconds} |" for name, seconds in report["wall_s"].items()],
+        "",
+        "## Commands",
+        *[f"- `{' '.join(record['result']['command'])}`" for name, record in records.items() if name == "denoiser"],
+        "- segmenters: `training/train_segmentation.py`, flags in each `segmentation/*/results.json` (`config`).",
+    ]
+    (study.output / "report.md").write_text("\n".join(lines) + "\n")
+    (study.output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report

@@ -1,0 +1,74 @@
+"""`polyp-ddpm reproduce`: the whole study on CPU with the smoke preset and the demo data, killed and continued."""
+
+import json
+
+import pytest
+
+import polyp_diffusers.study as study_module
+from polyp_diffusers.cli import main as polyp_ddpm
+from polyp_diffusers.study import run_study
+
+
+class Killed(Exception):
+    """Stands for a kill: raised instead of the third script the study launches."""
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """A smoke study killed before its second segmenter, then continued by the same command; and its launches."""
+    output = tmp_path_factory.mktemp("study") / "smoke"
+    launches = []
+    original_run = study_module._run
+
+    def run_until_killed(command, log):
+        launches.append(log.stem)
+        if len(launches) == 3:
+            raise Killed
+        original_run(command, log)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(study_module, "_run", run_until_killed)
+    with pytest.raises(Killed):
+        run_study("demo", output, preset="smoke")
+    records_before = {path.name: path.stat().st_mtime_ns for path in (output / "steps").glob("*.json")}
+    report = run_study("demo", output, preset="smoke")
+    patch.undo()
+    return output, report, launches, records_before
+
+
+def test_a_killed_study_continues_without_redoing_finished_steps(finished_study):
+    output, _, launches, records_before = finished_study
+    assert launches[:3] == ["denoiser", "real-seed0", "real-seed1"]
+    # The second run launches only what was not finished: no second training of the denoiser.
+    assert launches[3:] == ["real-seed1", "synthetic-seed0", "synthetic-seed1", "real-synthetic-seed0",
+                            "real-synthetic-seed1"]  # fmt: skip
+    for name in ("data.json", "denoiser.json", "synthetic.json", "segmentation-real-seed0.json"):
+        assert (output / "steps" / name).stat().st_mtime_ns == records_before[name]
+
+
+def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study):
+    output, report, _, _ = finished_study
+    summary = report["summary"]
+    assert list(summary) == ["real", "synthetic", "real+synthetic"]
+    for setting in summary.values():
+        scores = setting["demo:test"]
+        assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
+    assert report["realism"]["skipped"].startswith("skipped: no Inception weights")
+    assert set(report["figures"]) == {"samples.png", "iou.png", "loss.png"}
+    assert all((output / name).stat().st_size > 1000 for name in report["figures"])
+    markdown = (output / "report.md").read_text()
+    assert "± " in markdown and "| real+synthetic |" in markdown and "denoiser |" in markdown
+    assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
+
+
+def test_the_report_goes_into_the_model_card(finished_study, capsys):
+    output, _, _, _ = finished_study
+    assert polyp_ddpm(["card", str(output / "denoiser"), "--results", str(output / "report.json")]) == 0
+    card = (output / "denoiser" / "README.md").read_text()
+    assert "Downstream segmentation" in card and "trained on real+synthetic, mean of 2 seeds" in card
+
+
+def test_a_study_folder_is_continued_only_with_the_same_arguments(finished_study):
+    output, _, _, _ = finished_study
+    with pytest.raises(ValueError, match="holds a study with other arguments"):
+        run_study("demo", output, preset="smoke", seeds=3)
