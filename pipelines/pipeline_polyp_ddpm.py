@@ -1,5 +1,8 @@
 # Copyright 2026 The polyp-diffusers contributors. MIT License.
-"""Mask-conditioned DDPM pipeline for colonoscopy polyp images (Polyp-DDPM, arXiv:2402.04031).
+"""Mask-conditioned DDPM pipelines for colonoscopy polyp images (Polyp-DDPM, arXiv:2402.04031).
+
+`PolypDDPMPipeline` generates a whole image from a mask; `PolypInpaintPipeline` inserts a polyp into a real
+frame with the same trained model (RePaint, Lugmayr et al., CVPR 2022), built with `from_pipe`.
 
 This file depends only on torch, numpy, PIL and diffusers, so the very same file can be saved next to the
 weights and loaded with `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_polyp_ddpm")`
@@ -15,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, SchedulerMixin, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -59,18 +62,41 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
+INPAINT_EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import numpy as np
+        >>> import PIL.Image
+        >>> import torch
+        >>> from polyp_diffusers import PolypDDPMPipeline, PolypInpaintPipeline
+
+        >>> pipe = PolypDDPMPipeline.from_pretrained("path/to/polyp-ddpm")
+        >>> inpaint = PolypInpaintPipeline.from_pipe(pipe)  # shares the weights, no copy
+        >>> frame = PIL.Image.open("colonoscopy-frame.png")  # any size, RGB
+        >>> mask = np.zeros((frame.height, frame.width), dtype=np.uint8)
+        >>> mask[100:180, 120:220] = 255  # where the polyp goes
+        >>> out = inpaint(image=frame, mask_image=mask, generator=torch.Generator().manual_seed(0))
+        >>> out.images[0].save("frame-with-polyp.png")  # the frame's size; only the edit region changed
+        >>> out.masks[0].save("frame-with-polyp-mask.png")  # its segmentation label
+        ```
+"""
+
+# Schedulers whose step has no state between calls, so that the known region can be replaced between steps and
+# the chain can jump back (RePaint's resampling). Multistep solvers (DPM-Solver++) keep a history and cannot.
+INPAINT_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+
 
 @dataclass
 class PolypDDPMPipelineOutput(BaseOutput):
     """
-    Output of [`PolypDDPMPipeline`].
+    Output of [`PolypDDPMPipeline`] and [`PolypInpaintPipeline`].
 
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(N, H, W, 3)` or `torch.Tensor` of shape `(N, 3, H, W)`):
             Generated colonoscopy images with values in `[0, 1]` (PIL images in 0-255).
         masks (`list[PIL.Image.Image]`, `np.ndarray` of shape `(N, H, W, 1)` or `torch.Tensor` of shape `(N, 1, H, W)`):
-            The binarized, resized masks the images were generated from: `masks[i]` belongs to `images[i]`.
-            Values are 0 or 1 (0 or 255 for PIL images, mode `"L"`).
+            The binarized masks the images were generated from, at the images' size: `masks[i]` belongs to
+            `images[i]`. Values are 0 or 1 (0 or 255 for PIL images, mode `"L"`).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -218,17 +244,26 @@ def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
     Returns:
         `torch.Tensor` of shape `(N, 1, height, width)`, float32, values exactly 0 or 1, in input order.
     """
+    return torch.cat([resize_masks(binary, size) for binary in _binary_masks(masks)])
+
+
+def _binary_masks(masks, argument: str = "masks", single_name: str = "mask") -> list[torch.Tensor]:
+    """Each mask input validated and binarized at its own size: `(B, 1, H, W)` float32 tensors of 0 and 1."""
     items = masks if isinstance(masks, (list, tuple)) else [masks]
     if len(items) == 0:
-        raise ValueError("masks is empty; expected at least one mask.")
-    prepared = []
+        raise ValueError(f"{argument} is empty; expected at least one mask.")
+    binaries = []
     for index, item in enumerate(items):
-        name = f"masks[{index}]" if isinstance(masks, (list, tuple)) else "mask"
-        binary = torch.from_numpy(_binarize(_mask_array(item, name), name).astype(np.float32))[:, None]
-        if tuple(binary.shape[-2:]) != tuple(size):
-            binary = F.interpolate(binary, size=size, mode="nearest-exact")
-        prepared.append(binary)
-    return torch.cat(prepared)
+        name = f"{argument}[{index}]" if isinstance(masks, (list, tuple)) else single_name
+        binaries.append(torch.from_numpy(_binarize(_mask_array(item, name), name).astype(np.float32))[:, None])
+    return binaries
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Binary `(B, 1, H, W)` masks at `size` (height, width), nearest-neighbour, so they stay binary."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.interpolate(masks, size=size, mode="nearest-exact")
 
 
 def check_positive_int(value, name: str):
@@ -250,6 +285,33 @@ def _check_generator(generator):
             )
 
 
+def check_sampling_arguments(output_type: str, num_images_per_mask, num_inference_steps, batch_size, generator):
+    """The arguments both pipelines share, checked before any work."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type is {output_type!r}; expected 'pil', 'np' or 'pt'.")
+    check_positive_int(num_images_per_mask, "num_images_per_mask")
+    check_positive_int(num_inference_steps, "num_inference_steps")
+    check_positive_int(batch_size, "batch_size")
+    _check_generator(generator)
+
+
+def _check_generator_count(generator, num_images: int, num_images_per_mask: int):
+    if isinstance(generator, list) and len(generator) != num_images:
+        raise ValueError(
+            f"generator is a list of {len(generator)} generators, but {num_images} images are requested "
+            f"({num_images // num_images_per_mask} masks x {num_images_per_mask}); pass one per image."
+        )
+
+
+def _warn_if_mostly_polyp(masks: torch.Tensor):
+    mostly_polyp = (masks.mean(dim=(1, 2, 3)) > MAX_POLYP_FRACTION).nonzero().flatten().tolist()
+    if mostly_polyp:
+        logger.warning(
+            f"masks {mostly_polyp} are over {MAX_POLYP_FRACTION:.0%} polyp; are they inverted (white "
+            "should be the polyp, black the background)?"
+        )
+
+
 def mask_channels_of(unet_config) -> int:
     """How many times a UNet takes the mask: its input channels beyond the 3 of the noisy image it predicts."""
     return unet_config.in_channels - unet_config.out_channels
@@ -260,7 +322,64 @@ def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
 
 
-class PolypDDPMPipeline(DiffusionPipeline):
+def predict_noise(unet, scheduler, image: torch.Tensor, mask_input: torch.Tensor, t) -> torch.Tensor:
+    """One call of the denoiser: the noise in `image` at timestep `t`, seeing the image and the mask side by side."""
+    model_input = torch.cat([scheduler.scale_model_input(image, t), mask_input], dim=1)
+    return unet(model_input, t).sample
+
+
+def masks_for_output(masks: torch.Tensor, output_type: str):
+    """`(N, 1, H, W)` masks in {0, 1} as `output_type`: the tensor, `(N, H, W, 1)` arrays or mode "L" images."""
+    if output_type == "pt":
+        return masks
+    array = masks.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    return [PIL.Image.fromarray((mask[..., 0] * 255).astype(np.uint8), mode="L") for mask in array]
+
+
+class PolypPipelineMixin:
+    """
+    What both pipelines of this file share: the model's size and mask layout, safetensors-only loading, saving
+    this file beside the weights, and `from_pipe` that keeps the model's dtype.
+    """
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def mask_channels(self) -> int:
+        return mask_channels_of(self.unet.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """
+        Like [`DiffusionPipeline.from_pretrained`], but loads only safetensors weights by default: a pickled
+        `.bin` file can run code when loaded. Pass `use_safetensors=False` to load one you trust.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """
+        Like [`DiffusionPipeline.from_pipe`]: a pipeline of this class around the same UNet and scheduler (no
+        copy). Unlike it, the shared modules keep their dtype unless `dtype=` is given (diffusers casts them to
+        float32 by default, the original pipeline's too).
+        """
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs and hasattr(pipeline, "unet"):
+            kwargs["dtype"] = pipeline.unet.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Saves weights and configs, plus this file so the folder loads without `polyp_diffusers` installed."""
+        super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(__file__, os.path.join(save_directory, f"{PIPELINE_MODULE_NAME}.py"))
+
+
+class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
     r"""
     Generates colonoscopy images with a polyp where a binary mask says, by denoising random noise with a
     UNet that sees the noisy image and the mask side by side (Polyp-DDPM, Dorjsembe et al., arXiv:2402.04031).
@@ -282,37 +401,6 @@ class PolypDDPMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
-
-    @property
-    def sample_size(self) -> tuple[int, int]:
-        size = self.unet.config.sample_size
-        return (size, size) if isinstance(size, int) else tuple(size)
-
-    @property
-    def mask_channels(self) -> int:
-        return mask_channels_of(self.unet.config)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """
-        Like [`DiffusionPipeline.from_pretrained`], but loads only safetensors weights by default: a pickled
-        `.bin` file can run code when loaded. Pass `use_safetensors=False` to load one you trust.
-        """
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Saves weights and configs, plus this file so the folder loads without `polyp_diffusers` installed."""
-        super().save_pretrained(save_directory, **kwargs)
-        shutil.copyfile(__file__, os.path.join(save_directory, f"{PIPELINE_MODULE_NAME}.py"))
-
-    def _masks_for_output(self, masks: torch.Tensor, output_type: str):
-        if output_type == "pt":
-            return masks
-        array = masks.permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        return [PIL.Image.fromarray((mask[..., 0] * 255).astype(np.uint8), mode="L") for mask in array]
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -353,26 +441,12 @@ class PolypDDPMPipeline(DiffusionPipeline):
 
         Examples:
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type is {output_type!r}; expected 'pil', 'np' or 'pt'.")
-        check_positive_int(num_images_per_mask, "num_images_per_mask")
-        check_positive_int(num_inference_steps, "num_inference_steps")
-        check_positive_int(batch_size, "batch_size")
-        _check_generator(generator)
+        check_sampling_arguments(output_type, num_images_per_mask, num_inference_steps, batch_size, generator)
         masks = prepare_masks(masks, self.sample_size)
-        mostly_polyp = (masks.mean(dim=(1, 2, 3)) > MAX_POLYP_FRACTION).nonzero().flatten().tolist()
-        if mostly_polyp:
-            logger.warning(
-                f"masks {mostly_polyp} are over {MAX_POLYP_FRACTION:.0%} polyp; are they inverted (white "
-                "should be the polyp, black the background)?"
-            )
+        _warn_if_mostly_polyp(masks)
         masks = masks.repeat_interleave(num_images_per_mask, dim=0)
         num_images = masks.shape[0]
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators, but {num_images} images are requested "
-                f"({num_images // num_images_per_mask} masks x {num_images_per_mask}); pass one per image."
-            )
+        _check_generator_count(generator, num_images, num_images_per_mask)
 
         device = self._execution_device
         dtype = self.unet.dtype
@@ -390,15 +464,346 @@ class PolypDDPMPipeline(DiffusionPipeline):
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 image = image * self.scheduler.init_noise_sigma
                 for t in self.scheduler.timesteps:
-                    model_input = torch.cat([self.scheduler.scale_model_input(image, t), mask_input], dim=1)
-                    noise_pred = self.unet(model_input, t).sample
+                    noise_pred = predict_noise(self.unet, self.scheduler, image, mask_input, t)
                     image = self.scheduler.step(noise_pred, t, image, generator=batch_generator).prev_sample
                     progress_bar.update()
                 images.append(image.float().cpu())
 
         self.maybe_free_model_hooks()
         images = self.image_processor.postprocess(torch.cat(images), output_type=output_type)
-        masks = self._masks_for_output(masks, output_type)
+        masks = masks_for_output(masks, output_type)
         if not return_dict:
             return (images, masks)
         return PolypDDPMPipelineOutput(images=images, masks=masks)
+
+
+# Inpainting ------------------------------------------------------------------------------------------------------
+
+
+def _frame_tensor(frame, name: str) -> torch.Tensor:
+    """One frame input as a `(B, 3, H, W)` float32 tensor in `[0, 1]`, validating type, shape and range."""
+    if isinstance(frame, PIL.Image.Image):
+        values = torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.uint8).copy())[None].permute(0, 3, 1, 2)
+        layout = "(H, W, 3)"
+    elif isinstance(frame, np.ndarray):
+        if frame.ndim not in (3, 4) or frame.shape[-1] != 3:
+            raise ValueError(
+                f"{name} has shape {frame.shape}; expected an RGB frame (H, W, 3) or (B, H, W, 3) as a numpy array."
+            )
+        values = torch.from_numpy(np.ascontiguousarray(frame if frame.ndim == 4 else frame[None])).permute(0, 3, 1, 2)
+        layout = "(H, W, 3)"
+    elif isinstance(frame, torch.Tensor):
+        if frame.ndim not in (3, 4) or frame.shape[-3] != 3:
+            raise ValueError(
+                f"{name} has shape {tuple(frame.shape)}; expected an RGB frame (3, H, W) or (B, 3, H, W) as a tensor."
+            )
+        values = (frame if frame.ndim == 4 else frame[None]).detach().cpu()
+        layout = "(3, H, W)"
+    else:
+        raise ValueError(
+            f"{name} has unsupported type {type(frame).__name__}; expected a PIL image, a numpy array (H, W, 3), "
+            "a torch tensor (3, H, W) or a list of these."
+        )
+    if 0 in values.shape:
+        raise ValueError(f"{name} has a zero-sized dimension; expected an RGB frame {layout}.")
+    if values.dtype == torch.uint8:
+        return values.float() / 255
+    if not values.is_floating_point():
+        raise ValueError(f"{name} has dtype {values.dtype}; expected uint8 (0-255) or floats in [0, 1].")
+    values = values.float()
+    if not torch.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        raise ValueError(
+            f"{name} has values in [{values.min().item():g}, {values.max().item():g}]; expected floats in [0, 1] "
+            "(or uint8 0-255)."
+        )
+    return values
+
+
+def prepare_inpainting_inputs(image, mask_image) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Validates frames and their masks for [`PolypInpaintPipeline`].
+
+    Returns:
+        `(frames, masks)`: `(N, 3, H, W)` float32 in `[0, 1]` and `(N, 1, H, W)` float32 in {0, 1}, at the
+        frames' size. Refused: a frame without a mask (or a mask without a frame), frames of different sizes in one
+        call, a mask of another size than its frame, colour or grey-level masks, a mask with no polyp pixel.
+    """
+    if image is None:
+        raise ValueError(
+            "image is missing: PolypInpaintPipeline inserts a polyp into a frame (image=frame, mask_image=mask); "
+            "to generate a whole image from a mask, use PolypDDPMPipeline."
+        )
+    if mask_image is None:
+        raise ValueError(
+            "mask_image is missing: pass the binary mask (white = polyp) of where to insert the polyp into image."
+        )
+    frame_items = image if isinstance(image, (list, tuple)) else [image]
+    if len(frame_items) == 0:
+        raise ValueError("image is empty; expected at least one frame.")
+    frames = [
+        _frame_tensor(item, f"image[{index}]" if isinstance(image, (list, tuple)) else "image")
+        for index, item in enumerate(frame_items)
+    ]
+    sizes = sorted({tuple(frame.shape[-2:]) for frame in frames})
+    if len(sizes) > 1:
+        listed = ", ".join(f"{width}x{height}" for height, width in sizes)
+        raise ValueError(f"the frames have different sizes ({listed}); pass frames of one size per call.")
+    frames = torch.cat(frames)
+    masks = torch.cat(
+        [
+            binary
+            if tuple(binary.shape[-2:]) == sizes[0]
+            else _refuse_mask_size(binary, index, isinstance(mask_image, (list, tuple)), sizes[0])
+            for index, binary in enumerate(_binary_masks(mask_image, "mask_image", "mask_image"))
+        ]
+    )
+    if masks.shape[0] != frames.shape[0]:
+        raise ValueError(
+            f"image holds {frames.shape[0]} frame(s) and mask_image {masks.shape[0]} mask(s); pass one mask per frame."
+        )
+    empty = (masks.amax(dim=(1, 2, 3)) == 0).nonzero().flatten().tolist()
+    if empty:
+        where = "mask_image" if masks.shape[0] == 1 else f"mask_image{empty}"
+        raise ValueError(
+            f"{where} has no polyp pixel: there is nothing to insert. White (1 or 255) marks where the polyp goes."
+        )
+    return frames, masks
+
+
+def _refuse_mask_size(binary: torch.Tensor, index: int, is_list: bool, frame_size: tuple[int, int]):
+    name = f"mask_image[{index}]" if is_list else "mask_image"
+    (height, width), (frame_height, frame_width) = binary.shape[-2:], frame_size
+    raise ValueError(
+        f"{name} is {width}x{height} pixels but its frame is {frame_width}x{frame_height}; a mask must have its "
+        "frame's size (it says which pixels of the frame become polyp)."
+    )
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(B, 3, H, W)` images in `[0, 1]` at `size` (height, width): bicubic with antialiasing, clamped."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary `(B, 1, H, W)` masks grown by a disk of `radius` pixels."""
+    if radius == 0:
+        return masks
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()[None, None]
+    return (F.conv2d(masks.float(), disk.to(masks.device), padding=radius) > 0.5).to(masks.dtype)
+
+
+def blend_weights(masks: torch.Tensor, blend_radius: int) -> torch.Tensor:
+    """
+    How much of each pixel the generated image supplies: 1 on the mask, falling linearly to `1 / (r + 1)` at
+    `r = blend_radius` pixels from it, 0 beyond. Where it is above 0 is the edit region: the mask dilated by r.
+    """
+    weights = masks.clone().float()
+    for radius in range(1, blend_radius + 1):
+        weights += dilate(masks, radius)
+    return weights / (blend_radius + 1)
+
+
+def repaint_path(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """
+    The positions along the inference timesteps that RePaint visits, in order: position `k < num_steps` is the
+    noise level of `timesteps[k]`, `num_steps` the clean image. A step forward is one denoising step; a step back
+    is a resampling jump. Every `jump_length` positions the chain jumps back `jump_length` positions
+    `jump_n_sample - 1` times (Lugmayr et al. 2022, their `jump_length` and `jump_n_sample`); `jump_n_sample=1`
+    never jumps.
+    """
+    jumps_left = {position: jump_n_sample - 1 for position in range(jump_length, num_steps, jump_length)}
+    position, path = 0, [0]
+    while position < num_steps:
+        position += 1
+        path.append(position)
+        if jumps_left.get(position, 0) > 0:
+            jumps_left[position] -= 1
+            position -= jump_length
+            path.append(position)
+    return path
+
+
+def renoise(sample: torch.Tensor, alpha_prod_from, alpha_prod_to, generator) -> torch.Tensor:
+    """A sample of `q(x_to | x_from)`: `sample` noised from cumulative alpha `alpha_prod_from` down to `alpha_prod_to`."""
+    ratio = (alpha_prod_to / alpha_prod_from).to(torch.float32)
+    noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    return (ratio.sqrt() * sample.float() + (1 - ratio).sqrt() * noise.float()).to(sample.dtype)
+
+
+def images_for_output(images: torch.Tensor, output_type: str):
+    """`(N, 3, H, W)` images in `[0, 1]` as `output_type`: the tensor, `(N, H, W, 3)` arrays or RGB images."""
+    if output_type == "pt":
+        return images
+    array = VaeImageProcessor.pt_to_numpy(images)
+    return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+
+
+class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
+    r"""
+    Inserts a polyp into a real colonoscopy frame where a binary mask says, with a trained Polyp-DDPM model and no
+    retraining (RePaint, Lugmayr et al., CVPR 2022): the UNet denoises the whole image conditioned on the mask,
+    and before every step the region outside the edit region is replaced by the frame noised to that step, so the
+    new polyp and the mucosa around it are generated to fit the real frame. Build it from a loaded model with
+    `PolypInpaintPipeline.from_pipe(pipe)`.
+
+    The edit region is the mask grown by `blend_radius` pixels; across that margin the output fades from the
+    generated image to the frame, so no seam shows. Pixels outside the edit region are the frame's, exactly.
+
+    Args:
+        unet ([`UNet2DModel`]):
+            The Polyp-DDPM denoiser (noisy image and mask in, noise out), as in [`PolypDDPMPipeline`].
+        scheduler ([`SchedulerMixin`]):
+            [`DDPMScheduler`] as trained, or [`DDIMScheduler`] for fewer steps. Multistep solvers keep state
+            between steps and cannot resample, so they are refused.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    @replace_example_docstring(INPAINT_EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image=None,
+        mask_image=None,
+        num_images_per_mask: int = 1,
+        num_inference_steps: int = 250,
+        blend_radius: int = 4,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int = 16,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> PolypDDPMPipelineOutput | tuple:
+        r"""
+        Inserts a polyp into each frame (times `num_images_per_mask`).
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of these):
+                The frames: RGB PIL images, arrays `(H, W, 3)` / `(B, H, W, 3)` or tensors `(3, H, W)` /
+                `(B, 3, H, W)`, uint8 (0-255) or floats in `[0, 1]`. All frames of a call have one size, any size:
+                they are resized to the model's size for sampling and the result is brought back to theirs.
+            mask_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of these):
+                One binary mask per frame, of its frame's size, white where the polyp goes (the mask rule of
+                [`prepare_masks`]). It is both what the UNet sees as the polyp's shape and the region to edit. An
+                empty mask is refused (nothing to insert).
+            num_images_per_mask (`int`, defaults to 1):
+                Different polyps inserted into each frame; they follow each other in the output.
+            num_inference_steps (`int`, defaults to 250):
+                Denoising steps: 250 is the trained DDPM chain; with [`DDIMScheduler`] 25-50 work.
+            blend_radius (`int`, defaults to 4):
+                The margin in pixels of the model's grid (the frame's pixels when it has the model's size) by
+                which the mask is grown into the edit region. The mucosa there is generated too, and the output
+                fades from generated to real across it. 0: only the mask is edited, with a hard edge.
+            jump_length (`int`, defaults to 10):
+                RePaint's resampling: steps the chain jumps back each time.
+            jump_n_sample (`int`, defaults to 1):
+                RePaint's resampling: how often each stretch of `jump_length` steps is traversed; 1 disables the
+                jumps, `n` makes sampling about `n` times slower and harmonizes the polyp with its surroundings
+                better (the paper: `jump_length=10`, `jump_n_sample=10`).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes generation deterministic; a list needs one generator per output image and makes each image
+                independent of `batch_size`.
+            batch_size (`int`, defaults to 16):
+                Images denoised at once.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` (`(N, H, W, 3)` in `[0, 1]`) or `"pt"` (`(N, 3, H, W)` in `[0, 1]`).
+            return_dict (`bool`, defaults to `True`):
+                Return a [`PolypDDPMPipelineOutput`] (images and their masks, at the frames' size) instead of a
+                tuple `(images, masks)`.
+
+        Examples:
+        """
+        check_sampling_arguments(output_type, num_images_per_mask, num_inference_steps, batch_size, generator)
+        check_positive_int(jump_length, "jump_length")
+        check_positive_int(jump_n_sample, "jump_n_sample")
+        if isinstance(blend_radius, bool) or not isinstance(blend_radius, numbers.Integral) or blend_radius < 0:
+            raise ValueError(f"blend_radius is {blend_radius!r}; expected an int of at least 0 (pixels).")
+        if not isinstance(self.scheduler, INPAINT_SCHEDULERS):
+            raise ValueError(
+                f"PolypInpaintPipeline samples with DDPMScheduler (as trained) or DDIMScheduler; the scheduler is "
+                f"{type(self.scheduler).__name__}, whose steps keep state and cannot resample. Set "
+                "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config) (or DDIMScheduler)."
+            )
+
+        # 1. Frames and masks at the frames' size, then at the model's size for sampling.
+        frames, masks = prepare_inpainting_inputs(image, mask_image)
+        model_masks = resize_masks(masks, self.sample_size)
+        vanished = (model_masks.amax(dim=(1, 2, 3)) == 0).nonzero().flatten().tolist()
+        if vanished:
+            height, width = self.sample_size
+            raise ValueError(
+                f"the polyp of mask_image {vanished} is too small to survive resizing to the model's {width}x{height} "
+                "pixels; draw a larger polyp."
+            )
+        _warn_if_mostly_polyp(model_masks)
+        blend = blend_weights(model_masks, blend_radius)
+        model_frames = resize_images(frames, self.sample_size) * 2 - 1
+        frames, masks, model_masks, blend, model_frames = (
+            tensor.repeat_interleave(num_images_per_mask, dim=0)
+            for tensor in (frames, masks, model_masks, blend, model_frames)
+        )
+        num_images = frames.shape[0]
+        _check_generator_count(generator, num_images, num_images_per_mask)
+
+        # 2. RePaint: denoise the whole image, with the known region replaced by the frame noised to each step.
+        device = self._execution_device
+        dtype = self.unet.dtype
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        path = repaint_path(len(timesteps), jump_length, jump_n_sample)
+        steps_per_batch = sum(after > before for before, after in zip(path, path[1:]))
+        num_batches = -(-num_images // batch_size)
+        samples = []
+        with self.progress_bar(total=num_batches * steps_per_batch) as progress_bar:
+            for start in range(0, num_images, batch_size):
+                batch = slice(start, start + batch_size)
+                batch_generator = generator[batch] if isinstance(generator, list) else generator
+                known = model_frames[batch].to(device=device, dtype=dtype)
+                edit = blend[batch].to(device) > 0
+                mask_input = mask_model_input(model_masks[batch].to(device=device, dtype=dtype), self.mask_channels)
+                sample = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
+                sample = sample * self.scheduler.init_noise_sigma
+                for position, next_position in zip(path, path[1:]):
+                    if next_position < position:  # a resampling jump back to a noisier step
+                        alpha_from = alphas_cumprod[timesteps[position]]
+                        alpha_to = alphas_cumprod[timesteps[next_position]]
+                        sample = renoise(sample, alpha_from, alpha_to, batch_generator)
+                        continue
+                    t = timesteps[position]
+                    noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
+                    sample = torch.where(edit, sample, self.scheduler.add_noise(known, noise, t))
+                    noise_pred = predict_noise(self.unet, self.scheduler, sample, mask_input, t)
+                    sample = self.scheduler.step(noise_pred, t, sample, generator=batch_generator).prev_sample
+                    progress_bar.update()
+                samples.append(torch.where(edit, sample, known).float().cpu())
+        self.maybe_free_model_hooks()
+
+        # 3. Back at the frames' size: generated inside the edit region, fading to the frame across the margin,
+        # and the frame itself, exactly, outside it.
+        generated = resize_images((torch.cat(samples) / 2 + 0.5).clamp(0, 1), tuple(frames.shape[-2:]))
+        if tuple(blend.shape[-2:]) != tuple(frames.shape[-2:]):
+            resized = F.interpolate(blend, size=tuple(frames.shape[-2:]), mode="bilinear", align_corners=False)
+            blend = torch.maximum(resized.clamp(0, 1), masks)
+        images = torch.where(blend > 0, blend * generated + (1 - blend) * frames, frames)
+
+        images = images_for_output(images, output_type)
+        masks = masks_for_output(masks, output_type)
+        if not return_dict:
+            return (images, masks)
+        return PolypDDPMPipelineOutput(images=images, masks=masks)
+
+
+def __dir__():
+    # `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_polyp_ddpm")` takes the one subclass of
+    # DiffusionPipeline that `dir()` of this file lists, and refuses a file that lists two. That pipeline is
+    # PolypDDPMPipeline; PolypInpaintPipeline stays importable by name and is built from it with `from_pipe`.
+    return sorted(name for name in globals() if name != "PolypInpaintPipeline")

@@ -421,10 +421,10 @@ def write_dataset(
     card: str,
     problems: list[Problem] = (),
     overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
 ) -> Path:
     """
-    Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text) into a
+    Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text or bytes) into a
     staging folder, and moves it into place once complete (`folders.py`): a crash never leaves a half dataset.
     With `overwrite`, an existing output is replaced; which outputs a command may replace is the caller's rule.
     """
@@ -440,8 +440,11 @@ def write_dataset(
             "counts": {s: len(d) for s, d in dataset.items()},
         }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content)
         replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

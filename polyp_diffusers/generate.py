@@ -1,10 +1,13 @@
-"""The `generate` command: synthetic pairs from the masks of a dataset, resumably, in the project's schema."""
+"""The `generate` command: synthetic pairs from the masks of a dataset (or new masks made from them), resumably,
+in the project's schema."""
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
@@ -13,6 +16,7 @@ from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_
 from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
+from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import PolypDDPMPipeline
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
@@ -26,6 +30,11 @@ PARTS_DIR = ".parts"
 # presence is what marks a folder as written by this command (and so as one that --overwrite may replace).
 SETTINGS_FILE = "generation.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Written beside a dataset of new masks: their statistics against the real masks they came from.
+MASK_STATISTICS_FILE = "mask_statistics.json"
+MASK_STATISTICS_PLOT = "mask_statistics.png"
+
+logger = logging.getLogger(__name__)
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> PolypDDPMPipeline:
@@ -118,10 +127,18 @@ def generate_dataset(
     overwrite: bool = False,
     push_to_hub: bool = False,
     hub_dataset_id: str | None = None,
+    new_masks: int | None = None,
+    mask_augment: bool = False,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
     `DatasetDict` (one split, named like the source split) with `GENERATED_FEATURES`.
+
+    With `new_masks=N` and `mask_augment=True`, the masks are instead N new ones made from the masks of
+    `mask_dataset[split]` by `masks.MaskAugmenter` (mask `j` from `seed` and `j`); their ids are
+    `newmask-J-synK` and `source_id` names the real masks each came from (`a+b` for two). The statistics of the
+    new masks against the real ones are written beside the dataset (`mask_statistics.json`, and
+    `mask_statistics.png` when matplotlib is installed).
 
     Image `i` is generated with seed `seed + i`, so results do not depend on `batch_size` or interruptions.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
@@ -140,6 +157,15 @@ def generate_dataset(
         ("num_inference_steps", num_inference_steps),
     ):
         check_positive_int(value, name)
+    if new_masks is not None:
+        check_positive_int(new_masks, "new_masks")
+        if not mask_augment:
+            raise ValueError(
+                "new_masks needs a way to make the masks: mask_augment=True (--mask-augment: real masks deformed, "
+                "moved, resized and combined)."
+            )
+    elif mask_augment:
+        raise ValueError("mask_augment makes new masks: say how many with new_masks=N (--new-masks N).")
     output = Path(output)
     check_output_apart(output, {"model": model, "mask dataset": mask_dataset})
     recover_interrupted_write(output)
@@ -157,26 +183,35 @@ def generate_dataset(
         "dtype": dtype,
         "num_masks": len(source),
     }
+    if new_masks is not None:
+        settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
     _check_output(output, settings, overwrite)
     pipeline = load_pipeline(model, DTYPES[dtype])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
+    augmenter = None
+    if new_masks is not None:
+        real_masks = (row["mask"] for row in source.select_columns(["mask"]))
+        augmenter = MaskAugmenter(real_masks, pipeline.sample_size, seed=seed, ids=source_ids)
+        masks_of = _new_masks(augmenter)
+    else:
+        masks_of = _real_masks(source, source_ids)
 
     parts = output / PARTS_DIR
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
-    requests = [(row, k) for row in range(len(source)) for k in range(num_images_per_mask)]
+    num_masks = len(source) if new_masks is None else new_masks
+    requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
     for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
         part = parts / f"part-{start // batch_size:06d}.parquet"
         if part.exists():
             continue
         batch = requests[start : start + batch_size]
-        indices = sorted({row for row, _ in batch})
-        by_index = dict(zip(indices, source.select(indices)))
+        by_index = masks_of(sorted({row for row, _ in batch}))
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         out = pipeline(
-            [by_index[row]["mask"] for row, _ in batch],
+            [by_index[row][0] for row, _ in batch],
             num_inference_steps=num_inference_steps,
             generator=generators,
             batch_size=batch_size,
@@ -184,12 +219,12 @@ def generate_dataset(
         )
         records = []
         for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):
-            source_id = source_ids[row]
+            _, source_id, name = by_index[row]
             records.append(
                 {
                     "image": png_cell(image),
                     "mask": png_cell(mask),
-                    "id": f"{source_id}-syn{k}",
+                    "id": f"{name}-syn{k}",
                     "width": image.width,
                     "height": image.height,
                     "seed": image_seed,
@@ -210,23 +245,79 @@ def generate_dataset(
     generated = concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
+    extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
+    if augmenter is not None:
+        extra_files.update(
+            _mask_statistics_files(augmenter, generated.select(range(0, len(generated), num_images_per_mask)))
+        )
     # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
-    write_dataset(dataset, output, card, overwrite=True, extra_files={SETTINGS_FILE: json.dumps(settings, indent=2)})
+    write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
 
 
+def _real_masks(source: Dataset, source_ids: list[str]):
+    """For rows of the source: `{row: (mask, source_id, id stem)}`, the masks of the source itself."""
+
+    def masks_of(rows: list[int]) -> dict:
+        return {row: (pair["mask"], source_ids[row], source_ids[row]) for row, pair in zip(rows, source.select(rows))}
+
+    return masks_of
+
+
+def _new_masks(augmenter: MaskAugmenter):
+    """For indices of new masks: `{index: (mask, source_id, id stem)}`, each mask made from the seed and its index."""
+
+    def masks_of(indices: list[int]) -> dict:
+        made = {index: augmenter(index) for index in indices}
+        return {
+            index: (mask, augmenter.source_id(sources), f"newmask-{index:05d}")
+            for index, (mask, sources) in made.items()
+        }
+
+    return masks_of
+
+
+def _mask_statistics_files(augmenter: MaskAugmenter, generated: Dataset) -> dict[str, str | bytes]:
+    """Area fraction and components of the new masks against the real ones: JSON, and a PNG when matplotlib is here."""
+    real = augmenter.statistics
+    new = mask_statistics([np.asarray(mask) for mask in generated["mask"]])
+    summary = {"real": summarize_statistics(real), "new": summarize_statistics(new), "mask_augment": augmenter.config}
+    files = {MASK_STATISTICS_FILE: json.dumps(summary, indent=2)}
+    try:
+        files[MASK_STATISTICS_PLOT] = plot_mask_statistics(real, new, labels=("real training masks", "new masks"))
+    except ImportError as error:
+        logger.warning(f"{MASK_STATISTICS_PLOT} is left out: {error}")
+    return files
+
+
 def _card(settings: dict, count: int) -> str:
-    return render_dataset_card(
-        {settings["split"]: count},
-        source_description=(
+    if "new_masks" in settings:
+        masks = (
+            f"{settings['new_masks']} new masks made by `--mask-augment` (elastic and affine deformation and "
+            f"composition of real polyps, sizes and positions drawn from the real masks) from the masks of "
+            f"`{settings['mask_dataset']}` (split `{settings['split']}`, {settings['num_masks']} masks), "
+            f"{settings['num_images_per_mask']} image(s) each; mask `j` is made from seed {settings['seed']} and `j`, "
+            "and `source_id` names the real masks each came from (`a+b` for two). Their statistics against the real "
+            f"masks: `{MASK_STATISTICS_FILE}`"
+        )
+        description = (
+            f"Generated by `polyp-ddpm generate` with the model `{settings['model']}` from {masks}. "
+            f"{settings['sampler']} sampler with {settings['num_inference_steps']} steps, {settings['dtype']}. Image "
+            f"`i` used seed {settings['seed']} + i (column `seed`)."
+        )
+    else:
+        description = (
             f"Generated by `polyp-ddpm generate` with the model `{settings['model']}` from the masks of "
             f"`{settings['mask_dataset']}` (split `{settings['split']}`, {settings['num_masks']} masks, "
             f"{settings['num_images_per_mask']} image(s) each), {settings['sampler']} sampler with "
             f"{settings['num_inference_steps']} steps, {settings['dtype']}. Image `i` used seed "
             f"{settings['seed']} + i (column `seed`); `source_id` names the mask's pair in the source."
-        ),
+        )
+    return render_dataset_card(
+        {settings["split"]: count},
+        source_description=description,
         split_description=f"one split, `{settings['split']}`, named after the source split of the masks.",
         synthetic_note=GENERATED_NOTE,
         title="Synthetic polyp image/mask pairs",

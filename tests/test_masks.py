@@ -1,0 +1,159 @@
+"""New masks from real ones (MaskAugmenter), their statistics, and `generate --new-masks --mask-augment`."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from polyp_diffusers.cli import main as polyp_ddpm
+from polyp_diffusers.demo import make_demo_dataset
+from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
+from polyp_diffusers.masks import MaskAugmenter, count_components, mask_statistics, plot_mask_statistics
+from polyp_diffusers.pipelines import PolypDDPMPipeline
+
+
+@pytest.fixture(scope="module")
+def real_masks():
+    """The training masks of the demo set at 64 px: (masks, ids)."""
+    train = make_demo_dataset(num_pairs=100, size=64, seed=1)["train"]
+    return list(train["mask"]), list(train["id"])
+
+
+def test_components_are_8_connected_regions():
+    mask = np.zeros((12, 12), dtype=bool)
+    assert count_components(mask) == 0
+    mask[0, 0] = mask[1, 1] = True  # corners touch: one region
+    assert count_components(mask) == 1
+    mask[5:9, 2] = mask[5:9, 5] = mask[8, 2:6] = True  # a U whose arms meet only at the bottom: one region
+    mask[3:6, 9:12] = True
+    mask[4, 10] = False  # a ring is one region
+    assert count_components(mask) == 3
+
+
+def test_mask_statistics_measure_area_and_regions():
+    square, two = np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8)
+    square[:5, :5] = 255
+    two[0, 0] = two[9, 9] = 255
+    statistics = mask_statistics([square, two])
+    np.testing.assert_allclose(statistics["area_fraction"], [0.25, 0.02])
+    assert statistics["components"].tolist() == [1, 2]
+
+
+def test_new_masks_are_binary_seeded_and_name_their_sources(real_masks):
+    masks, ids = real_masks
+    augmenter = MaskAugmenter(masks, 64, seed=7, ids=ids)
+    mask, sources = augmenter(3)
+    assert mask.shape == (64, 64) and mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    again, same_sources = MaskAugmenter(masks, 64, seed=7, ids=ids)(3)
+    np.testing.assert_array_equal(mask, again)
+    assert sources == same_sources and set(augmenter.source_id(sources).split("+")) <= set(ids)
+    assert not np.array_equal(mask, MaskAugmenter(masks, 64, seed=8, ids=ids)(3)[0])
+    real = augmenter.masks[sources[0], 0].numpy()
+    assert ((mask > 0) & real).sum() / ((mask > 0) | real).sum() < 0.95  # not a copy of its source
+
+
+def test_new_masks_keep_the_real_statistics(real_masks):
+    masks, ids = real_masks
+    augmenter = MaskAugmenter(masks, 64, seed=0, ids=ids)
+    new = mask_statistics([augmenter(index)[0] for index in range(60)])
+    real = augmenter.statistics
+    low, high = augmenter.area_range
+    assert low <= new["area_fraction"].min() and new["area_fraction"].max() <= high
+    assert 0.67 < np.median(new["area_fraction"]) / np.median(real["area_fraction"]) < 1.5
+    assert abs((new["components"] > 1).mean() - (real["components"] > 1).mean()) < 0.2
+
+
+def test_composition_joins_two_real_polyps(real_masks):
+    masks, ids = real_masks
+    augmenter = MaskAugmenter(masks, 64, seed=0, ids=ids, compose_probability=1.0)
+    sources = [augmenter(index)[1] for index in range(5)]
+    assert all(len(pair) == 2 and pair[0] != pair[1] for pair in sources)
+    assert "+" in augmenter.source_id(sources[0])
+
+
+def test_the_histogram_png_compares_generated_with_real(real_masks, tmp_path):
+    pytest.importorskip("matplotlib")
+    masks, ids = real_masks
+    augmenter = MaskAugmenter(masks, 64, ids=ids)
+    new = mask_statistics([augmenter(index)[0] for index in range(10)])
+    png = plot_mask_statistics(augmenter.statistics, new, tmp_path / "masks.png")
+    assert png.startswith(b"\x89PNG") and (tmp_path / "masks.png").read_bytes() == png
+
+
+GENERATION = ["--sampler", "ddim", "--steps", "2", "--batch-size", "4", "--num-images-per-mask", "2", "--seed", "5"]
+
+
+def run_generate(capsys, saved_pipeline_dir, demo_masks, output, *extra):
+    argv = ["generate", "--model", saved_pipeline_dir, "--mask-dataset", demo_masks, "--output", output, *extra]
+    try:
+        code = polyp_ddpm([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, *capsys.readouterr()
+
+
+def test_generate_new_masks_makes_new_pairs_in_the_same_schema(capsys, saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "new"
+    code, out, err = run_generate(
+        capsys, saved_pipeline_dir, demo_masks, output, "--new-masks", "5", "--mask-augment", *GENERATION
+    )
+    assert code == 0, err
+    assert "train: 10 generated pairs" in out
+    pairs = load_from_disk(str(output))["train"]
+    assert pairs.features == GENERATED_FEATURES and len(pairs) == 10
+    assert pairs["id"][:3] == ["newmask-00000-syn0", "newmask-00000-syn1", "newmask-00001-syn0"]
+    assert list(pairs["seed"]) == list(range(5, 15))
+    real_ids = set(load_from_disk(str(demo_masks))["train"]["id"])
+    assert all(set(source.split("+")) <= real_ids for source in pairs["source_id"])
+    augmenter = MaskAugmenter(load_from_disk(str(demo_masks))["train"]["mask"], 32, seed=5)
+    for row in (0, 4):  # both images of a mask have it; it is the augmenter's mask `j` for seed 5
+        np.testing.assert_array_equal(np.asarray(pairs[row]["mask"]), augmenter(row // 2)[0])
+    assert np.array_equal(np.asarray(pairs[0]["mask"]), np.asarray(pairs[1]["mask"]))
+    statistics = json.loads((output / "mask_statistics.json").read_text())
+    assert statistics["new"]["count"] == 5 and statistics["real"]["count"] == 6
+    assert json.loads((output / "generation.json").read_text())["new_masks"] == 5
+    assert "new masks made by `--mask-augment`" in (output / "README.md").read_text()
+
+
+def test_an_interrupted_new_mask_generation_resumes_to_the_same_pairs(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+):
+    arguments = dict(
+        split="test", sampler="ddim", num_inference_steps=2, batch_size=2, seed=3, new_masks=3, mask_augment=True
+    )
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "whole", **arguments)
+    calls = {"count": 0}
+    original = PolypDDPMPipeline.__call__
+
+    def crash_on_second_batch(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolypDDPMPipeline, "__call__", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "resumed", **arguments)
+    assert len(list((tmp_path / "resumed" / PARTS_DIR).glob("part-*"))) == 1
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "resumed", **arguments)
+    whole, resumed = (load_from_disk(str(tmp_path / name))["test"] for name in ("whole", "resumed"))
+    assert list(resumed["source_id"]) == list(whole["source_id"])
+    for a, b in zip(resumed, whole):
+        assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--new-masks", "3"], "needs a way to make the masks"), (["--mask-augment"], "say how many with new_masks")],
+)
+def test_new_masks_and_mask_augment_go_together(capsys, saved_pipeline_dir, demo_masks, tmp_path, flags, expected):
+    code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "out", *flags)
+    assert code == 1 and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_masks_must_be_a_positive_count(capsys, saved_pipeline_dir, demo_masks, tmp_path):
+    code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "out", "--new-masks", "0")
+    assert code == 2 and "not a whole number of at least 1" in err
