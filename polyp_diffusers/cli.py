@@ -1,14 +1,17 @@
-"""The `polyp-ddpm` command line: prepare data, generate pairs, measure FID/KID, convert official weights, cards.
+"""The `polyp-ddpm` command line: prepare data, generate pairs, measure FID/KID, convert official weights, cards,
+and a web demo.
 
 Each subcommand only parses its arguments and calls the function that holds its algorithm.
 """
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+from datasets import DatasetDict
+
+from .arguments import HelpFormatter, count_or_fraction, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset
 from .generate import DTYPES, generate_dataset, load_pipeline
@@ -19,34 +22,6 @@ from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
 
 FEATURES = ("inception", "dinov2")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each default that a help text does not already state, and keeps the line breaks of examples."""
-
-    def _get_help_string(self, action):
-        help_text = action.help or ""
-        unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if unstated or "default" in help_text.lower():
-            return help_text
-        return f"{help_text} (default: %(default)s)"
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 1")
-    return number
-
-
-def count_or_fraction(value: str) -> int | float:
-    """A count of test pairs (>= 1) or a fraction of them (between 0 and 1)."""
-    number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is neither a count (>= 1) nor a fraction in (0, 1)")
-    if number >= 1 and not number.is_integer():
-        raise argparse.ArgumentTypeError(f"{value} is neither a whole count nor a fraction in (0, 1)")
-    return int(number) if number >= 1 else number
 
 
 def _add_hub_options(parser, what: str, default_name: str):
@@ -173,6 +148,19 @@ def _add_generate(subparsers):
     parser.add_argument("--steps", type=positive_int, help="Sampling steps (default: 250 for ddpm, 50 otherwise).")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="Images per batch (and per written part).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image.")
+    parser.add_argument(
+        "--new-masks",
+        type=positive_int,
+        metavar="N",
+        help="Make N new masks from the masks of --split (with --mask-augment) instead of reusing them; mask j "
+        "comes from SEED and j. Writes mask_statistics.json/.png: the new masks against the real ones.",
+    )
+    parser.add_argument(
+        "--mask-augment",
+        action="store_true",
+        help="New masks by elastic and affine deformation of real polyps (sizes and positions drawn from the real "
+        "masks), sometimes two real polyps together.",
+    )
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
     parser.add_argument(
@@ -200,6 +188,8 @@ def _run_generate(args):
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         hub_dataset_id=args.hub_id,
+        new_masks=args.new_masks,
+        mask_augment=args.mask_augment,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
 
@@ -244,7 +234,7 @@ def _add_fid(subparsers):
 def _run_fid(args):
     real = load_polyp_dataset(args.real, split=args.real_split)
     generated = load_polyp_dataset(args.generated, split=args.generated_split)
-    if args.generated_split is None:
+    if isinstance(generated, DatasetDict):
         if len(generated) != 1:
             raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
         generated = next(iter(generated.values()))
@@ -293,6 +283,89 @@ def _run_card(args):
     print(f"Updated {update_model_card(load_pipeline(args.model_dir), args.model_dir, results)}")
 
 
+def _add_demo(subparsers):
+    parser = subparsers.add_parser(
+        "demo",
+        formatter_class=HelpFormatter,
+        help="Serve a web demo: draw or upload a mask in a browser, get polyp images (needs the [demo] extra).",
+        description=(
+            "Opens http://HOST:PORT: draw a mask, upload one or pick an example; choose the number of images, sampler, "
+            "steps and seed; download each image with its mask. With --write-space DIR, writes a Hugging Face Space "
+            "that serves --model (a Hub id) instead."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="A saved PolypDDPMPipeline: a folder or a Hub id.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every network interface).")
+    parser.add_argument("--port", type=positive_int, default=7860, help="Port to serve on.")
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link to the demo.")
+    parser.add_argument("--device", help="Default: cuda if available, else cpu.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
+    parser.add_argument(
+        "--write-space", metavar="DIR", help="Write a Hub Space folder (app.py, requirements.txt, README.md) and exit."
+    )
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args):
+    try:
+        from . import web_demo  # gradio is the optional [demo] extra
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            f"the web demo needs the [demo] extra ({error}): pip install 'polyp-diffusers[demo]'."
+        ) from error
+    if args.write_space:
+        folder = web_demo.write_space(args.write_space, args.model)
+        print(
+            f"Wrote the Space {folder}. To publish it: hf repos create USER/SPACE --repo-type space --space-sdk gradio, "
+            f"then hf upload USER/SPACE {folder} --repo-type space"
+        )
+        return
+    web_demo.launch_demo(
+        args.model, host=args.host, port=args.port, share=args.share, device=args.device, dtype=args.dtype
+    )
+
+
+def _add_reproduce(subparsers):
+    parser = subparsers.add_parser(
+        "reproduce",
+        formatter_class=HelpFormatter,
+        help="The paper's study in one command: data, denoiser, synthetic pairs, FID/KID, segmenters, report.",
+        description=(
+            "Runs (or, after a kill, continues) every step of the study in OUTPUT and writes report.md, "
+            "report.json (a results file for `polyp-ddpm card`) and figures. Needs the [eval] and [train] extras "
+            "and a checkout (it runs the scripts in training/). Presets: smoke (CPU, demo data), quick-64 (one "
+            "GPU, minutes), paper (the paper's scale)."
+        ),
+    )
+    parser.add_argument("--data", required=True, help="Image/mask pairs for prepare-data (e.g. Kvasir-SEG), or 'demo'.")
+    parser.add_argument("--output", required=True, help="The study folder.")
+    parser.add_argument(
+        "--preset", choices=("smoke", "quick-64", "paper"), default="quick-64", help="Sizes and budgets."
+    )
+    parser.add_argument("--split-file", help="JSON {split: [ids]}, e.g. the paper's split of Kvasir-SEG.")
+    parser.add_argument(
+        "--test", action="append", metavar="DATASET[:SPLIT]", help="Extra prepared test sets to score (repeatable)."
+    )
+    parser.add_argument("--seeds", type=positive_int, help="Segmenter seeds per training set (default: the preset's).")
+    parser.add_argument(
+        "--objective",
+        choices=("paper", "velocity"),
+        default="paper",
+        help="The denoiser's: noise prediction (the paper) or velocity with zero terminal SNR.",
+    )
+    parser.add_argument("--inception-weights", help="For FID/KID (default: the torch hub cache; skipped if absent).")
+    parser.set_defaults(run=_run_reproduce)
+
+
+def _run_reproduce(args):
+    from .study import run_study  # the study needs the [eval] extra (segmenters, FID)
+
+    run_study(
+        args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
+        objective=args.objective, inception_weights=args.inception_weights,
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyp-ddpm", description=__doc__, formatter_class=HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_fid(subparsers)
     _add_card(subparsers)
+    _add_reproduce(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
