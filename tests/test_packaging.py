@@ -18,18 +18,23 @@ CHECK = (
 )
 
 
+def copy_project(destination):
+    """What a build needs, links kept as links (as in a git checkout)."""
+    destination.mkdir()
+    for name in SOURCES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, destination / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, destination / name)
+    return destination
+
+
 @pytest.fixture(scope="module")
 def installed_wheel(tmp_path_factory):
     """The project built as a wheel and installed (without dependencies: they are this venv's) into a folder."""
     root = tmp_path_factory.mktemp("packaging")
-    source = root / "source"
-    source.mkdir()
-    for name in SOURCES:
-        path = REPO_ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(path, source / name)
+    source = copy_project(root / "source")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source)],
@@ -79,14 +84,7 @@ def test_the_console_script_runs_from_any_directory(installed_wheel, tmp_path, w
 def test_the_source_distribution_holds_the_files_behind_the_links(tmp_path):
     """An sdist is what pip builds from when there is no wheel: the linked folders must travel as files."""
     build = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in SOURCES:
-        path = REPO_ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(path, source / name)
+    source = copy_project(tmp_path / "source")
     result = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     with tarfile.open(source / "dist" / result.stdout.split()[-1]) as archive:
