@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
 from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_dataset
@@ -69,17 +69,18 @@ def _read_settings(path: Path) -> dict | None:
         return None
 
 
-def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
+def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     """
     A run may write to an empty or new folder, continue an unfinished run with the same settings, or (with
-    `overwrite`) replace a folder this command wrote. Anything else is refused before any work.
+    `overwrite`) replace a folder this command wrote. Anything else is refused before any work. Returns True
+    when the folder already holds the finished run of these settings: the same command again has nothing to do.
     """
     check_is_folder(output)
     parts = output / PARTS_DIR
     if parts.is_dir():
         previous = _read_settings(parts / SETTINGS_FILE)
         if previous == settings:
-            return
+            return False
         if not overwrite:
             if previous is None:
                 raise ValueError(
@@ -93,6 +94,8 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
             )
         shutil.rmtree(parts)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
+        if _read_settings(output / SETTINGS_FILE) == settings:
+            return True
         raise FileExistsError(
             f"{output} already holds a finished generated dataset; pass --overwrite to replace "
             "it, or choose another --output."
@@ -102,6 +105,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> None:
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
             "alone. Choose another --output."
         )
+    return False
 
 
 def _record_settings(parts: Path, settings: dict) -> None:
@@ -185,7 +189,9 @@ def generate_dataset(
     }
     if new_masks is not None:
         settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
-    _check_output(output, settings, overwrite)
+    if _check_output(output, settings, overwrite):
+        print(f"{output} already holds this generation (same settings): nothing to do.")
+        return load_from_disk(str(output))
     pipeline = load_pipeline(model, DTYPES[dtype])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.to(device or default_device())

@@ -29,12 +29,15 @@ from .metrics import fid_kid, inception_cache_path
 from .modeling import default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results, segmentation_results
-from .segmentation import TRAIN_SETS
+from .segmentation import TRAIN_SETS, load_test_sets
 
 logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 # The objective of the denoiser: the paper's noise prediction, or the velocity on a zero-terminal-SNR schedule.
+REALISM_SKIPPED = (
+    "FID/KID skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
+)
 OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
 
 # Presets are data: the flags of each step. `train_images_per_s` is the measured speed of train.py's loop on an
@@ -99,7 +102,7 @@ def _flags(options: dict) -> list[str]:
 
 def _launch_command(script: str, mixed_precision: str) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    launch += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    launch += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--quiet"]
     if not torch.cuda.is_available():
         launch.append("--cpu")
     return [*launch, str(TRAINING_SCRIPTS / script)]
@@ -107,11 +110,11 @@ def _launch_command(script: str, mixed_precision: str) -> list[str]:
 
 def _run(command: list[str], log: Path) -> None:
     """Runs one step's script, its output kept in `log`; a failure shows the end of the log."""
-    print("$ " + " ".join(command), flush=True)
+    print("$ " + " ".join(command) + f"\n  (its output: {log})", flush=True)
     with log.open("a") as file:
         result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise RuntimeError(f"the step logged in {log} failed (exit code {result.returncode}):\n{tail}")
 
 
@@ -183,6 +186,11 @@ def run_study(
         raise FileNotFoundError(
             f"`reproduce` runs the scripts in training/ of a polyp-diffusers checkout; {TRAINING_SCRIPTS} has none."
         )
+    if data != DEMO_SOURCE and not Path(data).exists():
+        raise FileNotFoundError(f"the data {data} does not exist.")
+    if split_file is not None and not Path(split_file).is_file():
+        raise FileNotFoundError(f"the split file {split_file} does not exist.")
+    load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
     settings = STUDY_PRESETS[preset]
     seeds = settings["seeds"] if seeds is None else seeds
     study = Study(output)
@@ -198,7 +206,9 @@ def run_study(
     _print_estimate(settings, seeds)
     started = time.perf_counter()
 
-    dataset = study.output / (Path(data).stem if data != DEMO_SOURCE else "demo")  # names the test set
+    dataset = (
+        study.output / "data" / Path(data).resolve().stem if data != DEMO_SOURCE else study.output / "data" / "demo"
+    )
     study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
     denoiser = study.output / "denoiser"
     train_command = [
@@ -216,11 +226,15 @@ def run_study(
             generate_dataset(
                 str(denoiser), str(dataset), synthetic, split="train", sampler=generation["sampler"],
                 num_inference_steps=generation["num_inference_steps"], batch_size=generation["batch_size"],
-                dtype="bf16" if torch.cuda.is_available() else "fp32",
+                dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
             )["train"]
         ),
     )  # fmt: skip
-    study.step("realism", lambda: _realism(dataset, synthetic, _inception_weights(inception_weights)))
+    weights = _inception_weights(inception_weights)
+    if weights is None:  # not recorded: a later run with the weights computes it
+        print(f"== realism: {REALISM_SKIPPED}", flush=True)
+    else:
+        study.step("realism", lambda: _realism(dataset, synthetic, weights))
 
     test_specs = [f"{dataset}:test", *(tests or [])]
     for setting in TRAIN_SETS:
@@ -262,11 +276,7 @@ def _prepare(data: str, dataset: Path, resolution: int, split_file: str | None) 
     return {name: len(part) for name, part in prepared.items()}
 
 
-def _realism(dataset: Path, synthetic: Path, inception_weights: str | None) -> dict:
-    if inception_weights is None:
-        message = "skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
-        print(f"FID/KID {message}", flush=True)
-        return {"skipped": message}
+def _realism(dataset: Path, synthetic: Path, inception_weights: str) -> dict:
     real = load_polyp_dataset(str(dataset), split="train")
     generated = load_polyp_dataset(str(synthetic), split="train")
     scores = fid_kid(real, generated, inception_weights=inception_weights, device=default_device())
@@ -329,8 +339,12 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     """Gathers the step records into `report.json`, `report.md` and the figures."""
     in_order = sorted(study.steps.glob("*.json"), key=lambda path: path.stat().st_mtime_ns)
     records = {path.stem: json.loads(path.read_text()) for path in in_order}
-    runs = [record["result"] for name, record in records.items() if name.startswith("segmentation-")]
-    realism = records["realism"]["result"]
+    runs = [
+        records[f"segmentation-{setting.replace('+', '-')}-seed{seed}"]["result"]
+        for setting in TRAIN_SETS
+        for seed in range(arguments["seeds"])
+    ]
+    realism = records["realism"]["result"] if "realism" in records else {"skipped": REALISM_SKIPPED}
     results = segmentation_results(runs)
     if "fid" in realism:
         image_realism = fid_results(realism)
@@ -357,7 +371,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "",
         results["markdown"],
         "",
-        f"Realism: {realism['skipped']}." if "skipped" in realism else "",
+        f"{realism['skipped']}." if "skipped" in realism else "",
         "",
         "## Figures",
         *[f"![{name}]({name})" for name in figures],

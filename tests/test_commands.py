@@ -12,6 +12,7 @@ import pytest
 from datasets import Dataset, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 
+from polyp_diffusers import PolypDDPMPipeline
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import staging_folder
@@ -152,12 +153,19 @@ def test_generate_never_writes_over_its_inputs(saved_pipeline_dir, demo_masks, w
     assert (saved_pipeline_dir / "model_index.json").is_file()
 
 
-def test_overwrite_replaces_a_finished_generation_only_when_asked(saved_pipeline_dir, demo_masks, tmp_path):
+def test_overwrite_replaces_a_finished_generation_only_when_asked(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+):
     output = tmp_path / "synthetic"
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=0, **GENERATION)
     assert json.loads((output / SETTINGS_FILE).read_text())["seed"] == 0
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, **GENERATION)
+    calls = []
+    monkeypatch.setattr(PolypDDPMPipeline, "__call__", lambda *args, **kwargs: calls.append(1))
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=0, **GENERATION)  # the same again
+    assert calls == [] and json.loads((output / SETTINGS_FILE).read_text())["seed"] == 0
+    monkeypatch.undo()
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, overwrite=True, **GENERATION)
     assert list(load_from_disk(str(output))["test"]["seed"]) == [1, 2, 3, 4]
     assert not (output / PARTS_DIR).exists()
@@ -248,9 +256,8 @@ def test_a_write_killed_between_its_two_moves_loses_nothing(saved_pipeline_dir, 
     before = load_from_disk(str(output))["test"]["id"]
     output.rename(tmp_path / ".synthetic.previous")
     (tmp_path / ".synthetic.partial-999999999").mkdir()  # the staging folder of a process that no longer runs
-    with pytest.raises(FileExistsError, match="already holds a finished generated dataset"):
-        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
-    assert load_from_disk(str(output))["test"]["id"] == before
+    again = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)  # nothing to redo
+    assert load_from_disk(str(output))["test"]["id"] == again["test"]["id"] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
 
 

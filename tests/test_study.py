@@ -53,7 +53,7 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
     for setting in summary.values():
         scores = setting["demo:test"]
         assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
-    assert report["realism"]["skipped"].startswith("skipped: no Inception weights")
+    assert report["realism"]["skipped"].startswith("FID/KID skipped: no Inception weights")
     assert set(report["figures"]) == {"samples.png", "iou.png", "loss.png"}
     assert all((output / name).stat().st_size > 1000 for name in report["figures"])
     markdown = (output / "report.md").read_text()
@@ -72,3 +72,9 @@ def test_a_study_folder_is_continued_only_with_the_same_arguments(finished_study
     output, _, _, _ = finished_study
     with pytest.raises(ValueError, match="holds a study with other arguments"):
         run_study("demo", output, preset="smoke", seeds=3)
+
+
+def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_study("demo", tmp_path / "study", preset="smoke", tests=[f"{tmp_path / 'no-such-set'}:test"])
+    assert not (tmp_path / "study" / "steps").exists()

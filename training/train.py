@@ -209,9 +209,10 @@ def parse_args(argv=None):
 
 def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
     """The pipeline around the model being trained (its current weights), with the trained DDPM schedule."""
-    pipeline = PolypDDPMPipeline(
-        unet=accelerator.unwrap_model(unet), scheduler=DDPMScheduler.from_config(noise_scheduler.config)
-    )
+    model = accelerator.unwrap_model(unet)
+    # Not the torch.compile wrapper: sampling in eval mode with another batch size would compile it again.
+    model = getattr(model, "_orig_mod", model)
+    pipeline = PolypDDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
