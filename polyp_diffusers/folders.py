@@ -33,6 +33,14 @@ def is_empty(folder: str | os.PathLike) -> bool:
     return not Path(folder).exists() or not any(Path(folder).iterdir())
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes a small file so that a kill leaves the old content or the new one, never half of it."""
+    path = Path(path)
+    staging = path.with_name(f"{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 def _previous(target: Path) -> Path:
     return target.parent / f".{target.name}.previous"
 

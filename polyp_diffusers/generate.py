@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from tqdm.auto import tqdm
 
 from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_dataset
-from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
+from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write, write_text_atomically
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
@@ -111,9 +111,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
 def _record_settings(parts: Path, settings: dict) -> None:
     """Writes the run's settings into `parts` atomically: a kill leaves the old file or the new one, never half."""
     parts.mkdir(parents=True, exist_ok=True)
-    staging = parts / f"{SETTINGS_FILE}.partial"
-    staging.write_text(json.dumps(settings, indent=2))
-    os.replace(staging, parts / SETTINGS_FILE)
+    write_text_atomically(parts / SETTINGS_FILE, json.dumps(settings, indent=2))
 
 
 def generate_dataset(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .data import load_polyp_dataset
+from .folders import write_text_atomically
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path
 from .modeling import default_device
@@ -142,9 +143,7 @@ class Study:
         started = time.perf_counter()
         result = work()
         record = {"wall_s": round(time.perf_counter() - started, 1), "result": result}
-        staging = self.steps / f"{name}.json.partial"
-        staging.write_text(json.dumps(record, indent=2))
-        staging.replace(self.steps / f"{name}.json")
+        write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
         return record
 
 
