@@ -1,10 +1,13 @@
 """Tensors for training: resizing pairs, and the paper's joint augmentation, batched on any device."""
 
 import math
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
+from tqdm.auto import tqdm
 
 from .pipelines.pipeline_polyp_ddpm import prepare_masks
 
@@ -54,7 +57,8 @@ class JointAugment:
         """`images` `(B, 3, H, W)` in `[-1, 1]`, `masks` `(B, 1, H, W)` in {0, 1}; returns both augmented."""
         if images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]:
             raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up.")
-        theta = self.affine(images.shape[0], generator).to(device=images.device, dtype=torch.float32)
+        # non_blocking: a blocking host-to-GPU copy would wait for all queued GPU work, once per step.
+        theta = self.affine(images.shape[0], generator).to(images.device, torch.float32, non_blocking=True)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         # Shift images to [0, 2] so that the zero padding of uncovered corners becomes black (-1).
         augmented = F.grid_sample(images.float() + 1, grid, mode="bilinear", align_corners=False) - 1
@@ -80,3 +84,58 @@ def pair_transform(resolution: int, augment: JointAugment | None = None, seed: i
         return {"images": images, "masks": masks, "id": batch["id"]}
 
     return transform
+
+
+def pair_tensors(
+    dataset, resolution: int, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Every pair of `dataset` decoded and resized once: `images` `(N, 3, R, R)` float in `[-1, 1]` and `masks`
+    `(N, 1, R, R)` uint8 in {0, 1}, on `device`. A training set that fits there is then batched by indexing,
+    with no workers and no per-step decoding (898 pairs at 256 px take 0.9 GB).
+    """
+    transform = pair_transform(resolution)
+    images, masks = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Loading pairs", unit="batch", disable=not progress):
+        batch = transform(dataset[start : start + batch_size])
+        images.append(batch["images"].to(device))
+        masks.append(batch["masks"].to(device, torch.uint8))
+    return torch.cat(images), torch.cat(masks)
+
+
+def pair_tensors_nbytes(num_pairs: int, resolution: int) -> int:
+    """What `pair_tensors` takes in memory: float32 images and uint8 masks."""
+    return num_pairs * (3 * 4 + 1) * resolution * resolution
+
+
+def shuffled_batches(
+    num_items: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device | str = "cpu",
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> torch.Tensor:
+    """
+    The index batches `(num_batches, batch_size)` one process draws in one epoch: a permutation seeded by
+    `(seed, epoch)` alone (so a resumed run draws the same ones), whole batches only, and every
+    `num_processes`-th batch from `process_index` on.
+    """
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(epoch_seed))
+    num_batches = num_items // batch_size // num_processes * num_processes
+    if num_batches == 0:
+        raise ValueError(
+            f"{num_items} pairs are fewer than one batch of {batch_size} for each of {num_processes} processes."
+        )
+    batches = order[: num_batches * batch_size].view(num_batches, batch_size)[process_index::num_processes]
+    return batches.to(device, non_blocking=True)
+
+
+def tensor_batches(
+    images: torch.Tensor, masks: torch.Tensor, batches: torch.Tensor, start: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The `images`/`masks` batches (float masks, as `pair_transform` gives them) that `batches` index, from `start` on."""
+    for indices in batches[start:]:
+        yield {"images": images[indices], "masks": masks[indices].float()}

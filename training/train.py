@@ -49,7 +49,14 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
 )
-from polyp_diffusers.transforms import JointAugment, pair_transform
+from polyp_diffusers.transforms import (
+    JointAugment,
+    pair_tensors,
+    pair_tensors_nbytes,
+    pair_transform,
+    shuffled_batches,
+    tensor_batches,
+)
 
 logger = get_logger(__name__)
 
@@ -106,7 +113,16 @@ def parse_args(argv=None):
         metavar=("MIN", "MAX"),
         help="Random magnification range (the reference code's crop used 0.8 1.2).",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=4, help="CPU workers that decode and resize pairs.")
+    data.add_argument(
+        "--max_preload_gb",
+        type=float,
+        default=4.0,
+        help="Decode the training pairs once into the training device's memory when they take at most this many "
+        "GiB (898 pairs at 256 px: 0.9); 0: always stream them through DataLoader workers.",
+    )
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=4, help="CPU workers that decode pairs that are not preloaded."
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -159,12 +175,29 @@ def parse_args(argv=None):
     )
     optim.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (diffusers EMAModel).")
     optim.add_argument("--seed", type=int, default=0, help="Seeds initialisation, data order, noise and augmentation.")
-    optim.add_argument("--compile", action="store_true", help="torch.compile the UNet (fastest on GPUs).")
+    optim.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the UNet. Default: on CUDA devices, where it trains about 1.7x faster.",
+    )
+    optim.add_argument(
+        "--compile_mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default="default",
+        help="torch.compile mode; reduce-overhead adds CUDA graphs.",
+    )
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
 
     run = parser.add_argument_group("checkpoints, validation, output")
     run.add_argument(
         "--output_dir", required=True, help="Checkpoints, logs, validation grids and the final pipeline go here."
+    )
+    run.add_argument(
+        "--logging_steps",
+        type=int,
+        default=20,
+        help="Log the mean loss and images/s every N steps: the training loop's only wait for the GPU.",
     )
     run.add_argument("--checkpointing_steps", type=int, default=1000, help="Save a resumable checkpoint every N steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=5, help="Keep only the newest N checkpoints.")
@@ -328,21 +361,31 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
 
-    # Data: decode and resize on the CPU workers; augment on the device, batched.
-    train_dataset = train_dataset.with_transform(pair_transform(args.resolution))
+    # Data: decoded and resized once into the device's memory when it fits, else by CPU workers at every step;
+    # augmented on the device, batched.
+    preload = pair_tensors_nbytes(len(train_dataset), args.resolution) <= args.max_preload_gb * 2**30
+    if preload:
+        train_images, train_masks = pair_tensors(
+            train_dataset, args.resolution, accelerator.device, progress=accelerator.is_local_main_process
+        )
+        batches_per_epoch = len(train_dataset) // args.train_batch_size // accelerator.num_processes
+    else:
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset.with_transform(pair_transform(args.resolution)),
+            batch_size=args.train_batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.dataloader_num_workers,
+            persistent_workers=args.dataloader_num_workers > 0,
+        )
+        batches_per_epoch = len(train_dataloader)  # sharded among processes by accelerator.prepare below
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size} per process."
+        )
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
     validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-    )
-    if len(train_dataloader) == 0:
-        raise ValueError(f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size}.")
 
     # Model, EMA, optimizer and learning-rate schedule.
     unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
@@ -355,6 +398,7 @@ def main(argv=None):
             decay=args.ema_max_decay,
             use_ema_warmup=True,
             power=args.ema_power,
+            foreach=True,
             model_cls=UNet2DModel,
             model_config=unet.config,
         )
@@ -364,6 +408,7 @@ def main(argv=None):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -409,17 +454,32 @@ def main(argv=None):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if not preload:
+        train_dataloader = accelerator.prepare(train_dataloader)
+        batches_per_epoch = len(train_dataloader)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-    if args.compile:
-        unet = torch.compile(unet)
+    if args.compile if args.compile is not None else accelerator.device.type == "cuda":
+        unet = torch.compile(unet, mode=args.compile_mode)
 
-    # accelerate also steps the optimizer at the end of an epoch whose last micro-batches do not fill an
-    # accumulation, and starts counting anew in the next epoch.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    def epoch_batches(epoch, skip):
+        """The micro-batches of one epoch from the `skip`-th on; the order depends only on the seed and epoch."""
+        if preload:
+            batches = shuffled_batches(
+                len(train_dataset), args.train_batch_size, args.seed, epoch, accelerator.device,
+                accelerator.process_index, accelerator.num_processes,
+            )  # fmt: skip
+            return tensor_batches(train_images, train_masks, batches, skip)
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
+        return loader
+
+    # A DataLoader prepared by accelerate also steps the optimizer at the end of an epoch whose last micro-batches
+    # do not fill an accumulation, and starts counting anew in the next epoch.
+    steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
+    if not preload:
+        steps_per_epoch = math.ceil(steps_per_epoch)
     checkpoint = resume(accelerator, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
 
@@ -429,25 +489,29 @@ def main(argv=None):
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"{len(train_dataset)} training pairs, {steps_per_epoch} steps per epoch, batch {total_batch} in all, "
+        f"{len(train_dataset)} training pairs ({'preloaded on ' + str(accelerator.device) if preload else 'streamed'}), "
+        f"{steps_per_epoch:g} steps per epoch, batch {total_batch} in all, "
         f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, resolution {args.resolution}"
     )
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
 
-    epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    micro_step = epoch * len(train_dataloader) + batches_to_skip
-    window_start, window_images = time.perf_counter(), 0
+    if preload:  # accumulation runs on across epochs: every step took gradient_accumulation_steps micro-batches
+        micro_step = global_step * args.gradient_accumulation_steps
+        epoch, batches_to_skip = divmod(micro_step, batches_per_epoch)
+    else:
+        epoch = global_step // steps_per_epoch
+        batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        micro_step = epoch * batches_per_epoch + batches_to_skip
+    # Losses add up on the device and are read once a logging window: a read waits for all queued GPU work.
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_start, window_steps, window_images = time.perf_counter(), 0, 0
     while global_step < args.max_train_steps:
         unet.train()
-        loader = (
-            accelerator.skip_first_batches(train_dataloader, batches_to_skip) if batches_to_skip else train_dataloader
-        )
-        loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
+        batches = epoch_batches(epoch, batches_to_skip)
         batches_to_skip = 0
-        for batch in loader:
+        for batch in batches:
             augment_generator, noise_generator = step_generators(
                 args.seed, micro_step, accelerator.process_index, accelerator.device
             )
@@ -466,25 +530,30 @@ def main(argv=None):
                 continue
 
             global_step += 1
-            loss_value = loss.detach().item()  # the step's one host sync
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"the loss is {loss_value} at step {global_step}: the training diverged, nothing more is saved. "
-                    f"Resume from the last checkpoint with a lower --learning_rate."
-                )
+            window_loss += loss.detach()
+            window_steps += 1
             if ema_model is not None:
                 ema_model.step(unet.parameters())
-            images_per_second = window_images / (time.perf_counter() - window_start)
-            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
-            if ema_model is not None:
-                logs["ema_decay"] = ema_model.cur_decay_value
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % 20 == 0:
-                window_start, window_images = time.perf_counter(), 0
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            if global_step % args.logging_steps == 0 or checkpoint_due:
+                loss_value = (window_loss / window_steps).item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"the loss is {loss_value} at step {global_step} (mean of steps {global_step - window_steps + 1}"
+                        f" to {global_step}): the training diverged, nothing more is saved. Resume from the last "
+                        f"checkpoint with a lower --learning_rate."
+                    )
+                images_per_second = window_images / (time.perf_counter() - window_start)
+                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                if ema_model is not None:
+                    logs["ema_decay"] = ema_model.cur_decay_value
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+                accelerator.log(logs, step=global_step)
+                window_loss.zero_()
+                window_start, window_steps, window_images = time.perf_counter(), 0, 0
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if checkpoint_due:
                 check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
                 accelerator.wait_for_everyone()
                 accelerator.save_state(str(partial_path(output_dir, global_step)))
