@@ -20,6 +20,6 @@ timeout 60 polyp-ddpm generate --model $run --mask-dataset .devdata/kvasir-seg-2
 
 timeout 150 $launch training/train_segmentation.py --train real+synthetic --real .devdata/kvasir-seg-256 \
   --synthetic /tmp/synthetic --test .devdata/kvasir-seg-256:test --output_dir /tmp/seg --max_train_steps 400 \
-  --validation_steps 200 --dataloader_num_workers 8 2>&1 | tr '\r' '\n' | grep -vE "it/s|s/it|^\s*$" | tail -30 \
+  --validation_steps 200 2>&1 | tr '\r' '\n' | grep -vE "it/s|s/it|^\s*$" | tail -30 \
   | tee "$OUT/gpu_smoke_segmentation.log"
 cp /tmp/seg/results.json "$OUT/gpu_smoke_segmentation_results.json" 2>/dev/null

@@ -142,7 +142,9 @@ def generate_dataset(
     new masks against the real ones are written beside the dataset (`mask_statistics.json`, and
     `mask_statistics.png` when matplotlib is installed).
 
-    Image `i` is generated with seed `seed + i`, so results do not depend on `batch_size` or interruptions.
+    Image `i` is generated with seed `seed + i` by a generator of its own on the sampling device (no noise is
+    drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
+    seed gives other images on a CPU than on a GPU.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
@@ -184,6 +186,7 @@ def generate_dataset(
         "batch_size": batch_size,
         "dtype": dtype,
         "num_masks": len(source),
+        "noise_device": torch.device(device or default_device()).type,
     }
     if new_masks is not None:
         settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
@@ -213,7 +216,7 @@ def generate_dataset(
         batch = requests[start : start + batch_size]
         by_index = masks_of(sorted({row for row, _ in batch}))
         seeds = [seed + start + offset for offset in range(len(batch))]
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
         out = pipeline(
             [by_index[row][0] for row, _ in batch],
             num_inference_steps=num_inference_steps,

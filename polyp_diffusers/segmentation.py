@@ -14,7 +14,6 @@ from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from .data import load_polyp_dataset, parse_dataset_spec, split_ids
-from .transforms import pair_transform
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 ARCHITECTURES = ("monai", "smp", "segformer")
@@ -111,18 +110,23 @@ def logits_of(model, images):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, resolution: int, batch_size: int, device) -> dict:
-    """Mean per-image IoU, Dice, precision and recall of thresholded predictions on a dataset."""
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
+    """
+    Mean per-image IoU, Dice, precision and recall of thresholded predictions on pairs from
+    `transforms.pair_tensors`, computed where the model runs.
+    """
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset.with_transform(pair_transform(resolution)), batch_size=batch_size)
+    device = next(model.parameters()).device
     scores = {"iou": [], "dice": [], "precision": [], "recall": []}
-    for batch in loader:
-        predictions = logits_of(model, batch["images"].to(device)).float() > 0
-        for name, values in segmentation_scores(predictions.cpu(), batch["masks"] > 0.5).items():
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        predictions = logits_of(model, images[batch].to(device)).float() > 0
+        for name, values in segmentation_scores(predictions, masks[batch].to(device) > 0).items():
             scores[name].append(values)
     model.train()
     result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
-    result["num_images"] = len(dataset)
+    result["num_images"] = len(images)
     return result
 
 

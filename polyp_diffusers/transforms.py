@@ -134,8 +134,18 @@ def shuffled_batches(
 
 
 def tensor_batches(
-    images: torch.Tensor, masks: torch.Tensor, batches: torch.Tensor, start: int = 0
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    batches: torch.Tensor,
+    start: int = 0,
+    device: torch.device | str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The `images`/`masks` batches (float masks, as `pair_transform` gives them) that `batches` index, from `start` on."""
+    """
+    The `images`/`masks` batches (float masks, as `pair_transform` gives them) that `batches` index, from `start`
+    on, moved to `device` (default: where they are).
+    """
     for indices in batches[start:]:
-        yield {"images": images[indices], "masks": masks[indices].float()}
+        yield {
+            "images": images[indices].to(device, non_blocking=True),
+            "masks": masks[indices].to(device, torch.float32, non_blocking=True),
+        }

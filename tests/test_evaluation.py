@@ -361,7 +361,7 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
         [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
          "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output),
          "--architecture", "segformer", "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2",
-         "--train_batch_size", "2", "--validation_size", "2", "--dataloader_num_workers", "0"],
+         "--train_batch_size", "2", "--validation_size", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -401,8 +401,6 @@ def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(
             "2",
             "--validation_size",
             "2",
-            "--dataloader_num_workers",
-            "0",
         ],
         capture_output=True,
         text=True,

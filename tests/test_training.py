@@ -196,10 +196,24 @@ def test_a_run_streamed_by_dataloader_workers_also_resumes_exactly(demo_dataset,
     result = launch("--dataset", str(demo_dataset), "--output_dir", str(uninterrupted), *streamed)
     assert "(streamed)" in result.stdout + result.stderr
     launch("--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed, "--max_train_steps", "10")
-    launch("--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed, "--resume_from_checkpoint", "latest")
+    launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed, "--resume_from_checkpoint", "latest"
+    )
     resumed, reference = unet_weights(stopped), unet_weights(uninterrupted)
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipeline(demo_dataset, tmp_path):
+    output = tmp_path / "budget"
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+        "--max_train_minutes", "0.0001", "--logging_steps", "3", "--validation_steps", "100",
+    )  # fmt: skip
+    assert "Stopped at step 3: --max_train_minutes 0.0001 passed." in result.stdout + result.stderr
+    assert list_checkpoints(output)[-1].name == "checkpoint-3"
+    assert json.loads((output / "training_config.json").read_text())["trained_steps"] == 3
+    assert (output / "validation" / "step-0000003.png").is_file()
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_no_pipeline(demo_dataset, tmp_path):

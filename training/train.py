@@ -153,6 +153,13 @@ def parse_args(argv=None):
         help="Micro-batches per optimizer step (the paper: 2 of 32, so 64 images per step).",
     )
     optim.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer steps.")
+    optim.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop, saving a checkpoint and the pipeline, at the first logging step after this many minutes "
+        "of this launch's loop (compilation included); --resume_from_checkpoint latest goes on from there.",
+    )
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak AdamW learning rate.")
     optim.add_argument(
         "--lr_scheduler",
@@ -507,7 +514,8 @@ def main(argv=None):
     # Losses add up on the device and are read once a logging window: a read waits for all queued GPU work.
     window_loss = torch.zeros((), device=accelerator.device)
     window_start, window_steps, window_images = time.perf_counter(), 0, 0
-    while global_step < args.max_train_steps:
+    loop_start, out_of_time = time.perf_counter(), False
+    while global_step < args.max_train_steps and not out_of_time:
         unet.train()
         batches = epoch_batches(epoch, batches_to_skip)
         batches_to_skip = 0
@@ -535,7 +543,13 @@ def main(argv=None):
             if ema_model is not None:
                 ema_model.step(unet.parameters())
             progress.update(1)
-            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            last_step = global_step == args.max_train_steps
+            if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
+                elapsed = torch.tensor(time.perf_counter() - loop_start, device=accelerator.device)
+                # The slowest process's clock, so that all processes stop at the same step.
+                out_of_time = bool(accelerator.reduce(elapsed, "max") > args.max_train_minutes * 60)
+                last_step = last_step or out_of_time
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or last_step
             if global_step % args.logging_steps == 0 or checkpoint_due:
                 loss_value = (window_loss / window_steps).item()
                 if not math.isfinite(loss_value):
@@ -548,6 +562,8 @@ def main(argv=None):
                 logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
                 if ema_model is not None:
                     logs["ema_decay"] = ema_model.cur_decay_value
+                if accelerator.device.type == "cuda":
+                    logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
                 accelerator.log(logs, step=global_step)
                 window_loss.zero_()
@@ -561,9 +577,7 @@ def main(argv=None):
                 if accelerator.is_main_process:
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
                     logger.info(f"Saved {saved}")
-            if accelerator.is_main_process and (
-                global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-            ):
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last_step):
                 run_validation(
                     accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir
                 )
@@ -571,10 +585,12 @@ def main(argv=None):
                 accelerator.is_main_process
                 and args.save_pipeline_steps
                 and global_step % args.save_pipeline_steps == 0
-                and global_step != args.max_train_steps
+                and not last_step
             ):
                 save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
-            if global_step >= args.max_train_steps:
+            if last_step:
+                if out_of_time:
+                    logger.info(f"Stopped at step {global_step}: --max_train_minutes {args.max_train_minutes} passed.")
                 break
         epoch += 1
 

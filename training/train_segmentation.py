@@ -16,7 +16,6 @@ number of steps. The default segmenter is MONAI's BasicUNetPlusPlus (pure torch,
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -41,7 +40,13 @@ from polyp_diffusers.segmentation import (
     logits_of,
     training_pairs,
 )
-from polyp_diffusers.transforms import JointAugment, pair_transform
+from polyp_diffusers.transforms import (
+    JointAugment,
+    pair_tensors,
+    pair_tensors_nbytes,
+    shuffled_batches,
+    tensor_batches,
+)
 
 logger = get_logger(__name__)
 
@@ -93,7 +98,13 @@ def parse_args(argv=None):
     parser.add_argument("--validation_steps", type=int, default=500, help="Validate (and keep the best) every N steps.")
     parser.add_argument("--augment_degrees", type=float, default=45.0, help="Joint random rotation, +-degrees.")
     parser.add_argument("--eval_batch_size", type=int, default=16, help="Batch size for validation and testing.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="CPU workers that decode pairs.")
+    parser.add_argument(
+        "--max_preload_gb",
+        type=float,
+        default=4.0,
+        help="Pairs are decoded once into memory: the training device's when they take at most this many GiB, "
+        "else the CPU's (batches then move to the device at each step).",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="Seeds the split, initialisation, data order and augmentation."
     )
@@ -123,17 +134,20 @@ def main(argv=None):
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
         f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
     )
-    loader = torch.utils.data.DataLoader(
-        train_set.with_transform(pair_transform(args.resolution)),
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-    )
+    # Every pair decoded once; training batches are then picked by index, with no workers.
+    all_sets = [train_set, validation_set, *tests.values()]
+    nbytes = sum(pair_tensors_nbytes(len(dataset), args.resolution) for dataset in all_sets)
+    storage = accelerator.device if nbytes <= args.max_preload_gb * 2**30 else torch.device("cpu")
+    show_progress = accelerator.is_local_main_process
+    train_images, train_masks = pair_tensors(train_set, args.resolution, storage, progress=show_progress)
+    validation_pairs = pair_tensors(validation_set, args.resolution, storage, progress=show_progress)
+    test_pairs = {
+        name: pair_tensors(dataset, args.resolution, storage, progress=show_progress) for name, dataset in tests.items()
+    }
     model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size)
     loss_function = DiceCELoss(sigmoid=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=accelerator.device.type == "cuda")
+    model, optimizer = accelerator.prepare(model, optimizer)
     augment = JointAugment(degrees=args.augment_degrees)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -144,8 +158,14 @@ def main(argv=None):
         desc=f"{SEGMENTER_FAMILIES[args.architecture]} on {args.train}",
         disable=not accelerator.is_local_main_process,
     )
-    for _ in range(math.ceil(args.max_train_steps / len(loader))):
-        for batch in loader:
+    epoch = 0
+    while step < args.max_train_steps:
+        batches = shuffled_batches(
+            len(train_images), args.train_batch_size, args.seed, epoch, storage,
+            accelerator.process_index, accelerator.num_processes,
+        )  # fmt: skip
+        epoch += 1
+        for batch in tensor_batches(train_images, train_masks, batches, device=accelerator.device):
             images, masks = augment(batch["images"], batch["masks"], generator)
             loss = loss_function(logits_of(model, images), masks)
             accelerator.backward(loss)
@@ -153,12 +173,10 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", best_val_iou=f"{best['iou']:.4f}")
             if accelerator.is_main_process and (step % args.validation_steps == 0 or step == args.max_train_steps):
                 unwrapped = accelerator.unwrap_model(model)
-                validation = evaluate(
-                    unwrapped, validation_set, args.resolution, args.eval_batch_size, accelerator.device
-                )
+                validation = evaluate(unwrapped, *validation_pairs, args.eval_batch_size)
+                progress.set_postfix(loss=f"{loss.item():.4f}", val_iou=f"{validation['iou']:.4f}")
                 if validation["iou"] > best["iou"]:
                     best = {"iou": validation["iou"], "step": step}
                     save_file(
@@ -167,8 +185,6 @@ def main(argv=None):
                     )
             if step >= args.max_train_steps:
                 break
-        if step >= args.max_train_steps:
-            break
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -180,10 +196,7 @@ def main(argv=None):
             "num_train_pairs": len(train_set),
             "best_step": best["step"],
             "validation_iou": best["iou"],
-            "test": {
-                name: evaluate(model, dataset, args.resolution, args.eval_batch_size, accelerator.device)
-                for name, dataset in tests.items()
-            },
+            "test": {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()},
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
