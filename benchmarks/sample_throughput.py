@@ -1,18 +1,25 @@
 """Sampling speed of PolypDDPMPipeline: seconds per image for each scheduler, step count, dtype and batch.
 
-Uses the paper's 256 px denoiser with random weights (speed does not depend on the weights).
+Uses a denoiser preset with random weights (speed does not depend on the weights). `--noise` compares how the
+noise is drawn: `batch` (one generator for the batch), `device-per-image` (one seeded generator per image on the
+sampling device, what `polyp-ddpm generate` does so that images do not depend on the batch size) and
+`cpu-per-image` (per-image CPU generators, whose noise is copied to the device at every step).
 
     python benchmarks/sample_throughput.py                         # CUDA if present, else CPU (tiny runs)
     python benchmarks/sample_throughput.py --batch-sizes 16 64 --dtypes fp32 bf16
+    python benchmarks/sample_throughput.py --model-preset paper-64 --batch-sizes 512 --samplers ddpm:250 \
+        --dtypes bf16 --noise batch device-per-image cpu-per-image
 """
 
 import argparse
+import itertools
 import time
 
 import numpy as np
 import torch
 
-from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet, make_sampler
+from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
+from polyp_diffusers.modeling import UNET_PRESETS
 
 from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 
@@ -21,7 +28,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--model-preset", choices=sorted(UNET_PRESETS), default="paper", help="Denoiser size.")
+    parser.add_argument(
+        "--noise",
+        nargs="+",
+        choices=("batch", "device-per-image", "cpu-per-image"),
+        default=["batch"],
+        help="How the noise is drawn (see above).",
+    )
     parser.add_argument(
         "--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpmsolver:25"], help="SAMPLER:STEPS pairs."
     )
@@ -33,30 +47,45 @@ def main():
     batch_sizes = args.batch_sizes or ([16] if device.type == "cuda" else [1])
 
     torch.manual_seed(0)
-    pipe = PolypDDPMPipeline(unet=make_polyp_unet(image_size=args.size), scheduler=make_polyp_scheduler()).to(device)
+    unet = make_polyp_unet_from_preset(args.model_preset)
+    size = unet.config.sample_size
+    pipe = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler()).to(device)
     pipe.set_progress_bar_config(disable=True)
-    mask = np.zeros((args.size, args.size), np.uint8)
-    mask[args.size // 4 : args.size // 2, args.size // 3 : 2 * args.size // 3] = 255
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : size // 2, size // 3 : 2 * size // 3] = 255
+
+    def generators(noise, batch_size):
+        if noise == "batch":
+            return torch.Generator(device).manual_seed(0)
+        generator_device = device if noise == "device-per-image" else "cpu"
+        return [torch.Generator(generator_device).manual_seed(seed) for seed in range(batch_size)]
+
     results = []
     for dtype_name in args.dtypes:
         pipe.to(dtype=DTYPES[dtype_name])
         for batch_size in batch_sizes:
-            for sampler_steps in args.samplers:
+            for sampler_steps, noise in itertools.product(args.samplers, args.noise):
                 sampler, steps = sampler_steps.split(":")
                 pipe.scheduler = make_sampler(sampler, make_polyp_scheduler().config)
-                pipe([mask] * batch_size, num_inference_steps=2, batch_size=batch_size, output_type="pt")  # warm-up
+                masks = [mask] * batch_size
+                pipe(masks, num_inference_steps=2, batch_size=batch_size, output_type="pt")  # warm-up
                 reset_peak_memory(device)
                 synchronize(device)
                 start = time.perf_counter()
-                pipe([mask] * batch_size, num_inference_steps=int(steps), batch_size=batch_size, output_type="pt")
+                generator = generators(noise, batch_size)
+                pipe(
+                    masks, num_inference_steps=int(steps), generator=generator, batch_size=batch_size, output_type="pt"
+                )
                 synchronize(device)
                 seconds = time.perf_counter() - start
                 result = {
                     "sampler": sampler,
                     "steps": int(steps),
+                    "noise": noise,
                     "dtype": dtype_name,
                     "batch_size": batch_size,
-                    "size": args.size,
+                    "model_preset": args.model_preset,
+                    "size": size,
                     "seconds_per_image": round(seconds / batch_size, 3),
                     "images_per_s": round(batch_size / seconds, 2),
                     "peak_memory_gib": peak_memory_gib(device),

@@ -354,6 +354,9 @@ def _add_reproduce(subparsers):
         help="The denoiser's: noise prediction (the paper) or velocity with zero terminal SNR.",
     )
     parser.add_argument("--inception-weights", help="For FID/KID (default: the torch hub cache; skipped if absent).")
+    parser.add_argument(
+        "--segmentation-jobs", type=positive_int, help="Segmenters trained at once (default: the preset's)."
+    )
     parser.set_defaults(run=_run_reproduce)
 
 
@@ -362,7 +365,7 @@ def _run_reproduce(args):
 
     run_study(
         args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
-        objective=args.objective, inception_weights=args.inception_weights,
+        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs,
     )  # fmt: skip
 
 

@@ -16,7 +16,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import diffusers
@@ -41,8 +43,9 @@ REALISM_SKIPPED = (
 )
 OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
 
-# Presets are data: the flags of each step. `train_images_per_s` is the measured speed of train.py's loop on an
-# H200 for that preset (benchmarks/results/ and issue 10), used only for the time estimate printed at start.
+# Presets are data: the flags of each step. `train_images_per_s` is the measured speed of a compiled bf16 training
+# step on an H200 for that preset (benchmarks/results/), used only for the time estimate printed at start;
+# `segmentation_jobs` segmenters train at once (small segmenters leave a GPU mostly idle).
 STUDY_PRESETS = {
     # The whole path in about two minutes on two CPU cores, on the built-in demo data: proves it runs, nothing more.
     "smoke": dict(
@@ -50,41 +53,45 @@ STUDY_PRESETS = {
         denoiser=dict(
             model_preset="tiny", train_batch_size=8, gradient_accumulation_steps=1, max_train_steps=30,
             learning_rate=1e-3, checkpointing_steps=10, validation_steps=30, num_validation_masks=4,
-            validation_inference_steps=4, dataloader_num_workers=0,
+            validation_inference_steps=4,
         ),
         generation=dict(sampler="ddim", num_inference_steps=4, batch_size=32),
         segmentation=dict(
             max_train_steps=4, train_batch_size=4, validation_steps=4, validation_size=0.1,
         ),
         seeds=2,
+        segmentation_jobs=2,
         mixed_precision="no",
         train_images_per_s=None,
     ),
-    # One GPU, about 8 minutes: the paper's 64 px denoiser for 192 k training images (6% of its image budget).
+    # One GPU, about 7 minutes: the paper's 64 px denoiser trained for 3.5 minutes (as many images as the loop's
+    # speed allows, at most 3.2 M, the paper's image budget), the paper's 250 DDPM steps, 3 segmenter seeds.
     "quick-64": dict(
         resolution=64,
         denoiser=dict(
-            model_preset="paper-64", train_batch_size=128, gradient_accumulation_steps=1, max_train_steps=1500,
-            checkpointing_steps=500, validation_steps=1500, dataloader_num_workers=8, compile=True, allow_tf32=True,
+            model_preset="paper-64", train_batch_size=128, gradient_accumulation_steps=1, max_train_steps=25_000,
+            max_train_minutes=3.5, checkpointing_steps=1000, validation_steps=25_000, compile=True, allow_tf32=True,
         ),
-        generation=dict(sampler="dpmsolver", num_inference_steps=25, batch_size=256),
-        segmentation=dict(max_train_steps=600, train_batch_size=32, validation_steps=200),
+        generation=dict(sampler="ddpm", num_inference_steps=250, batch_size=512),
+        segmentation=dict(max_train_steps=1200, train_batch_size=32, validation_steps=200),
         seeds=3,
+        segmentation_jobs=3,
         mixed_precision="bf16",
-        train_images_per_s=1100,
+        train_images_per_s=None,
     ),
     # The paper's scale: 256 px, 100k steps of 2 x 32 images, 250 DDPM steps, UNet++ for 100 epochs.
     "paper": dict(
         resolution=256,
         denoiser=dict(
             model_preset="paper", train_batch_size=32, gradient_accumulation_steps=2, max_train_steps=100_000,
-            checkpointing_steps=1000, validation_steps=5000, dataloader_num_workers=8, compile=True, allow_tf32=True,
+            checkpointing_steps=1000, validation_steps=5000, compile=True, allow_tf32=True,
         ),
         generation=dict(sampler="ddpm", num_inference_steps=250, batch_size=64),
         segmentation=dict(max_train_steps=11_250, train_batch_size=8, validation_steps=500),
         seeds=3,
+        segmentation_jobs=3,
         mixed_precision="bf16",
-        train_images_per_s=250,
+        train_images_per_s=338,
     ),
 }  # fmt: skip
 
@@ -168,13 +175,15 @@ def run_study(
     seeds: int | None = None,
     objective: str = "paper",
     inception_weights: str | None = None,
+    segmentation_jobs: int | None = None,
 ) -> dict:
     """
     Runs (or continues) the study in `output` and returns the report (also written as `report.json`).
 
     `data` is a Kvasir-SEG-style source for `prepare-data` (or `"demo"`); `tests` are extra test sets
     `DATASET[:SPLIT]` scored beside the data's own test split; `seeds` overrides the preset's number of
-    segmentation seeds; `objective` is the denoiser's (`OBJECTIVES`).
+    segmentation seeds and `segmentation_jobs` how many segmenters train at once; `objective` is the denoiser's
+    (`OBJECTIVES`).
     """
     if preset not in STUDY_PRESETS:
         raise ValueError(f"preset {preset!r}; expected one of {sorted(STUDY_PRESETS)}.")
@@ -235,22 +244,37 @@ def run_study(
         study.step("realism", lambda: _realism(dataset, synthetic, weights))
 
     test_specs = [f"{dataset}:test", *(tests or [])]
-    for setting in TRAIN_SETS:
-        for seed in range(seeds):
-            run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
-            command = [
-                *_launch_command("train_segmentation.py", settings["mixed_precision"]),
-                *_flags({"train": setting, "real": dataset, "synthetic": synthetic, "output_dir": run_dir,
-                         "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
-                *[flag for spec in test_specs for flag in ("--test", spec)],
-            ]  # fmt: skip
-            study.step(
-                f"segmentation-{setting.replace('+', '-')}-seed{seed}",
-                lambda command=command, run_dir=run_dir: (
+    jobs = segmentation_jobs or settings["segmentation_jobs"]
+    failed = threading.Event()
+
+    def segmentation_step(name, work):
+        """One segmenter; none starts once one has failed (those running finish and are recorded)."""
+        if failed.is_set():
+            return None
+        try:
+            return study.step(name, work)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        runs = []
+        for setting in TRAIN_SETS:
+            for seed in range(seeds):
+                run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
+                command = [
+                    *_launch_command("train_segmentation.py", settings["mixed_precision"]),
+                    *_flags({"train": setting, "real": dataset, "synthetic": synthetic, "output_dir": run_dir,
+                             "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
+                    *[flag for spec in test_specs for flag in ("--test", spec)],
+                ]  # fmt: skip
+                work = lambda command=command, run_dir=run_dir: (  # noqa: E731
                     _run(command, study.logs / f"{run_dir.name}.log")
                     or json.loads((run_dir / "results.json").read_text())
-                ),
-            )
+                )
+                runs.append(pool.submit(segmentation_step, f"segmentation-{run_dir.name}", work))
+    for run in runs:
+        run.result()  # the first failure
     report = write_report(study, arguments, wall_s=time.perf_counter() - started)
     print((study.output / "report.md").read_text())
     return report
@@ -259,11 +283,15 @@ def run_study(
 def _print_estimate(settings: dict, seeds: int) -> None:
     images = settings["denoiser"]["train_batch_size"] * settings["denoiser"]["gradient_accumulation_steps"]
     images *= settings["denoiser"]["max_train_steps"]
-    line = f"The denoiser trains on {images:,} images; segmenters: {len(TRAIN_SETS)} settings x {seeds} seeds."
+    minutes = settings["denoiser"].get("max_train_minutes")
+    line = f"The denoiser trains on {images:,} images" + (
+        f" or for {minutes} min, whichever ends first" if minutes else ""
+    )
+    line += f"; segmenters: {len(TRAIN_SETS)} settings x {seeds} seeds."
     if settings["train_images_per_s"] and torch.cuda.is_available():
         minutes = images / settings["train_images_per_s"] / 60
         line += f" Training alone takes about {minutes:.0f} min at the speed measured on an H200."
-    elif settings["train_images_per_s"]:
+    elif settings["train_images_per_s"] or minutes:
         line += " This preset is meant for a GPU; on a CPU it takes days."
     print(line, flush=True)
 
