@@ -396,6 +396,7 @@ def main(argv=None):
 
     # Model, EMA, optimizer and learning-rate schedule.
     unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
+    unet.to(accelerator.device)  # before the EMA copies and the fused optimizer see its parameters
     mask_channels = mask_channels_of(unet.config)
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
     ema_model = None

@@ -144,7 +144,7 @@ def main(argv=None):
     test_pairs = {
         name: pair_tensors(dataset, args.resolution, storage, progress=show_progress) for name, dataset in tests.items()
     }
-    model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size)
+    model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size).to(accelerator.device)
     loss_function = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
