@@ -40,7 +40,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return None
 
 
-def write_results(name: str, device: torch.device, results: list[dict], output: str | None = None, **extra) -> Path:
+def write_results(
+    name: str, device: torch.device, results: list[dict], output: str | None = None, quiet: bool = False, **extra
+) -> Path:
     """Saves results with their context as JSON (default: results/<name>-<device>.json) and prints them."""
     record = {
         "benchmark": name,
@@ -56,5 +58,6 @@ def write_results(name: str, device: torch.device, results: list[dict], output: 
     path = Path(output) if output else RESULTS_DIR / f"{name}-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    if not quiet:
+        print(json.dumps(record, indent=2))
     return path

@@ -58,11 +58,11 @@ stage sampling 60 python3 benchmarks/sample_throughput.py "${sample_args[@]}" \
   --noise batch device-per-image cpu-per-image --output "$results/sample_throughput_64-$tag.json"
 
 # 2. The study: prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report.
-stage study $(($(left) - 120)) python3 -m polyp_diffusers.cli reproduce --data "$data" \
+stage study $(($(left) - 140)) python3 -m polyp_diffusers.cli reproduce --data "$data" \
   --split-file "$data/paper_split.json" --output "$work/study" --preset "$preset"
 
 # 3. The 256 px training loop as train.py runs it, and the isolated step beside the authors' in one process.
-stage prepare-256 20 python3 -m polyp_diffusers.cli prepare-data "$data" --output "$work/kvasir-256" \
+stage prepare-256 40 python3 -m polyp_diffusers.cli prepare-data "$data" --output "$work/kvasir-256" \
   --split-file "$data/paper_split.json" --overwrite
 stage train-loop-256 70 python3 benchmarks/train_loop.py --dataset "$work/kvasir-256" --minutes "$loop_minutes" \
   --mixed-precision "$([ "$tag" = cpu ] && echo no || echo bf16)" --output "$results/train_loop_256-$tag.json" \

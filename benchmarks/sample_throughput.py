@@ -92,6 +92,8 @@ def main():
                 }
                 print(result, flush=True)
                 results.append(result)
+                # Each row is kept as it comes: a run stopped by a time limit keeps what it measured.
+                write_results("sample_throughput", device, results, args.output, quiet=True)
     write_results("sample_throughput", device, results, args.output)
 
 

@@ -41,6 +41,8 @@ TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 REALISM_SKIPPED = (
     "FID/KID skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
 )
+# The paper's training: 100k optimizer steps of 2 accumulated batches of 32 images.
+PAPER_TRAINING_IMAGES = 100_000 * 2 * 32
 OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
 
 # Presets are data: the flags of each step. `train_images_per_s` is the measured speed of a compiled bf16 training
@@ -310,18 +312,29 @@ def _realism(dataset: Path, synthetic: Path, inception_weights: str) -> dict:
     return scores
 
 
-def _loss_curve(study: Study) -> tuple[np.ndarray, np.ndarray] | None:
-    """The denoiser's training loss from its TensorBoard events (None without the tensorboard package)."""
+def _denoiser_scalars(study: Study, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps and values the denoiser logged under `tag` (None without them or the tensorboard package)."""
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # [train] extra
     except ImportError:
         return None
     for folder in sorted((study.output / "denoiser" / "logs").glob("*")):
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
-        if "loss" in events.Tags().get("scalars", []):
-            scalars = events.Scalars("loss")
+        if tag in events.Tags().get("scalars", []):
+            scalars = events.Scalars(tag)
             return np.array([s.step for s in scalars]), np.array([s.value for s in scalars])
     return None
+
+
+def _denoiser_training(study: Study) -> dict:
+    """How much the denoiser trained (a time budget may have stopped it early) and how fast its loop ran."""
+    config = json.loads((study.output / "denoiser" / "training_config.json").read_text())
+    images = config["trained_steps"] * config["train_batch_size"] * config["gradient_accumulation_steps"]
+    training = {"steps": config["trained_steps"], "images": images, "paper_share": images / PAPER_TRAINING_IMAGES}
+    speed = _denoiser_scalars(study, "images_per_s")
+    if speed is not None and len(speed[1]) > 1:  # the first window holds start-up and compilation
+        training["images_per_s_median"] = float(np.median(speed[1][1:]))
+    return training
 
 
 def _figures(study: Study, summary: dict) -> list[str]:
@@ -347,7 +360,7 @@ def _figures(study: Study, summary: dict) -> list[str]:
     figure.savefig(study.output / "iou.png", dpi=120)
     plt.close(figure)
     written.append("iou.png")
-    curve = _loss_curve(study)
+    curve = _denoiser_scalars(study, "loss")
     if curve is not None:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         axis.plot(*curve, linewidth=0.8)
@@ -359,6 +372,16 @@ def _figures(study: Study, summary: dict) -> list[str]:
         plt.close(figure)
         written.append("loss.png")
     return written
+
+
+def _describe_training(training: dict) -> str:
+    line = (
+        f"Denoiser: {training['steps']:,} optimizer steps, {training['images']:,} training images "
+        f"({training['paper_share']:.1%} of the paper's {PAPER_TRAINING_IMAGES:,})"
+    )
+    if "images_per_s_median" in training:
+        line += f", {training['images_per_s_median']:,.0f} images/s (median of the logging windows after the first)"
+    return line + "."
 
 
 def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
@@ -385,6 +408,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "wall_s": {name: record["wall_s"] for name, record in records.items()},
         "this_run_s": round(wall_s, 1),
         "data": records["data"]["result"],
+        "denoiser_training": _denoiser_training(study),
         "realism": realism,
         "figures": figures,
         **results,
@@ -394,6 +418,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "",
         f"Device: {report['device']}; torch {torch.__version__}, diffusers {diffusers.__version__}.",
         f"Data: `{arguments['data']}` ({', '.join(f'{k}: {v}' for k, v in report['data'].items())} pairs).",
+        _describe_training(report["denoiser_training"]),
         "",
         results["markdown"],
         "",

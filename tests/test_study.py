@@ -60,6 +60,10 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
     assert set(report["figures"]) == {"samples.png", "iou.png", "loss.png"}
     assert all((output / name).stat().st_size > 1000 for name in report["figures"])
     markdown = (output / "report.md").read_text()
+    # The smoke preset's 30 steps of batch 8, logged at its checkpoints (10, 20, 30): two windows after the first.
+    assert report["denoiser_training"]["steps"] == 30 and report["denoiser_training"]["images"] == 240
+    assert report["denoiser_training"]["images_per_s_median"] > 0
+    assert "Denoiser: 30 optimizer steps, 240 training images (0.0% of the paper's 6,400,000)" in markdown
     assert "± " in markdown and "| real+synthetic |" in markdown and "denoiser |" in markdown
     assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
 
