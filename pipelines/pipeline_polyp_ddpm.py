@@ -295,6 +295,27 @@ def check_sampling_arguments(output_type: str, num_images_per_mask, num_inferenc
     _check_generator(generator)
 
 
+def _check_start(start_timestep, start_color, num_train_timesteps: int):
+    """A start inside the trained chain, from an RGB colour in [0, 1]."""
+    if (
+        isinstance(start_timestep, bool)
+        or not isinstance(start_timestep, int)
+        or not 0 < start_timestep < num_train_timesteps
+    ):
+        raise ValueError(
+            f"start_timestep is {start_timestep!r}; expected an int from 1 to {num_train_timesteps - 1} (the "
+            "scheduler's training timesteps), or None for the whole chain."
+        )
+    if start_color is None:
+        raise ValueError(
+            "start_timestep needs start_color, the RGB colour in [0, 1] to start from (training/train.py saves the "
+            "training images' mean in the pipeline config); pass start_color=[r, g, b]."
+        )
+    values = np.asarray(start_color, dtype=float) if not isinstance(start_color, str) else np.zeros(0)
+    if values.shape != (3,) or not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"start_color is {start_color!r}; expected three numbers in [0, 1] (RGB).")
+
+
 def _check_generator_count(generator, num_images: int, num_images_per_mask: int):
     if isinstance(generator, list) and len(generator) != num_images:
         raise ValueError(
@@ -393,13 +414,25 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         scheduler ([`SchedulerMixin`]):
             Any diffusers scheduler: [`DDPMScheduler`] as trained (250 steps, `squaredcos_cap_v2`), or
             [`DDIMScheduler`] / [`DPMSolverMultistepScheduler`] for fewer steps.
+        start_color (`list[float]`, *optional*):
+            RGB in `[0, 1]`: the mean colour of the training images (`training/train.py` saves it), for
+            `start_timestep`.
+        start_timestep (`int`, *optional*):
+            The default of the call's `start_timestep`; None: the whole chain from pure noise.
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        start_color: list[float] | None = None,
+        start_timestep: int | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(start_color=start_color, start_timestep=start_timestep)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @torch.no_grad()
@@ -413,6 +446,8 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         batch_size: int = 16,
         output_type: str = "pil",
         return_dict: bool = True,
+        start_timestep: int | None = None,
+        start_color: list[float] | None = None,
     ) -> PolypDDPMPipelineOutput | tuple:
         r"""
         Generates one image per mask (times `num_images_per_mask`).
@@ -438,10 +473,22 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                 `"pil"`, `"np"` (`(N, H, W, 3)` in `[0, 1]`) or `"pt"` (`(N, 3, H, W)` in `[0, 1]`).
             return_dict (`bool`, defaults to `True`):
                 Return a [`PolypDDPMPipelineOutput`] instead of a tuple `(images, masks)`.
+            start_timestep (`int`, *optional*):
+                Start the chain at this training timestep, from an image of `start_color` noised to it, instead
+                of from pure noise at the last one; the sampler's later timesteps are skipped. A fix without
+                retraining for briefly trained noise-predicting models: with the paper's schedule the last
+                timesteps keep almost no signal (alpha-bar 4e-8 at 249), and their small errors set wrong colours.
+                Defaults to the pipeline config's (None: the whole chain).
+            start_color (`list[float]`, *optional*):
+                RGB in `[0, 1]` to start from; defaults to the pipeline config's (the training images' mean).
 
         Examples:
         """
         check_sampling_arguments(output_type, num_images_per_mask, num_inference_steps, batch_size, generator)
+        start_timestep = self.config.start_timestep if start_timestep is None else start_timestep
+        start_color = self.config.start_color if start_color is None else start_color
+        if start_timestep is not None:
+            _check_start(start_timestep, start_color, self.scheduler.config.num_train_timesteps)
         masks = prepare_masks(masks, self.sample_size)
         _warn_if_mostly_polyp(masks)
         masks = masks.repeat_interleave(num_images_per_mask, dim=0)
@@ -451,19 +498,30 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         device = self._execution_device
         dtype = self.unet.dtype
         num_batches = -(-num_images // batch_size)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        def reset_timesteps() -> torch.Tensor:
+            """The timesteps to run; multistep schedulers keep state between steps, so this runs for every batch."""
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            timesteps = self.scheduler.timesteps
+            if start_timestep is not None:
+                timesteps = timesteps[timesteps <= start_timestep]
+            return timesteps
+
         images = []
-        with self.progress_bar(total=num_batches * len(self.scheduler.timesteps)) as progress_bar:
+        with self.progress_bar(total=num_batches * len(reset_timesteps())) as progress_bar:
             for start in range(0, num_images, batch_size):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator
                 mask_input = mask_model_input(batch_masks, self.mask_channels)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
                 image = randn_tensor(shape, generator=batch_generator, device=device, dtype=dtype)
-                # Multistep schedulers keep state between steps: reset it for every batch.
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                image = image * self.scheduler.init_noise_sigma
-                for t in self.scheduler.timesteps:
+                timesteps = reset_timesteps()
+                if start_timestep is None:
+                    image = image * self.scheduler.init_noise_sigma
+                else:
+                    color = torch.tensor(start_color, device=device, dtype=dtype).view(1, 3, 1, 1) * 2 - 1
+                    image = self.scheduler.add_noise(color.expand_as(image), image, timesteps[:1])
+                for t in timesteps:
                     noise_pred = predict_noise(self.unet, self.scheduler, image, mask_input, t)
                     image = self.scheduler.step(noise_pred, t, image, generator=batch_generator).prev_sample
                     progress_bar.update()

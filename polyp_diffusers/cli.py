@@ -161,6 +161,12 @@ def _add_generate(subparsers):
         help="New masks by elastic and affine deformation of real polyps (sizes and positions drawn from the real "
         "masks), sometimes two real polyps together.",
     )
+    parser.add_argument(
+        "--start-timestep",
+        type=positive_int,
+        help="Start the chain at this timestep from the training images' mean colour, noised (a fix without "
+        "retraining for briefly trained noise-predicting models; e.g. 235 of 250). Default: the model's config.",
+    )
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
     parser.add_argument(
@@ -190,6 +196,7 @@ def _run_generate(args):
         hub_dataset_id=args.hub_id,
         new_masks=args.new_masks,
         mask_augment=args.mask_augment,
+        start_timestep=args.start_timestep,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
 

@@ -131,6 +131,7 @@ def generate_dataset(
     hub_dataset_id: str | None = None,
     new_masks: int | None = None,
     mask_augment: bool = False,
+    start_timestep: int | None = None,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
@@ -148,6 +149,7 @@ def generate_dataset(
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
+    `start_timestep` starts every chain there from the model's `start_color` (see `PolypDDPMPipeline`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}.")
@@ -187,6 +189,7 @@ def generate_dataset(
         "dtype": dtype,
         "num_masks": len(source),
         "noise_device": torch.device(device or default_device()).type,
+        "start_timestep": start_timestep,
     }
     if new_masks is not None:
         settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
@@ -223,6 +226,7 @@ def generate_dataset(
             generator=generators,
             batch_size=batch_size,
             output_type="pil",
+            start_timestep=start_timestep,
         )
         records = []
         for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):

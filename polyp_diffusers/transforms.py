@@ -149,3 +149,8 @@ def tensor_batches(
             "images": images[indices].to(device, non_blocking=True),
             "masks": masks[indices].to(device, torch.float32, non_blocking=True),
         }
+
+
+def mean_color(images: torch.Tensor) -> list[float]:
+    """The mean RGB of images `(N, 3, H, W)` in `[-1, 1]`, in `[0, 1]`: a `PolypDDPMPipeline`'s `start_color`."""
+    return [round(value, 4) for value in ((images.float().mean(dim=(0, 2, 3)) + 1) / 2).tolist()]

@@ -112,6 +112,21 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
 
 
+def test_generation_can_start_from_the_models_mean_colour(tiny_pipeline, saved_pipeline_dir, demo_masks, tmp_path):
+    without_colour = tmp_path / "refused"
+    with pytest.raises(ValueError, match="start_timestep needs start_color"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), without_colour, **GENERATION, start_timestep=100)
+    assert not without_colour.exists()
+    model = tmp_path / "with-colour"
+    PolypDDPMPipeline(
+        unet=tiny_pipeline.unet, scheduler=tiny_pipeline.scheduler, start_color=[0.7, 0.4, 0.3]
+    ).save_pretrained(model)
+    output = tmp_path / "started"
+    dataset = generate_dataset(str(model), str(demo_masks), output, **GENERATION, start_timestep=100)
+    assert len(dataset["train"]) == 12
+    assert json.loads((output / "generation.json").read_text())["start_timestep"] == 100
+
+
 def test_generate_cli_writes_a_dataset(saved_pipeline_dir, demo_masks, tmp_path):
     output = tmp_path / "cli"
     result = subprocess.run(

@@ -106,6 +106,62 @@ def test_scheduler_swaps_the_diffusers_way(tiny_pipeline, square_mask):
     assert np.isfinite(generate(pipe, square_mask, num_inference_steps=5, output_type="np").images).all()
 
 
+@pytest.mark.parametrize(
+    "sampler, steps, start, calls", [("ddpm", 250, 10, 11), ("ddim", 10, 100, 5), ("dpmsolver", 10, 100, 4)]
+)
+def test_a_start_timestep_runs_only_the_timesteps_from_there(tiny_pipeline, square_mask, sampler, steps, start, calls):
+    pipe = PolypDDPMPipeline(
+        unet=tiny_pipeline.unet,
+        scheduler=make_sampler(sampler, tiny_pipeline.scheduler.config),
+        start_color=[0.8, 0.4, 0.3],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda module, inputs, output: seen.append(int(inputs[1].flatten()[0])))
+    try:
+        images = generate(pipe, square_mask, num_inference_steps=steps, start_timestep=start, output_type="np").images
+    finally:
+        hook.remove()
+    assert len(seen) == calls and max(seen) <= start and np.isfinite(images).all()
+
+
+def test_a_start_close_to_the_data_keeps_the_start_colour(tiny_pipeline, square_mask):
+    # At timestep 1 almost nothing of the colour is noised away: an untrained model cannot change it much.
+    pipe = PolypDDPMPipeline(unet=tiny_pipeline.unet, scheduler=tiny_pipeline.scheduler, start_color=[0.8, 0.4, 0.3])
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, square_mask, num_inference_steps=250, start_timestep=1, output_type="np").images
+    np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), [0.8, 0.4, 0.3], atol=0.05)
+
+
+def test_the_start_is_saved_in_the_pipeline_config_and_used_by_default(tiny_pipeline, square_mask, tmp_path):
+    pipe = PolypDDPMPipeline(
+        unet=tiny_pipeline.unet, scheduler=tiny_pipeline.scheduler, start_color=[0.8, 0.4, 0.3], start_timestep=1
+    )
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = PolypDDPMPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert (loaded.config.start_color, loaded.config.start_timestep) == ([0.8, 0.4, 0.3], 1)
+    from_config = generate(loaded, square_mask, num_inference_steps=250, output_type="np").images
+    explicit = generate(pipe, square_mask, num_inference_steps=250, start_timestep=1, output_type="np").images
+    np.testing.assert_allclose(from_config, explicit, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"start_timestep": 100}, "start_timestep needs start_color"),
+        ({"start_timestep": 0, "start_color": [0.5] * 3}, "start_timestep is 0; expected an int from 1 to 249"),
+        ({"start_timestep": 250, "start_color": [0.5] * 3}, "expected an int from 1 to 249"),
+        ({"start_timestep": 1.5, "start_color": [0.5] * 3}, "expected an int"),
+        ({"start_timestep": 100, "start_color": [200, 100, 80]}, "expected three numbers in \\[0, 1\\]"),
+        ({"start_timestep": 100, "start_color": [0.5, 0.5]}, "expected three numbers"),
+    ],
+)
+def test_bad_starts_are_refused(tiny_pipeline, square_mask, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_pipeline, square_mask, **kwargs)
+
+
 def test_pipeline_runs_in_bfloat16(tiny_pipeline, square_mask):
     pipe = PolypDDPMPipeline(unet=copy.deepcopy(tiny_pipeline.unet), scheduler=tiny_pipeline.scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -155,6 +155,10 @@ def test_saved_pipeline_loads_generates_and_has_a_card(finished_run):
     card = (finished_run / "README.md").read_text()
     assert "library_name: diffusers" in card and "| `max_train_steps` | 16 |" in card
     assert json.loads((finished_run / "training_config.json").read_text())["trained_steps"] == STEPS
+    # The training images' mean colour, for sampling with start_timestep.
+    start_color = pipe.config.start_color
+    assert len(start_color) == 3 and all(0 < value < 1 for value in start_color)
+    assert pipe.config.start_timestep is None  # the whole chain unless asked otherwise
     # The saved weights are the EMA weights of the last checkpoint.
     ema = load_file(str(finished_run / "checkpoint-16" / "unet_ema" / "diffusion_pytorch_model.safetensors"))
     for name, tensor in unet_weights(finished_run).items():

@@ -51,6 +51,7 @@ from polyp_diffusers.training_utils import (
 )
 from polyp_diffusers.transforms import (
     JointAugment,
+    mean_color,
     pair_tensors,
     pair_tensors_nbytes,
     pair_transform,
@@ -247,12 +248,16 @@ def parse_args(argv=None):
     return args
 
 
-def trained_pipeline(accelerator, unet, noise_scheduler) -> PolypDDPMPipeline:
-    """The pipeline around the model being trained (its current weights), with the trained DDPM schedule."""
+def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDDPMPipeline:
+    """
+    The pipeline around the model being trained (its current weights), with the trained DDPM schedule and the
+    training images' mean colour (for sampling with `start_timestep`).
+    """
     model = accelerator.unwrap_model(unet)
     # Not the torch.compile wrapper: sampling in eval mode with another batch size would compile it again.
     model = getattr(model, "_orig_mod", model)
-    pipeline = PolypDDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    pipeline = PolypDDPMPipeline(unet=model, scheduler=scheduler, start_color=start_color)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -272,7 +277,7 @@ def validation_grid(pipeline, batch, args):
 
 def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
-    pipeline = trained_pipeline(accelerator, unet, noise_scheduler)
+    pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
     unet = pipeline.unet
     check_weights_are_finite(unet, ema_model, step)
     staging = Path(output_dir) / ".pipeline.partial"
@@ -390,6 +395,12 @@ def main(argv=None):
         raise ValueError(
             f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size} per process."
         )
+    # Derived from the data; saved with the configuration and in the pipeline config.
+    args.start_color = mean_color(
+        train_images
+        if preload
+        else pair_tensors(train_dataset.select(range(min(len(train_dataset), 1000))), args.resolution)[0]
+    )
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
     validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
@@ -614,7 +625,7 @@ def main(argv=None):
 
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
     """Samples the fixed validation masks with the EMA weights; saves and logs the grid."""
-    pipeline = trained_pipeline(accelerator, unet, noise_scheduler)
+    pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
     model = pipeline.unet
     model.eval()
     with ema_weights(ema_model, model), accelerator.autocast():
