@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One device call (issues 10 and 16): the loops' speed as a user runs them, and the paper's study at quick-64, on
-# real Kvasir-SEG with the paper's split. Each stage has its share of BUDGET seconds, and what it made is packed
+# Device calls for issues 10 and 16: the paper's study at quick-64 on real Kvasir-SEG (paper split), and the
+# training loops' speed as a user runs them. Each stage has its share of BUDGET seconds, and what it made is packed
 # into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
-# the stages after it.
+# the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
+# the script at once continues a study from its step records.
+#   STAGES="study loops"  which stages, in this order (default: both)
+#   OBJECTIVE=paper|velocity  the study's denoiser objective (default: velocity; the committed quick-64 run used
+#                         paper, with the sampling stage that has since been measured and removed)
 # Carry: .whl/ (Python 3.12 wheels: diffusers, datasets, dill, multiprocess, monai, importlib_metadata),
 # .devdata/kvasir-seg-256 (from ../shared/data) and .devdata/reference (the authors' code, from ../shared).
 # On a machine without nvidia-smi it runs in the current environment, at toy sizes:
@@ -18,29 +22,32 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
+objective="${OBJECTIVE:-velocity}"
+stages="${STAGES:-study loops}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
+study="$work/study-$preset-$objective"
 results="$work/results"
 mkdir -p "$results"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/device.txt"
   tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oiE "h100|h200|a100|l40s" | head -1 | tr A-Z a-z)
-  sample_args=(--model-preset paper-64 --batch-sizes 512 --samplers ddpm:100 --dtypes bf16)
-  loop_args=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
-  loop_minutes=0.6
-  throughput_args=(--sizes 256 --modes bf16 --batch-size 32)
+  precision=bf16
+  loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size 128 --gradient_accumulation_steps 1)
+  loop_256=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
+  loop_minutes=1
 else
   tag=cpu
-  sample_args=(--model-preset tiny --batch-sizes 8 --samplers ddpm:4 --dtypes fp32)
-  loop_args=(--model_preset tiny --resolution 32 --train_batch_size 8 --gradient_accumulation_steps 1)
+  precision=no
+  loop_64=(--model_preset tiny --resolution 32 --train_batch_size 8 --gradient_accumulation_steps 1)
+  loop_256=("${loop_64[@]}")
   loop_minutes=0.2
-  throughput_args=(--sizes 64 --modes fp32 --batch-size 2)
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
 pack() {
-  cp "$work/study/report.md" "$OUT/" 2>/dev/null
-  tar czf "$OUT/results.tar.gz" -C "$work" results \
-    $(cd "$work" && ls -d study/report.* study/*.png study/steps study/logs study/denoiser/validation study/denoiser/training_config.json study/segmentation/*/results.json 2>/dev/null)
+  cp "$study/report.md" "$OUT/" 2>/dev/null
+  tar czf "$OUT/results.tar.gz" -C "$work" results $(cd "$work" && ls -d "${study#"$work"/}"/{report.*,*.png,steps,logs} \
+    "${study#"$work"/}"/denoiser/{validation,training_config.json,logs} "${study#"$work"/}"/segmentation/*/results.json 2>/dev/null)
 }
 stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS (and what is left), then packs
   local name=$1 seconds=$2
@@ -52,22 +59,26 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS (an
   echo "   $name exit code: ${PIPESTATUS[0]} after $((SECONDS - START)) s"
   pack
 }
+train_loop() {  # train_loop NAME SECONDS DATASET TRAIN_ARGS...: train.py's loop for loop_minutes
+  local name=$1 seconds=$2 dataset=$3
+  shift 3
+  stage "$name" "$seconds" python3 benchmarks/train_loop.py --dataset "$dataset" --minutes "$loop_minutes" \
+    --mixed-precision "$precision" --output "$results/$name-$tag.json" -- "$@"
+}
 
-# 1. Sampling: per-image seeded noise (what `generate` does) against one generator for the batch (issue 10).
-stage sampling 60 python3 benchmarks/sample_throughput.py "${sample_args[@]}" \
-  --noise batch device-per-image cpu-per-image --output "$results/sample_throughput_64-$tag.json"
-
-# 2. The study: prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report.
-stage study $(($(left) - 140)) python3 -m polyp_diffusers.cli reproduce --data "$data" \
-  --split-file "$data/paper_split.json" --output "$work/study" --preset "$preset"
-
-# 3. The 256 px training loop as train.py runs it, and the isolated step beside the authors' in one process.
-stage prepare-256 40 python3 -m polyp_diffusers.cli prepare-data "$data" --output "$work/kvasir-256" \
-  --split-file "$data/paper_split.json" --overwrite
-stage train-loop-256 70 python3 benchmarks/train_loop.py --dataset "$work/kvasir-256" --minutes "$loop_minutes" \
-  --mixed-precision "$([ "$tag" = cpu ] && echo no || echo bf16)" --output "$results/train_loop_256-$tag.json" \
-  -- "${loop_args[@]}" --no-compile
-stage train-step-256 40 python3 benchmarks/train_throughput.py "${throughput_args[@]}" \
-  --reference-dir .devdata/reference/polyp_ddpm_official --output "$results/train_throughput_256-$tag.json"
+for current in $stages; do
+  case $current in
+  study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report
+    stage study "$(left)" python3 -m polyp_diffusers.cli reproduce --data "$data" \
+      --split-file "$data/paper_split.json" --output "$study" --preset "$preset" --objective "$objective" ;;
+  loops)  # the 64 px loop without compilation, then the 256 px loop with it (issue 10)
+    [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
+      --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64
+    train_loop train_loop_64_no_compile 120 "$work/kvasir-64" "${loop_64[@]}" --no-compile
+    [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
+      --output "$work/kvasir-256" --split-file "$data/paper_split.json"
+    train_loop train_loop_256_compile 240 "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+  esac
+done
 echo "== done after $((SECONDS - START)) s"
 pack
