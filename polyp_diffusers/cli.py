@@ -13,13 +13,14 @@ from datasets import DatasetDict
 
 from .arguments import HelpFormatter, count_or_fraction, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
-from .data import load_polyp_dataset
+from .data import load_polyp_dataset, parse_dataset_spec
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, update_model_card
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
+from .transforms import pair_tensors
 
 FEATURES = ("inception", "dinov2")
 
@@ -269,6 +270,44 @@ def _run_fid(args):
         Path(args.output).write_text(json.dumps({**fid_results(scores), "scores": scores}, indent=2))
 
 
+def _add_mask_fidelity(subparsers):
+    parser = subparsers.add_parser(
+        "mask-fidelity",
+        formatter_class=HelpFormatter,
+        help="How well generated images obey their masks: a segmenter trained on real pairs, scored on them.",
+        description="IoU and Dice of a segmenter's predictions on generated images against the masks the images "
+        "were generated from. With a segmenter trained on real pairs (train_segmentation.py --train real), a "
+        "low score means the polyps are not where, or not what, the masks say.",
+    )
+    parser.add_argument("--segmenter", required=True, help="A train_segmentation.py output folder.")
+    parser.add_argument(
+        "--dataset", required=True, metavar="DATASET[:SPLIT]", help="Generated pairs (split default: train)."
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="Images per batch.")
+    parser.add_argument("--device", help="Default: cuda if available, else cpu.")
+    parser.add_argument("--output", help="Write the scores as JSON here.")
+    parser.set_defaults(run=_run_mask_fidelity)
+
+
+def _run_mask_fidelity(args):
+    from .segmentation import evaluate, load_trained_segmenter  # the [eval] extra (MONAI, transformers)
+
+    model, config = load_trained_segmenter(args.segmenter)
+    path, split = parse_dataset_spec(args.dataset, default_split="train")
+    dataset = load_polyp_dataset(path, split=split)
+    device = args.device or default_device()
+    scores = evaluate(model.to(device), *pair_tensors(dataset, config["resolution"], device), args.batch_size)
+    scores.update(dataset=f"{path}:{split}", segmenter=str(args.segmenter), segmenter_trained_on=config["train"])
+    print(
+        f"Mask fidelity of {path}:{split}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
+        f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"
+    )
+    if config["train"] != "real":
+        print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores, indent=2) + "\n")
+
+
 def _add_card(subparsers):
     parser = subparsers.add_parser(
         "card",
@@ -383,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_official(subparsers)
     _add_generate(subparsers)
     _add_fid(subparsers)
+    _add_mask_fidelity(subparsers)
     _add_card(subparsers)
     _add_reproduce(subparsers)
     _add_demo(subparsers)

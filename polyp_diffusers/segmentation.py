@@ -5,11 +5,15 @@ synthetic or both) and their scores.
 runs all three.
 """
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.networks.nets import BasicUNetPlusPlus
+from safetensors.torch import load_file
 from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
@@ -94,6 +98,26 @@ def build_segmenter(
     except ImportError as error:
         raise ImportError("--architecture smp needs the [smp] extra: pip install 'polyp-diffusers[smp]'.") from error
     return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
+
+
+def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """
+    A segmenter as `training/train_segmentation.py` left it (its best weights, safetensors only), and the
+    configuration it was trained with. An ImageNet-initialised smp encoder is not downloaded again: the saved
+    weights replace it.
+    """
+    run = Path(run_dir)
+    results, weights = run / "results.json", run / "best.safetensors"
+    if not results.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a train_segmentation.py output folder: it needs results.json and best.safetensors."
+        )
+    config = json.loads(results.read_text())["config"]
+    architecture = config["architecture"]
+    encoder_weights = config.get("encoder_weights") if architecture == "segformer" else None
+    model = build_segmenter(architecture, encoder_weights, config.get("segformer_size", "b0"))
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), config
 
 
 def describe_segmenter(architecture: str, encoder_weights: str | None = None, segformer_size: str = "b0") -> str:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 # The objective of the denoiser: the paper's noise prediction, or the velocity on a zero-terminal-SNR schedule.
+# The synthetic pairs as a test set of the segmenters trained on real pairs (load_test_sets' name for it).
+MASK_FIDELITY_SET = "synthetic:train"
 REALISM_SKIPPED = (
     "FID/KID skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
 )
@@ -270,6 +272,8 @@ def run_study(
                              "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
                     *[flag for spec in test_specs for flag in ("--test", spec)],
                 ]  # fmt: skip
+                if setting == "real":  # mask fidelity: how well the synthetic images obey their masks
+                    command += ["--test", f"{synthetic}:train"]
                 work = lambda command=command, run_dir=run_dir: (  # noqa: E731
                     _run(command, study.logs / f"{run_dir.name}.log")
                     or json.loads((run_dir / "results.json").read_text())
@@ -374,6 +378,30 @@ def _figures(study: Study, summary: dict) -> list[str]:
     return written
 
 
+def _mean_and_spread(scores: list[dict]) -> dict:
+    """IoU and Dice over seeds: mean and standard deviation (0 for one seed)."""
+    summary = {"seeds": len(scores)}
+    for metric in ("iou", "dice"):
+        values = np.array([score[metric] for score in scores])
+        summary.update(
+            {
+                f"{metric}_mean": float(values.mean()),
+                f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            }
+        )
+    return summary
+
+
+def _describe_fidelity(fidelity: dict, real: dict) -> str:
+    test_name, on_real = next(iter(real.items()))
+    return (
+        f"Mask fidelity: segmenters trained on the real pairs find the polyps of the synthetic images with IoU "
+        f"{fidelity['iou_mean']:.4f} ± {fidelity['iou_std']:.4f} (Dice {fidelity['dice_mean']:.4f}) against the masks "
+        f"they were made from, against IoU {on_real['iou_mean']:.4f} on the real images of {test_name}: the closer, "
+        f"the better the images obey their masks."
+    )
+
+
 def _describe_training(training: dict) -> str:
     line = (
         f"Denoiser: {training['steps']:,} optimizer steps, {training['images']:,} training images "
@@ -394,6 +422,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         for seed in range(arguments["seeds"])
     ]
     realism = records["realism"]["result"] if "realism" in records else {"skipped": REALISM_SKIPPED}
+    fidelity = [run["test"].pop(MASK_FIDELITY_SET) for run in runs if MASK_FIDELITY_SET in run["test"]]
     results = segmentation_results(runs)
     if "fid" in realism:
         image_realism = fid_results(realism)
@@ -410,6 +439,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "data": records["data"]["result"],
         "denoiser_training": _denoiser_training(study),
         "realism": realism,
+        "mask_fidelity": _mean_and_spread(fidelity) if fidelity else None,
         "figures": figures,
         **results,
     }  # fmt: skip
@@ -423,6 +453,8 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         results["markdown"],
         "",
         f"{realism['skipped']}." if "skipped" in realism else "",
+        "",
+        _describe_fidelity(report["mask_fidelity"], results["summary"]["real"]) if fidelity else "",
         "",
         "## Figures",
         *[f"![{name}]({name})" for name in figures],

@@ -385,6 +385,32 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     assert 0 <= results["test"]["demo:test"]["iou"] <= 1
 
 
+def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(
+    demo_masks, generated, tmp_path, capsys
+):
+    segmenter = tmp_path / "real-segmenter"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
+         "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(segmenter),
+         "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2",
+         "--validation_size", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = tmp_path / "fidelity.json"
+    assert (
+        polyp_ddpm(
+            ["mask-fidelity", "--segmenter", str(segmenter), "--dataset", str(generated), "--output", str(output)]
+        )
+        == 0
+    )
+    scores = json.loads(output.read_text())
+    assert scores["num_images"] == 12 and 0 <= scores["iou"] <= scores["dice"] <= 1
+    assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
+    assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
+    assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
+
+
 # End to end -----------------------------------------------------------------------------------------------------
 
 

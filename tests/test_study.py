@@ -63,6 +63,10 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
     # The smoke preset's 30 steps of batch 8, logged at its checkpoints (10, 20, 30): two windows after the first.
     assert report["denoiser_training"]["steps"] == 30 and report["denoiser_training"]["images"] == 240
     assert report["denoiser_training"]["images_per_s_median"] > 0
+    fidelity = report["mask_fidelity"]
+    assert fidelity["seeds"] == 2 and 0 <= fidelity["iou_mean"] <= fidelity["dice_mean"] <= 1
+    assert "Mask fidelity: segmenters trained on the real pairs find the polyps of the synthetic images" in markdown
+    assert "synthetic:train" not in summary["real"]  # not a test set of the table
     assert "Denoiser: 30 optimizer steps, 240 training images (0.0% of the paper's 6,400,000)" in markdown
     assert "± " in markdown and "| real+synthetic |" in markdown and "denoiser |" in markdown
     assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
