@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for issues 10 and 16: the paper's study at quick-64 on real Kvasir-SEG (paper split), and the
-# training loops' speed as a user runs them. Each stage has its share of BUDGET seconds, and what it made is packed
-# into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
+# training loops' speed as a user runs them. Each stage runs for at most its share of BUDGET seconds (the study: all
+# that is left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
 # the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
 # the script at once continues a study from its step records.
 #   STAGES="study loops"  which stages, in this order (default: both)
@@ -32,16 +32,17 @@ mkdir -p "$results"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/device.txt"
   tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oiE "h100|h200|a100|l40s" | head -1 | tr A-Z a-z)
+  tag=${tag:-gpu}
   precision=bf16
   loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size 128 --gradient_accumulation_steps 1)
   loop_256=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
-  loop_minutes=1
+  loop_minutes=(1.5 3)  # 64 px without compilation, 256 px with it (compilation alone took 77 s on an H200)
 else
   tag=cpu
   precision=no
   loop_64=(--model_preset tiny --resolution 32 --train_batch_size 8 --gradient_accumulation_steps 1)
   loop_256=("${loop_64[@]}")
-  loop_minutes=0.2
+  loop_minutes=(0.2 0.4)
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
 pack() {
@@ -59,10 +60,10 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS (an
   echo "   $name exit code: ${PIPESTATUS[0]} after $((SECONDS - START)) s"
   pack
 }
-train_loop() {  # train_loop NAME SECONDS DATASET TRAIN_ARGS...: train.py's loop for loop_minutes
-  local name=$1 seconds=$2 dataset=$3
-  shift 3
-  stage "$name" "$seconds" python3 benchmarks/train_loop.py --dataset "$dataset" --minutes "$loop_minutes" \
+train_loop() {  # train_loop NAME SECONDS MINUTES DATASET TRAIN_ARGS...: train.py's loop for MINUTES
+  local name=$1 seconds=$2 minutes=$3 dataset=$4
+  shift 4
+  stage "$name" "$seconds" python3 benchmarks/train_loop.py --dataset "$dataset" --minutes "$minutes" \
     --mixed-precision "$precision" --output "$results/$name-$tag.json" -- "$@"
 }
 
@@ -74,10 +75,10 @@ for current in $stages; do
   loops)  # the 64 px loop without compilation, then the 256 px loop with it (issue 10)
     [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64
-    train_loop train_loop_64_no_compile 120 "$work/kvasir-64" "${loop_64[@]}" --no-compile
+    train_loop train_loop_64_no_compile 150 "${loop_minutes[0]}" "$work/kvasir-64" "${loop_64[@]}" --no-compile
     [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-256" --split-file "$data/paper_split.json"
-    train_loop train_loop_256_compile 240 "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+    train_loop train_loop_256_compile 240 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
   esac
 done
 echo "== done after $((SECONDS - START)) s"

@@ -51,7 +51,12 @@ def main():
         scalars = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
 
     speeds = [event.value for event in scalars["images_per_s"]]
-    steady = speeds[1:-1] or speeds  # the last window may be cut short by the time budget's stop
+    if len(speeds) < 3:
+        raise SystemExit(
+            f"train.py logged {len(speeds)} windows: too few to leave out the first (start-up, compilation) and the "
+            "last (cut short by the time budget). Give it more --minutes."
+        )
+    steady = speeds[1:-1]
     result = {
         "train_args": train_args,
         "mixed_precision": args.mixed_precision,

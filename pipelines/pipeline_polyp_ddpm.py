@@ -474,11 +474,13 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
             return_dict (`bool`, defaults to `True`):
                 Return a [`PolypDDPMPipelineOutput`] instead of a tuple `(images, masks)`.
             start_timestep (`int`, *optional*):
-                Start the chain at this training timestep, from an image of `start_color` noised to it, instead
-                of from pure noise at the last one; the sampler's later timesteps are skipped. A fix without
+                Start the chain at this training timestep (the sampler's nearest timestep at or below it), from an
+                image of `start_color` noised to it, instead of from pure noise at the last one; the sampler's
+                later timesteps are skipped. A fix without
                 retraining for briefly trained noise-predicting models: with the paper's schedule the last
                 timesteps keep almost no signal (alpha-bar 4e-8 at 249), and their small errors set wrong colours.
-                Defaults to the pipeline config's (None: the whole chain).
+                Defaults to the pipeline config's (None: the whole chain; to run the whole chain with a config that
+                sets one, `pipe.register_to_config(start_timestep=None)`).
             start_color (`list[float]`, *optional*):
                 RGB in `[0, 1]` to start from; defaults to the pipeline config's (the training images' mean).
 
@@ -507,8 +509,14 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                 timesteps = timesteps[timesteps <= start_timestep]
             return timesteps
 
+        steps_to_run = len(reset_timesteps())
+        if steps_to_run == 0:
+            raise ValueError(
+                f"start_timestep {start_timestep} lies below every timestep of this sampler with "
+                f"{num_inference_steps} steps (the lowest is {int(self.scheduler.timesteps.min())}): nothing would run."
+            )
         images = []
-        with self.progress_bar(total=num_batches * len(reset_timesteps())) as progress_bar:
+        with self.progress_bar(total=num_batches * steps_to_run) as progress_bar:
             for start in range(0, num_images, batch_size):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator

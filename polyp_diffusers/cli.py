@@ -296,7 +296,8 @@ def _run_mask_fidelity(args):
     path, split = parse_dataset_spec(args.dataset, default_split="train")
     dataset = load_polyp_dataset(path, split=split)
     device = args.device or default_device()
-    scores = evaluate(model.to(device), *pair_tensors(dataset, config["resolution"], device), args.batch_size)
+    # The pairs stay in CPU memory (a generated set has no size bound); evaluate moves each batch.
+    scores = evaluate(model.to(device), *pair_tensors(dataset, config["resolution"]), args.batch_size)
     scores.update(dataset=f"{path}:{split}", segmenter=str(args.segmenter), segmenter_trained_on=config["train"])
     print(
         f"Mask fidelity of {path}:{split}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "

@@ -134,7 +134,6 @@ def logits_of(model, images):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
     """
     Mean per-image IoU, Dice, precision and recall of thresholded predictions on pairs from

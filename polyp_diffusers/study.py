@@ -37,7 +37,6 @@ from .segmentation import TRAIN_SETS, load_test_sets
 logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
-# The objective of the denoiser: the paper's noise prediction, or the velocity on a zero-terminal-SNR schedule.
 # The synthetic pairs as a test set of the segmenters trained on real pairs (load_test_sets' name for it).
 MASK_FIDELITY_SET = "synthetic:train"
 REALISM_SKIPPED = (
@@ -45,6 +44,7 @@ REALISM_SKIPPED = (
 )
 # The paper's training: 100k optimizer steps of 2 accumulated batches of 32 images.
 PAPER_TRAINING_IMAGES = 100_000 * 2 * 32
+# The objective of the denoiser: the paper's noise prediction, or the velocity on a zero-terminal-SNR schedule.
 OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
 
 # Presets are data: the flags of each step. `train_images_per_s` is the measured speed of a compiled bf16 training
@@ -68,7 +68,7 @@ STUDY_PRESETS = {
         mixed_precision="no",
         train_images_per_s=None,
     ),
-    # One GPU, about 7 minutes: the paper's 64 px denoiser trained for 3 minutes (as many images as the loop's
+    # One GPU, about 8 minutes: the paper's 64 px denoiser trained for 3 minutes (as many images as the loop's
     # speed allows, at most 3.2 M), the paper's 250 DDPM steps, 3 segmenter seeds, 4 segmenters at once.
     "quick-64": dict(
         resolution=64,
@@ -119,9 +119,15 @@ def _launch_command(script: str, mixed_precision: str) -> list[str]:
     return [*launch, str(TRAINING_SCRIPTS / script)]
 
 
+def _say(line: str) -> None:
+    """One line of progress, written at once: segmenters running side by side print between each other's lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _run(command: list[str], log: Path) -> None:
     """Runs one step's script, its output kept in `log`; a failure shows the end of the log."""
-    print("$ " + " ".join(command) + f"\n  (its output: {log})", flush=True)
+    _say("$ " + " ".join(command) + f"\n  (its output: {log})")
     with log.open("a") as file:
         result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -147,9 +153,9 @@ class Study:
         """Runs `work()` unless the step is recorded as done; records its result and wall time."""
         done = self.record(name)
         if done is not None:
-            print(f"== {name}: done earlier ({done['wall_s']:.0f} s), skipped", flush=True)
+            _say(f"== {name}: done earlier ({done['wall_s']:.0f} s), skipped")
             return done
-        print(f"== {name}", flush=True)
+        _say(f"== {name}")
         started = time.perf_counter()
         result = work()
         record = {"wall_s": round(time.perf_counter() - started, 1), "result": result}
@@ -297,7 +303,7 @@ def _print_estimate(settings: dict, seeds: int) -> None:
     if settings["train_images_per_s"] and torch.cuda.is_available():
         minutes = images / settings["train_images_per_s"] / 60
         line += f" Training alone takes about {minutes:.0f} min at the speed measured on an H200."
-    elif settings["train_images_per_s"] or minutes:
+    elif not torch.cuda.is_available() and (settings["train_images_per_s"] or minutes):
         line += " This preset is meant for a GPU; on a CPU it takes days."
     print(line, flush=True)
 
@@ -334,6 +340,7 @@ def _denoiser_training(study: Study) -> dict:
     """How much the denoiser trained (a time budget may have stopped it early) and how fast its loop ran."""
     config = json.loads((study.output / "denoiser" / "training_config.json").read_text())
     images = config["trained_steps"] * config["train_batch_size"] * config["gradient_accumulation_steps"]
+    images *= config["num_processes"]
     training = {"steps": config["trained_steps"], "images": images, "paper_share": images / PAPER_TRAINING_IMAGES}
     speed = _denoiser_scalars(study, "images_per_s")
     if speed is not None and len(speed[1]) > 1:  # the first window holds start-up and compilation

@@ -162,6 +162,15 @@ def test_bad_starts_are_refused(tiny_pipeline, square_mask, kwargs, message):
         generate(tiny_pipeline, square_mask, **kwargs)
 
 
+def test_a_start_below_every_timestep_of_the_sampler_is_refused(tiny_pipeline, square_mask):
+    # DPM-Solver++ with 25 of 250 steps ends at timestep 10: a start at 5 would leave nothing to run.
+    pipe = PolypDDPMPipeline(
+        unet=tiny_pipeline.unet, scheduler=make_sampler("dpmsolver", tiny_pipeline.scheduler.config)
+    )
+    with pytest.raises(ValueError, match=r"start_timestep 5 lies below every timestep .* \(the lowest is 10\)"):
+        generate(pipe, square_mask, num_inference_steps=25, start_timestep=5, start_color=[0.5] * 3)
+
+
 def test_pipeline_runs_in_bfloat16(tiny_pipeline, square_mask):
     pipe = PolypDDPMPipeline(unet=copy.deepcopy(tiny_pipeline.unet), scheduler=tiny_pipeline.scheduler)
     pipe.set_progress_bar_config(disable=True)

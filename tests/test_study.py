@@ -1,6 +1,7 @@
 """`polyp-ddpm reproduce`: the whole study on CPU with the smoke preset and the demo data, killed and continued."""
 
 import json
+import threading
 
 import pytest
 
@@ -19,10 +20,13 @@ def finished_study(tmp_path_factory):
     output = tmp_path_factory.mktemp("study") / "smoke"
     launches = []
     original_run = study_module._run
+    lock = threading.Lock()  # segmenters launch from threads
 
     def run_until_killed(command, log):
-        launches.append(log.stem)
-        if len(launches) == 3:
+        with lock:
+            launches.append(log.stem)
+            killed = len(launches) == 3
+        if killed:
             raise Killed
         original_run(command, log)
 

@@ -27,6 +27,7 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
 )
+from polyp_diffusers.transforms import shuffled_batches, tensor_batches
 
 from .conftest import REPO_ROOT
 
@@ -371,6 +372,25 @@ def test_step_generators_depend_only_on_seed_step_and_process():
     assert not torch.equal(first[0], first[1])
     for other in (draws(1, 5, 0), draws(0, 6, 0), draws(0, 5, 1)):
         assert not torch.equal(first[1], other[1])
+
+
+def test_shuffled_batches_are_whole_disjoint_shards_that_depend_only_on_seed_and_epoch():
+    shards = [shuffled_batches(50, 4, seed=3, epoch=1, process_index=rank, num_processes=2) for rank in (0, 1)]
+    assert [shard.shape for shard in shards] == [(6, 4), (6, 4)]  # 12 whole batches of 50 pairs, 6 each
+    drawn = torch.cat([shard.flatten() for shard in shards])
+    assert len(set(drawn.tolist())) == 48
+    assert torch.equal(shards[0], shuffled_batches(50, 4, seed=3, epoch=1, process_index=0, num_processes=2))
+    assert not torch.equal(shards[0], shuffled_batches(50, 4, seed=3, epoch=2, process_index=0, num_processes=2))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        shuffled_batches(3, 4, seed=0, epoch=0)
+
+
+def test_tensor_batches_index_the_pairs_from_a_given_batch_on():
+    images, masks = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2), torch.ones(6, 1, 2, 2, dtype=torch.uint8)
+    batches = torch.tensor([[5, 0], [2, 3], [1, 4]])
+    got = list(tensor_batches(images, masks, batches, start=1))
+    assert [batch["images"][:, 0, 0, 0].tolist() for batch in got] == [[2.0, 3.0], [1.0, 4.0]]
+    assert all(batch["masks"].dtype == torch.float32 for batch in got)
 
 
 def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
