@@ -5,6 +5,7 @@
 # the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
 # the script at once continues a study from its step records.
 #   STAGES="study loops"  which stages, in this order (default: both)
+#   STUDY_ARGS="--new-masks"  more arguments of `polyp-ddpm reproduce` (e.g. the new-masks setting of issue 13)
 #   OBJECTIVE=paper|velocity  the study's denoiser objective (default: velocity; the committed quick-64 run used
 #                         paper, with the sampling stage that has since been measured and removed)
 # Carry: .whl/ (Python 3.12 wheels: diffusers, datasets, dill, multiprocess, monai, importlib_metadata),
@@ -71,7 +72,7 @@ for current in $stages; do
   case $current in
   study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report
     stage study "$(left)" python3 -m polyp_diffusers.cli reproduce --data "$data" \
-      --split-file "$data/paper_split.json" --output "$study" --preset "$preset" --objective "$objective" ;;
+      --split-file "$data/paper_split.json" --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-} ;;
   loops)  # the 64 px loop without compilation, then the 256 px loop with it (issue 10)
     [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64

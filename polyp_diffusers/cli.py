@@ -404,6 +404,12 @@ def _add_reproduce(subparsers):
     parser.add_argument(
         "--segmentation-jobs", type=positive_int, help="Segmenters trained at once (default: the preset's)."
     )
+    parser.add_argument(
+        "--new-masks",
+        action="store_true",
+        help="Also train segmenters on the real pairs plus one generated pair per training mask whose mask is new "
+        "(real masks deformed and combined): do new polyp shapes help?",
+    )
     parser.set_defaults(run=_run_reproduce)
 
 
@@ -412,7 +418,7 @@ def _run_reproduce(args):
 
     run_study(
         args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
-        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs,
+        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs, new_masks=args.new_masks,
     )  # fmt: skip
 
 

@@ -32,8 +32,14 @@ def fid_results(scores: dict) -> dict:
     }
 
 
-def _mean_and_spread(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def summarize_scores(scores: list[dict]) -> dict:
+    """IoU and Dice of several seeds' scores: mean, standard deviation (0 for one seed) and the number of seeds."""
+    summary = {}
+    for metric in ("iou", "dice"):
+        values = [score[metric] for score in scores]
+        spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        summary.update({f"{metric}_mean": float(np.mean(values)), f"{metric}_std": spread})
+    return {**summary, "seeds": len(scores)}
 
 
 def summarize_segmentation(runs: list[dict]) -> dict:
@@ -48,12 +54,8 @@ def summarize_segmentation(runs: list[dict]) -> dict:
     for setting, setting_runs in by_setting.items():
         summary[setting] = {}
         for test_name in setting_runs[0]["test"]:
-            scores = {}
-            for metric in ("iou", "dice"):
-                mean, spread = _mean_and_spread([run["test"][test_name][metric] for run in setting_runs])
-                scores.update({f"{metric}_mean": mean, f"{metric}_std": spread})
-            summary[setting][test_name] = {**scores, "seeds": len(setting_runs),
-                                           "train_pairs": setting_runs[0]["num_train_pairs"]}  # fmt: skip
+            scores = summarize_scores([run["test"][test_name] for run in setting_runs])
+            summary[setting][test_name] = {**scores, "train_pairs": setting_runs[0]["num_train_pairs"]}
     return summary
 
 
@@ -98,7 +100,9 @@ def segmentation_results(runs: list[dict]) -> dict:
         f"IoU on held-out real pairs; {seed_note}mean per-image scores)\n" + "\n".join(rows)
     )
     for name in test_names:
-        if "real" in summary and "real+synthetic" in summary:
-            gain = summary["real+synthetic"][name]["iou_mean"] - summary["real"][name]["iou_mean"]
-            markdown += f"\n\nAdding the synthetic pairs to the real ones changed the IoU on {name} by {gain:+.4f}."
+        for setting in summary:
+            if "real" in summary and setting.startswith("real+"):
+                gain = summary[setting][name]["iou_mean"] - summary["real"][name]["iou_mean"]
+                added = setting.removeprefix("real+")
+                markdown += f"\n\nAdding the {added} pairs to the real ones changed the IoU on {name} by {gain:+.4f}."
     return {"markdown": markdown, "eval_results": eval_results, "summary": summary}

@@ -31,12 +31,14 @@ from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path
 from .modeling import default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import fid_results, segmentation_results
+from .results import fid_results, segmentation_results, summarize_scores
 from .segmentation import TRAIN_SETS, load_test_sets
 
 logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+# Real pairs plus generated pairs whose masks are new (the mask augmenter), a fourth training set on request.
+NEW_MASKS_SETTING = "real+new-masks"
 # The synthetic pairs as a test set of the segmenters trained on real pairs (load_test_sets' name for it).
 MASK_FIDELITY_SET = "synthetic:train"
 REALISM_SKIPPED = (
@@ -186,6 +188,7 @@ def run_study(
     objective: str = "paper",
     inception_weights: str | None = None,
     segmentation_jobs: int | None = None,
+    new_masks: bool = False,
 ) -> dict:
     """
     Runs (or continues) the study in `output` and returns the report (also written as `report.json`).
@@ -193,7 +196,8 @@ def run_study(
     `data` is a Kvasir-SEG-style source for `prepare-data` (or `"demo"`); `tests` are extra test sets
     `DATASET[:SPLIT]` scored beside the data's own test split; `seeds` overrides the preset's number of
     segmentation seeds and `segmentation_jobs` how many segmenters train at once; `objective` is the denoiser's
-    (`OBJECTIVES`).
+    (`OBJECTIVES`). `new_masks` adds a training set: the real pairs plus one generated pair per training mask
+    whose mask is new (`generate --new-masks N --mask-augment`), to ask whether new polyp shapes help.
     """
     if preset not in STUDY_PRESETS:
         raise ValueError(f"preset {preset!r}; expected one of {sorted(STUDY_PRESETS)}.")
@@ -213,6 +217,8 @@ def run_study(
     study = Study(output)
     arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
                  "objective": objective}  # fmt: skip
+    if new_masks:  # only when asked for, so that studies made before the option still continue
+        arguments["new_masks"] = True
     previous = study.record("arguments")
     if previous is not None and previous["result"] != arguments:
         raise ValueError(
@@ -220,7 +226,7 @@ def run_study(
             "it, or choose another --output."
         )
     study.step("arguments", lambda: arguments)
-    _print_estimate(settings, seeds)
+    _print_estimate(settings, seeds, len(study_settings(arguments)))
     started = time.perf_counter()
 
     dataset = (
@@ -237,16 +243,23 @@ def run_study(
     study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
     synthetic = study.output / "synthetic"
     generation = settings["generation"]
-    study.step(
-        "synthetic",
-        lambda: len(
-            generate_dataset(
-                str(denoiser), str(dataset), synthetic, split="train", sampler=generation["sampler"],
-                num_inference_steps=generation["num_inference_steps"], batch_size=generation["batch_size"],
-                dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
-            )["train"]
-        ),
+    sampling = dict(
+        split="train", sampler=generation["sampler"], num_inference_steps=generation["num_inference_steps"],
+        batch_size=generation["batch_size"], dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
     )  # fmt: skip
+    study.step("synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"]))
+    new_mask_pairs = study.output / "synthetic-new-masks"
+    if new_masks:
+        num_masks = study.record("data")["result"]["train"]
+        study.step(
+            "synthetic-new-masks",
+            lambda: len(
+                generate_dataset(
+                    str(denoiser), str(dataset), new_mask_pairs, new_masks=num_masks, mask_augment=True,
+                    seed=num_masks, **sampling,  # seeds after those of the synthetic pairs
+                )["train"]
+            ),
+        )  # fmt: skip
     weights = _inception_weights(inception_weights)
     if weights is None:  # not recorded: a later run with the weights computes it
         print(f"== realism: {REALISM_SKIPPED}", flush=True)
@@ -269,21 +282,28 @@ def run_study(
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         runs = []
-        for setting in TRAIN_SETS:
+        for setting in study_settings(arguments):
+            # The new-mask pairs train as train_segmentation.py's real+synthetic, with their own --synthetic.
+            train_set, pairs = (
+                ("real+synthetic", new_mask_pairs) if setting == NEW_MASKS_SETTING else (setting, synthetic)
+            )
             for seed in range(seeds):
                 run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
                 command = [
                     *_launch_command("train_segmentation.py", settings["mixed_precision"]),
-                    *_flags({"train": setting, "real": dataset, "synthetic": synthetic, "output_dir": run_dir,
+                    *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
                              "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
                     *[flag for spec in test_specs for flag in ("--test", spec)],
                 ]  # fmt: skip
                 if setting == "real":  # mask fidelity: how well the synthetic images obey their masks
                     command += ["--test", f"{synthetic}:train"]
-                work = lambda command=command, run_dir=run_dir: (  # noqa: E731
-                    _run(command, study.logs / f"{run_dir.name}.log")
-                    or json.loads((run_dir / "results.json").read_text())
-                )
+                work = lambda command=command, run_dir=run_dir, setting=setting: {  # noqa: E731
+                    **(
+                        _run(command, study.logs / f"{run_dir.name}.log")
+                        or json.loads((run_dir / "results.json").read_text())
+                    ),
+                    "train": setting,
+                }
                 runs.append(pool.submit(segmentation_step, f"segmentation-{run_dir.name}", work))
     for run in runs:
         run.result()  # the first failure
@@ -292,14 +312,19 @@ def run_study(
     return report
 
 
-def _print_estimate(settings: dict, seeds: int) -> None:
+def study_settings(arguments: dict) -> list[str]:
+    """The training sets of a study's segmenters: the paper's three, and real + new-mask pairs when asked for."""
+    return [*TRAIN_SETS, *([NEW_MASKS_SETTING] if arguments.get("new_masks") else [])]
+
+
+def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
     images = settings["denoiser"]["train_batch_size"] * settings["denoiser"]["gradient_accumulation_steps"]
     images *= settings["denoiser"]["max_train_steps"]
     minutes = settings["denoiser"].get("max_train_minutes")
     line = f"The denoiser trains on {images:,} images" + (
         f" or for {minutes} min, whichever ends first" if minutes else ""
     )
-    line += f"; segmenters: {len(TRAIN_SETS)} settings x {seeds} seeds."
+    line += f"; segmenters: {num_settings} settings x {seeds} seeds."
     if settings["train_images_per_s"] and torch.cuda.is_available():
         minutes = images / settings["train_images_per_s"] / 60
         line += f" Training alone takes about {minutes:.0f} min at the speed measured on an H200."
@@ -364,7 +389,13 @@ def _figures(study: Study, summary: dict) -> list[str]:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     means = [summary[setting][test_name]["iou_mean"] for setting in summary]
     spreads = [summary[setting][test_name]["iou_std"] for setting in summary]
-    axis.bar(list(summary), means, yerr=spreads, capsize=6, color=["#4c72b0", "#dd8452", "#55a868"])
+    axis.bar(
+        list(summary),
+        means,
+        yerr=spreads,
+        capsize=6,
+        color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(summary)],
+    )
     axis.set_ylabel(f"IoU on {test_name}")
     axis.set_title("Segmenters trained on each set (mean ± std over seeds)", fontsize=10)
     figure.tight_layout()
@@ -383,20 +414,6 @@ def _figures(study: Study, summary: dict) -> list[str]:
         plt.close(figure)
         written.append("loss.png")
     return written
-
-
-def _mean_and_spread(scores: list[dict]) -> dict:
-    """IoU and Dice over seeds: mean and standard deviation (0 for one seed)."""
-    summary = {"seeds": len(scores)}
-    for metric in ("iou", "dice"):
-        values = np.array([score[metric] for score in scores])
-        summary.update(
-            {
-                f"{metric}_mean": float(values.mean()),
-                f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            }
-        )
-    return summary
 
 
 def _describe_fidelity(fidelity: dict, real: dict) -> str:
@@ -425,7 +442,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     records = {path.stem: json.loads(path.read_text()) for path in in_order}
     runs = [
         records[f"segmentation-{setting.replace('+', '-')}-seed{seed}"]["result"]
-        for setting in TRAIN_SETS
+        for setting in study_settings(arguments)
         for seed in range(arguments["seeds"])
     ]
     realism = records["realism"]["result"] if "realism" in records else {"skipped": REALISM_SKIPPED}
@@ -446,7 +463,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "data": records["data"]["result"],
         "denoiser_training": _denoiser_training(study),
         "realism": realism,
-        "mask_fidelity": _mean_and_spread(fidelity) if fidelity else None,
+        "mask_fidelity": summarize_scores(fidelity) if fidelity else None,
         "figures": figures,
         **results,
     }  # fmt: skip

@@ -33,9 +33,9 @@ def finished_study(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(study_module, "_run", run_until_killed)
     with pytest.raises(Killed):
-        run_study("demo", output, preset="smoke")
+        run_study("demo", output, preset="smoke", new_masks=True)
     records_before = {path.name: path.stat().st_mtime_ns for path in (output / "steps").glob("*.json")}
-    report = run_study("demo", output, preset="smoke")
+    report = run_study("demo", output, preset="smoke", new_masks=True)
     patch.undo()
     return output, report, launches, records_before
 
@@ -47,7 +47,8 @@ def test_a_killed_study_continues_without_redoing_finished_steps(finished_study)
     finished = ({"real-seed0", "real-seed1"} - {launches[2]}).pop()
     # The second run launches only what was not finished: no second training of the denoiser, no later segmenter
     # started after the kill.
-    everything = {f"{setting}-seed{seed}" for setting in ("real", "synthetic", "real-synthetic") for seed in (0, 1)}
+    settings = ("real", "synthetic", "real-synthetic", "real-new-masks")
+    everything = {f"{setting}-seed{seed}" for setting in settings for seed in (0, 1)}
     assert sorted(launches[3:]) == sorted(everything - {finished})
     for name in ("data.json", "denoiser.json", "synthetic.json", f"segmentation-{finished}.json"):
         assert (output / "steps" / name).stat().st_mtime_ns == records_before[name]
@@ -56,7 +57,7 @@ def test_a_killed_study_continues_without_redoing_finished_steps(finished_study)
 def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study):
     output, report, _, _ = finished_study
     summary = report["summary"]
-    assert list(summary) == ["real", "synthetic", "real+synthetic"]
+    assert list(summary) == ["real", "synthetic", "real+synthetic", "real+new-masks"]
     for setting in summary.values():
         scores = setting["demo:test"]
         assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
@@ -73,6 +74,13 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
     assert "synthetic:train" not in summary["real"]  # not a test set of the table
     assert "Denoiser: 30 optimizer steps, 240 training images (0.0% of the paper's 6,400,000)" in markdown
     assert "± " in markdown and "| real+synthetic |" in markdown and "denoiser |" in markdown
+    # The fourth training set: real pairs plus pairs whose masks are new, relabelled from real+synthetic.
+    assert (
+        "| real+new-masks |" in markdown and "Adding the new-masks pairs to the real ones changed the IoU" in markdown
+    )
+    assert summary["real+new-masks"]["demo:test"]["train_pairs"] > summary["real"]["demo:test"]["train_pairs"]
+    new_pairs = json.loads((output / "steps" / "synthetic-new-masks.json").read_text())["result"]
+    assert new_pairs == json.loads((output / "steps" / "data.json").read_text())["result"]["train"]
     assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
 
 
