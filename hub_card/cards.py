@@ -89,7 +89,9 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="diffusers",
         license="mit",
-        pipeline_tag="image-to-image",
+        pipeline_tag="unconditional-image-generation"
+        if type(pipeline).__name__ == "PolypMaskPipeline"
+        else "image-to-image",
         tags=["diffusers", "polyp", "colonoscopy", "medical-imaging", "mask-to-image", "ddpm", "polyp-diffusers"],
         datasets=[dataset] if dataset else None,
         base_model=base_model,
@@ -109,6 +111,7 @@ def render_model_card(
         num_parameters=f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M",
         in_channels=unet.config.in_channels,
         mask_channels=pipeline.mask_channels,
+        pipeline_class=type(pipeline).__name__,
         block_out_channels=tuple(unet.config.block_out_channels),
         training_config=training_config,
         results_markdown=(results or {}).get("markdown"),

@@ -338,6 +338,11 @@ def mask_channels_of(unet_config) -> int:
     return unet_config.in_channels - unet_config.out_channels
 
 
+def is_mask_model(unet_config) -> bool:
+    """Whether a UNet denoises masks alone (`PolypMaskPipeline`): one channel in and out, no condition."""
+    return unet_config.in_channels == unet_config.out_channels == 1
+
+
 def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
@@ -541,6 +546,89 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         if not return_dict:
             return (images, masks)
         return PolypDDPMPipelineOutput(images=images, masks=masks)
+
+
+# New masks -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolypMaskPipelineOutput(BaseOutput):
+    """
+    Output of [`PolypMaskPipeline`].
+
+    Args:
+        masks (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            Binary masks, white (1) where the polyp is: mode "L" images, `(N, H, W, 1)` arrays or
+            `(N, 1, H, W)` tensors in {0, 1}.
+    """
+
+    masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
+    r"""
+    Generates new binary polyp masks by denoising random noise with an unconditional UNet trained on the masks
+    of a dataset (`training/train.py --mask_model`): shapes, sizes and positions that no training mask has, for
+    [`PolypDDPMPipeline`] to turn into images.
+
+    Args:
+        unet ([`UNet2DModel`]):
+            Predicts the noise of a one-channel mask in `[-1, 1]`.
+        scheduler ([`SchedulerMixin`]):
+            Any diffusers scheduler; the trained [`DDPMScheduler`], or DDIM / DPM-Solver++ for fewer steps.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_masks: int = 1,
+        num_inference_steps: int = 250,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int = 16,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> PolypMaskPipelineOutput | tuple:
+        r"""
+        Generates `num_masks` masks, thresholded at 0 of the denoised `[-1, 1]` sample.
+
+        Args:
+            num_masks (`int`, defaults to 1): How many masks.
+            num_inference_steps (`int`, defaults to 250): Denoising steps.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                One generator, or one per mask (then each mask is independent of `batch_size`).
+            batch_size (`int`, defaults to 16): Masks denoised at once.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
+            return_dict (`bool`, defaults to `True`): Return a [`PolypMaskPipelineOutput`] instead of `(masks,)`.
+        """
+        check_sampling_arguments(output_type, 1, num_inference_steps, batch_size, generator)
+        check_positive_int(num_masks, "num_masks")
+        _check_generator_count(generator, num_masks, 1)
+        device = self._execution_device
+        masks = []
+        with self.progress_bar(total=-(-num_masks // batch_size) * num_inference_steps) as progress_bar:
+            for start in range(0, num_masks, batch_size):
+                count = min(batch_size, num_masks - start)
+                batch_generator = generator[start : start + count] if isinstance(generator, list) else generator
+                shape = (count, self.unet.config.out_channels, *self.sample_size)
+                sample = randn_tensor(shape, generator=batch_generator, device=device, dtype=self.unet.dtype)
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                sample = sample * self.scheduler.init_noise_sigma
+                for t in self.scheduler.timesteps:
+                    noise_pred = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
+                    sample = self.scheduler.step(noise_pred, t, sample, generator=batch_generator).prev_sample
+                    progress_bar.update()
+                masks.append((sample.float() > 0).float().cpu())
+        self.maybe_free_model_hooks()
+        masks = masks_for_output(torch.cat(masks), output_type)
+        if not return_dict:
+            return (masks,)
+        return PolypMaskPipelineOutput(masks=masks)
 
 
 # Inpainting ------------------------------------------------------------------------------------------------------
@@ -871,5 +959,6 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
 def __dir__():
     # `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_polyp_ddpm")` takes the one subclass of
     # DiffusionPipeline that `dir()` of this file lists, and refuses a file that lists two. That pipeline is
-    # PolypDDPMPipeline; PolypInpaintPipeline stays importable by name and is built from it with `from_pipe`.
-    return sorted(name for name in globals() if name != "PolypInpaintPipeline")
+    # PolypDDPMPipeline; PolypInpaintPipeline stays importable by name and is built from it with `from_pipe`, and
+    # PolypMaskPipeline (a model of its own) loads through polyp_diffusers.
+    return sorted(name for name in globals() if name not in ("PolypInpaintPipeline", "PolypMaskPipeline"))

@@ -153,7 +153,7 @@ def _add_generate(subparsers):
         "--new-masks",
         type=positive_int,
         metavar="N",
-        help="Make N new masks from the masks of --split (with --mask-augment) instead of reusing them; mask j "
+        help="Make N new masks (with --mask-augment or --mask-model) instead of reusing those of --split; mask j "
         "comes from SEED and j. Writes mask_statistics.json/.png: the new masks against the real ones.",
     )
     parser.add_argument(
@@ -161,6 +161,11 @@ def _add_generate(subparsers):
         action="store_true",
         help="New masks by elastic and affine deformation of real polyps (sizes and positions drawn from the real "
         "masks), sometimes two real polyps together.",
+    )
+    parser.add_argument(
+        "--mask-model",
+        help="New masks drawn by a model of masks (a PolypMaskPipeline folder or Hub id, trained with "
+        "training/train.py --mask_model) instead of --mask-augment.",
     )
     parser.add_argument(
         "--start-timestep",
@@ -198,6 +203,7 @@ def _run_generate(args):
         new_masks=args.new_masks,
         mask_augment=args.mask_augment,
         start_timestep=args.start_timestep,
+        mask_model=args.mask_model,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
 

@@ -18,7 +18,7 @@ from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
-from .pipelines import PolypDDPMPipeline
+from .pipelines import PolypDDPMPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
 from .training_utils import CHECKPOINT_PATTERN
 
@@ -37,8 +37,11 @@ MASK_STATISTICS_PLOT = "mask_statistics.png"
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> PolypDDPMPipeline:
-    """`PolypDDPMPipeline.from_pretrained` with errors that say what is wrong with a `--model` argument."""
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class=PolypDDPMPipeline):
+    """
+    `PolypDDPMPipeline.from_pretrained` (or `PolypMaskPipeline`'s) with errors that say what is wrong with a
+    `--model` (or `--mask-model`) argument.
+    """
     path = Path(model)
     if path.is_dir() and not (path / "model_index.json").is_file():
         if CHECKPOINT_PATTERN.match(path.name):
@@ -46,7 +49,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> PolypDDPMPi
                 f"{model} is a training checkpoint, not a saved pipeline: pass the training run's --output_dir "
                 "(train.py saves the pipeline there at the end, and every --save_pipeline_steps)."
             )
-        raise ValueError(f"{model} is not a saved PolypDDPMPipeline: it has no model_index.json.")
+        raise ValueError(f"{model} is not a saved {pipeline_class.__name__}: it has no model_index.json.")
     if path.is_dir() and not list(path.glob("unet/*.safetensors")) and list(path.glob("unet/*.bin")):
         raise ValueError(
             f"{model} holds only pickled .bin weights, which can run code when loaded, so they are refused. If you "
@@ -56,9 +59,17 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> PolypDDPMPi
     if not path.exists():
         check_hub_repo(model, "model")
     try:
-        return PolypDDPMPipeline.from_pretrained(model, dtype=dtype)
+        pipeline = pipeline_class.from_pretrained(model, dtype=dtype)
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
+    if is_mask_model(pipeline.unet.config) != (pipeline_class is PolypMaskPipeline):
+        what, flag = (
+            ("a model of masks alone", "--mask-model")
+            if is_mask_model(pipeline.unet.config)
+            else ("an image model", "--model")
+        )
+        raise ValueError(f"{model} is {what}: pass it as {flag}.")
+    return pipeline
 
 
 def _read_settings(path: Path) -> dict | None:
@@ -132,6 +143,7 @@ def generate_dataset(
     new_masks: int | None = None,
     mask_augment: bool = False,
     start_timestep: int | None = None,
+    mask_model: str | None = None,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
@@ -165,15 +177,17 @@ def generate_dataset(
         check_positive_int(value, name)
     if new_masks is not None:
         check_positive_int(new_masks, "new_masks")
-        if not mask_augment:
+        if mask_augment == (mask_model is not None):
             raise ValueError(
-                "new_masks needs a way to make the masks: mask_augment=True (--mask-augment: real masks deformed, "
-                "moved, resized and combined)."
+                "new_masks needs a way to make the masks, one of: mask_augment=True (--mask-augment: real masks "
+                "deformed, moved, resized and combined) or mask_model=PATH (--mask-model: a PolypMaskPipeline that "
+                "training/train.py --mask_model trained)."
             )
-    elif mask_augment:
-        raise ValueError("mask_augment makes new masks: say how many with new_masks=N (--new-masks N).")
+    elif mask_augment or mask_model is not None:
+        raise ValueError("mask_augment and mask_model make new masks: say how many with new_masks=N (--new-masks N).")
     output = Path(output)
-    check_output_apart(output, {"model": model, "mask dataset": mask_dataset})
+    inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
+    check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
     recover_interrupted_write(output)
     source = load_polyp_dataset(mask_dataset, split=split)
     source_ids = list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
@@ -191,8 +205,10 @@ def generate_dataset(
         "noise_device": torch.device(device or default_device()).type,
         "start_timestep": start_timestep,
     }
-    if new_masks is not None:
+    if new_masks is not None and mask_model is None:
         settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
+    elif new_masks is not None:
+        settings.update(new_masks=new_masks, mask_model=mask_model)
     if _check_output(output, settings, overwrite):
         print(f"{output} already holds this generation (same settings): nothing to do.")
         return load_from_disk(str(output))
@@ -200,11 +216,19 @@ def generate_dataset(
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
-    augmenter = None
+    mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
     if new_masks is not None:
         real_masks = (row["mask"] for row in source.select_columns(["mask"]))
-        augmenter = MaskAugmenter(real_masks, pipeline.sample_size, seed=seed, ids=source_ids)
-        masks_of = _new_masks(augmenter)
+        if mask_model is None:
+            augmenter = MaskAugmenter(real_masks, pipeline.sample_size, seed=seed, ids=source_ids)
+            masks_of = _new_masks(augmenter)
+            mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
+        else:
+            mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline).to(pipeline.device)
+            mask_pipeline.set_progress_bar_config(disable=True)
+            masks_of = _model_masks(mask_pipeline, seed)
+            real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
+            mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
     else:
         masks_of = _real_masks(source, source_ids)
 
@@ -257,10 +281,9 @@ def generate_dataset(
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
     extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
-    if augmenter is not None:
-        extra_files.update(
-            _mask_statistics_files(augmenter, generated.select(range(0, len(generated), num_images_per_mask)))
-        )
+    if mask_statistics_of is not None:
+        one_per_mask = generated.select(range(0, len(generated), num_images_per_mask))
+        extra_files.update(_mask_statistics_files(*mask_statistics_of, one_per_mask))
     # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
     write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
     if push_to_hub:
@@ -290,11 +313,21 @@ def _new_masks(augmenter: MaskAugmenter):
     return masks_of
 
 
-def _mask_statistics_files(augmenter: MaskAugmenter, generated: Dataset) -> dict[str, str | bytes]:
+def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int):
+    """For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed + j."""
+
+    def masks_of(indices: list[int]) -> dict:
+        generators = [torch.Generator(mask_pipeline.device).manual_seed(seed + index) for index in indices]
+        masks = mask_pipeline(num_masks=len(indices), generator=generators, batch_size=len(indices)).masks
+        return {index: (mask, "mask-model", f"newmask-{index:05d}") for index, mask in zip(indices, masks)}
+
+    return masks_of
+
+
+def _mask_statistics_files(real: dict, method: dict, generated: Dataset) -> dict[str, str | bytes]:
     """Area fraction and components of the new masks against the real ones: JSON, and a PNG when matplotlib is here."""
-    real = augmenter.statistics
     new = mask_statistics([np.asarray(mask) for mask in generated["mask"]])
-    summary = {"real": summarize_statistics(real), "new": summarize_statistics(new), "mask_augment": augmenter.config}
+    summary = {"real": summarize_statistics(real), "new": summarize_statistics(new), **method}
     files = {MASK_STATISTICS_FILE: json.dumps(summary, indent=2)}
     try:
         files[MASK_STATISTICS_PLOT] = plot_mask_statistics(real, new, labels=("real training masks", "new masks"))
@@ -305,14 +338,22 @@ def _mask_statistics_files(augmenter: MaskAugmenter, generated: Dataset) -> dict
 
 def _card(settings: dict, count: int) -> str:
     if "new_masks" in settings:
-        masks = (
-            f"{settings['new_masks']} new masks made by `--mask-augment` (elastic and affine deformation and "
-            f"composition of real polyps, sizes and positions drawn from the real masks) from the masks of "
-            f"`{settings['mask_dataset']}` (split `{settings['split']}`, {settings['num_masks']} masks), "
-            f"{settings['num_images_per_mask']} image(s) each; mask `j` is made from seed {settings['seed']} and `j`, "
-            "and `source_id` names the real masks each came from (`a+b` for two). Their statistics against the real "
-            f"masks: `{MASK_STATISTICS_FILE}`"
-        )
+        if "mask_model" in settings:
+            masks = (
+                f"{settings['new_masks']} new masks drawn by the mask model `{settings['mask_model']}` (a "
+                f"`PolypMaskPipeline`), {settings['num_images_per_mask']} image(s) each; mask `j` used seed "
+                f"{settings['seed']} + `j`. Their statistics against the real masks of `{settings['mask_dataset']}` "
+                f"(split `{settings['split']}`): `{MASK_STATISTICS_FILE}`"
+            )
+        else:
+            masks = (
+                f"{settings['new_masks']} new masks made by `--mask-augment` (elastic and affine deformation and "
+                f"composition of real polyps, sizes and positions drawn from the real masks) from the masks of "
+                f"`{settings['mask_dataset']}` (split `{settings['split']}`, {settings['num_masks']} masks), "
+                f"{settings['num_images_per_mask']} image(s) each; mask `j` is made from seed {settings['seed']} and "
+                "`j`, and `source_id` names the real masks each came from (`a+b` for two). Their statistics against "
+                f"the real masks: `{MASK_STATISTICS_FILE}`"
+            )
         description = (
             f"Generated by `polyp-ddpm generate` with the model `{settings['model']}` from {masks}. "
             f"{settings['sampler']} sampler with {settings['num_inference_steps']} steps, {settings['dtype']}. Image "

@@ -45,6 +45,7 @@ def make_polyp_unet(
     attention_resolutions: tuple[int, ...] = (16,),
     mask_channels: int = 1,
     dropout: float = 0.0,
+    image_channels: int = 3,
 ) -> UNet2DModel:
     """
     Builds the mask-conditioned denoiser: input `3 + mask_channels` channels (noisy RGB, then the mask),
@@ -62,6 +63,8 @@ def make_polyp_unet(
         attention_resolutions: feature-map sides (in pixels) at which self-attention is applied.
         mask_channels: 1 for models trained with this package; 3 for the authors' RGB-mask layout.
         dropout: dropout inside the residual blocks.
+        image_channels: channels of what is denoised: 3 (RGB); 1 with `mask_channels=0` for a model of masks
+            alone (`PolypMaskPipeline`).
     """
     if channel_mult is None:
         if image_size not in PAPER_CHANNEL_MULT:
@@ -81,8 +84,8 @@ def make_polyp_unet(
     freq_shift = half_dim * (1 - math.log(DIFFUSERS_MAX_PERIOD) / math.log(REFERENCE_MAX_PERIOD))
     return UNet2DModel(
         sample_size=image_size,
-        in_channels=3 + mask_channels,
-        out_channels=3,
+        in_channels=image_channels + mask_channels,
+        out_channels=image_channels,
         layers_per_block=layers_per_block,
         block_out_channels=block_out_channels,
         down_block_types=tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in with_attention),

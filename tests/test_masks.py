@@ -4,8 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_from_disk
 
+from polyp_diffusers import PolypMaskPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
@@ -144,9 +146,70 @@ def test_an_interrupted_new_mask_generation_resumes_to_the_same_pairs(
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
 
 
+# A learned model of masks (PolypMaskPipeline) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mask_pipeline_dir(tmp_path_factory):
+    """An untrained 32 px model of masks alone, saved."""
+    torch.manual_seed(0)
+    unet = make_polyp_unet_from_preset("tiny", image_channels=1, mask_channels=0)
+    path = tmp_path_factory.mktemp("mask-model")
+    PolypMaskPipeline(unet=unet, scheduler=make_polyp_scheduler()).save_pretrained(path)
+    return path
+
+
+def test_the_mask_pipeline_draws_binary_masks_independent_of_batching(mask_pipeline_dir):
+    pipe = PolypMaskPipeline.from_pretrained(mask_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(batch_size):
+        generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+        return pipe(
+            num_masks=3, num_inference_steps=3, generator=generators, batch_size=batch_size, output_type="pt"
+        ).masks
+
+    masks = draw(3)
+    assert masks.shape == (3, 1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks, draw(2))
+    images = pipe(num_masks=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).masks
+    assert [image.mode for image in images] == ["L", "L"]
+    with pytest.raises(ValueError, match="generator is a list of 2 generators"):
+        pipe(num_masks=3, num_inference_steps=2, generator=[torch.Generator()] * 2)
+
+
+def test_generate_draws_new_masks_from_a_mask_model(
+    capsys, saved_pipeline_dir, demo_masks, mask_pipeline_dir, tmp_path
+):
+    output = tmp_path / "from-model"
+    code, out, err = run_generate(
+        capsys, saved_pipeline_dir, demo_masks, output, "--new-masks", "3", "--mask-model", mask_pipeline_dir,
+        *GENERATION,
+    )  # fmt: skip
+    assert code == 0, err
+    pairs = load_from_disk(str(output))["train"]
+    assert len(pairs) == 6 and set(pairs["source_id"]) == {"mask-model"}
+    assert all(set(np.unique(np.asarray(mask)).tolist()) <= {0, 255} for mask in pairs["mask"])
+    statistics = json.loads((output / "mask_statistics.json").read_text())
+    assert statistics["new"]["count"] == 3 and statistics["mask_model"] == str(mask_pipeline_dir)
+    assert "new masks drawn by the mask model" in (output / "README.md").read_text()
+    # Each model in its place: the image model is no mask model, and the mask model no image model.
+    code, _, err = run_generate(capsys, mask_pipeline_dir, demo_masks, tmp_path / "swapped", *GENERATION)
+    assert code == 1 and "is a model of masks alone: pass it as --mask-model" in err
+    code, _, err = run_generate(
+        capsys, saved_pipeline_dir, demo_masks, tmp_path / "swapped", "--new-masks", "2", "--mask-model",
+        saved_pipeline_dir,
+    )  # fmt: skip
+    assert code == 1 and "is an image model: pass it as --model" in err
+
+
 @pytest.mark.parametrize(
     "flags, expected",
-    [(["--new-masks", "3"], "needs a way to make the masks"), (["--mask-augment"], "say how many with new_masks")],
+    [
+        (["--new-masks", "3"], "needs a way to make the masks"),
+        (["--mask-augment"], "say how many with new_masks"),
+        (["--new-masks", "3", "--mask-augment", "--mask-model", "x"], "needs a way to make the masks, one of"),
+    ],
 )
 def test_new_masks_and_mask_augment_go_together(capsys, saved_pipeline_dir, demo_masks, tmp_path, flags, expected):
     code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "out", *flags)

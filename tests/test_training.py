@@ -16,7 +16,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from polyp_diffusers import PolypDDPMPipeline, make_polyp_unet_from_preset
+from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
 from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
     list_checkpoints,
@@ -219,6 +219,23 @@ def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipelin
     assert list_checkpoints(output)[-1].name == "checkpoint-3"
     assert json.loads((output / "training_config.json").read_text())["trained_steps"] == 3
     assert (output / "validation" / "step-0000003.png").is_file()
+
+
+def test_a_mask_model_trains_and_saves_a_mask_pipeline(demo_dataset, tmp_path):
+    output = tmp_path / "mask-model"
+    launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--mask_model", "--max_train_steps", "4"
+    )
+    pipe = PolypMaskPipeline.from_pretrained(output)
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (1, 1)
+    assert json.loads((output / "model_index.json").read_text())["_class_name"] == "PolypMaskPipeline"
+    masks = pipe(num_masks=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").masks
+    assert masks.shape == (2, 32, 32, 1) and set(np.unique(masks).tolist()) <= {0.0, 1.0}
+    grid = PIL.Image.open(output / "validation" / "step-0000004.png")
+    assert grid.size == (2 * 32, 2 * 32)  # rows: generated masks, real masks
+    card = (output / "README.md").read_text()
+    assert "pipeline_tag: unconditional-image-generation" in card and "PolypMaskPipeline.from_pretrained" in card
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_no_pipeline(demo_dataset, tmp_path):

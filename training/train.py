@@ -31,13 +31,19 @@ from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
+from polyp_diffusers import (
+    PolypDDPMPipeline,
+    PolypMaskPipeline,
+    make_polyp_scheduler,
+    make_polyp_unet_from_preset,
+    make_sampler,
+)
 from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
 from polyp_diffusers.modeling import PREDICTION_TYPES, SAMPLERS, UNET_PRESETS, diffusion_loss
-from polyp_diffusers.pipelines import mask_channels_of
+from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
 from polyp_diffusers.training_utils import (
     checkpoint_step,
     ema_weights,
@@ -144,6 +150,11 @@ def parse_args(argv=None):
         "--zero_terminal_snr", action="store_true", help="Rescale the betas so that the last step is pure noise."
     )
     model.add_argument("--dropout", type=float, default=0.0, help="Dropout in the residual blocks.")
+    model.add_argument(
+        "--mask_model",
+        action="store_true",
+        help="Train a model of the masks alone (saved as a PolypMaskPipeline): new masks for generate --mask-model.",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
@@ -253,16 +264,19 @@ def parse_args(argv=None):
     return args
 
 
-def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDDPMPipeline:
+def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDDPMPipeline | PolypMaskPipeline:
     """
     The pipeline around the model being trained (its current weights), with the trained DDPM schedule and the
-    training images' mean colour (for sampling with `start_timestep`).
+    training images' mean colour (for sampling with `start_timestep`); a mask model's `PolypMaskPipeline`.
     """
     model = accelerator.unwrap_model(unet)
     # Not the torch.compile wrapper: sampling in eval mode with another batch size would compile it again.
     model = getattr(model, "_orig_mod", model)
     scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-    pipeline = PolypDDPMPipeline(unet=model, scheduler=scheduler, start_color=start_color)
+    if is_mask_model(model.config):
+        pipeline = PolypMaskPipeline(unet=model, scheduler=scheduler)
+    else:
+        pipeline = PolypDDPMPipeline(unet=model, scheduler=scheduler, start_color=start_color)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -270,11 +284,14 @@ def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDD
 def validation_grid(pipeline, batch, args):
     """Generates images for the fixed validation masks; returns a grid whose rows are masks, generated, real."""
     pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
-    out = pipeline(
-        batch["masks"],
-        num_inference_steps=args.validation_inference_steps,
-        generator=torch.Generator().manual_seed(args.seed),
+    sampling = dict(
+        num_inference_steps=args.validation_inference_steps, generator=torch.Generator().manual_seed(args.seed)
     )
+    if isinstance(pipeline, PolypMaskPipeline):  # rows: generated masks, real masks
+        generated = pipeline(num_masks=len(batch["masks"]), **sampling).masks
+        real = masks_for_output(batch["masks"], "pil")
+        return make_image_grid([mask.convert("RGB") for mask in generated + real], rows=2, cols=len(real))
+    out = pipeline(batch["masks"], **sampling)
     real = pipeline.image_processor.postprocess(batch["images"], output_type="pil")
     cells = [mask.convert("RGB") for mask in out.masks] + out.images + real
     return make_image_grid(cells, rows=3, cols=len(real))
@@ -400,22 +417,27 @@ def main(argv=None):
         raise ValueError(
             f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size} per process."
         )
-    # Derived from the data; saved with the configuration and in the pipeline config.
-    args.start_color = mean_color(
-        train_images
-        if preload
-        else pair_tensors(
-            train_dataset.select(range(min(len(train_dataset), 1000))),
-            args.resolution,
-            progress=accelerator.is_local_main_process,
-        )[0]
+    # Derived from the data; saved with the configuration and in the pipeline config (a mask model has no colour).
+    args.start_color = (
+        None
+        if args.mask_model
+        else mean_color(
+            train_images
+            if preload
+            else pair_tensors(
+                train_dataset.select(range(min(len(train_dataset), 1000))),
+                args.resolution,
+                progress=accelerator.is_local_main_process,
+            )[0]
+        )
     )
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
     validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
 
     # Model, EMA, optimizer and learning-rate schedule.
-    unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout)
+    channels = dict(image_channels=1, mask_channels=0) if args.mask_model else {}
+    unet = make_polyp_unet_from_preset(args.model_preset, image_size=args.resolution, dropout=args.dropout, **channels)
     unet.to(accelerator.device)  # before the EMA copies and the fused optimizer see its parameters
     mask_channels = mask_channels_of(unet.config)
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
@@ -547,6 +569,8 @@ def main(argv=None):
             micro_step += 1
             with accelerator.accumulate(unet):
                 images, masks = augment(batch["images"], batch["masks"], augment_generator)
+                if args.mask_model:  # what is denoised is the mask itself, in [-1, 1], seeing nothing else
+                    images = masks * 2 - 1
                 loss = diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
