@@ -168,6 +168,12 @@ def _add_generate(subparsers):
         "training/train.py --mask_model) instead of --mask-augment.",
     )
     parser.add_argument(
+        "--insert",
+        action="store_true",
+        help="Insert each new mask's polyp into a real frame of --split (RePaint inpainting; mask j into frame j "
+        "modulo the split's size) instead of generating whole images; the pair's mask holds both polyps.",
+    )
+    parser.add_argument(
         "--start-timestep",
         type=positive_int,
         help="Start the chain at this timestep from the training images' mean colour, noised (a fix without "
@@ -204,6 +210,7 @@ def _run_generate(args):
         mask_augment=args.mask_augment,
         start_timestep=args.start_timestep,
         mask_model=args.mask_model,
+        insert=args.insert,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
 
@@ -416,6 +423,12 @@ def _add_reproduce(subparsers):
         help="Also train segmenters on the real pairs plus one generated pair per training mask whose mask is new "
         "(real masks deformed and combined): do new polyp shapes help?",
     )
+    parser.add_argument(
+        "--inserted-polyps",
+        action="store_true",
+        help="Also train segmenters on the real pairs plus as many real frames with a new polyp inserted "
+        "(inpainting): do new polyps in real surroundings help?",
+    )
     parser.set_defaults(run=_run_reproduce)
 
 
@@ -425,6 +438,7 @@ def _run_reproduce(args):
     run_study(
         args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
         objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs, new_masks=args.new_masks,
+        inserted_polyps=args.inserted_polyps,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
-from .pipelines import PolypDDPMPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
+from .pipelines import PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
 from .training_utils import CHECKPOINT_PATTERN
 
@@ -144,6 +145,7 @@ def generate_dataset(
     mask_augment: bool = False,
     start_timestep: int | None = None,
     mask_model: str | None = None,
+    insert: bool = False,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
@@ -162,6 +164,11 @@ def generate_dataset(
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
     `start_timestep` starts every chain there from the model's `start_color` (see `PolypDDPMPipeline`).
+
+    With `insert=True` (and new masks), each new mask's polyp is inserted into a real frame of the split
+    instead (`PolypInpaintPipeline`: mask `j` into frame `j` modulo the split's size); the pair's mask holds both
+    polyps, the frame's own and the new one, and `source_id` names the frame. A new mask without a polyp pixel
+    leaves its frame as it is.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}.")
@@ -185,6 +192,12 @@ def generate_dataset(
             )
     elif mask_augment or mask_model is not None:
         raise ValueError("mask_augment and mask_model make new masks: say how many with new_masks=N (--new-masks N).")
+    if insert and (new_masks is None or sampler == "dpmsolver" or start_timestep is not None):
+        raise ValueError(
+            "insert puts the polyps of new masks into real frames: it needs new_masks (--new-masks N with "
+            "--mask-augment or --mask-model), the ddpm or ddim sampler (inpainting resamples, which multistep "
+            "solvers cannot), and no start_timestep."
+        )
     output = Path(output)
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
@@ -209,6 +222,8 @@ def generate_dataset(
         settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
     elif new_masks is not None:
         settings.update(new_masks=new_masks, mask_model=mask_model)
+    if insert:
+        settings.update(insert=True)
     if _check_output(output, settings, overwrite):
         print(f"{output} already holds this generation (same settings): nothing to do.")
         return load_from_disk(str(output))
@@ -231,6 +246,10 @@ def generate_dataset(
             mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
     else:
         masks_of = _real_masks(source, source_ids)
+    inpaint = None
+    if insert:
+        inpaint = PolypInpaintPipeline.from_pipe(pipeline)
+        inpaint.set_progress_bar_config(disable=True)
 
     parts = output / PARTS_DIR
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
@@ -244,17 +263,27 @@ def generate_dataset(
         by_index = masks_of(sorted({row for row, _ in batch}))
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
-        out = pipeline(
-            [by_index[row][0] for row, _ in batch],
-            num_inference_steps=num_inference_steps,
-            generator=generators,
-            batch_size=batch_size,
-            output_type="pil",
-            start_timestep=start_timestep,
-        )
+        new_masks_of_batch = [by_index[row][0] for row, _ in batch]
+        if inpaint is not None:
+            frame_rows = [row % len(source) for row, _ in batch]
+            images, masks = _insert_polyps(
+                inpaint, source.select(frame_rows), new_masks_of_batch, generators, num_inference_steps
+            )
+            names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
+        else:
+            out = pipeline(
+                new_masks_of_batch,
+                num_inference_steps=num_inference_steps,
+                generator=generators,
+                batch_size=batch_size,
+                output_type="pil",
+                start_timestep=start_timestep,
+            )
+            images, masks = out.images, out.masks
+            names = {row: by_index[row][1:] for row, _ in batch}
         records = []
-        for (row, k), image, mask, image_seed in zip(batch, out.images, out.masks, seeds):
-            _, source_id, name = by_index[row]
+        for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds):
+            source_id, name = names[row]
             records.append(
                 {
                     "image": png_cell(image),
@@ -289,6 +318,37 @@ def generate_dataset(
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
+
+
+def _insert_polyps(inpaint, frames: Dataset, new_masks: list, generators: list, num_inference_steps: int):
+    """
+    The polyp of each new mask inserted into its frame (frames of one size at once): the images, and masks that
+    hold both polyps. A mask without a polyp pixel leaves its frame and the frame's mask as they are.
+    """
+    images, masks = [], []
+    for pair, new_mask in zip(frames, new_masks):
+        frame = pair["image"].convert("RGB")
+        new = prepare_masks([new_mask], (frame.height, frame.width))[0, 0].numpy() > 0.5
+        own = prepare_masks([pair["mask"]], (frame.height, frame.width))[0, 0].numpy() > 0.5
+        images.append(frame)
+        masks.append((new, own))
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, (image, (new, _)) in enumerate(zip(images, masks)):
+        if new.any():
+            by_size.setdefault(image.size, []).append(index)
+    for indices in by_size.values():
+        out = inpaint(
+            image=[images[i] for i in indices],
+            mask_image=[masks[i][0].astype(np.uint8) * 255 for i in indices],
+            generator=[generators[i] for i in indices],
+            num_inference_steps=num_inference_steps,
+            batch_size=len(indices),
+            output_type="pil",
+        )
+        for i, image in zip(indices, out.images):
+            images[i] = image
+    both = [PIL.Image.fromarray((new | own).astype(np.uint8) * 255, mode="L") for new, own in masks]
+    return images, both
 
 
 def _real_masks(source: Dataset, source_ids: list[str]):
@@ -353,6 +413,11 @@ def _card(settings: dict, count: int) -> str:
                 f"{settings['num_images_per_mask']} image(s) each; mask `j` is made from seed {settings['seed']} and "
                 "`j`, and `source_id` names the real masks each came from (`a+b` for two). Their statistics against "
                 f"the real masks: `{MASK_STATISTICS_FILE}`"
+            )
+        if settings.get("insert"):
+            masks += (
+                "; each new mask's polyp inserted into a real frame of the split (RePaint), the pair's mask holding "
+                "the frame's own polyp and the new one, `source_id` naming the frame"
             )
         description = (
             f"Generated by `polyp-ddpm generate` with the model `{settings['model']}` from {masks}. "

@@ -37,8 +37,10 @@ from .segmentation import TRAIN_SETS, load_test_sets
 logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
-# Real pairs plus generated pairs whose masks are new (the mask augmenter), a fourth training set on request.
-NEW_MASKS_SETTING = "real+new-masks"
+# Training sets beyond the paper's, on request: the real pairs plus one generated pair per training mask that the
+# training set does not contain, with a new mask (the mask augmenter), or a new polyp inserted into a real frame.
+# Each: the folder of those pairs, and whether they are inserted.
+EXTRA_SETTINGS = {"real+new-masks": ("synthetic-new-masks", False), "real+inserted": ("synthetic-inserted", True)}
 # The synthetic pairs as a test set of the segmenters trained on real pairs (load_test_sets' name for it).
 MASK_FIDELITY_SET = "synthetic:train"
 REALISM_SKIPPED = (
@@ -189,6 +191,7 @@ def run_study(
     inception_weights: str | None = None,
     segmentation_jobs: int | None = None,
     new_masks: bool = False,
+    inserted_polyps: bool = False,
 ) -> dict:
     """
     Runs (or continues) the study in `output` and returns the report (also written as `report.json`).
@@ -197,7 +200,8 @@ def run_study(
     `DATASET[:SPLIT]` scored beside the data's own test split; `seeds` overrides the preset's number of
     segmentation seeds and `segmentation_jobs` how many segmenters train at once; `objective` is the denoiser's
     (`OBJECTIVES`). `new_masks` adds a training set: the real pairs plus one generated pair per training mask
-    whose mask is new (`generate --new-masks N --mask-augment`), to ask whether new polyp shapes help.
+    whose mask is new (`generate --new-masks N --mask-augment`), to ask whether new polyp shapes help;
+    `inserted_polyps` another: the real pairs plus as many real frames with a new polyp inserted (`--insert`).
     """
     if preset not in STUDY_PRESETS:
         raise ValueError(f"preset {preset!r}; expected one of {sorted(STUDY_PRESETS)}.")
@@ -217,8 +221,11 @@ def run_study(
     study = Study(output)
     arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
                  "objective": objective}  # fmt: skip
-    if new_masks:  # only when asked for, so that studies made before the option still continue
+    # Only when asked for, so that studies made before these options still continue.
+    if new_masks:
         arguments["new_masks"] = True
+    if inserted_polyps:
+        arguments["inserted_polyps"] = True
     previous = study.record("arguments")
     if previous is not None and previous["result"] != arguments:
         raise ValueError(
@@ -248,15 +255,17 @@ def run_study(
         batch_size=generation["batch_size"], dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
     )  # fmt: skip
     study.step("synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"]))
-    new_mask_pairs = study.output / "synthetic-new-masks"
-    if new_masks:
-        num_masks = study.record("data")["result"]["train"]
+    extra_pairs = {}  # setting: folder of its generated pairs
+    num_masks = study.record("data")["result"]["train"]
+    for rank, setting in enumerate(study_settings(arguments)[len(TRAIN_SETS) :], start=1):
+        folder, insert = EXTRA_SETTINGS[setting]
+        extra_pairs[setting] = study.output / folder
         study.step(
-            "synthetic-new-masks",
-            lambda: len(
+            folder,
+            lambda pairs=extra_pairs[setting], insert=insert, rank=rank: len(
                 generate_dataset(
-                    str(denoiser), str(dataset), new_mask_pairs, new_masks=num_masks, mask_augment=True,
-                    seed=num_masks, **sampling,  # seeds after those of the synthetic pairs
+                    str(denoiser), str(dataset), pairs, new_masks=num_masks, mask_augment=True, insert=insert,
+                    seed=rank * num_masks, **sampling,  # seeds after those of the sets before
                 )["train"]
             ),
         )  # fmt: skip
@@ -283,9 +292,9 @@ def run_study(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         runs = []
         for setting in study_settings(arguments):
-            # The new-mask pairs train as train_segmentation.py's real+synthetic, with their own --synthetic.
+            # The extra sets train as train_segmentation.py's real+synthetic, with their own --synthetic.
             train_set, pairs = (
-                ("real+synthetic", new_mask_pairs) if setting == NEW_MASKS_SETTING else (setting, synthetic)
+                ("real+synthetic", extra_pairs[setting]) if setting in extra_pairs else (setting, synthetic)
             )
             for seed in range(seeds):
                 run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
@@ -313,8 +322,9 @@ def run_study(
 
 
 def study_settings(arguments: dict) -> list[str]:
-    """The training sets of a study's segmenters: the paper's three, and real + new-mask pairs when asked for."""
-    return [*TRAIN_SETS, *([NEW_MASKS_SETTING] if arguments.get("new_masks") else [])]
+    """The training sets of a study's segmenters: the paper's three, and the `EXTRA_SETTINGS` asked for."""
+    asked = {"real+new-masks": arguments.get("new_masks"), "real+inserted": arguments.get("inserted_polyps")}
+    return [*TRAIN_SETS, *(setting for setting in EXTRA_SETTINGS if asked[setting])]
 
 
 def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
@@ -394,7 +404,7 @@ def _figures(study: Study, summary: dict) -> list[str]:
         means,
         yerr=spreads,
         capsize=6,
-        color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(summary)],
+        color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(summary)],
     )
     axis.set_ylabel(f"IoU on {test_name}")
     axis.set_title("Segmenters trained on each set (mean ± std over seeds)", fontsize=10)

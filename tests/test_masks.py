@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import PIL.Image
+import PIL.ImageFilter
 import pytest
 import torch
 from datasets import load_from_disk
@@ -144,6 +146,28 @@ def test_an_interrupted_new_mask_generation_resumes_to_the_same_pairs(
     for a, b in zip(resumed, whole):
         assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_generate_inserts_new_polyps_into_real_frames(capsys, saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "inserted"
+    code, _, err = run_generate(
+        capsys, saved_pipeline_dir, demo_masks, output, "--new-masks", "3", "--mask-augment", "--insert", *GENERATION
+    )
+    assert code == 0, err
+    pairs, frames = load_from_disk(str(output))["train"], load_from_disk(str(demo_masks))["train"]
+    assert pairs["id"][:3] == ["inserted-00000-syn0", "inserted-00000-syn1", "inserted-00001-syn0"]
+    assert pairs["source_id"][::2] == frames["id"][:3]  # mask j goes into frame j
+    augmenter = MaskAugmenter(frames["mask"], 32, seed=5)
+    for row in (0, 2, 4):
+        frame = np.asarray(frames[row // 2]["image"].convert("RGB"))
+        own, new = np.asarray(frames[row // 2]["mask"]) > 127, augmenter(row // 2)[0] > 127
+        assert np.array_equal(np.asarray(pairs[row]["mask"]) > 127, own | new)  # both polyps
+        # Far from the new polyp (beyond the blend margin of 4 pixels), the frame is untouched.
+        near = np.asarray(PIL.Image.fromarray(new.astype(np.uint8) * 255).filter(PIL.ImageFilter.MaxFilter(11))) > 0
+        assert np.array_equal(np.asarray(pairs[row]["image"])[~near], frame[~near])
+    assert "inserted into a real frame" in (output / "README.md").read_text()
+    code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "refused", "--insert")
+    assert code == 1 and "insert puts the polyps of new masks into real frames" in err
 
 
 # A learned model of masks (PolypMaskPipeline) --------------------------------------------------------------------

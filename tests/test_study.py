@@ -33,9 +33,9 @@ def finished_study(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(study_module, "_run", run_until_killed)
     with pytest.raises(Killed):
-        run_study("demo", output, preset="smoke", new_masks=True)
+        run_study("demo", output, preset="smoke", new_masks=True, inserted_polyps=True)
     records_before = {path.name: path.stat().st_mtime_ns for path in (output / "steps").glob("*.json")}
-    report = run_study("demo", output, preset="smoke", new_masks=True)
+    report = run_study("demo", output, preset="smoke", new_masks=True, inserted_polyps=True)
     patch.undo()
     return output, report, launches, records_before
 
@@ -47,7 +47,7 @@ def test_a_killed_study_continues_without_redoing_finished_steps(finished_study)
     finished = ({"real-seed0", "real-seed1"} - {launches[2]}).pop()
     # The second run launches only what was not finished: no second training of the denoiser, no later segmenter
     # started after the kill.
-    settings = ("real", "synthetic", "real-synthetic", "real-new-masks")
+    settings = ("real", "synthetic", "real-synthetic", "real-new-masks", "real-inserted")
     everything = {f"{setting}-seed{seed}" for setting in settings for seed in (0, 1)}
     assert sorted(launches[3:]) == sorted(everything - {finished})
     for name in ("data.json", "denoiser.json", "synthetic.json", f"segmentation-{finished}.json"):
@@ -57,7 +57,7 @@ def test_a_killed_study_continues_without_redoing_finished_steps(finished_study)
 def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study):
     output, report, _, _ = finished_study
     summary = report["summary"]
-    assert list(summary) == ["real", "synthetic", "real+synthetic", "real+new-masks"]
+    assert list(summary) == ["real", "synthetic", "real+synthetic", "real+new-masks", "real+inserted"]
     for setting in summary.values():
         scores = setting["demo:test"]
         assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
@@ -79,8 +79,10 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
         "| real+new-masks |" in markdown and "Adding the new-masks pairs to the real ones changed the IoU" in markdown
     )
     assert summary["real+new-masks"]["demo:test"]["train_pairs"] > summary["real"]["demo:test"]["train_pairs"]
-    new_pairs = json.loads((output / "steps" / "synthetic-new-masks.json").read_text())["result"]
-    assert new_pairs == json.loads((output / "steps" / "data.json").read_text())["result"]["train"]
+    num_train = json.loads((output / "steps" / "data.json").read_text())["result"]["train"]
+    for folder in ("synthetic-new-masks", "synthetic-inserted"):
+        assert json.loads((output / "steps" / f"{folder}.json").read_text())["result"] == num_train
+    assert "| real+inserted |" in markdown
     assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
 
 
