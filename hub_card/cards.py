@@ -85,14 +85,21 @@ def render_model_card(
     (`{"markdown": ..., "eval_results": [...]}`); without it the card says that nothing was measured.
     """
     unet = pipeline.unet
+    mask_model = type(pipeline).__name__ == "PolypMaskPipeline"
     eval_results = [EvalResult(**entry) for entry in (results or {}).get("eval_results", [])]
     card_data = ModelCardData(
         library_name="diffusers",
         license="mit",
-        pipeline_tag="unconditional-image-generation"
-        if type(pipeline).__name__ == "PolypMaskPipeline"
-        else "image-to-image",
-        tags=["diffusers", "polyp", "colonoscopy", "medical-imaging", "mask-to-image", "ddpm", "polyp-diffusers"],
+        pipeline_tag="unconditional-image-generation" if mask_model else "image-to-image",
+        tags=[
+            "diffusers",
+            "polyp",
+            "colonoscopy",
+            "medical-imaging",
+            "segmentation-masks" if mask_model else "mask-to-image",
+            "ddpm",
+            "polyp-diffusers",
+        ],  # fmt: skip
         datasets=[dataset] if dataset else None,
         base_model=base_model,
         model_name=model_name if eval_results else None,

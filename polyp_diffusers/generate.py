@@ -3,6 +3,7 @@ in the project's schema."""
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
-from .pipelines.pipeline_polyp_ddpm import check_positive_int
+from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
 from .training_utils import CHECKPOINT_PATTERN
 
 GENERATED_FEATURES = Features(
@@ -36,6 +37,11 @@ MASK_STATISTICS_FILE = "mask_statistics.json"
 MASK_STATISTICS_PLOT = "mask_statistics.png"
 
 logger = logging.getLogger(__name__)
+
+# Inserting polyps: the inpainting blend margin (model pixels), and how many new masks to try per frame before
+# leaving it as it is when each would touch the frame's own polyp.
+INSERT_BLEND_RADIUS = 4
+INSERT_TRIES = 10
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class=PolypDDPMPipeline):
@@ -166,9 +172,10 @@ def generate_dataset(
     `start_timestep` starts every chain there from the model's `start_color` (see `PolypDDPMPipeline`).
 
     With `insert=True` (and new masks), each new mask's polyp is inserted into a real frame of the split
-    instead (`PolypInpaintPipeline`: mask `j` into frame `j` modulo the split's size); the pair's mask holds both
-    polyps, the frame's own and the new one, and `source_id` names the frame. A new mask without a polyp pixel
-    leaves its frame as it is.
+    instead (`PolypInpaintPipeline`): into frame `j` modulo the split's size goes new mask `j`, or, if its edit
+    region would touch the frame's own polyp, the first of masks `j + N`, `j + 2N`, ... that does not (up to
+    `INSERT_TRIES`; none: the frame is left as it is). The pair's mask holds both polyps, and `source_id` names
+    the frame. With a mask model, mask seeds follow the image seeds.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}.")
@@ -232,6 +239,7 @@ def generate_dataset(
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
     mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
+    num_masks = len(source) if new_masks is None else new_masks
     if new_masks is not None:
         real_masks = (row["mask"] for row in source.select_columns(["mask"]))
         if mask_model is None:
@@ -241,7 +249,13 @@ def generate_dataset(
         else:
             mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline).to(pipeline.device)
             mask_pipeline.set_progress_bar_config(disable=True)
-            masks_of = _model_masks(mask_pipeline, seed)
+            if mask_pipeline.sample_size != pipeline.sample_size:
+                raise ValueError(
+                    f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
+                    f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
+                )
+            # Mask seeds follow the images' (seed + i), so that no mask shares its noise with an image.
+            masks_of = _model_masks(mask_pipeline, seed + num_masks * num_images_per_mask)
             real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
             mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
     else:
@@ -253,26 +267,25 @@ def generate_dataset(
 
     parts = output / PARTS_DIR
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
-    num_masks = len(source) if new_masks is None else new_masks
     requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
     for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
         part = parts / f"part-{start // batch_size:06d}.parquet"
         if part.exists():
             continue
         batch = requests[start : start + batch_size]
-        by_index = masks_of(sorted({row for row, _ in batch}))
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
-        new_masks_of_batch = [by_index[row][0] for row, _ in batch]
         if inpaint is not None:
-            frame_rows = [row % len(source) for row, _ in batch]
-            images, masks = _insert_polyps(
-                inpaint, source.select(frame_rows), new_masks_of_batch, generators, num_inference_steps
-            )
+            frames = source.select([row % len(source) for row, _ in batch])
+            clear = {row: _new_polyp_clear_of(frames[i]["mask"], frames[i]["image"].size, inpaint, masks_of, row, num_masks)
+                     for i, (row, _) in enumerate(batch)}  # fmt: skip
+            new_of_batch = [clear[row] for row, _ in batch]
+            images, masks = _insert_polyps(inpaint, frames, new_of_batch, generators, num_inference_steps)
             names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
         else:
+            by_index = masks_of(sorted({row for row, _ in batch}))
             out = pipeline(
-                new_masks_of_batch,
+                [by_index[row][0] for row, _ in batch],
                 num_inference_steps=num_inference_steps,
                 generator=generators,
                 batch_size=batch_size,
@@ -311,8 +324,11 @@ def generate_dataset(
     card = _card(settings, len(generated))
     extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
     if mask_statistics_of is not None:
-        one_per_mask = generated.select(range(0, len(generated), num_images_per_mask))
-        extra_files.update(_mask_statistics_files(*mask_statistics_of, one_per_mask))
+        if insert:  # the saved masks also hold the frames' polyps: the new ones as drawn, before redraws
+            new = [masks_of([row])[row][0] for row in range(num_masks)]
+        else:
+            new = generated.select(range(0, len(generated), num_images_per_mask))["mask"]
+        extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
     # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
     write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
     if push_to_hub:
@@ -320,18 +336,35 @@ def generate_dataset(
     return dataset
 
 
+def _new_polyp_clear_of(frame_mask, frame_size, inpaint, masks_of, row: int, stride: int, tries: int = INSERT_TRIES):
+    """
+    The first of new masks `row`, `row + stride`, ... (at the frame's size, as a bool array) whose edit region
+    stays clear of the frame's own polyp: inpainting over that polyp would paint it away while the pair's mask
+    still marked it. None when no try is clear (the frame is then left as it is).
+    """
+    width, height = frame_size
+    own = prepare_masks([frame_mask], (height, width))
+    margin = math.ceil((INSERT_BLEND_RADIUS + 1) * width / inpaint.sample_size[1])
+    own = dilate(own, margin)[0, 0].numpy() > 0.5
+    for attempt in range(tries):
+        index = row + attempt * stride
+        new = prepare_masks([masks_of([index])[index][0]], (height, width))[0, 0].numpy() > 0.5
+        if new.any() and not (new & own).any():
+            return new
+    return None
+
+
 def _insert_polyps(inpaint, frames: Dataset, new_masks: list, generators: list, num_inference_steps: int):
     """
-    The polyp of each new mask inserted into its frame (frames of one size at once): the images, and masks that
-    hold both polyps. A mask without a polyp pixel leaves its frame and the frame's mask as they are.
+    The polyp of each new mask (a bool array at its frame's size, or None) inserted into its frame, frames of one
+    size at once: the images, and masks that hold both polyps. None leaves the frame and its mask as they are.
     """
     images, masks = [], []
-    for pair, new_mask in zip(frames, new_masks):
+    for pair, new in zip(frames, new_masks):
         frame = pair["image"].convert("RGB")
-        new = prepare_masks([new_mask], (frame.height, frame.width))[0, 0].numpy() > 0.5
         own = prepare_masks([pair["mask"]], (frame.height, frame.width))[0, 0].numpy() > 0.5
         images.append(frame)
-        masks.append((new, own))
+        masks.append((new if new is not None else np.zeros_like(own), own))
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, (image, (new, _)) in enumerate(zip(images, masks)):
         if new.any():
@@ -342,6 +375,7 @@ def _insert_polyps(inpaint, frames: Dataset, new_masks: list, generators: list, 
             mask_image=[masks[i][0].astype(np.uint8) * 255 for i in indices],
             generator=[generators[i] for i in indices],
             num_inference_steps=num_inference_steps,
+            blend_radius=INSERT_BLEND_RADIUS,
             batch_size=len(indices),
             output_type="pil",
         )
@@ -384,9 +418,9 @@ def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int):
     return masks_of
 
 
-def _mask_statistics_files(real: dict, method: dict, generated: Dataset) -> dict[str, str | bytes]:
+def _mask_statistics_files(real: dict, method: dict, new_masks: list) -> dict[str, str | bytes]:
     """Area fraction and components of the new masks against the real ones: JSON, and a PNG when matplotlib is here."""
-    new = mask_statistics([np.asarray(mask) for mask in generated["mask"]])
+    new = mask_statistics([np.asarray(mask) for mask in new_masks])
     summary = {"real": summarize_statistics(real), "new": summarize_statistics(new), **method}
     files = {MASK_STATISTICS_FILE: json.dumps(summary, indent=2)}
     try:

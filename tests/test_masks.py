@@ -12,9 +12,10 @@ from datasets import load_from_disk
 from polyp_diffusers import PolypMaskPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
-from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
+from polyp_diffusers.generate import GENERATED_FEATURES, INSERT_BLEND_RADIUS, PARTS_DIR, generate_dataset
 from polyp_diffusers.masks import MaskAugmenter, count_components, mask_statistics, plot_mask_statistics
 from polyp_diffusers.pipelines import PolypDDPMPipeline
+from polyp_diffusers.pipelines.pipeline_polyp_ddpm import dilate
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +159,27 @@ def test_generate_inserts_new_polyps_into_real_frames(capsys, saved_pipeline_dir
     assert pairs["id"][:3] == ["inserted-00000-syn0", "inserted-00000-syn1", "inserted-00001-syn0"]
     assert pairs["source_id"][::2] == frames["id"][:3]  # mask j goes into frame j
     augmenter = MaskAugmenter(frames["mask"], 32, seed=5)
+    candidates = [augmenter(index)[0] > 127 for index in range(30)]  # mask j, then j + 3, j + 6, ... on overlap
+    inserted = 0
     for row in (0, 2, 4):
         frame = np.asarray(frames[row // 2]["image"].convert("RGB"))
-        own, new = np.asarray(frames[row // 2]["mask"]) > 127, augmenter(row // 2)[0] > 127
-        assert np.array_equal(np.asarray(pairs[row]["mask"]) > 127, own | new)  # both polyps
+        own, both = np.asarray(frames[row // 2]["mask"]) > 127, np.asarray(pairs[row]["mask"]) > 127
+        new = both & ~own
+        assert np.array_equal(both, own | new)  # the frame's own polyp stays marked
+        if not new.any():  # no candidate was clear of the frame's polyp: the frame is left as it is
+            assert np.array_equal(np.asarray(pairs[row]["image"]), frame)
+            continue
+        inserted += 1
+        assert any(np.array_equal(new, candidate & ~own) for candidate in candidates[row // 2 :: 3])
+        edit_region = dilate(torch.from_numpy(new)[None, None], INSERT_BLEND_RADIUS)[0, 0].numpy()
+        assert not edit_region[own].any(), "the edit region must stay clear of the frame's own polyp"
+        grown = PIL.Image.fromarray(new.astype(np.uint8) * 255).filter(PIL.ImageFilter.MaxFilter(11))
         # Far from the new polyp (beyond the blend margin of 4 pixels), the frame is untouched.
-        near = np.asarray(PIL.Image.fromarray(new.astype(np.uint8) * 255).filter(PIL.ImageFilter.MaxFilter(11))) > 0
+        near = np.asarray(grown) > 0
         assert np.array_equal(np.asarray(pairs[row]["image"])[~near], frame[~near])
+    assert inserted > 0
+    statistics = json.loads((output / "mask_statistics.json").read_text())
+    assert statistics["new"]["count"] == 3  # the new masks as drawn, not the pairs' masks of two polyps
     assert "inserted into a real frame" in (output / "README.md").read_text()
     code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "refused", "--insert")
     assert code == 1 and "insert puts the polyps of new masks into real frames" in err
@@ -225,6 +240,13 @@ def test_generate_draws_new_masks_from_a_mask_model(
         saved_pipeline_dir,
     )  # fmt: skip
     assert code == 1 and "is an image model: pass it as --model" in err
+    small = tmp_path / "16px-mask-model"
+    unet = make_polyp_unet_from_preset("tiny", image_size=16, image_channels=1, mask_channels=0)
+    PolypMaskPipeline(unet=unet, scheduler=make_polyp_scheduler()).save_pretrained(small)
+    code, _, err = run_generate(
+        capsys, saved_pipeline_dir, demo_masks, tmp_path / "mismatch", "--new-masks", "2", "--mask-model", small
+    )
+    assert code == 1 and "train the mask model at the image model's size" in err
 
 
 @pytest.mark.parametrize(
