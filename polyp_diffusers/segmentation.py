@@ -153,6 +153,21 @@ def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) 
     return result
 
 
+def held_out_ids(real: Dataset, validation_size: int | float, seed: int) -> set[str]:
+    """The ids of the real training pairs held out for checkpoint selection: a seeded part, the same in every setting."""
+    return set(split_ids(sorted(real["id"]), validation_size, seed)["test"])
+
+
+def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int | float, seed: int) -> Dataset:
+    """
+    The synthetic pairs made from the held-out real masks: a segmenter trained on the other real pairs has seen
+    neither their masks nor their images, so its score on them measures how well the images obey their masks.
+    """
+    validation_ids = held_out_ids(real, validation_size, seed)
+    sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
+    return synthetic.select([i for i, source in enumerate(sources) if source in validation_ids])
+
+
 def training_pairs(
     train_set: str, real: Dataset, synthetic: Dataset | None, validation_size: int | float, seed: int
 ) -> tuple[Dataset, Dataset]:
@@ -163,7 +178,7 @@ def training_pairs(
     if train_set not in TRAIN_SETS:
         raise ValueError(f"training set {train_set!r}; expected one of {TRAIN_SETS}.")
     ids = list(real["id"])
-    validation_ids = set(split_ids(sorted(ids), validation_size, seed)["test"])
+    validation_ids = held_out_ids(real, validation_size, seed)
     keep = [i for i, pair_id in enumerate(ids) if pair_id not in validation_ids]
     held_out = [i for i, pair_id in enumerate(ids) if pair_id in validation_ids]
     parts = []

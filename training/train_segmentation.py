@@ -36,6 +36,7 @@ from polyp_diffusers.segmentation import (
     build_segmenter,
     describe_segmenter,
     evaluate,
+    held_out_synthetic,
     load_test_sets,
     logits_of,
     training_pairs,
@@ -56,7 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--train", choices=TRAIN_SETS, required=True, help="Which pairs to train on.")
     parser.add_argument("--real", required=True, help="Prepared real dataset (folder or Hub id).")
     parser.add_argument("--real_split", default="train", help="Split of --real to train (and validate) on.")
-    parser.add_argument("--synthetic", help="Generated dataset (`polyp-ddpm generate`); needed unless --train real.")
+    parser.add_argument(
+        "--synthetic",
+        help="Generated dataset (`polyp-ddpm generate`); needed unless --train real. With --train real, its pairs "
+        "made from the held-out masks are scored too (`mask_fidelity` in results.json).",
+    )
     parser.add_argument("--synthetic_split", default="train", help="Split of --synthetic to train on.")
     parser.add_argument(
         "--test",
@@ -129,6 +134,12 @@ def main(argv=None):
     real = load_polyp_dataset(args.real, split=args.real_split)
     synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split) if args.train != "real" else None
     train_set, validation_set = training_pairs(args.train, real, synthetic, args.validation_size, args.seed)
+    # Trained on real pairs, with synthetic ones at hand: score the synthetic twins of the held-out masks too.
+    fidelity_set = None
+    if args.train == "real" and args.synthetic:
+        fidelity_set = held_out_synthetic(
+            real, load_polyp_dataset(args.synthetic, split=args.synthetic_split), args.validation_size, args.seed
+        )
     tests = load_test_sets(args.test)
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
@@ -197,6 +208,11 @@ def main(argv=None):
             "best_step": best["step"],
             "validation_iou": best["iou"],
             "test": {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()},
+            **(
+                {"mask_fidelity": evaluate(model, *pair_tensors(fidelity_set, args.resolution), args.eval_batch_size)}
+                if fidelity_set is not None and len(fidelity_set)
+                else {}
+            ),
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
