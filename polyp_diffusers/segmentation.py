@@ -153,6 +153,12 @@ def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) 
     return result
 
 
+def _sources_of(synthetic: Dataset) -> list[set[str]]:
+    """The real pairs each synthetic pair came from: its `source_id` (`a+b` for a new mask made of two), else its id."""
+    sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
+    return [set(source.split("+")) for source in sources]
+
+
 def held_out_ids(real: Dataset, validation_size: int | float, seed: int) -> set[str]:
     """The ids of the real training pairs held out for checkpoint selection: a seeded part, the same in every setting."""
     return set(split_ids(sorted(real["id"]), validation_size, seed)["test"])
@@ -164,8 +170,7 @@ def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int |
     neither their masks nor their images, so its score on them measures how well the images obey their masks.
     """
     validation_ids = held_out_ids(real, validation_size, seed)
-    sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
-    return synthetic.select([i for i, source in enumerate(sources) if source in validation_ids])
+    return synthetic.select([i for i, sources in enumerate(_sources_of(synthetic)) if sources <= validation_ids])
 
 
 def training_pairs(
@@ -187,8 +192,8 @@ def training_pairs(
     if "synthetic" in train_set.split("+"):
         if synthetic is None:
             raise ValueError(f"training on {train_set} needs a synthetic dataset.")
-        sources = synthetic["source_id"] if "source_id" in synthetic.column_names else synthetic["id"]
-        parts.append(synthetic.select([i for i, source in enumerate(sources) if source not in validation_ids]))
+        kept = [i for i, sources in enumerate(_sources_of(synthetic)) if not sources & validation_ids]
+        parts.append(synthetic.select(kept))
     columns = ["image", "mask", "id"]
     return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
 

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from torch import nn
@@ -24,7 +24,14 @@ from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
 from polyp_diffusers.metrics import dinov2_extractor, fid_kid, inception_extractor
-from polyp_diffusers.segmentation import build_segmenter, logits_of, segmentation_scores
+from polyp_diffusers.segmentation import (
+    build_segmenter,
+    held_out_ids,
+    held_out_synthetic,
+    logits_of,
+    segmentation_scores,
+    training_pairs,
+)
 from polyp_diffusers.transforms import pair_transform
 
 from .conftest import REPO_ROOT
@@ -409,6 +416,23 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
+
+
+def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fidelity_set():
+    ids = [f"r{i}" for i in range(10)]
+    real = Dataset.from_dict({"image": ids, "mask": ids, "id": ids})
+    sources = [*ids, "r0+r1", "r2+r3"]  # one twin per real pair, and two new masks made of two real ones each
+    synthetic = Dataset.from_dict(
+        {"image": sources, "mask": sources, "id": [f"s{i}" for i in range(12)], "source_id": sources}
+    )
+    held_out = held_out_ids(real, 0.2, seed=0)
+    train_set, validation_set = training_pairs("real+synthetic", real, synthetic, 0.2, seed=0)
+    assert set(validation_set["id"]) == held_out and len(held_out) == 2
+    trained_sources = {source for source in train_set["image"]}
+    assert not any(set(source.split("+")) & held_out for source in trained_sources)  # no part of a held-out mask
+    fidelity = held_out_synthetic(real, synthetic, 0.2, seed=0)
+    assert all(set(source.split("+")) <= held_out for source in fidelity["source_id"])
+    assert set(fidelity["source_id"]) >= held_out
 
 
 # End to end -----------------------------------------------------------------------------------------------------
