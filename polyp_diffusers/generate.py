@@ -255,7 +255,7 @@ def generate_dataset(
                     f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
                 )
             # Mask seeds follow the images' (seed + i), so that no mask shares its noise with an image.
-            masks_of = _model_masks(mask_pipeline, seed + num_masks * num_images_per_mask)
+            masks_of = _model_masks(mask_pipeline, seed + num_masks * num_images_per_mask, batch_size)
             real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
             mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
     else:
@@ -277,10 +277,8 @@ def generate_dataset(
         generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
         if inpaint is not None:
             frames = source.select([row % len(source) for row, _ in batch])
-            clear = {row: _new_polyp_clear_of(frames[i]["mask"], frames[i]["image"].size, inpaint, masks_of, row, num_masks)
-                     for i, (row, _) in enumerate(batch)}  # fmt: skip
-            new_of_batch = [clear[row] for row, _ in batch]
-            images, masks = _insert_polyps(inpaint, frames, new_of_batch, generators, num_inference_steps)
+            rows = [row for row, _ in batch]
+            images, masks = _insert_polyps(inpaint, frames, rows, masks_of, num_masks, generators, num_inference_steps)
             names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
         else:
             by_index = masks_of(sorted({row for row, _ in batch}))
@@ -325,7 +323,7 @@ def generate_dataset(
     extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
     if mask_statistics_of is not None:
         if insert:  # the saved masks also hold the frames' polyps: the new ones as drawn, before redraws
-            new = [masks_of([row])[row][0] for row in range(num_masks)]
+            new = [mask for mask, _, _ in masks_of(list(range(num_masks))).values()]
         else:
             new = generated.select(range(0, len(generated), num_images_per_mask))["mask"]
         extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
@@ -336,35 +334,33 @@ def generate_dataset(
     return dataset
 
 
-def _new_polyp_clear_of(frame_mask, frame_size, inpaint, masks_of, row: int, stride: int, tries: int = INSERT_TRIES):
+def _insert_polyps(
+    inpaint, frames: Dataset, rows: list[int], masks_of, stride: int, generators: list, num_inference_steps: int
+):
     """
-    The first of new masks `row`, `row + stride`, ... (at the frame's size, as a bool array) whose edit region
-    stays clear of the frame's own polyp: inpainting over that polyp would paint it away while the pair's mask
-    still marked it. None when no try is clear (the frame is then left as it is).
+    New polyps inserted into frames, frames of one size at once: the images, and masks that hold both polyps.
+    Frame `i` gets new mask `rows[i]` or, when its edit region would touch the frame's own polyp (inpainting
+    would paint that polyp away while the pair's mask still marked it), the first clear one of `rows[i] + stride`,
+    `rows[i] + 2 * stride`, ... (`INSERT_TRIES` in all); when none is clear, the frame stays as it is.
     """
-    width, height = frame_size
-    own = prepare_masks([frame_mask], (height, width))
-    margin = math.ceil((INSERT_BLEND_RADIUS + 1) * width / inpaint.sample_size[1])
-    own = dilate(own, margin)[0, 0].numpy() > 0.5
-    for attempt in range(tries):
-        index = row + attempt * stride
-        new = prepare_masks([masks_of([index])[index][0]], (height, width))[0, 0].numpy() > 0.5
-        if new.any() and not (new & own).any():
-            return new
-    return None
-
-
-def _insert_polyps(inpaint, frames: Dataset, new_masks: list, generators: list, num_inference_steps: int):
-    """
-    The polyp of each new mask (a bool array at its frame's size, or None) inserted into its frame, frames of one
-    size at once: the images, and masks that hold both polyps. None leaves the frame and its mask as they are.
-    """
+    drawn = masks_of(sorted(set(rows)))  # the first candidates, drawn together; redraws one by one
     images, masks = [], []
-    for pair, new in zip(frames, new_masks):
+    for pair, row in zip(frames, rows):
         frame = pair["image"].convert("RGB")
-        own = prepare_masks([pair["mask"]], (frame.height, frame.width))[0, 0].numpy() > 0.5
+        size = (frame.height, frame.width)
+        own = prepare_masks([pair["mask"]], size)
+        margin = math.ceil((INSERT_BLEND_RADIUS + 1) * frame.width / inpaint.sample_size[1])
+        keep_clear = dilate(own, margin)[0, 0].numpy() > 0.5
+        new = np.zeros(size, dtype=bool)
+        for attempt in range(INSERT_TRIES):
+            index = row + attempt * stride
+            candidate = drawn[row][0] if attempt == 0 else masks_of([index])[index][0]
+            candidate = prepare_masks([candidate], size)[0, 0].numpy() > 0.5
+            if candidate.any() and not (candidate & keep_clear).any():
+                new = candidate
+                break
         images.append(frame)
-        masks.append((new if new is not None else np.zeros_like(own), own))
+        masks.append((new, own[0, 0].numpy() > 0.5))
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, (image, (new, _)) in enumerate(zip(images, masks)):
         if new.any():
@@ -407,12 +403,15 @@ def _new_masks(augmenter: MaskAugmenter):
     return masks_of
 
 
-def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int):
-    """For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed + j."""
+def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int):
+    """
+    For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed
+    `seed + j`, `batch_size` at once.
+    """
 
     def masks_of(indices: list[int]) -> dict:
         generators = [torch.Generator(mask_pipeline.device).manual_seed(seed + index) for index in indices]
-        masks = mask_pipeline(num_masks=len(indices), generator=generators, batch_size=len(indices)).masks
+        masks = mask_pipeline(num_masks=len(indices), generator=generators, batch_size=batch_size).masks
         return {index: (mask, "mask-model", f"newmask-{index:05d}") for index, mask in zip(indices, masks)}
 
     return masks_of
