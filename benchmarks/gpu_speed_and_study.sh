@@ -4,8 +4,11 @@
 # that is left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
 # the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
 # the script at once continues a study from its step records.
-#   STAGES="study loops"  which stages, in this order (default: both)
-#   STUDY_ARGS="--new-masks"  more arguments of `polyp-ddpm reproduce` (e.g. the new-masks setting of issue 13)
+#   STAGES="study extend loops"  which stages, in this order (default: all three). `extend` adds issue 13's
+#                         training sets (real + new masks, real + inserted polyps) to the finished study, after
+#                         keeping its three-setting report in results/study-base/
+#   STUDY_ARGS="--seeds 2"  more arguments of `polyp-ddpm reproduce`, both stages
+#   EXTEND_JOBS=6         segmenters at once in `extend` (its six in one wave)
 #   OBJECTIVE=paper|velocity  the study's denoiser objective (default: velocity; the committed quick-64 run used
 #                         paper, with the sampling stage that has since been measured and removed)
 # Carry: .whl/ (Python 3.12 wheels: diffusers, datasets, dill, multiprocess, monai, importlib_metadata),
@@ -24,7 +27,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-velocity}"
-stages="${STAGES:-study loops}"
+stages="${STAGES:-study extend loops}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective"
@@ -49,7 +52,8 @@ python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.
 pack() {
   cp "$study/report.md" "$OUT/" 2>/dev/null
   tar czf "$OUT/results.tar.gz" -C "$work" results $(cd "$work" && ls -d "${study#"$work"/}"/{report.*,*.png,steps,logs} \
-    "${study#"$work"/}"/denoiser/{validation,training_config.json,logs} "${study#"$work"/}"/segmentation/*/results.json 2>/dev/null)
+    "${study#"$work"/}"/denoiser/{validation,training_config.json,logs} "${study#"$work"/}"/segmentation/*/results.json \
+    "${study#"$work"/}"/synthetic*/{generation.json,mask_statistics.*,validation_report.json} 2>/dev/null)
 }
 stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS (and what is left), then packs
   local name=$1 seconds=$2
@@ -68,11 +72,17 @@ train_loop() {  # train_loop NAME SECONDS MINUTES DATASET TRAIN_ARGS...: train.p
     --mixed-precision "$precision" --output "$results/$name-$tag.json" -- "$@"
 }
 
+reproduce=(python3 -m polyp_diffusers.cli reproduce --data "$data" --split-file "$data/paper_split.json"
+  --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-})
 for current in $stages; do
   case $current in
   study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report
-    stage study "$(left)" python3 -m polyp_diffusers.cli reproduce --data "$data" \
-      --split-file "$data/paper_split.json" --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-} ;;
+    stage study "$(left)" "${reproduce[@]}" ;;
+  extend)  # the same study with issue 13's two extra training sets: only their pairs and segmenters are new
+    if [ -f "$study/report.json" ] && [ ! -d "$results/study-base" ]; then
+      mkdir -p "$results/study-base" && cp "$study"/report.{md,json} "$study"/*.png "$results/study-base/"
+    fi
+    stage extend "$(left)" "${reproduce[@]}" --new-masks --inserted-polyps --segmentation-jobs "${EXTEND_JOBS:-6}" ;;
   loops)  # the 64 px loop without compilation, then the 256 px loop with it (issue 10)
     [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64

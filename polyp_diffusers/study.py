@@ -71,7 +71,7 @@ STUDY_PRESETS = {
         train_images_per_s=None,
     ),
     # One GPU, about 8 minutes: the paper's 64 px denoiser trained for 3 minutes (as many images as the loop's
-    # speed allows, at most 3.2 M), the paper's 250 DDPM steps, 3 segmenter seeds, 4 segmenters at once.
+    # speed allows, at most 3.2 M), the paper's 250 DDPM steps, 3 segmenter seeds, 5 segmenters at once (9 runs in two waves).
     "quick-64": dict(
         resolution=64,
         denoiser=dict(
@@ -81,7 +81,7 @@ STUDY_PRESETS = {
         generation=dict(sampler="ddpm", num_inference_steps=250, batch_size=512),
         segmentation=dict(max_train_steps=1200, train_batch_size=32, validation_steps=200),
         seeds=3,
-        segmentation_jobs=4,
+        segmentation_jobs=5,
         mixed_precision="bf16",
         train_images_per_s=None,
     ),
@@ -164,6 +164,11 @@ class Study:
         write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
         return record
 
+    def rerecord(self, name: str, result) -> None:
+        """Replaces the result of a recorded step, keeping its wall time."""
+        record = {**self.record(name), "result": result}
+        write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
+
 
 def describe_device() -> str:
     if torch.cuda.is_available():
@@ -226,10 +231,15 @@ def run_study(
         arguments["inserted_polyps"] = True
     previous = study.record("arguments")
     if previous is not None and previous["result"] != arguments:
-        raise ValueError(
-            f"{output} holds a study with other arguments {previous['result']}; run the same command to continue "
-            "it, or choose another --output."
-        )
+        if not _adds_settings(previous["result"], arguments):
+            raise ValueError(
+                f"{output} holds a study with other arguments {previous['result']}; run the same command to "
+                "continue it (adding --new-masks or --inserted-polyps keeps what it has done), or choose another "
+                "--output."
+            )
+        added = sorted(set(study_settings(arguments)) - set(study_settings(previous["result"])))
+        _say(f"== arguments: the study gains the training sets {', '.join(added)}; what it has done is kept")
+        study.rerecord("arguments", arguments)
     study.step("arguments", lambda: arguments)
     _print_estimate(settings, seeds, len(study_settings(arguments)))
     started = time.perf_counter()
@@ -255,15 +265,18 @@ def run_study(
     study.step("synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"]))
     extra_pairs = {}  # setting: folder of its generated pairs
     num_masks = study.record("data")["result"]["train"]
-    for rank, setting in enumerate(study_settings(arguments)[len(TRAIN_SETS) :], start=1):
-        folder, insert = EXTRA_SETTINGS[setting]
+    # Each extra set's seeds follow those of the sets before it in EXTRA_SETTINGS, asked for or not, so that a set
+    # continued in a study that has since gained another is drawn from the same seeds.
+    for rank, (setting, (folder, insert)) in enumerate(EXTRA_SETTINGS.items(), start=1):
+        if setting not in study_settings(arguments):
+            continue
         extra_pairs[setting] = study.output / folder
         study.step(
             folder,
             lambda pairs=extra_pairs[setting], insert=insert, rank=rank: len(
                 generate_dataset(
                     str(denoiser), str(dataset), pairs, new_masks=num_masks, mask_augment=True, insert=insert,
-                    seed=rank * num_masks, **sampling,  # seeds after those of the sets before
+                    seed=rank * num_masks, **sampling,
                 )["train"]
             ),
         )  # fmt: skip
@@ -321,6 +334,15 @@ def study_settings(arguments: dict) -> list[str]:
     """The training sets of a study's segmenters: the paper's three, and the `EXTRA_SETTINGS` asked for."""
     asked = {"real+new-masks": arguments.get("new_masks"), "real+inserted": arguments.get("inserted_polyps")}
     return [*TRAIN_SETS, *(setting for setting in EXTRA_SETTINGS if asked[setting])]
+
+
+def _adds_settings(previous: dict, arguments: dict) -> bool:
+    """Whether `arguments` are a study's `previous` ones with more of the extra training sets asked for."""
+    extras = {"new_masks", "inserted_polyps"}
+    same = {k: v for k, v in previous.items() if k not in extras} == {
+        k: v for k, v in arguments.items() if k not in extras
+    }
+    return same and set(study_settings(previous)) <= set(study_settings(arguments))
 
 
 def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
@@ -419,7 +441,30 @@ def _figures(study: Study, summary: dict) -> list[str]:
         figure.savefig(study.output / "loss.png", dpi=120)
         plt.close(figure)
         written.append("loss.png")
+    generated = [
+        name for name in ("synthetic", *(f for f, _ in EXTRA_SETTINGS.values())) if (study.output / name).is_dir()
+    ]
+    if generated:
+        _pairs_figure([study.output / name for name in generated], study.output / "pairs.png", plt)
+        written.append("pairs.png")
     return written
+
+
+def _pairs_figure(folders: list[Path], path: Path, plt, columns: int = 8) -> None:
+    """The first generated pairs of each set, each image with its mask's outline: do the polyps obey the masks?"""
+    figure, axes = plt.subplots(len(folders), columns, figsize=(1.3 * columns, 1.45 * len(folders)), squeeze=False)
+    for row, folder in zip(axes, folders):
+        pairs = load_polyp_dataset(str(folder), split="train")
+        for index, axis in enumerate(row):
+            axis.set_axis_off()
+            if index < len(pairs):
+                axis.imshow(pairs[index]["image"])
+                axis.contour(np.asarray(pairs[index]["mask"].convert("L")) > 127, levels=[0.5], colors="lime",
+                             linewidths=0.6)  # fmt: skip
+        row[0].set_title(folder.name, fontsize=8, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _describe_fidelity(fidelity: dict, real: dict) -> str:

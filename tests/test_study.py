@@ -16,7 +16,10 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
-    """A smoke study killed before its second segmenter, then continued by the same command; and its launches."""
+    """
+    A smoke study killed before its second segmenter, continued by the same command, then extended with the two
+    extra training sets; the scripts each run launched, and the base report.
+    """
     output = tmp_path_factory.mktemp("study") / "smoke"
     launches = []
     original_run = study_module._run
@@ -33,36 +36,48 @@ def finished_study(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(study_module, "_run", run_until_killed)
     with pytest.raises(Killed):
-        run_study("demo", output, preset="smoke", new_masks=True, inserted_polyps=True)
+        run_study("demo", output, preset="smoke")
     records_before = {path.name: path.stat().st_mtime_ns for path in (output / "steps").glob("*.json")}
+    base_report = run_study("demo", output, preset="smoke")
+    launches_before_extension = len(launches)
     report = run_study("demo", output, preset="smoke", new_masks=True, inserted_polyps=True)
     patch.undo()
-    return output, report, launches, records_before
+    runs = {"first": launches[:3], "continued": launches[3:launches_before_extension]}
+    runs["extended"] = launches[launches_before_extension:]
+    return output, report, runs, records_before, base_report
 
 
 def test_a_killed_study_continues_without_redoing_finished_steps(finished_study):
-    output, _, launches, records_before = finished_study
+    output, _, runs, records_before, base_report = finished_study
     # Two segmenters train at once (the smoke preset's segmentation_jobs); the kill hit the second to start.
-    assert launches[0] == "denoiser" and set(launches[1:3]) == {"real-seed0", "real-seed1"}
-    finished = ({"real-seed0", "real-seed1"} - {launches[2]}).pop()
+    assert runs["first"][0] == "denoiser" and set(runs["first"][1:]) == {"real-seed0", "real-seed1"}
+    finished = ({"real-seed0", "real-seed1"} - {runs["first"][2]}).pop()
     # The second run launches only what was not finished: no second training of the denoiser, no later segmenter
     # started after the kill.
-    settings = ("real", "synthetic", "real-synthetic", "real-new-masks", "real-inserted")
-    everything = {f"{setting}-seed{seed}" for setting in settings for seed in (0, 1)}
-    assert sorted(launches[3:]) == sorted(everything - {finished})
+    everything = {f"{setting}-seed{seed}" for setting in ("real", "synthetic", "real-synthetic") for seed in (0, 1)}
+    assert sorted(runs["continued"]) == sorted(everything - {finished})
     for name in ("data.json", "denoiser.json", "synthetic.json", f"segmentation-{finished}.json"):
         assert (output / "steps" / name).stat().st_mtime_ns == records_before[name]
+    assert list(base_report["summary"]) == ["real", "synthetic", "real+synthetic"]
+
+
+def test_a_finished_study_gains_the_extra_training_sets_without_redoing_its_steps(finished_study):
+    _, report, runs, _, base_report = finished_study
+    extra = {f"{setting}-seed{seed}" for setting in ("real-new-masks", "real-inserted") for seed in (0, 1)}
+    assert sorted(runs["extended"]) == sorted(extra)
+    for setting in ("real", "synthetic", "real+synthetic"):
+        assert report["summary"][setting] == base_report["summary"][setting]
 
 
 def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study):
-    output, report, _, _ = finished_study
+    output, report, _, _, _ = finished_study
     summary = report["summary"]
     assert list(summary) == ["real", "synthetic", "real+synthetic", "real+new-masks", "real+inserted"]
     for setting in summary.values():
         scores = setting["demo:test"]
         assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
     assert report["realism"]["skipped"].startswith("FID/KID skipped: no Inception weights")
-    assert set(report["figures"]) == {"samples.png", "iou.png", "loss.png"}
+    assert set(report["figures"]) == {"samples.png", "iou.png", "loss.png", "pairs.png"}
     assert all((output / name).stat().st_size > 1000 for name in report["figures"])
     markdown = (output / "report.md").read_text()
     # The smoke preset's 30 steps of batch 8, logged at its checkpoints (10, 20, 30): two windows after the first.
@@ -90,16 +105,18 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
 
 
 def test_the_report_goes_into_the_model_card(finished_study, capsys):
-    output, _, _, _ = finished_study
+    output, _, _, _, _ = finished_study
     assert polyp_ddpm(["card", str(output / "denoiser"), "--results", str(output / "report.json")]) == 0
     card = (output / "denoiser" / "README.md").read_text()
     assert "Downstream segmentation" in card and "trained on real+synthetic, mean of 2 seeds" in card
 
 
 def test_a_study_folder_is_continued_only_with_the_same_arguments(finished_study):
-    output, _, _, _ = finished_study
+    output, _, _, _, _ = finished_study
     with pytest.raises(ValueError, match="holds a study with other arguments"):
-        run_study("demo", output, preset="smoke", seeds=3)
+        run_study("demo", output, preset="smoke", seeds=3, new_masks=True, inserted_polyps=True)
+    with pytest.raises(ValueError, match="holds a study with other arguments"):  # a training set is never dropped
+        run_study("demo", output, preset="smoke", new_masks=True)
 
 
 def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
