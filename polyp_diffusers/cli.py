@@ -14,13 +14,13 @@ from datasets import DatasetDict
 from .arguments import HelpFormatter, count_or_fraction, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
+from .folders import write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, update_model_card
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
-from .transforms import pair_tensors
 
 FEATURES = ("inception", "dinov2")
 
@@ -186,11 +186,22 @@ def _add_generate(subparsers):
         action="store_true",
         help="Discard an unfinished run with other settings, or replace a finished one.",
     )
+    parser.add_argument(
+        "--fidelity-segmenter",
+        metavar="FOLDER",
+        help="A train_segmentation.py output folder (trained on real pairs): scores how well the generated images "
+        "obey their masks and writes mask_fidelity.json beside the pairs (as `polyp-ddpm mask-fidelity`).",
+    )
     _add_hub_options(parser, "generated dataset", "the output folder's name")
     parser.set_defaults(run=_run_generate)
 
 
 def _run_generate(args):
+    segmenter = None
+    if args.fidelity_segmenter:  # loaded first: a wrong folder fails before the sampling, not after it
+        from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
+
+        segmenter = load_trained_segmenter(args.fidelity_segmenter)
     dataset = generate_dataset(
         args.model,
         args.mask_dataset,
@@ -213,6 +224,12 @@ def _run_generate(args):
         insert=args.insert,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
+    if segmenter is not None:
+        scores = _score_mask_fidelity(
+            segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}", args.batch_size,
+            args.device,
+        )  # fmt: skip
+        write_text_atomically(Path(args.output) / "mask_fidelity.json", json.dumps(scores, indent=2) + "\n")
 
 
 def _add_fid(subparsers):
@@ -303,23 +320,32 @@ def _add_mask_fidelity(subparsers):
 
 
 def _run_mask_fidelity(args):
-    from .segmentation import evaluate, load_trained_segmenter  # the [eval] extra (MONAI, transformers)
+    from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
 
-    model, config = load_trained_segmenter(args.segmenter)
+    segmenter = load_trained_segmenter(args.segmenter)
     path, split = parse_dataset_spec(args.dataset, default_split="train")
-    dataset = load_polyp_dataset(path, split=split)
-    device = args.device or default_device()
-    # The pairs stay in CPU memory (a generated set has no size bound); evaluate moves each batch.
-    scores = evaluate(model.to(device), *pair_tensors(dataset, config["resolution"]), args.batch_size)
-    scores.update(dataset=f"{path}:{split}", segmenter=str(args.segmenter), segmenter_trained_on=config["train"])
+    scores = _score_mask_fidelity(
+        segmenter, args.segmenter, load_polyp_dataset(path, split=split), f"{path}:{split}", args.batch_size,
+        args.device,
+    )  # fmt: skip
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
+    """Scores `dataset` with a loaded segmenter (model, config) and prints the result."""
+    from .segmentation import mask_fidelity  # the [eval] extra (MONAI, transformers)
+
+    model, config = segmenter
+    scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
+    scores.update(dataset=name, segmenter=str(segmenter_path))
     print(
-        f"Mask fidelity of {path}:{split}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
+        f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
         f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"
     )
     if config["train"] != "real":
         print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
-    if args.output:
-        Path(args.output).write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
 
 
 def _add_card(subparsers):

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from .data import load_polyp_dataset, parse_dataset_spec, split_ids
+from .transforms import pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 ARCHITECTURES = ("monai", "smp", "segformer")
@@ -151,6 +152,17 @@ def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) 
     result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
     result["num_images"] = len(images)
     return result
+
+
+def mask_fidelity(model: nn.Module, config: dict, generated: Dataset, batch_size: int = 32) -> dict:
+    """
+    How well generated images obey their masks: the scores of `model` (a segmenter from `load_trained_segmenter`,
+    on its device, ideally trained on real pairs only) on `generated` against the masks they were made from.
+    """
+    # The pairs stay in CPU memory (a generated set has no size bound); evaluate moves each batch.
+    scores = evaluate(model, *pair_tensors(generated, config["resolution"]), batch_size)
+    scores["segmenter_trained_on"] = config["train"]
+    return scores
 
 
 def _sources_of(synthetic: Dataset) -> list[set[str]]:

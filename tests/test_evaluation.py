@@ -393,7 +393,7 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
 
 
 def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(
-    demo_masks, generated, tmp_path, capsys
+    demo_masks, generated, saved_pipeline_dir, tmp_path, capsys
 ):
     segmenter = tmp_path / "real-segmenter"
     result = subprocess.run(
@@ -416,6 +416,21 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
+    # generate scores its own pairs with the same segmenter when asked, and a wrong folder fails before sampling.
+    generate = ["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--sampler",
+                "ddim", "--steps", "2", "--batch-size", "4"]  # fmt: skip
+    assert polyp_ddpm([*generate, "--output", str(tmp_path / "never"), "--fidelity-segmenter", str(tmp_path)]) == 1
+    assert not (tmp_path / "never").exists()
+    made = tmp_path / "made"
+    assert polyp_ddpm([*generate, "--output", str(made), "--fidelity-segmenter", str(segmenter)]) == 0
+    written = json.loads((made / "mask_fidelity.json").read_text())
+    assert (
+        polyp_ddpm(["mask-fidelity", "--segmenter", str(segmenter), "--dataset", str(made), "--output", str(output)])
+        == 0
+    )
+    again = json.loads(output.read_text())
+    assert written["num_images"] == 6 and written["dataset"] == f"{made}:train"
+    assert written["iou"] == pytest.approx(again["iou"]) and written["dice"] == pytest.approx(again["dice"])
 
 
 def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fidelity_set():
