@@ -1,5 +1,6 @@
 """Pieces of the training script that deserve their own tests: checkpoints, per-step randomness, EMA weights."""
 
+import json
 import os
 import re
 import shutil
@@ -70,6 +71,20 @@ def publish_checkpoint(output_dir: str | os.PathLike, step: int, total_limit: in
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old)
     return final
+
+
+TRAINING_CLOCK = "training_clock.json"
+
+
+def write_training_seconds(checkpoint: str | os.PathLike, seconds: float) -> None:
+    """Records in a checkpoint how long the run had trained, so that a time budget spans resumes."""
+    (Path(checkpoint) / TRAINING_CLOCK).write_text(json.dumps({"training_seconds": round(seconds, 3)}) + "\n")
+
+
+def training_seconds(checkpoint: str | os.PathLike | None) -> float:
+    """How long the run had trained when `checkpoint` was written (0 for a new run or an older checkpoint)."""
+    clock = Path(checkpoint) / TRAINING_CLOCK if checkpoint is not None else None
+    return json.loads(clock.read_text())["training_seconds"] if clock is not None and clock.is_file() else 0.0
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:

@@ -26,6 +26,7 @@ from polyp_diffusers.training_utils import (
     publish_checkpoint,
     resolve_checkpoint,
     step_generators,
+    training_seconds,
 )
 from polyp_diffusers.transforms import shuffled_batches, tensor_batches
 
@@ -219,6 +220,16 @@ def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipelin
     assert list_checkpoints(output)[-1].name == "checkpoint-3"
     assert json.loads((output / "training_config.json").read_text())["trained_steps"] == 3
     assert (output / "validation" / "step-0000003.png").is_file()
+    assert training_seconds(output / "checkpoint-3") > 0.0001 * 60
+    # The budget spans resumes: the same command again has nothing left to train.
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN,
+        "--max_train_minutes", "0.0001", "--logging_steps", "3", "--validation_steps", "100",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "budget was spent before" in result.stdout + result.stderr
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-3"]
+    assert json.loads((output / "training_config.json").read_text())["trained_steps"] == 3
 
 
 def test_a_mask_model_trains_and_saves_a_mask_pipeline(demo_dataset, tmp_path):

@@ -54,6 +54,8 @@ from polyp_diffusers.training_utils import (
     remove_partial_checkpoints,
     resolve_checkpoint,
     step_generators,
+    training_seconds,
+    write_training_seconds,
 )
 from polyp_diffusers.transforms import (
     JointAugment,
@@ -170,7 +172,8 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="Also stop, saving a checkpoint and the pipeline, at the first logging step after this many minutes "
-        "of this launch's loop (compilation included); --resume_from_checkpoint latest goes on from there.",
+        "of training in all (compilation included), counted across resumes from the checkpoints' clocks: the same "
+        "command with --resume_from_checkpoint latest finishes a killed run's budget, and a larger value goes on.",
     )
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak AdamW learning rate.")
     optim.add_argument(
@@ -557,7 +560,11 @@ def main(argv=None):
     # Losses add up on the device and are read once a logging window: a read waits for all queued GPU work.
     window_loss = torch.zeros((), device=accelerator.device)
     window_start, window_steps, window_images = time.perf_counter(), 0, 0
-    loop_start, out_of_time = time.perf_counter(), False
+    # The time budget spans resumes: the training time recorded in the checkpoint counts, and one spent is done.
+    trained_before, loop_start = training_seconds(checkpoint), time.perf_counter()
+    out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
+    if out_of_time:
+        logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent before {checkpoint}.")
     while global_step < args.max_train_steps and not out_of_time:
         unet.train()
         batches = epoch_batches(epoch, batches_to_skip)
@@ -590,7 +597,7 @@ def main(argv=None):
             progress.update(1)
             last_step = global_step == args.max_train_steps
             if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
-                elapsed = torch.tensor([time.perf_counter() - loop_start], device=accelerator.device)
+                elapsed = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
                 # The slowest process's clock, so that all processes stop at the same step.
                 out_of_time = bool(accelerator.gather(elapsed).max() > args.max_train_minutes * 60)
                 last_step = last_step or out_of_time
@@ -622,6 +629,8 @@ def main(argv=None):
                 accelerator.save_state(str(partial_path(output_dir, global_step)))
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
+                    clock = trained_before + time.perf_counter() - loop_start
+                    write_training_seconds(partial_path(output_dir, global_step), clock)
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
                     logger.info(f"Saved {saved}")
             if accelerator.is_main_process and validation_due:
