@@ -455,6 +455,11 @@ def _add_reproduce(subparsers):
         help="Also train segmenters on the real pairs plus as many real frames with a new polyp inserted "
         "(inpainting): do new polyps in real surroundings help?",
     )
+    parser.add_argument(
+        "--denoiser-args",
+        metavar="FLAGS",
+        help="More train.py flags for the denoiser, after the preset's, e.g. --denoiser-args='--augment_degrees 0'.",
+    )
     parser.set_defaults(run=_run_reproduce)
 
 
@@ -464,7 +469,7 @@ def _run_reproduce(args):
     run_study(
         args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
         objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs, new_masks=args.new_masks,
-        inserted_polyps=args.inserted_polyps,
+        inserted_polyps=args.inserted_polyps, denoiser_args=args.denoiser_args,
     )  # fmt: skip
 
 

@@ -10,9 +10,13 @@ continues where it stopped (training and generation also resume inside their own
 6. the report: `report.md`, `report.json` (also a results file for `polyp-ddpm card`) and figures.
 """
 
+import contextlib
+import importlib.util
+import io
 import json
 import logging
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,6 +199,7 @@ def run_study(
     segmentation_jobs: int | None = None,
     new_masks: bool = False,
     inserted_polyps: bool = False,
+    denoiser_args: str | None = None,
 ) -> dict:
     """
     Runs (or continues) the study in `output` and returns the report (also written as `report.json`).
@@ -205,6 +210,7 @@ def run_study(
     (`OBJECTIVES`). `new_masks` adds a training set: the real pairs plus one generated pair per training mask
     whose mask is new (`generate --new-masks N --mask-augment`), to ask whether new polyp shapes help;
     `inserted_polyps` another: the real pairs plus as many real frames with a new polyp inserted (`--insert`).
+    `denoiser_args` are more `train.py` flags, after the preset's (so they win), such as `"--augment_degrees 0"`.
     """
     if preset not in STUDY_PRESETS:
         raise ValueError(f"preset {preset!r}; expected one of {sorted(STUDY_PRESETS)}.")
@@ -220,6 +226,8 @@ def run_study(
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
     settings = STUDY_PRESETS[preset]
+    extra_train_flags = shlex.split(denoiser_args or "")
+    _check_train_flags([*_flags({**settings["denoiser"], **OBJECTIVES[objective]}), *extra_train_flags])
     seeds = settings["seeds"] if seeds is None else seeds
     study = Study(output)
     arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
@@ -229,6 +237,8 @@ def run_study(
         arguments["new_masks"] = True
     if inserted_polyps:
         arguments["inserted_polyps"] = True
+    if extra_train_flags:
+        arguments["denoiser_args"] = extra_train_flags
     previous = study.record("arguments")
     if previous is not None and previous["result"] != arguments:
         if not _adds_settings(previous["result"], arguments):
@@ -253,6 +263,7 @@ def run_study(
         *_launch_command("train.py", settings["mixed_precision"]),
         *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
         *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
+        *extra_train_flags,
         "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
     study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
@@ -334,6 +345,20 @@ def study_settings(arguments: dict) -> list[str]:
     """The training sets of a study's segmenters: the paper's three, and the `EXTRA_SETTINGS` asked for."""
     asked = {"real+new-masks": arguments.get("new_masks"), "real+inserted": arguments.get("inserted_polyps")}
     return [*TRAIN_SETS, *(setting for setting in EXTRA_SETTINGS if asked[setting])]
+
+
+def _check_train_flags(flags: list[str]) -> None:
+    """Parses the denoiser's flags with train.py's own parser, so that a wrong one fails before the data step."""
+    spec = importlib.util.spec_from_file_location("polyp_study_train", TRAINING_SCRIPTS / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            train_script.parse_args(["--dataset", "data", "--output_dir", "denoiser", *flags])
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "rejected"
+        raise ValueError(f"the denoiser's flags {flags} are refused by train.py: {message}") from None
 
 
 def _adds_settings(previous: dict, arguments: dict) -> bool:

@@ -123,3 +123,23 @@ def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
     with pytest.raises(FileNotFoundError):
         run_study("demo", tmp_path / "study", preset="smoke", tests=[f"{tmp_path / 'no-such-set'}:test"])
     assert not (tmp_path / "study" / "steps").exists()
+
+
+def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_first(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="refused by train.py: .*--no_such_flag"):
+        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--no_such_flag 1")
+    assert not (tmp_path / "wrong" / "steps").exists()
+    launched = []
+
+    def run_until_the_denoiser(command, log):
+        launched.append(command)
+        raise Killed
+
+    monkeypatch.setattr(study_module, "_run", run_until_the_denoiser)
+    with pytest.raises(Killed):
+        run_study("demo", tmp_path / "study", preset="smoke", denoiser_args="--augment_degrees 0 --max_train_steps 5")
+    command = launched[0]
+    assert command[-6:] == ["--augment_degrees", "0", "--max_train_steps", "5", "--resume_from_checkpoint", "latest"]
+    assert "30" in command  # the preset's --max_train_steps comes first: argparse keeps the last
+    arguments = json.loads((tmp_path / "study" / "steps" / "arguments.json").read_text())["result"]
+    assert arguments["denoiser_args"] == ["--augment_degrees", "0", "--max_train_steps", "5"]

@@ -16,6 +16,7 @@ number of steps. The default segmenter is MONAI's BasicUNetPlusPlus (pure torch,
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.folders import write_text_atomically
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -190,10 +192,12 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{loss.item():.4f}", val_iou=f"{validation['iou']:.4f}")
                 if validation["iou"] > best["iou"]:
                     best = {"iou": validation["iou"], "step": step}
+                    # Written beside, then renamed: a kill mid-write never leaves a truncated best.safetensors.
+                    staging = output_dir / "best.safetensors.partial"
                     save_file(
-                        {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
-                        str(output_dir / "best.safetensors"),
+                        {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}, str(staging)
                     )
+                    os.replace(staging, output_dir / "best.safetensors")
             if step >= args.max_train_steps:
                 break
     progress.close()
@@ -217,7 +221,7 @@ def main(argv=None):
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
         }
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info(json.dumps(results["test"], indent=2))
     accelerator.end_training()
 
