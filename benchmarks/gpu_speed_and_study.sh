@@ -4,13 +4,16 @@
 # that is left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
 # the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
 # the script at once continues a study from its step records.
-#   STAGES="study extend loops"  which stages, in this order (default: all three). `extend` adds issue 13's
+#   STAGES="study extend loops sampling"  which stages, in this order (default: study). `extend` adds issue 13's
 #                         training sets (real + new masks, real + inserted polyps) to the finished study, after
-#                         keeping its three-setting report in results/study-base/
-#   STUDY_ARGS="--seeds 2"  more arguments of `polyp-ddpm reproduce`, both stages
+#                         keeping its three-setting report in results/study-base/; `loops` times train.py at 64 px
+#                         (batch LOOP_64_BATCH, default 512, without compilation) and at 256 px (batch 32,
+#                         compiled); `sampling` times 250 DDPM steps at 256 px, batch 64, per-image seeds
+#   STUDY_ARGS="--seeds 2"  more arguments of `polyp-ddpm reproduce`, both study stages
+#   DENOISER_ARGS="--augment_degrees 0"  more train.py flags for the study's denoiser (reproduce --denoiser-args)
+#   STUDY_TAG=no-rotation  appended to the study's folder name (a study with other arguments needs its own)
 #   EXTEND_JOBS=6         segmenters at once in `extend` (its six in one wave)
-#   OBJECTIVE=paper|velocity  the study's denoiser objective (default: velocity; the committed quick-64 run used
-#                         paper, with the sampling stage that has since been measured and removed)
+#   OBJECTIVE=paper|velocity  the study's denoiser objective (default: paper)
 # Carry: .whl/ (Python 3.12 wheels: diffusers, datasets, dill, multiprocess, monai, importlib_metadata),
 # .devdata/kvasir-seg-256 (from ../shared/data) and .devdata/reference (the authors' code, from ../shared).
 # On a machine without nvidia-smi it runs in the current environment, at toy sizes:
@@ -26,11 +29,11 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
-objective="${OBJECTIVE:-velocity}"
-stages="${STAGES:-study extend loops}"
+objective="${OBJECTIVE:-paper}"
+stages="${STAGES:-study}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
-study="$work/study-$preset-$objective"
+study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
 results="$work/results"
 mkdir -p "$results"
 if command -v nvidia-smi >/dev/null; then
@@ -38,15 +41,19 @@ if command -v nvidia-smi >/dev/null; then
   tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oiE "h100|h200|a100|l40s" | head -1 | tr A-Z a-z)
   tag=${tag:-gpu}
   precision=bf16
-  loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size 128 --gradient_accumulation_steps 1)
+  loop_64_batch=${LOOP_64_BATCH:-512}
+  loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
-  loop_minutes=(1.5 3)  # 64 px without compilation, 256 px with it (compilation alone took 77 s on an H200)
+  loop_minutes=(1 2)  # 64 px without compilation, 256 px with it (compilation alone took 77 s on an H200)
+  sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
 else
   tag=cpu
   precision=no
-  loop_64=(--model_preset tiny --resolution 32 --train_batch_size 8 --gradient_accumulation_steps 1)
+  loop_64_batch=8
+  loop_64=(--model_preset tiny --resolution 32 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=("${loop_64[@]}")
   loop_minutes=(0.2 0.4)
+  sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
 pack() {
@@ -73,7 +80,8 @@ train_loop() {  # train_loop NAME SECONDS MINUTES DATASET TRAIN_ARGS...: train.p
 }
 
 reproduce=(python3 -m polyp_diffusers.cli reproduce --data "$data" --split-file "$data/paper_split.json"
-  --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-})
+  --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-}
+  ${DENOISER_ARGS:+--denoiser-args "$DENOISER_ARGS"})
 for current in $stages; do
   case $current in
   study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report
@@ -83,13 +91,17 @@ for current in $stages; do
       mkdir -p "$results/study-base" && cp "$study"/report.{md,json} "$study"/*.png "$results/study-base/"
     fi
     stage extend "$(left)" "${reproduce[@]}" --new-masks --inserted-polyps --segmentation-jobs "${EXTEND_JOBS:-6}" ;;
-  loops)  # the 64 px loop without compilation, then the 256 px loop with it (issue 10)
+  loops)  # the 64 px loop without compilation at a large batch, then the 256 px loop with compilation (issue 10)
     [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64
-    train_loop train_loop_64_no_compile 150 "${loop_minutes[0]}" "$work/kvasir-64" "${loop_64[@]}" --no-compile
+    train_loop "train_loop_64_b${loop_64_batch}_no_compile" 100 "${loop_minutes[0]}" "$work/kvasir-64" "${loop_64[@]}" \
+      --no-compile
     [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-256" --split-file "$data/paper_split.json"
-    train_loop train_loop_256_compile 240 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+    train_loop train_loop_256_compile 170 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+  sampling)  # 250 DDPM steps at 256 px with per-image seeds, as generate samples (issue 10: >= 3x the authors')
+    stage sampling_256 90 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
+      --output "$results/sample_throughput_256-$tag.json" ;;
   esac
 done
 echo "== done after $((SECONDS - START)) s"
