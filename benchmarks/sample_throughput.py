@@ -41,6 +41,10 @@ def main():
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="Default: 16 on a GPU, 1 on a CPU.")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument(
+        "--compile", action="store_true", help="Compile the UNet first (`generate --compile`); the warm-up compiles."
+    )
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs).")
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
     device = torch.device(default_device())
@@ -51,6 +55,8 @@ def main():
     size = unet.config.sample_size
     pipe = PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler()).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if args.compile:
+        pipe.unet.compile(mode=args.compile_mode)
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4 : size // 2, size // 3 : 2 * size // 3] = 255
 
@@ -68,7 +74,10 @@ def main():
                 sampler, steps = sampler_steps.split(":")
                 pipe.scheduler = make_sampler(sampler, make_polyp_scheduler().config)
                 masks = [mask] * batch_size
-                pipe(masks, num_inference_steps=2, batch_size=batch_size, output_type="pt")  # warm-up
+                warm_up = time.perf_counter()
+                pipe(masks, num_inference_steps=2, batch_size=batch_size, output_type="pt")  # compiles, if asked
+                synchronize(device)
+                warm_up_seconds = time.perf_counter() - warm_up
                 reset_peak_memory(device)
                 synchronize(device)
                 start = time.perf_counter()
@@ -89,6 +98,8 @@ def main():
                     "seconds_per_image": round(seconds / batch_size, 3),
                     "images_per_s": round(batch_size / seconds, 2),
                     "peak_memory_gib": peak_memory_gib(device),
+                    "compiled": args.compile_mode or args.compile,
+                    "warm_up_s": round(warm_up_seconds, 1),
                 }
                 print(result, flush=True)
                 results.append(result)

@@ -187,6 +187,14 @@ def _add_generate(subparsers):
         help="Discard an unfinished run with other settings, or replace a finished one.",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Compile the UNet (torch.compile) before sampling: pays off when sampling outlasts the compilation.",
+    )
+    parser.add_argument(
+        "--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune."
+    )
+    parser.add_argument(
         "--fidelity-segmenter",
         metavar="FOLDER",
         help="A train_segmentation.py output folder (trained on real pairs): scores how well the generated images "
@@ -222,6 +230,8 @@ def _run_generate(args):
         start_timestep=args.start_timestep,
         mask_model=args.mask_model,
         insert=args.insert,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
     if segmenter is not None:

@@ -152,6 +152,8 @@ def generate_dataset(
     start_timestep: int | None = None,
     mask_model: str | None = None,
     insert: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
@@ -165,7 +167,9 @@ def generate_dataset(
 
     Image `i` is generated with seed `seed + i` by a generator of its own on the sampling device (no noise is
     drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
-    seed gives other images on a CPU than on a GPU.
+    seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
+    before sampling: worth it when sampling takes longer than the compilation; it changes images only by
+    floating-point rounding, so it is not part of the settings a rerun must match.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
@@ -238,6 +242,8 @@ def generate_dataset(
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
+    if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet
+        pipeline.unet.compile(mode=compile_mode)
     mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
     num_masks = len(source) if new_masks is None else new_masks
     if new_masks is not None:

@@ -46,6 +46,19 @@ def generated(saved_pipeline_dir, demo_masks, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
+def test_a_compiled_unet_makes_the_same_pairs_up_to_rounding(generated, saved_pipeline_dir, demo_masks, tmp_path):
+    """generate --compile (torch.compile's inductor on the CPU here, about 30 s to compile the tiny UNet)."""
+    compiled = generate_dataset(
+        str(saved_pipeline_dir), str(demo_masks), tmp_path / "compiled", compile=True, **GENERATION
+    )
+    eager = load_from_disk(str(generated))["train"]
+    assert compiled["train"]["id"] == eager["id"]
+    for ours, theirs in zip(compiled["train"]["image"], eager["image"]):
+        difference = np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16))
+        assert difference.max() <= 2
+
+
 def test_generated_pairs_have_the_project_schema_and_provenance(generated, demo_masks, saved_pipeline_dir):
     dataset = load_from_disk(str(generated))
     assert list(dataset) == ["train"]
