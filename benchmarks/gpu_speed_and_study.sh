@@ -81,7 +81,7 @@ train_loop() {  # train_loop NAME SECONDS MINUTES DATASET TRAIN_ARGS...: train.p
 
 reproduce=(python3 -m polyp_diffusers.cli reproduce --data "$data" --split-file "$data/paper_split.json"
   --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-}
-  ${DENOISER_ARGS:+--denoiser-args "$DENOISER_ARGS"})
+  ${DENOISER_ARGS:+"--denoiser-args=$DENOISER_ARGS"})
 for current in $stages; do
   case $current in
   study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report

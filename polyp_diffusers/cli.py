@@ -22,6 +22,9 @@ from .modeling import SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
 
+# Images per batch when a segmenter scores generated pairs (mask fidelity).
+FIDELITY_BATCH_SIZE = 32
+
 FEATURES = ("inception", "dinov2")
 
 
@@ -192,7 +195,8 @@ def _add_generate(subparsers):
         help="Compile the UNet (torch.compile) before sampling: pays off when sampling outlasts the compilation.",
     )
     parser.add_argument(
-        "--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune."
+        "--compile-mode",
+        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune (implies --compile).",
     )
     parser.add_argument(
         "--fidelity-segmenter",
@@ -230,14 +234,14 @@ def _run_generate(args):
         start_timestep=args.start_timestep,
         mask_model=args.mask_model,
         insert=args.insert,
-        compile=args.compile,
+        compile=args.compile or args.compile_mode is not None,
         compile_mode=args.compile_mode,
     )
     print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
     if segmenter is not None:
         scores = _score_mask_fidelity(
-            segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}", args.batch_size,
-            args.device,
+            segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}",
+            FIDELITY_BATCH_SIZE, args.device,
         )  # fmt: skip
         write_text_atomically(Path(args.output) / "mask_fidelity.json", json.dumps(scores, indent=2) + "\n")
 
@@ -323,7 +327,7 @@ def _add_mask_fidelity(subparsers):
     parser.add_argument(
         "--dataset", required=True, metavar="DATASET[:SPLIT]", help="Generated pairs (split default: train)."
     )
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="Images per batch.")
+    parser.add_argument("--batch-size", type=positive_int, default=FIDELITY_BATCH_SIZE, help="Images per batch.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the scores as JSON here.")
     parser.set_defaults(run=_run_mask_fidelity)

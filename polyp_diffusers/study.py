@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import platform
 import shlex
 import shutil
@@ -74,8 +75,8 @@ STUDY_PRESETS = {
         mixed_precision="no",
         train_images_per_s=None,
     ),
-    # One GPU, 7.6 minutes on an H100 (measured): the paper's 64 px denoiser trained for 3 minutes (as many images as
-    # the loop's speed allows, at most 3.2 M), the paper's 250 DDPM steps, 3 segmenter seeds, 5 segmenters at once.
+    # One GPU, 7.6 minutes on an H100 (measured with --objective velocity, wheel installation included): the paper's
+    # 64 px denoiser trained for 3 minutes (as many images as the loop's speed allows, at most 3.2 M), the paper's 250 DDPM steps, 3 segmenter seeds, 5 segmenters at once.
     "quick-64": dict(
         resolution=64,
         denoiser=dict(
@@ -169,9 +170,11 @@ class Study:
         return record
 
     def rerecord(self, name: str, result) -> None:
-        """Replaces the result of a recorded step, keeping its wall time."""
-        record = {**self.record(name), "result": result}
-        write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
+        """Replaces the result of a recorded step, keeping its wall time and its place in the steps' order (mtime)."""
+        path = self.steps / f"{name}.json"
+        written = path.stat()
+        write_text_atomically(path, json.dumps({**self.record(name), "result": result}, indent=2))
+        os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))
 
 
 def describe_device() -> str:
@@ -227,7 +230,7 @@ def run_study(
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
     settings = STUDY_PRESETS[preset]
     extra_train_flags = shlex.split(denoiser_args or "")
-    _check_train_flags([*_flags({**settings["denoiser"], **OBJECTIVES[objective]}), *extra_train_flags])
+    _check_train_flags(_flags({**settings["denoiser"], **OBJECTIVES[objective]}), extra_train_flags)
     seeds = settings["seeds"] if seeds is None else seeds
     study = Study(output)
     arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
@@ -347,18 +350,34 @@ def study_settings(arguments: dict) -> list[str]:
     return [*TRAIN_SETS, *(setting for setting in EXTRA_SETTINGS if asked[setting])]
 
 
-def _check_train_flags(flags: list[str]) -> None:
-    """Parses the denoiser's flags with train.py's own parser, so that a wrong one fails before the data step."""
+# train.py flags that the study sets itself: its data, folders and resumption, and the objective it records.
+STUDY_TRAIN_FLAGS = (
+    "--dataset", "--output_dir", "--resolution", "--resume_from_checkpoint", "--prediction_type", "--zero_terminal_snr",
+    "--mixed_precision",
+)  # fmt: skip
+
+
+def _check_train_flags(flags: list[str], extra: list[str]) -> None:
+    """
+    Parses the denoiser's flags with train.py's own parser, so that a wrong one fails before the data step, and
+    refuses `extra` flags that the study sets itself.
+    """
+    owned = sorted({flag.split("=")[0] for flag in extra if flag.split("=")[0] in STUDY_TRAIN_FLAGS})
+    if owned:
+        raise ValueError(
+            f"the study sets {', '.join(owned)} itself (use --objective, --output, and the preset's resolution); "
+            "leave them out of --denoiser-args."
+        )
     spec = importlib.util.spec_from_file_location("polyp_study_train", TRAINING_SCRIPTS / "train.py")
     train_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_script)
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            train_script.parse_args(["--dataset", "data", "--output_dir", "denoiser", *flags])
+            train_script.parse_args(["--dataset", "data", "--output_dir", "denoiser", *flags, *extra])
     except SystemExit:
         message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "rejected"
-        raise ValueError(f"the denoiser's flags {flags} are refused by train.py: {message}") from None
+        raise ValueError(f"the denoiser's flags {[*flags, *extra]} are refused by train.py: {message}") from None
 
 
 def _adds_settings(previous: dict, arguments: dict) -> bool:

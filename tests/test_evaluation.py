@@ -48,13 +48,17 @@ def generated(saved_pipeline_dir, demo_masks, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_compiled_unet_makes_the_same_pairs_up_to_rounding(generated, saved_pipeline_dir, demo_masks, tmp_path):
-    """generate --compile (torch.compile's inductor on the CPU here, about 30 s to compile the tiny UNet)."""
-    compiled = generate_dataset(
-        str(saved_pipeline_dir), str(demo_masks), tmp_path / "compiled", compile=True, **GENERATION
+    """generate --compile-mode (torch.compile's inductor on the CPU here, about 30 s to compile the tiny UNet)."""
+    output = tmp_path / "compiled"
+    arguments = ["--num-images-per-mask", "2", "--sampler", "ddim", "--steps", "2", "--batch-size", "4", "--seed", "10"]
+    assert GENERATION == dict(
+        split="train", num_images_per_mask=2, sampler="ddim", num_inference_steps=2, batch_size=4, seed=10
     )
-    eager = load_from_disk(str(generated))["train"]
-    assert compiled["train"]["id"] == eager["id"]
-    for ours, theirs in zip(compiled["train"]["image"], eager["image"]):
+    assert polyp_ddpm(["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--output",
+                       str(output), *arguments, "--compile-mode", "default"]) == 0  # fmt: skip
+    compiled, eager = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]
+    assert compiled["id"] == eager["id"]
+    for ours, theirs in zip(compiled["image"], eager["image"]):
         difference = np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16))
         assert difference.max() <= 2
 

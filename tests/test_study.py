@@ -67,6 +67,7 @@ def test_a_finished_study_gains_the_extra_training_sets_without_redoing_its_step
     assert sorted(runs["extended"]) == sorted(extra)
     for setting in ("real", "synthetic", "real+synthetic"):
         assert report["summary"][setting] == base_report["summary"][setting]
+    assert list(report["wall_s"])[:2] == ["arguments", "data"]  # the re-recorded arguments keep their place
 
 
 def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study):
@@ -128,6 +129,8 @@ def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
 def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_first(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused by train.py: .*--no_such_flag"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--no_such_flag 1")
+    with pytest.raises(ValueError, match="the study sets --prediction_type, --resolution itself"):
+        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resolution=64 --prediction_type epsilon")
     assert not (tmp_path / "wrong" / "steps").exists()
     launched = []
 
@@ -140,6 +143,6 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
         run_study("demo", tmp_path / "study", preset="smoke", denoiser_args="--augment_degrees 0 --max_train_steps 5")
     command = launched[0]
     assert command[-6:] == ["--augment_degrees", "0", "--max_train_steps", "5", "--resume_from_checkpoint", "latest"]
-    assert "30" in command  # the preset's --max_train_steps comes first: argparse keeps the last
+    assert command[command.index("--max_train_steps") + 1] == "30"  # the preset's first: argparse keeps the last
     arguments = json.loads((tmp_path / "study" / "steps" / "arguments.json").read_text())["result"]
     assert arguments["denoiser_args"] == ["--augment_degrees", "0", "--max_train_steps", "5"]

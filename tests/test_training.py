@@ -27,6 +27,7 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
     training_seconds,
+    write_training_seconds,
 )
 from polyp_diffusers.transforms import shuffled_batches, tensor_batches
 
@@ -227,9 +228,19 @@ def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipelin
         "--max_train_minutes", "0.0001", "--logging_steps", "3", "--validation_steps", "100",
         "--resume_from_checkpoint", "latest",
     )  # fmt: skip
-    assert "budget was spent before" in result.stdout + result.stderr
+    assert "budget was spent by" in result.stdout + result.stderr
     assert [path.name for path in list_checkpoints(output)] == ["checkpoint-3"]
     assert json.loads((output / "training_config.json").read_text())["trained_steps"] == 3
+    # With a little of a one-minute budget left at the checkpoint, a resume trains one logging window, not the
+    # minute again (counted per launch, this run would go on to its 9 steps).
+    write_training_seconds(output / "checkpoint-3", 59.99)
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--max_train_steps", "9",
+        "--max_train_minutes", "1", "--logging_steps", "3", "--validation_steps", "100",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "Stopped at step 6: --max_train_minutes 1.0 passed." in result.stdout + result.stderr
+    assert training_seconds(output / "checkpoint-6") > 60
 
 
 def test_a_mask_model_trains_and_saves_a_mask_pipeline(demo_dataset, tmp_path):

@@ -564,7 +564,7 @@ def main(argv=None):
     trained_before, loop_start = training_seconds(checkpoint), time.perf_counter()
     out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
     if out_of_time:
-        logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent before {checkpoint}.")
+        logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent by {checkpoint}.")
     while global_step < args.max_train_steps and not out_of_time:
         unet.train()
         batches = epoch_batches(epoch, batches_to_skip)
@@ -627,9 +627,11 @@ def main(argv=None):
                 check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
                 accelerator.wait_for_everyone()
                 accelerator.save_state(str(partial_path(output_dir, global_step)))
+                # The slowest process's clock, as the time budget reads it; every process takes part in the gather.
+                clock = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
+                clock = accelerator.gather(clock).max().item()
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    clock = trained_before + time.perf_counter() - loop_start
                     write_training_seconds(partial_path(output_dir, global_step), clock)
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
                     logger.info(f"Saved {saved}")
