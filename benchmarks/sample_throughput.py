@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
-from polyp_diffusers.modeling import UNET_PRESETS
+from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
 
 from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
 
@@ -45,7 +45,9 @@ def main():
         "--compile", action="store_true", help="Compile the UNet first (`generate --compile`); the warm-up compiles."
     )
     parser.add_argument(
-        "--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); implies --compile."
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile).",
     )
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from .folders import write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, update_model_card
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
-from .modeling import SAMPLERS, default_device
+from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results
 
@@ -196,7 +196,8 @@ def _add_generate(subparsers):
     )
     parser.add_argument(
         "--compile-mode",
-        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune (implies --compile).",
+        choices=COMPILE_MODES,
+        help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile).",
     )
     parser.add_argument(
         "--fidelity-segmenter",

@@ -37,6 +37,10 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 DPMSOLVER_LAMBDA_MIN_CLIPPED = -5.1
 
 
+# torch.compile's modes, as the training and sampling commands accept them: reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def make_polyp_unet(
     image_size: int = 256,
     base_channels: int = 64,

@@ -229,7 +229,10 @@ def run_study(
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
     settings = STUDY_PRESETS[preset]
-    extra_train_flags = shlex.split(denoiser_args or "")
+    try:
+        extra_train_flags = shlex.split(denoiser_args or "")
+    except ValueError as error:  # unbalanced quotes
+        raise ValueError(f"--denoiser-args {denoiser_args!r} cannot be split into flags: {error}") from None
     _check_train_flags(_flags({**settings["denoiser"], **OBJECTIVES[objective]}), extra_train_flags)
     seeds = settings["seeds"] if seeds is None else seeds
     study = Study(output)

@@ -129,6 +129,8 @@ def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
 def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_first(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused by train.py: .*--no_such_flag"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--no_such_flag 1")
+    with pytest.raises(ValueError, match="cannot be split into flags: No closing quotation"):
+        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--augment_degrees '0")
     with pytest.raises(ValueError, match="the study sets --prediction_type, --resolution itself"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resolution=64 --prediction_type epsilon")
     assert not (tmp_path / "wrong" / "steps").exists()

@@ -42,7 +42,7 @@ from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
-from polyp_diffusers.modeling import PREDICTION_TYPES, SAMPLERS, UNET_PRESETS, diffusion_loss
+from polyp_diffusers.modeling import COMPILE_MODES, PREDICTION_TYPES, SAMPLERS, UNET_PRESETS, diffusion_loss
 from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
 from polyp_diffusers.training_utils import (
     checkpoint_step,
@@ -206,7 +206,7 @@ def parse_args(argv=None):
     )
     optim.add_argument(
         "--compile_mode",
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        choices=COMPILE_MODES,
         default="default",
         help="torch.compile mode; reduce-overhead adds CUDA graphs.",
     )
