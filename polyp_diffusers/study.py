@@ -37,7 +37,7 @@ from .metrics import fid_kid, inception_cache_path
 from .modeling import default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results, segmentation_results, summarize_scores
-from .segmentation import TRAIN_SETS, load_test_sets
+from .segmentation import TRAIN_SETS, held_out_synthetic, load_test_sets, load_trained_segmenter, mask_fidelity
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +342,8 @@ def run_study(
                 runs.append(pool.submit(segmentation_step, f"segmentation-{run_dir.name}", work))
     for run in runs:
         run.result()  # the first failure
+    for pairs in extra_pairs.values():
+        study.step(f"fidelity-{pairs.name}", lambda pairs=pairs: _held_out_fidelity(study, dataset, pairs, seeds))
     report = write_report(study, arguments, wall_s=time.perf_counter() - started)
     print((study.output / "report.md").read_text())
     return report
@@ -419,6 +421,22 @@ def _realism(dataset: Path, synthetic: Path, inception_weights: str) -> dict:
     generated = load_polyp_dataset(str(synthetic), split="train")
     scores = fid_kid(real, generated, inception_weights=inception_weights, device=default_device())
     scores.update(real=f"{dataset}:train", generated=str(synthetic))
+    return scores
+
+
+def _held_out_fidelity(study: Study, dataset: Path, pairs: Path, seeds: int) -> list[dict]:
+    """
+    Mask fidelity of an extra generated set, as train_segmentation.py scores the synthetic one: each real-trained
+    segmenter on the pairs made from the real pairs it held out (their frames, for inserted polyps).
+    """
+    generated = load_polyp_dataset(str(pairs), split="train")
+    scores = []
+    for seed in range(seeds):
+        model, config = load_trained_segmenter(study.output / "segmentation" / f"real-seed{seed}")
+        real = load_polyp_dataset(str(dataset), split=config["real_split"])
+        held_out = held_out_synthetic(real, generated, config["validation_size"], config["seed"])
+        if len(held_out):
+            scores.append(mask_fidelity(model.to(default_device()), config, held_out))
     return scores
 
 
@@ -546,6 +564,12 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     realism = records["realism"]["result"] if "realism" in records else {"skipped": REALISM_SKIPPED}
     # Mask fidelity: real-trained segmenters on the synthetic twins of the masks they held out.
     fidelity = [run["mask_fidelity"] for run in runs if run["train"] == "real" and "mask_fidelity" in run]
+    # And on each extra set's pairs made from the held-out real pairs (studies made before this have none).
+    extra_fidelity = {
+        setting: summarize_scores(records[f"fidelity-{EXTRA_SETTINGS[setting][0]}"]["result"])
+        for setting in study_settings(arguments)[len(TRAIN_SETS) :]
+        if records.get(f"fidelity-{EXTRA_SETTINGS[setting][0]}", {}).get("result")
+    }
     results = segmentation_results(runs)
     if "fid" in realism:
         image_realism = fid_results(realism)
@@ -563,6 +587,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "denoiser_training": _denoiser_training(study),
         "realism": realism,
         "mask_fidelity": summarize_scores(fidelity) if fidelity else None,
+        "mask_fidelity_extra": extra_fidelity,
         "figures": figures,
         **results,
     }  # fmt: skip
@@ -579,6 +604,11 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         f"{realism['skipped']}." if "skipped" in realism else "",
         "",
         _describe_fidelity(report["mask_fidelity"], results["summary"]["real"]) if fidelity else "",
+        *[
+            f"- and the {setting} pairs made from the held-out pairs: IoU {scores['iou_mean']:.4f} ± "
+            f"{scores['iou_std']:.4f} (Dice {scores['dice_mean']:.4f})."
+            for setting, scores in extra_fidelity.items()
+        ],
         "",
         "## Figures",
         *[f"![{name}]({name})" for name in figures],
@@ -592,6 +622,6 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         *[f"- `{' '.join(record['result']['command'])}`" for name, record in records.items() if name == "denoiser"],
         "- segmenters: `training/train_segmentation.py`, flags in each `segmentation/*/results.json` (`config`).",
     ]
-    (study.output / "report.md").write_text("\n".join(lines) + "\n")
-    (study.output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomically(study.output / "report.md", "\n".join(lines) + "\n")
+    write_text_atomically(study.output / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report

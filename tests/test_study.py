@@ -102,6 +102,11 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
     for folder in ("synthetic-new-masks", "synthetic-inserted"):
         assert json.loads((output / "steps" / f"{folder}.json").read_text())["result"] == num_train
     assert "| real+inserted |" in markdown
+    # Mask fidelity of the extra sets too: the real-trained segmenters on the pairs made from their held-out pairs.
+    for setting in ("real+new-masks", "real+inserted"):
+        scores = report["mask_fidelity_extra"][setting]
+        assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
+        assert f"- and the {setting} pairs made from the held-out pairs: IoU" in markdown
     assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
 
 
