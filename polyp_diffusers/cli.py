@@ -353,7 +353,7 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
 
     model, config = segmenter
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
-    scores.update(dataset=name, segmenter=str(segmenter_path))
+    scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
     print(
         f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
         f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"

@@ -160,9 +160,7 @@ def mask_fidelity(model: nn.Module, config: dict, generated: Dataset, batch_size
     on its device, ideally trained on real pairs only) on `generated` against the masks they were made from.
     """
     # The pairs stay in CPU memory (a generated set has no size bound); evaluate moves each batch.
-    scores = evaluate(model, *pair_tensors(generated, config["resolution"]), batch_size)
-    scores["segmenter_trained_on"] = config["train"]
-    return scores
+    return evaluate(model, *pair_tensors(generated, config["resolution"]), batch_size)
 
 
 def _sources_of(synthetic: Dataset) -> list[set[str]]:

@@ -429,11 +429,11 @@ def _held_out_fidelity(study: Study, dataset: Path, pairs: Path, seeds: int) -> 
     Mask fidelity of an extra generated set, as train_segmentation.py scores the synthetic one: each real-trained
     segmenter on the pairs made from the real pairs it held out (their frames, for inserted polyps).
     """
+    real = load_polyp_dataset(str(dataset), split="train")  # the study's segmenters train on the train split
     generated = load_polyp_dataset(str(pairs), split="train")
     scores = []
     for seed in range(seeds):
         model, config = load_trained_segmenter(study.output / "segmentation" / f"real-seed{seed}")
-        real = load_polyp_dataset(str(dataset), split=config["real_split"])
         held_out = held_out_synthetic(real, generated, config["validation_size"], config["seed"])
         if len(held_out):
             scores.append(mask_fidelity(model.to(default_device()), config, held_out))

@@ -41,6 +41,7 @@ from polyp_diffusers.segmentation import (
     held_out_synthetic,
     load_test_sets,
     logits_of,
+    mask_fidelity,
     training_pairs,
 )
 from polyp_diffusers.transforms import (
@@ -213,7 +214,7 @@ def main(argv=None):
             "validation_iou": best["iou"],
             "test": {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()},
             **(
-                {"mask_fidelity": evaluate(model, *pair_tensors(fidelity_set, args.resolution), args.eval_batch_size)}
+                {"mask_fidelity": mask_fidelity(model, vars(args), fidelity_set, args.eval_batch_size)}
                 if fidelity_set is not None and len(fidelity_set)
                 else {}
             ),
