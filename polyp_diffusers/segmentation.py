@@ -6,16 +6,17 @@ runs all three.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
+from monai.losses import DiceCELoss
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.networks.nets import BasicUNetPlusPlus
 from safetensors.torch import load_file
 from torch import nn
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from .data import load_polyp_dataset, parse_dataset_spec, split_ids
 from .transforms import pair_tensors
@@ -60,7 +61,7 @@ def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dic
 class FullResolutionLogits(nn.Module):
     """SegFormer predicts at a quarter of the input size; the benchmark trains and scores at full size."""
 
-    def __init__(self, segformer: SegformerForSemanticSegmentation):
+    def __init__(self, segformer: nn.Module):
         super().__init__()
         self.segformer = segformer
 
@@ -81,6 +82,9 @@ def build_segmenter(
     if architecture == "monai":
         return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
     if architecture == "segformer":
+        # Imported here: transformers takes a noticeable part of every segmenter's start-up.
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
         if encoder_weights:
             segformer = SegformerForSemanticSegmentation.from_pretrained(
                 encoder_weights, num_labels=1, ignore_mismatched_sizes=True, use_safetensors=True
@@ -132,6 +136,26 @@ def describe_segmenter(architecture: str, encoder_weights: str | None = None, se
 def logits_of(model, images):
     out = model(images)
     return out[0] if isinstance(out, (list, tuple)) else out  # MONAI's UNet++ returns a list of heads
+
+
+def make_training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """
+    The segmenter's training step on a batch (`images` in `[-1, 1]`, `masks` in {0, 1}): Dice + cross-entropy
+    loss, `backward(loss)`, one optimizer step. It reads nothing back to the host and leaves the gradients at
+    `None`, so that `training_utils.GraphedStep` can replay it as a CUDA graph; it returns the loss.
+    """
+    loss_function = DiceCELoss(sigmoid=True)
+
+    def training_step(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        loss = loss_function(logits_of(model, images), masks)
+        backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return training_step
 
 
 @torch.no_grad()

@@ -1,10 +1,11 @@
-"""Pieces of the training script that deserve their own tests: checkpoints, per-step randomness, EMA weights."""
+"""Pieces of the training scripts that deserve their own tests: checkpoints, per-step randomness, EMA weights,
+CUDA-graphed steps."""
 
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,3 +137,50 @@ def non_finite_weights(model: torch.nn.Module, ema_parameters: Iterable[torch.Te
     device = named[0][1].device
     finite = torch.stack([torch.isfinite(tensor).all().to(device) for _, tensor in named]).tolist()
     return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
+
+
+class GraphedStep:
+    """
+    A training step (forward, loss, backward, optimizer step) that runs as one CUDA graph once warmed up: a small
+    model at a small size waits for its hundreds of kernel launches, not for the GPU, and a replayed graph is one
+    launch. Off CUDA, or with `enabled=False`, every call runs `step` eagerly.
+
+    `step(*inputs)` must leave the gradients at `None` when it ends, read nothing back to the host, and keep its
+    optimizer's learning rate fixed (`capturable=True` for Adam): a graph replays the kernels, not the Python.
+    The first `warmup_steps` calls run eagerly on a side stream (which capture needs), the next one captures the
+    step and replays it; from then on `inputs` are copied into the captured tensors. Each call returns what
+    `step` returns; graphed, the same tensors every call, overwritten by the next one.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor], enabled: bool, warmup_steps: int = 3):
+        self.step = step
+        self.enabled = enabled
+        self.warmup_steps = warmup_steps
+        self.calls = 0
+        self.graph = None
+        self.static_inputs = None
+        self.static_output = None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.enabled:
+            return self.step(*inputs)
+        if self.graph is not None:
+            for static, value in zip(self.static_inputs, inputs):
+                static.copy_(value, non_blocking=True)
+            self.graph.replay()
+            return self.static_output
+        if self.calls <= self.warmup_steps:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                output = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return output
+        self.static_inputs = [value.clone() for value in inputs]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_output = self.step(*self.static_inputs)
+        self.graph = graph
+        graph.replay()  # capturing records the step without running it
+        return self.static_output

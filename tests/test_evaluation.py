@@ -1,5 +1,6 @@
 """Generation of synthetic datasets, FID/KID, segmentation scores and the end-to-end benchmark command."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -12,9 +13,9 @@ import PIL.Image
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
-from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from transformers import Dinov2Config, Dinov2Model
@@ -29,6 +30,7 @@ from polyp_diffusers.segmentation import (
     held_out_ids,
     held_out_synthetic,
     logits_of,
+    make_training_step,
     segmentation_scores,
     training_pairs,
 )
@@ -380,18 +382,62 @@ def test_a_segformer_predicts_full_size_masks_and_learns_a_batch():
     torch.manual_seed(0)
     pairs = make_demo_dataset(8, 32, test_size=2, seed=0)["train"].with_transform(pair_transform(32))[:]
     model = build_segmenter("segformer", segformer_size="b0")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_function = DiceCELoss(sigmoid=True)
-    losses = []
-    for _ in range(15):
-        logits = logits_of(model, pairs["images"])
-        loss = loss_function(logits, pairs["masks"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert logits.shape == pairs["masks"].shape == (6, 1, 32, 32)
+    training_step = make_training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    losses = [training_step(pairs["images"], pairs["masks"]).item() for _ in range(15)]
+    assert logits_of(model, pairs["images"]).shape == pairs["masks"].shape == (6, 1, 32, 32)
     assert losses[-1] < 0.8 * losses[0]
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that copy a tensor's value to the host: on a GPU each waits for all queued work."""
+
+    READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "unique", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.operators = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators += 1
+        if func._schema.name.split("::")[-1] in self.READS:
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("architecture", ["monai", "segformer"])
+def test_a_segmenter_training_step_can_be_captured_as_a_cuda_graph(architecture):
+    # What capture needs, checked on the CPU: no value read back to the host, gradients left at None. Fused Adam
+    # is what CUDA runs (the unfused one reads its step count on the host).
+    torch.manual_seed(0)
+    model = build_segmenter(architecture)
+    training_step = make_training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
+    images, masks = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 1, 32, 32) > 0.5).float()
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    for _ in range(2):  # the second step too: the optimizer creates its state in the first
+        with HostReads() as watch:
+            training_step(images, masks)
+        assert watch.operators > 100 and watch.reads == []
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+
+
+def load_training_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_graphs_are_the_default_on_one_gpu_and_refused_where_they_cannot_run():
+    use_cuda_graphs = load_training_script("train_segmentation").use_cuda_graphs
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_cuda_graphs(None, cuda, "bf16", 1) and use_cuda_graphs(None, cuda, "no", 1)
+    assert not use_cuda_graphs(False, cuda, "bf16", 1)
+    # fp16's loss scaling reads the GPU; several processes share gradients through NCCL.
+    assert not any(use_cuda_graphs(None, device, precision, processes)
+                   for device, precision, processes in [(cpu, "no", 1), (cuda, "fp16", 1), (cuda, "bf16", 2)])  # fmt: skip
+    with pytest.raises(SystemExit, match="needs one process on a CUDA device.*has 1 on cpu with no"):
+        use_cuda_graphs(True, cpu, "no", 1)
 
 
 def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
@@ -407,6 +453,10 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     results = json.loads((output / "results.json").read_text())
     assert results["segmenter"] == "SegFormer (MiT-b0, random init)"
     assert 0 <= results["test"]["demo:test"]["iou"] <= 1
+    timing = results["timing"]
+    assert timing["cuda_graphs"] is False and timing["device"] == "cpu"
+    assert 0 < timing["start_up_s"] and 0 < timing["training_s"] and 0 < timing["testing_s"]
+    assert timing["start_up_s"] + timing["training_s"] + timing["testing_s"] <= timing["total_s"]
 
 
 def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(

@@ -17,13 +17,14 @@ import argparse
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from monai.losses import DiceCELoss
+from accelerate.utils import AutocastKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,10 +41,11 @@ from polyp_diffusers.segmentation import (
     evaluate,
     held_out_synthetic,
     load_test_sets,
-    logits_of,
+    make_training_step,
     mask_fidelity,
     training_pairs,
 )
+from polyp_diffusers.training_utils import GraphedStep
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
@@ -120,15 +122,40 @@ def parse_args(argv=None):
     parser.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
     )
+    parser.add_argument(
+        "--cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Replay each training step as one CUDA graph (a small segmenter at a small size is bound by kernel "
+        "launches). Default: on one CUDA device, unless --mixed_precision fp16 (its loss scaling reads the GPU).",
+    )
     args = parser.parse_args(argv)
     if args.train != "real" and not args.synthetic:
         parser.error(f"--train {args.train} needs --synthetic")
     return args
 
 
+def use_cuda_graphs(requested: bool | None, device: torch.device, mixed_precision: str, num_processes: int) -> bool:
+    """Whether the training step runs as a CUDA graph: `--cuda_graphs`, or by default wherever it can."""
+    possible = device.type == "cuda" and mixed_precision != "fp16" and num_processes == 1
+    if requested and not possible:
+        raise SystemExit(
+            f"error: --cuda_graphs needs one process on a CUDA device, with --mixed_precision no or bf16; this run "
+            f"has {num_processes} on {device.type} with {mixed_precision}."
+        )
+    return possible if requested is None else requested
+
+
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # No autocast cache of cast weights: each weight is cast once a step anyway, and the cache must not outlive
+    # a captured graph's memory.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
+    )
+    cuda_graphs = use_cuda_graphs(
+        args.cuda_graphs, accelerator.device, accelerator.mixed_precision, accelerator.num_processes
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -159,11 +186,17 @@ def main(argv=None):
         name: pair_tensors(dataset, args.resolution, storage, progress=show_progress) for name, dataset in tests.items()
     }
     model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size).to(accelerator.device)
-    loss_function = DiceCELoss(sigmoid=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=accelerator.device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=args.learning_rate, fused=accelerator.device.type == "cuda", capturable=cuda_graphs
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = JointAugment(degrees=args.augment_degrees)
     generator = torch.Generator().manual_seed(args.seed)
+
+    train_step = GraphedStep(make_training_step(model, optimizer, accelerator.backward), enabled=cuda_graphs)
+    # From the process's start: the interpreter, imports, data decoding, the model on its device.
+    start_up_seconds = time.time() - psutil.Process().create_time()
+    training_start = time.perf_counter()
 
     best = {"iou": -1.0, "step": 0}
     step = 0
@@ -180,11 +213,7 @@ def main(argv=None):
         )  # fmt: skip
         epoch += 1
         for batch in tensor_batches(train_images, train_masks, batches, device=accelerator.device):
-            images, masks = augment(batch["images"], batch["masks"], generator)
-            loss = loss_function(logits_of(model, images), masks)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(*augment(batch["images"], batch["masks"], generator))
             step += 1
             progress.update(1)
             if accelerator.is_main_process and (step % args.validation_steps == 0 or step == args.max_train_steps):
@@ -202,17 +231,20 @@ def main(argv=None):
             if step >= args.max_train_steps:
                 break
     progress.close()
+    training_seconds = time.perf_counter() - training_start  # the last step's validation has waited for the GPU
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         model.load_state_dict(load_file(str(output_dir / "best.safetensors"), device=str(accelerator.device)))
+        testing_start = time.perf_counter()
+        test_scores = {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()}
         results = {
             "train": args.train,
             "num_train_pairs": len(train_set),
             "best_step": best["step"],
             "validation_iou": best["iou"],
-            "test": {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()},
+            "test": test_scores,
             **(
                 {"mask_fidelity": mask_fidelity(model, vars(args), fidelity_set, args.eval_batch_size)}
                 if fidelity_set is not None and len(fidelity_set)
@@ -221,6 +253,17 @@ def main(argv=None):
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
+            "timing": {
+                "start_up_s": round(start_up_seconds, 2),
+                "training_s": round(training_seconds, 2),
+                "steps_per_s": round(step / training_seconds, 2),
+                "testing_s": round(time.perf_counter() - testing_start, 2),  # the tests and the mask fidelity
+                "total_s": round(time.time() - psutil.Process().create_time(), 2),
+                "cuda_graphs": cuda_graphs,
+                "device": torch.cuda.get_device_name()
+                if accelerator.device.type == "cuda"
+                else str(accelerator.device),
+            },
         }
         write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info(json.dumps(results["test"], indent=2))
