@@ -169,7 +169,8 @@ def generate_dataset(
     drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
     seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
-    floating-point rounding, so it is not part of the settings a rerun must match.
+    floating-point rounding, so it is not part of the settings a rerun must match. Compiled, a last batch smaller
+    than `batch_size` is padded to it (the padding is dropped), so the UNet is compiled once.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
@@ -288,15 +289,22 @@ def generate_dataset(
             names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
         else:
             by_index = masks_of(sorted({row for row, _ in batch}))
+            batch_masks = [by_index[row][0] for row, _ in batch]
+            if compile and len(batch) < batch_size:
+                # One shape for the compiled UNet: a smaller last batch would compile it again, for as long as the
+                # first time. The padding repeats a mask with seeds no image has, and is dropped.
+                padding = range(len(batch), batch_size)
+                batch_masks += batch_masks[-1:] * len(padding)
+                generators += [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in padding]
             out = pipeline(
-                [by_index[row][0] for row, _ in batch],
+                batch_masks,
                 num_inference_steps=num_inference_steps,
                 generator=generators,
                 batch_size=batch_size,
                 output_type="pil",
                 start_timestep=start_timestep,
             )
-            images, masks = out.images, out.masks
+            images, masks = out.images[: len(batch)], out.masks[: len(batch)]
             names = {row: by_index[row][1:] for row, _ in batch}
         records = []
         for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds):
