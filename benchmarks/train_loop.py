@@ -11,7 +11,6 @@ apart), the loss and peak GPU memory. Extra arguments go to train.py unchanged.
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +18,9 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common import default_device, write_results
+from polyp_diffusers.study import launch_command
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train.py"
+from common import default_device, write_results
 
 
 def main():
@@ -37,10 +36,8 @@ def main():
     device = torch.device(default_device())
 
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-        command += ["--mixed_precision", args.mixed_precision, "--dynamo_backend", "no", "--quiet"]
-        command += ["--cpu"] if device.type == "cpu" else []
-        command += [str(TRAIN_SCRIPT), "--dataset", args.dataset, "--output_dir", run_dir, "--validation_steps"]
+        command = launch_command("train.py", args.mixed_precision)
+        command += ["--dataset", args.dataset, "--output_dir", run_dir, "--validation_steps"]
         command += ["10000000", "--checkpointing_steps", "10000000", "--max_train_minutes", str(args.minutes)]
         command += ["--logging_steps", str(args.logging_steps), *train_args]
         print("$ " + " ".join(command), flush=True)

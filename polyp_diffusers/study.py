@@ -118,7 +118,8 @@ def _flags(options: dict) -> list[str]:
     return flags
 
 
-def _launch_command(script: str, mixed_precision: str) -> list[str]:
+def launch_command(script: str, mixed_precision: str) -> list[str]:
+    """How a user runs a script of training/ on one device: `accelerate launch` with one process (CPU without CUDA)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launch += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--quiet"]
     if not torch.cuda.is_available():
@@ -266,7 +267,7 @@ def run_study(
     study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
     denoiser = study.output / "denoiser"
     train_command = [
-        *_launch_command("train.py", settings["mixed_precision"]),
+        *launch_command("train.py", settings["mixed_precision"]),
         *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
         *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
         *extra_train_flags,
@@ -327,7 +328,7 @@ def run_study(
             for seed in range(seeds):
                 run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
                 command = [
-                    *_launch_command("train_segmentation.py", settings["mixed_precision"]),
+                    *launch_command("train_segmentation.py", settings["mixed_precision"]),
                     *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
                              "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
                     *[flag for spec in test_specs for flag in ("--test", spec)],
