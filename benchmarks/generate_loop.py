@@ -1,0 +1,78 @@
+"""Speed of `polyp-ddpm generate` as a user runs it: pairs for every mask of a split, written as a dataset.
+
+Times the whole command (model loading, compilation, sampling with per-image seeds, writing) once per mode:
+`eager`, and `compiled` (`--compile`, or `--compile-mode MODE`). Without `--model` the denoiser is a preset with
+random weights, saved as a pipeline first: speed does not depend on the weights. Defaults are the quick-64
+study's generation (issue 10's target: 898 pairs at 64 px with 250 DDPM steps in 30 s).
+
+    python benchmarks/generate_loop.py --mask-dataset data/kvasir-seg-64
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
+from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
+
+from common import default_device, write_results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mask-dataset", required=True, help="A prepared dataset folder whose masks are used.")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--model", help="A saved pipeline; default: --model-preset with random weights.")
+    parser.add_argument("--model-preset", choices=sorted(UNET_PRESETS), default="paper-64")
+    parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="For the compiled mode.")
+    parser.add_argument("--sampler", default="ddpm")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="Default: bf16 on a GPU.")
+    parser.add_argument("--output", help="JSON path (default: benchmarks/results/generate_loop-<gpu|cpu>.json).")
+    args = parser.parse_args()
+    device = torch.device(default_device())
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    num_pairs = len(load_polyp_dataset(args.mask_dataset, split=args.split))
+
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        model = args.model
+        if model is None:
+            torch.manual_seed(0)
+            unet = make_polyp_unet_from_preset(args.model_preset)
+            model = str(Path(work) / f"random-{args.model_preset}")
+            PolypDDPMPipeline(unet=unet, scheduler=make_polyp_scheduler()).save_pretrained(model)
+        for mode in args.modes:
+            command = [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", model, "--mask-dataset"]
+            command += [args.mask_dataset, "--split", args.split, "--output", str(Path(work) / mode), "--sampler"]
+            command += [args.sampler, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--dtype"]
+            command += [dtype] + (["--compile-mode", args.compile_mode] if mode == "compiled" else [])
+            print("$ " + " ".join(command), flush=True)
+            started = time.perf_counter()
+            subprocess.run(command, check=True)
+            wall_s = time.perf_counter() - started
+            results.append(
+                {
+                    "mode": mode,
+                    "compile_mode": args.compile_mode if mode == "compiled" else None,
+                    "pairs": num_pairs,
+                    "wall_s": round(wall_s, 1),
+                    "pairs_per_s": round(num_pairs / wall_s, 2),
+                }
+            )
+            print(results[-1], flush=True)
+    settings = dict(model=args.model or f"{args.model_preset} (random weights)", sampler=args.sampler,
+                    steps=args.steps, batch_size=args.batch_size, dtype=dtype)  # fmt: skip
+    write_results("generate_loop", device, results, args.output, quiet=True, **settings)
+
+
+if __name__ == "__main__":
+    main()
