@@ -22,6 +22,19 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def reference_diffusion(size: int, device: torch.device, reference_dir: str) -> torch.nn.Module:
+    """
+    The authors' denoiser (their 256/128/64 px widths, 6 input channels: the noisy image and the mask as RGB) in
+    their `GaussianDiffusion` (250 cosine steps, L1 loss), random weights, from `reference_dir`'s `diffusion_model/`.
+    """
+    sys.path.insert(0, reference_dir)
+    from diffusion_model.trainer import GaussianDiffusion
+    from diffusion_model.unet import create_model
+
+    network = create_model(size, 64, 2, in_channels=6, out_channels=3)
+    return GaussianDiffusion(network, image_size=size, timesteps=250, loss_type="l1").to(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Device calls for issues 10 and 16: the paper's study at quick-64 on real Kvasir-SEG (paper split), and the
-# training loops' speed as a user runs them. Each stage runs for at most its share of BUDGET seconds (the study: all
-# that is left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz), so a stage that overruns costs only
-# the stages after it. /tmp/gpu-call survives while the machine stays warm (about 30 s after a call): rerunning
-# the script at once continues a study from its step records.
-#   STAGES="study extend loops sampling"  which stages, in this order (default: study). `extend` adds issue 13's
-#                         training sets (real + new masks, real + inserted polyps) to the finished study, after
-#                         keeping its three-setting report in results/study-base/; `loops` times train.py at 64 px
-#                         (batch LOOP_64_BATCH, default 512, without compilation) and at 256 px (batch 32,
-#                         compiled); `sampling` times 250 DDPM steps at 256 px, batch 64, per-image seeds
+# Device calls for issues 10 and 16: every loop's speed as a user runs it, and the paper's study at quick-64 on
+# real Kvasir-SEG (paper split). Each stage runs for at most its share of BUDGET seconds (the study: all that is
+# left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
+# so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
+# (about 30 s after a call): rerunning the script at once continues a study from its step records.
+#   STAGES="segmenter loops generate"  which stages, in this order (default: that, issue 10 in one call):
+#     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
+#     loops      train.py at 256 px (batch 32) and at 64 px (batch LOOP_64_BATCH, default 512), both compiled
+#     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager and compiled
+#     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager and compiled, and the authors'
+#                sampler (batch 16) in the same process as the eager one (sample_throughput.py)
+#     loops-more train.py at 64 px without compilation (batch LOOP_64_BATCH) and with CUDA graphs (batch 128,
+#                --compile_mode reduce-overhead)
+#     study      the quick-64 study (reproduce);  extend: its issue-13 training sets (new masks, inserted polyps)
 #   STUDY_ARGS="--seeds 2"  more arguments of `polyp-ddpm reproduce`, both study stages
 #   DENOISER_ARGS="--augment_degrees 0"  more train.py flags for the study's denoiser (reproduce --denoiser-args)
 #   STUDY_TAG=no-rotation  appended to the study's folder name (a study with other arguments needs its own)
@@ -30,7 +34,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-study}"
+stages="${STAGES:-segmenter loops generate}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -44,8 +48,11 @@ if command -v nvidia-smi >/dev/null; then
   loop_64_batch=${LOOP_64_BATCH:-512}
   loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
-  loop_minutes=(1 2)  # 64 px without compilation, 256 px with it (compilation alone took 77 s on an H200)
+  loop_minutes=(1 1.6)  # without compilation; with it (compilation alone took 77-88 s, then windows of 10 steps)
+  segmenter=()        # segmentation_loop.py's defaults: quick-64's setting
+  generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
+  sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
 else
   tag=cpu
   precision=no
@@ -53,7 +60,10 @@ else
   loop_64=(--model_preset tiny --resolution 32 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=("${loop_64[@]}")
   loop_minutes=(0.2 0.4)
+  segmenter=(--resolution 32 --steps 12 --batch-size 8 --validation-steps 6)
+  generation=(--split test --model-preset tiny --steps 2 --batch-size 32)
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
+  sampling_reference=()  # the authors' network has no 32 px configuration
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
 pack() {
@@ -76,14 +86,44 @@ train_loop() {  # train_loop NAME SECONDS MINUTES DATASET TRAIN_ARGS...: train.p
   local name=$1 seconds=$2 minutes=$3 dataset=$4
   shift 4
   stage "$name" "$seconds" python3 benchmarks/train_loop.py --dataset "$dataset" --minutes "$minutes" \
-    --mixed-precision "$precision" --output "$results/$name-$tag.json" -- "$@"
+    --mixed-precision "$precision" --logging-steps 10 --output "$results/$name-$tag.json" -- "$@"
 }
 
 reproduce=(python3 -m polyp_diffusers.cli reproduce --data "$data" --split-file "$data/paper_split.json"
   --output "$study" --preset "$preset" --objective "$objective" ${STUDY_ARGS:-}
   ${DENOISER_ARGS:+"--denoiser-args=$DENOISER_ARGS"})
+prepared_64() {  # the 64 px dataset the 64 px stages share
+  [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
+    --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64
+}
 for current in $stages; do
   case $current in
+  segmenter)  # issue 10: one setting in <= 30 s with start-up; CUDA graphs against the eager step, same seed
+    prepared_64
+    stage segmentation_loop 150 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
+      "${segmenter[@]}" --output "$results/segmentation_loop-$tag.json" ;;
+  loops)  # issue 10: the 256 px loop compiled (>= 338 images/s), the 64 px loop compiled at a large batch
+    [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
+      --output "$work/kvasir-256" --split-file "$data/paper_split.json"
+    train_loop train_loop_256_compile 150 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile
+    prepared_64
+    train_loop "train_loop_64_b${loop_64_batch}_compile" 150 "${loop_minutes[1]}" "$work/kvasir-64" "${loop_64[@]}" \
+      --compile ;;
+  generate)  # issue 10: 898 pairs at 64 px with 250 DDPM steps in <= 30 s
+    prepared_64
+    stage generate_loop 170 python3 benchmarks/generate_loop.py --mask-dataset "$work/kvasir-64" \
+      "${generation[@]}" --output "$results/generate_loop_64-$tag.json" ;;
+  sampling)  # issue 10: 250 DDPM steps at 256 px, per-image seeds, >= 3x the authors' 1.12 s per image (H200)
+    stage sampling_256 100 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
+      "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json"
+    stage sampling_256_compile 120 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
+      --noise device-per-image --compile --output "$results/sample_throughput_256_compile-$tag.json" ;;
+  loops-more)  # the 64 px loop without compilation, and with CUDA graphs at quick-64's batch
+    prepared_64
+    train_loop "train_loop_64_b${loop_64_batch}_no_compile" 100 "${loop_minutes[0]}" "$work/kvasir-64" \
+      "${loop_64[@]}" --no-compile
+    train_loop train_loop_64_b128_reduce_overhead 170 "${loop_minutes[1]}" "$work/kvasir-64" "${loop_64[@]}" \
+      --train_batch_size 128 --compile --compile_mode reduce-overhead ;;
   study)  # prepare, train (time-boxed by the preset), generate, segment x 3 settings x seeds, report
     stage study "$(left)" "${reproduce[@]}" ;;
   extend)  # the same study with issue 13's two extra training sets: only their pairs and segmenters are new
@@ -91,17 +131,7 @@ for current in $stages; do
       mkdir -p "$results/study-base" && cp "$study"/report.{md,json} "$study"/*.png "$results/study-base/"
     fi
     stage extend "$(left)" "${reproduce[@]}" --new-masks --inserted-polyps --segmentation-jobs "${EXTEND_JOBS:-6}" ;;
-  loops)  # the 64 px loop without compilation at a large batch, then the 256 px loop with compilation (issue 10)
-    [ -d "$work/kvasir-64" ] || stage prepare-64 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
-      --output "$work/kvasir-64" --split-file "$data/paper_split.json" --resolution 64
-    train_loop "train_loop_64_b${loop_64_batch}_no_compile" 100 "${loop_minutes[0]}" "$work/kvasir-64" "${loop_64[@]}" \
-      --no-compile
-    [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
-      --output "$work/kvasir-256" --split-file "$data/paper_split.json"
-    train_loop train_loop_256_compile 170 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
-  sampling)  # 250 DDPM steps at 256 px with per-image seeds, as generate samples (issue 10: >= 3x the authors')
-    stage sampling_256 90 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
-      --output "$results/sample_throughput_256-$tag.json" ;;
+  *) echo "unknown stage $current" ;;
   esac
 done
 echo "== done after $((SECONDS - START)) s"

@@ -3,12 +3,16 @@
 Uses a denoiser preset with random weights (speed does not depend on the weights). `--noise` compares how the
 noise is drawn: `batch` (one generator for the batch), `device-per-image` (one seeded generator per image on the
 sampling device, what `polyp-ddpm generate` does so that images do not depend on the batch size) and
-`cpu-per-image` (per-image CPU generators, whose noise is copied to the device at every step).
+`cpu-per-image` (per-image CPU generators, whose noise is copied to the device at every step). With
+`--reference-dir` it also times the authors' sampler (their network and 250-step `GaussianDiffusion.sample`,
+fp32 as they ship it, random weights) at the same size, in the same process.
 
     python benchmarks/sample_throughput.py                         # CUDA if present, else CPU (tiny runs)
     python benchmarks/sample_throughput.py --batch-sizes 16 64 --dtypes fp32 bf16
     python benchmarks/sample_throughput.py --model-preset paper-64 --batch-sizes 512 --samplers ddpm:250 \
         --dtypes bf16 --noise batch device-per-image cpu-per-image
+    python benchmarks/sample_throughput.py --samplers ddpm:250 --batch-sizes 64 --dtypes bf16 \
+        --reference-dir ../shared/reference/polyp_ddpm_official
 """
 
 import argparse
@@ -21,7 +25,14 @@ import torch
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
 from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
 
-from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
+from common import (
+    default_device,
+    peak_memory_gib,
+    reference_diffusion,
+    reset_peak_memory,
+    synchronize,
+    write_results,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,6 +59,10 @@ def main():
         "--compile-mode",
         choices=COMPILE_MODES,
         help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile).",
+    )
+    parser.add_argument("--reference-dir", help="Folder holding the authors' diffusion_model/ package, to time it too.")
+    parser.add_argument(
+        "--reference-batch-sizes", type=int, nargs="+", default=[16], help="Batches for the authors' sampler."
     )
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
@@ -111,6 +126,32 @@ def main():
                 results.append(result)
                 # Each row is kept as it comes: a run stopped by a time limit keeps what it measured.
                 write_results("sample_throughput", device, results, args.output, quiet=True)
+    if args.reference_dir:
+        del pipe, unet
+        torch.manual_seed(0)
+        diffusion = reference_diffusion(size, device, args.reference_dir)
+        for batch_size in args.reference_batch_sizes:
+            masks = torch.full((batch_size, 3, size, size), -1.0, device=device)
+            masks[:, :, size // 4 : size // 2, size // 3 : 2 * size // 3] = 1.0
+            reset_peak_memory(device)
+            synchronize(device)
+            start = time.perf_counter()
+            diffusion.sample(batch_size, condition_tensors=masks)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            result = {
+                "sampler": "reference GaussianDiffusion.sample",
+                "steps": diffusion.num_timesteps,
+                "dtype": "fp32",
+                "batch_size": batch_size,
+                "size": size,
+                "seconds_per_image": round(seconds / batch_size, 3),
+                "images_per_s": round(batch_size / seconds, 2),
+                "peak_memory_gib": peak_memory_gib(device),
+            }
+            print(result, flush=True)
+            results.append(result)
+            write_results("sample_throughput", device, results, args.output, quiet=True)
     write_results("sample_throughput", device, results, args.output)
 
 

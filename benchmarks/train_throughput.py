@@ -9,7 +9,6 @@ L1 loss, backward, AdamW) on random data, in fp32, bf16 autocast and bf16 + torc
 """
 
 import argparse
-import sys
 import time
 
 import torch
@@ -18,7 +17,14 @@ from polyp_diffusers import make_polyp_scheduler, make_polyp_unet
 from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
 
-from common import default_device, peak_memory_gib, reset_peak_memory, synchronize, write_results
+from common import (
+    default_device,
+    peak_memory_gib,
+    reference_diffusion,
+    reset_peak_memory,
+    synchronize,
+    write_results,
+)
 
 MODES = ("fp32", "bf16", "bf16-compile", "fp32-compile")
 
@@ -63,12 +69,7 @@ def ours(size: int, batch_size: int, mode: str, device):
 
 def reference(size: int, batch_size: int, device, reference_dir: str):
     """The authors' denoiser (6 input channels) and loss, as their trainer calls them."""
-    sys.path.insert(0, reference_dir)
-    from diffusion_model.trainer import GaussianDiffusion
-    from diffusion_model.unet import create_model
-
-    network = create_model(size, 64, 2, in_channels=6, out_channels=3)
-    diffusion = GaussianDiffusion(network, image_size=size, timesteps=250, loss_type="l1").to(device)
+    diffusion = reference_diffusion(size, device, reference_dir)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4)
     images = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
     masks = (torch.rand(batch_size, 1, size, size, device=device) > 0.7).float().repeat(1, 3, 1, 1) * 2 - 1
@@ -79,7 +80,7 @@ def reference(size: int, batch_size: int, device, reference_dir: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return network, step
+    return diffusion.denoise_fn, step
 
 
 def main():
