@@ -1,4 +1,4 @@
-"""Speed of one segmentation setting as the study runs it: `training/train_segmentation.py`, one process.
+"""Speed of one segmentation setting as a user (and the study) runs it: `accelerate launch train_segmentation.py`.
 
 Runs the same setting with each training-step mode (`cuda-graphs`: the step replayed as one CUDA graph, the
 default on a GPU; `eager`: `--no-cuda_graphs`) and records the wall time of the whole command beside the times

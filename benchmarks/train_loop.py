@@ -1,4 +1,4 @@
-"""Speed of the training loop as the study runs it: `training/train.py` on a prepared dataset, one process.
+"""Speed of the training loop as a user runs it: `accelerate launch training/train.py` on a prepared dataset.
 
 Runs train.py for a time budget (`--minutes`, train.py's `--max_train_minutes`) and reads what it logged every
 `--logging_steps`: images/s per window (the first window, which holds start-up and compilation, is reported

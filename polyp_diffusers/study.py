@@ -119,12 +119,12 @@ def _flags(options: dict) -> list[str]:
 
 
 def launch_command(script: str, mixed_precision: str) -> list[str]:
-    """
-    How the study runs a script of training/ on one device: the script itself, with the precision that
-    `accelerate launch --mixed_precision` would set. The launcher adds 2 s to every start and nothing that one
-    process needs; `accelerate launch` with the same arguments runs the same training.
-    """
-    return [sys.executable, str(TRAINING_SCRIPTS / script), "--mixed_precision", mixed_precision]
+    """How a user runs a script of training/ on one device: `accelerate launch` with one process (CPU without CUDA)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--quiet"]
+    if not torch.cuda.is_available():
+        launch.append("--cpu")
+    return [*launch, str(TRAINING_SCRIPTS / script)]
 
 
 def _say(line: str) -> None:
