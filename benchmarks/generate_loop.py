@@ -42,6 +42,8 @@ def main():
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     num_pairs = len(load_polyp_dataset(args.mask_dataset, split=args.split))
 
+    settings = dict(model=args.model or f"{args.model_preset} (random weights)", sampler=args.sampler,
+                    steps=args.steps, batch_size=args.batch_size, dtype=dtype)  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as work:
         model = args.model
@@ -69,9 +71,8 @@ def main():
                 }
             )
             print(results[-1], flush=True)
-    settings = dict(model=args.model or f"{args.model_preset} (random weights)", sampler=args.sampler,
-                    steps=args.steps, batch_size=args.batch_size, dtype=dtype)  # fmt: skip
-    write_results("generate_loop", device, results, args.output, quiet=True, **settings)
+            # Each mode is kept as it ends: a run stopped by a time limit keeps what it measured.
+            write_results("generate_loop", device, results, args.output, quiet=True, **settings)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main():
     modes = args.modes or (["cuda-graphs", "eager"] if on_gpu else ["eager"])
     mixed_precision = args.mixed_precision or ("bf16" if on_gpu else "no")
 
+    settings = dict(resolution=args.resolution, steps=args.steps, batch_size=args.batch_size)
     results = []
     for mode in modes:
         with tempfile.TemporaryDirectory() as run_dir:
@@ -65,8 +66,8 @@ def main():
             }
         )
         print(json.dumps(results[-1]), flush=True)
-    settings = dict(resolution=args.resolution, steps=args.steps, batch_size=args.batch_size)
-    write_results("segmentation_loop", device, results, args.output, quiet=True, **settings)
+        # Each mode is kept as it ends: a run stopped by a time limit keeps what it measured.
+        write_results("segmentation_loop", device, results, args.output, quiet=True, **settings)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ def generate_dataset(
     seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
     floating-point rounding, so it is not part of the settings a rerun must match. Compiled, a last batch smaller
-    than `batch_size` is padded to it (the padding is dropped), so the UNet is compiled once.
+    than the batches before it is padded to their size (the padding is dropped), so the UNet is compiled once;
+    not with `insert`, whose batches are as many as the frames that take a polyp.
     Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
     batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
@@ -274,6 +275,7 @@ def generate_dataset(
 
     parts = output / PARTS_DIR
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
+    compiled_batch_size = None  # the batch the compiled UNet has seen in this run
     requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
     for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
         part = parts / f"part-{start // batch_size:06d}.parquet"
@@ -290,12 +292,14 @@ def generate_dataset(
         else:
             by_index = masks_of(sorted({row for row, _ in batch}))
             batch_masks = [by_index[row][0] for row, _ in batch]
-            if compile and len(batch) < batch_size:
-                # One shape for the compiled UNet: a smaller last batch would compile it again, for as long as the
-                # first time. The padding repeats a mask with seeds no image has, and is dropped.
-                padding = range(len(batch), batch_size)
+            if compiled_batch_size is not None and len(batch) < compiled_batch_size:
+                # The shape the UNet was compiled for: a smaller last batch would compile it again, for as long
+                # as the first time. The padding repeats a mask with seeds no image has, and is dropped.
+                padding = range(len(batch), compiled_batch_size)
                 batch_masks += batch_masks[-1:] * len(padding)
                 generators += [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in padding]
+            if compile:
+                compiled_batch_size = len(batch_masks)
             out = pipeline(
                 batch_masks,
                 num_inference_steps=num_inference_steps,

@@ -5,11 +5,13 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -143,13 +145,14 @@ class GraphedStep:
     """
     A training step (forward, loss, backward, optimizer step) that runs as one CUDA graph once warmed up: a small
     model at a small size waits for its hundreds of kernel launches, not for the GPU, and a replayed graph is one
-    launch. Off CUDA, or with `enabled=False`, every call runs `step` eagerly.
+    launch. With `enabled=False` (what a caller passes off CUDA) every call runs `step` eagerly.
 
-    `step(*inputs)` must leave the gradients at `None` when it ends, read nothing back to the host, and keep its
-    optimizer's learning rate fixed (`capturable=True` for Adam): a graph replays the kernels, not the Python.
-    The first `warmup_steps` calls run eagerly on a side stream (which capture needs), the next one captures the
-    step and replays it; from then on `inputs` are copied into the captured tensors. Each call returns what
-    `step` returns; graphed, the same tensors every call, overwritten by the next one.
+    A graph replays the kernels, not the Python, so `step(*inputs)` must read nothing back to the host, leave the
+    gradients at `None` when it ends, use an optimizer that keeps its step count on the GPU (`capturable=True`)
+    and a learning rate that does not change, and get inputs of one shape every call. The first `warmup_steps`
+    calls run eagerly on a side stream (which capture needs), the next one captures the step and replays it;
+    from then on `inputs` are copied into the captured tensors. Each call returns what `step` returns; graphed,
+    the same tensors every call, overwritten by the next one.
     """
 
     def __init__(self, step: Callable[..., torch.Tensor], enabled: bool, warmup_steps: int = 3):
@@ -157,6 +160,7 @@ class GraphedStep:
         self.enabled = enabled
         self.warmup_steps = warmup_steps
         self.calls = 0
+        self.side_stream = None
         self.graph = None
         self.static_inputs = None
         self.static_output = None
@@ -167,15 +171,20 @@ class GraphedStep:
             return self.step(*inputs)
         if self.graph is not None:
             for static, value in zip(self.static_inputs, inputs):
+                if value.shape != static.shape:
+                    raise ValueError(
+                        f"a graphed step was captured for inputs of shape {tuple(static.shape)}; got "
+                        f"{tuple(value.shape)}. Give it whole batches only."
+                    )
                 static.copy_(value, non_blocking=True)
             self.graph.replay()
             return self.static_output
         if self.calls <= self.warmup_steps:
-            side_stream = torch.cuda.Stream()
-            side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side_stream):
+            self.side_stream = self.side_stream or torch.cuda.Stream()
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
                 output = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(side_stream)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
             return output
         self.static_inputs = [value.clone() for value in inputs]
         graph = torch.cuda.CUDAGraph()
@@ -184,3 +193,17 @@ class GraphedStep:
         self.graph = graph
         graph.replay()  # capturing records the step without running it
         return self.static_output
+
+
+def seconds_since_process_start() -> float:
+    """
+    How long this process has run: on Linux from /proc (to 10 ms); elsewhere from psutil, whose process start
+    time rests on a boot time in whole seconds.
+    """
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # Field 22 of /proc/self/stat is the start time in clock ticks after boot; the name (field 2) may hold spaces.
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - psutil.Process().create_time()

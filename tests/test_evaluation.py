@@ -56,10 +56,10 @@ def test_a_compiled_unet_makes_the_same_pairs_up_to_rounding(
     output = tmp_path / "compiled"
     # Batches of 5 of 12 images: the last one (2) is padded, so a second compilation would be an error here.
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    arguments = ["--num-images-per-mask", "2", "--sampler", "ddim", "--steps", "2", "--batch-size", "5", "--seed", "10"]
-    assert {**GENERATION, "batch_size": 5} == dict(
-        split="train", num_images_per_mask=2, sampler="ddim", num_inference_steps=2, batch_size=5, seed=10
-    )
+    settings = {**GENERATION, "batch_size": 5}
+    arguments = ["--num-images-per-mask", str(settings["num_images_per_mask"]), "--sampler", settings["sampler"],
+                 "--steps", str(settings["num_inference_steps"]), "--batch-size", str(settings["batch_size"]),
+                 "--seed", str(settings["seed"]), "--split", settings["split"]]  # fmt: skip
     assert polyp_ddpm(["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--output",
                        str(output), *arguments, "--compile-mode", "default"]) == 0  # fmt: skip
     compiled, eager = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]

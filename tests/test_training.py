@@ -413,6 +413,18 @@ def test_step_generators_depend_only_on_seed_step_and_process():
         assert not torch.equal(first[1], other[1])
 
 
+def test_a_process_knows_how_long_it_has_run_to_a_tenth_of_a_second():
+    # What train_segmentation.py reports as its start-up: counted from the process's start, not from the script's.
+    code = (
+        "import time; time.sleep(1.5); "
+        "from polyp_diffusers.training_utils import seconds_since_process_start as age; print(age())"
+    )
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    assert 1.5 <= float(result.stdout) <= wall + 0.1
+
+
 def test_shuffled_batches_are_whole_disjoint_shards_that_depend_only_on_seed_and_epoch():
     shards = [shuffled_batches(50, 4, seed=3, epoch=1, process_index=rank, num_processes=2) for rank in (0, 1)]
     assert [shard.shape for shard in shards] == [(6, 4), (6, 4)]  # 12 whole batches of 50 pairs, 6 each

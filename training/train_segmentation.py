@@ -20,7 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -45,7 +44,7 @@ from polyp_diffusers.segmentation import (
     mask_fidelity,
     training_pairs,
 )
-from polyp_diffusers.training_utils import GraphedStep
+from polyp_diffusers.training_utils import GraphedStep, seconds_since_process_start
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
@@ -195,7 +194,7 @@ def main(argv=None):
 
     train_step = GraphedStep(make_training_step(model, optimizer, accelerator.backward), enabled=cuda_graphs)
     # From the process's start: the interpreter, imports, data decoding, the model on its device.
-    start_up_seconds = time.time() - psutil.Process().create_time()
+    start_up_seconds = seconds_since_process_start()
     training_start = time.perf_counter()
 
     best = {"iou": -1.0, "step": 0}
@@ -239,30 +238,31 @@ def main(argv=None):
         model.load_state_dict(load_file(str(output_dir / "best.safetensors"), device=str(accelerator.device)))
         testing_start = time.perf_counter()
         test_scores = {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()}
+        fidelity = (
+            {"mask_fidelity": mask_fidelity(model, vars(args), fidelity_set, args.eval_batch_size)}
+            if fidelity_set is not None and len(fidelity_set)
+            else {}
+        )
+        testing_seconds = time.perf_counter() - testing_start
+        device_name = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else str(accelerator.device)
         results = {
             "train": args.train,
             "num_train_pairs": len(train_set),
             "best_step": best["step"],
             "validation_iou": best["iou"],
             "test": test_scores,
-            **(
-                {"mask_fidelity": mask_fidelity(model, vars(args), fidelity_set, args.eval_batch_size)}
-                if fidelity_set is not None and len(fidelity_set)
-                else {}
-            ),
+            **fidelity,
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
             "timing": {
                 "start_up_s": round(start_up_seconds, 2),
                 "training_s": round(training_seconds, 2),
-                "steps_per_s": round(step / training_seconds, 2),
-                "testing_s": round(time.perf_counter() - testing_start, 2),  # the tests and the mask fidelity
-                "total_s": round(time.time() - psutil.Process().create_time(), 2),
+                "steps_per_s": round(step / training_seconds, 2),  # validations included
+                "testing_s": round(testing_seconds, 2),  # the tests and the mask fidelity
+                "total_s": round(seconds_since_process_start(), 2),
                 "cuda_graphs": cuda_graphs,
-                "device": torch.cuda.get_device_name()
-                if accelerator.device.type == "cuda"
-                else str(accelerator.device),
+                "device": device_name,
             },
         }
         write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
