@@ -16,6 +16,7 @@ from datasets import Dataset, load_from_disk
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from transformers import Dinov2Config, Dinov2Model
@@ -392,37 +393,53 @@ def test_a_segformer_predicts_full_size_masks_and_learns_a_batch():
     assert losses[-1] < 0.8 * losses[0]
 
 
-class HostReads(TorchDispatchMode):
-    """Records the operators that copy a tensor's value to the host: on a GPU each waits for all queued work."""
+class HostTraffic(TorchDispatchMode):
+    """
+    Records the operators that read a tensor's value on the host (on a GPU each waits for all queued work) and
+    those that copy between devices (host to device ones cannot be captured in a CUDA graph).
+    """
 
     READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "unique", "masked_select"}
 
     def __init__(self):
         super().__init__()
-        self.reads, self.operators = [], 0
+        self.reads, self.transfers, self.operators = [], [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.operators += 1
+        output = func(*args, **(kwargs or {}))
         if func._schema.name.split("::")[-1] in self.READS:
             self.reads.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
+        tensors = [leaf for leaf in tree_leaves((args, kwargs, output)) if isinstance(leaf, torch.Tensor)]
+        if len({tensor.device.type for tensor in tensors}) > 1:
+            self.transfers.append(func._schema.name)
+        return output
 
 
 @pytest.mark.parametrize("architecture", ["monai", "segformer"])
 def test_a_segmenter_training_step_can_be_captured_as_a_cuda_graph(architecture):
-    # What capture needs, checked on the CPU: no value read back to the host, gradients left at None. Fused Adam
-    # is what CUDA runs (the unfused one reads its step count on the host).
+    # What capture needs, checked without a GPU: no value read back to the host, gradients left at None (on the
+    # CPU, with the fused Adam that CUDA runs; the unfused one reads its step count on the host), and no copy
+    # between the model's device and the host (on the meta device, where a copy shows as an operator that mixes
+    # devices; Adam has no meta kernels, so SGD steps there).
     torch.manual_seed(0)
     model = build_segmenter(architecture)
     training_step = make_training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
     images, masks = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 1, 32, 32) > 0.5).float()
     before = [parameter.detach().clone() for parameter in model.parameters()]
     for _ in range(2):  # the second step too: the optimizer creates its state in the first
-        with HostReads() as watch:
+        with HostTraffic() as watch:
             training_step(images, masks)
         assert watch.operators > 100 and watch.reads == []
     assert all(parameter.grad is None for parameter in model.parameters())
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+
+    model = build_segmenter(architecture).to("meta")
+    training_step = make_training_step(model, torch.optim.SGD(model.parameters(), lr=1e-3))
+    images, masks = images.to("meta"), masks.to("meta")
+    with HostTraffic() as watch:
+        training_step(images, masks)
+    assert watch.operators > 100 and watch.transfers == []
 
 
 def load_training_script(name: str):
