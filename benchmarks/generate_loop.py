@@ -59,20 +59,19 @@ def main():
             command += [dtype] + (["--compile-mode", args.compile_mode] if mode == "compiled" else [])
             print("$ " + " ".join(command), flush=True)
             started = time.perf_counter()
-            subprocess.run(command, check=True)
+            exit_code = subprocess.run(command).returncode
             wall_s = time.perf_counter() - started
-            results.append(
-                {
-                    "mode": mode,
-                    "compile_mode": args.compile_mode if mode == "compiled" else None,
-                    "pairs": num_pairs,
-                    "wall_s": round(wall_s, 1),
-                    "pairs_per_s": round(num_pairs / wall_s, 2),
-                }
-            )
-            print(results[-1], flush=True)
+            row = {"mode": mode, "compile_mode": args.compile_mode if mode == "compiled" else None, "pairs": num_pairs}
+            if exit_code == 0:
+                row.update(wall_s=round(wall_s, 1), pairs_per_s=round(num_pairs / wall_s, 2))
+            else:  # the other mode still runs: one failing mode is itself a result
+                row["failed_with_exit_code"] = exit_code
+            results.append(row)
+            print(row, flush=True)
             # Each mode is kept as it ends: a run stopped by a time limit keeps what it measured.
             write_results("generate_loop", device, results, args.output, quiet=True, **settings)
+    if any("failed_with_exit_code" in row for row in results):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

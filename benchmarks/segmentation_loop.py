@@ -51,23 +51,25 @@ def main():
             command += [str(args.validation_steps), *MODES[mode]]
             print("$ " + " ".join(command), flush=True)
             started = time.perf_counter()
-            subprocess.run(command, check=True)
+            exit_code = subprocess.run(command).returncode
             wall_s = time.perf_counter() - started
-            run = json.loads((Path(run_dir) / "results.json").read_text())
-        results.append(
-            {
-                "mode": mode,
-                "mixed_precision": mixed_precision,
-                "wall_s": round(wall_s, 1),
-                **run["timing"],
-                "best_step": run["best_step"],
-                "validation_iou": round(run["validation_iou"], 4),
-                "test": {name: round(scores["iou"], 4) for name, scores in run["test"].items()},
-            }
-        )
-        print(json.dumps(results[-1]), flush=True)
+            row = {"mode": mode, "mixed_precision": mixed_precision, "wall_s": round(wall_s, 1)}
+            if exit_code == 0:
+                run = json.loads((Path(run_dir) / "results.json").read_text())
+                row.update(
+                    **run["timing"],
+                    best_step=run["best_step"],
+                    validation_iou=round(run["validation_iou"], 4),
+                    test={name: round(scores["iou"], 4) for name, scores in run["test"].items()},
+                )
+            else:  # the other mode still runs: one failing mode is itself a result
+                row["failed_with_exit_code"] = exit_code
+        results.append(row)
+        print(json.dumps(row), flush=True)
         # Each mode is kept as it ends: a run stopped by a time limit keeps what it measured.
         write_results("segmentation_loop", device, results, args.output, quiet=True, **settings)
+    if any("failed_with_exit_code" in row for row in results):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
