@@ -5,7 +5,7 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 export PYTHONUNBUFFERED=1
 # A machine still warm from the last call keeps /tmp/site: the same wheels and sources are not installed again.
-stamp=$( (ls -l .whl; cat pyproject.toml $(find polyp_diffusers pipelines hub_card -name '*.py' | sort)) | sha1sum | cut -c1-16)
+stamp=$( (ls -l .whl; sha1sum pyproject.toml $(find polyp_diffusers pipelines hub_card -name '*.py' | sort)) | sha1sum | cut -c1-16)
 if [ -f "/tmp/site/.installed-$stamp" ]; then
   echo "reusing /tmp/site (installed by an earlier call on this machine)"
 else
