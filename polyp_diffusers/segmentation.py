@@ -71,21 +71,26 @@ class FullResolutionLogits(nn.Module):
 
 
 def build_segmenter(
-    architecture: str, encoder_weights: str | None = None, segformer_size: str = "b0"
+    architecture: str,
+    encoder_weights: str | None = None,
+    segformer_size: str = "b0",
+    segformer_config: dict | None = None,
 ) -> torch.nn.Module:
     """
     A binary segmenter (one logit per pixel): MONAI's UNet++ trained from scratch (`monai`), the paper's
     ResNet-34 UNet++ (`smp`, an optional extra; `encoder_weights="imagenet"` downloads the encoder), or a
     SegFormer (`segformer`, transformers; `encoder_weights` names a Hub id or folder such as `nvidia/mit-b0`,
-    otherwise `segformer_size` picks a randomly initialised MiT encoder).
+    otherwise `segformer_size` picks a randomly initialised MiT encoder; `segformer_config`, a saved
+    `SegformerConfig` as a dict, rebuilds one without weights or a download).
     """
     if architecture == "monai":
         return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
     if architecture == "segformer":
-        # Imported here: transformers takes a noticeable part of every segmenter's start-up.
-        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation  # only this architecture's
 
-        if encoder_weights:
+        if segformer_config is not None:
+            segformer = SegformerForSemanticSegmentation(SegformerConfig.from_dict(segformer_config))
+        elif encoder_weights:
             segformer = SegformerForSemanticSegmentation.from_pretrained(
                 encoder_weights, num_labels=1, ignore_mismatched_sizes=True, use_safetensors=True
             )
@@ -108,8 +113,8 @@ def build_segmenter(
 def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
     """
     A segmenter as `training/train_segmentation.py` left it (its best weights, safetensors only), and the
-    configuration it was trained with. An ImageNet-initialised smp encoder is not downloaded again: the saved
-    weights replace it.
+    configuration it was trained with. Pretrained weights it started from are not downloaded again: the saved
+    weights replace them (a SegFormer is rebuilt from the configuration saved in `results.json`).
     """
     run = Path(run_dir)
     results, weights = run / "results.json", run / "best.safetensors"
@@ -117,10 +122,13 @@ def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(
             f"{run_dir} is not a train_segmentation.py output folder: it needs results.json and best.safetensors."
         )
-    config = json.loads(results.read_text())["config"]
+    saved = json.loads(results.read_text())
+    config = saved["config"]
     architecture = config["architecture"]
     encoder_weights = config.get("encoder_weights") if architecture == "segformer" else None
-    model = build_segmenter(architecture, encoder_weights, config.get("segformer_size", "b0"))
+    # A SegFormer's saved configuration rebuilds it offline; runs older than it name the pretrained weights.
+    segformer_config = saved.get("segformer_config")
+    model = build_segmenter(architecture, encoder_weights, config.get("segformer_size", "b0"), segformer_config)
     model.load_state_dict(load_file(str(weights)))
     return model.eval(), config
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -13,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -30,6 +31,7 @@ from polyp_diffusers.segmentation import (
     build_segmenter,
     held_out_ids,
     held_out_synthetic,
+    load_trained_segmenter,
     logits_of,
     make_training_step,
     segmentation_scores,
@@ -478,6 +480,30 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     assert timing["cuda_graphs"] is False and timing["device"] == "cpu"
     assert 0 < timing["start_up_s"] and 0 < timing["training_s"] and 0 < timing["testing_s"]
     assert timing["start_up_s"] + timing["training_s"] + timing["testing_s"] <= timing["total_s"]
+
+
+def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_masks, tmp_path):
+    # A local folder stands in for a Hub id such as nvidia/mit-b0; once trained, the run needs it no more.
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    pretrained = tmp_path / "mit-tiny"
+    config = SegformerConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=3)
+    SegformerForSemanticSegmentation(config).save_pretrained(pretrained)
+    output = tmp_path / "segformer"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
+         "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output),
+         "--architecture", "segformer", "--encoder_weights", str(pretrained), "--resolution", "32",
+         "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2", "--validation_size", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.rmtree(pretrained)
+    model, config = load_trained_segmenter(output)
+    assert config["encoder_weights"] == str(pretrained) and model.segformer.config.hidden_sizes == [8, 16, 24, 32]
+    saved = load_file(str(output / "best.safetensors"))
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+    assert logits_of(model, torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
 def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(

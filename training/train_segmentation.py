@@ -255,6 +255,8 @@ def main(argv=None):
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
             "config": vars(args),
+            # What rebuilds the architecture offline (load_trained_segmenter), whatever weights it started from.
+            **({"segformer_config": model.segformer.config.to_dict()} if args.architecture == "segformer" else {}),
             "timing": {
                 "start_up_s": round(start_up_seconds, 2),
                 "training_s": round(training_seconds, 2),
