@@ -563,6 +563,12 @@ def main(argv=None):
     # The time budget spans resumes: the training time recorded in the checkpoint counts, and one spent is done.
     trained_before, loop_start = training_seconds(checkpoint), time.perf_counter()
     out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
+
+    def slowest_training_clock() -> float:
+        """Seconds trained in all on the slowest process's clock; every process must call it (a gather)."""
+        elapsed = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
+        return accelerator.gather(elapsed).max().item()
+
     if out_of_time:
         logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent by {checkpoint}.")
     while global_step < args.max_train_steps and not out_of_time:
@@ -597,9 +603,8 @@ def main(argv=None):
             progress.update(1)
             last_step = global_step == args.max_train_steps
             if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
-                elapsed = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
                 # The slowest process's clock, so that all processes stop at the same step.
-                out_of_time = bool(accelerator.gather(elapsed).max() > args.max_train_minutes * 60)
+                out_of_time = slowest_training_clock() > args.max_train_minutes * 60
                 last_step = last_step or out_of_time
             checkpoint_due = global_step % args.checkpointing_steps == 0 or last_step
             validation_due = global_step % args.validation_steps == 0 or last_step
@@ -627,9 +632,7 @@ def main(argv=None):
                 check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
                 accelerator.wait_for_everyone()
                 accelerator.save_state(str(partial_path(output_dir, global_step)))
-                # The slowest process's clock, as the time budget reads it; every process takes part in the gather.
-                clock = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
-                clock = accelerator.gather(clock).max().item()
+                clock = slowest_training_clock()  # as the time budget reads it
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     write_training_seconds(partial_path(output_dir, global_step), clock)
