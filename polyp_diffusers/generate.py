@@ -262,8 +262,7 @@ def generate_dataset(
                     f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
                     f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
                 )
-            # Mask seeds follow the images' (seed + i), so that no mask shares its noise with an image.
-            masks_of = _model_masks(mask_pipeline, seed + num_masks * num_images_per_mask, batch_size)
+            masks_of = _model_masks(mask_pipeline, _first_mask_seed(seed, num_masks, num_images_per_mask), batch_size)
             real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
             mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
     else:
@@ -421,6 +420,11 @@ def _new_masks(augmenter: MaskAugmenter):
     return masks_of
 
 
+def _first_mask_seed(seed: int, num_masks: int, num_images_per_mask: int) -> int:
+    """A mask model's mask `j` uses this + `j`: after the images' seeds (seed + i), so none shares its noise."""
+    return seed + num_masks * num_images_per_mask
+
+
 def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int):
     """
     For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed
@@ -453,7 +457,8 @@ def _card(settings: dict, count: int) -> str:
             masks = (
                 f"{settings['new_masks']} new masks drawn by the mask model `{settings['mask_model']}` (a "
                 f"`PolypMaskPipeline`), {settings['num_images_per_mask']} image(s) each; mask `j` used seed "
-                f"{settings['seed']} + `j`. Their statistics against the real masks of `{settings['mask_dataset']}` "
+                f"{_first_mask_seed(settings['seed'], settings['new_masks'], settings['num_images_per_mask'])} + `j` "
+                f"(after the images' seeds). Their statistics against the real masks of `{settings['mask_dataset']}` "
                 f"(split `{settings['split']}`): `{MASK_STATISTICS_FILE}`"
             )
         else:

@@ -231,7 +231,9 @@ def test_generate_draws_new_masks_from_a_mask_model(
     assert all(set(np.unique(np.asarray(mask)).tolist()) <= {0, 255} for mask in pairs["mask"])
     statistics = json.loads((output / "mask_statistics.json").read_text())
     assert statistics["new"]["count"] == 3 and statistics["mask_model"] == str(mask_pipeline_dir)
-    assert "new masks drawn by the mask model" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    # The images take seeds 5 to 10 (3 masks x 2 images); the masks follow them.
+    assert "new masks drawn by the mask model" in card and "mask `j` used seed 11 + `j`" in card
     # Each model in its place: the image model is no mask model, and the mask model no image model.
     code, _, err = run_generate(capsys, mask_pipeline_dir, demo_masks, tmp_path / "swapped", *GENERATION)
     assert code == 1 and "is a model of masks alone: pass it as --mask-model" in err
