@@ -271,6 +271,8 @@ def generate_dataset(
     if insert:
         inpaint = PolypInpaintPipeline.from_pipe(pipeline)
         inpaint.set_progress_bar_config(disable=True)
+        # The mask statistics at the end take every new mask as drawn: the ones the batches drew are kept.
+        masks_of = _drawn_once(masks_of)
 
     parts = output / PARTS_DIR
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
@@ -418,6 +420,19 @@ def _new_masks(augmenter: MaskAugmenter):
         }
 
     return masks_of
+
+
+def _drawn_once(masks_of):
+    """`masks_of` that draws each index once and keeps it: a new mask is made from its index alone."""
+    drawn = {}
+
+    def remembered(indices: list[int]) -> dict:
+        missing = [index for index in indices if index not in drawn]
+        if missing:
+            drawn.update(masks_of(missing))
+        return {index: drawn[index] for index in indices}
+
+    return remembered
 
 
 def _first_mask_seed(seed: int, num_masks: int, num_images_per_mask: int) -> int:
