@@ -344,7 +344,7 @@ def _run_mask_fidelity(args):
         args.device,
     )  # fmt: skip
     if args.output:
-        Path(args.output).write_text(json.dumps(scores, indent=2) + "\n")
+        write_text_atomically(Path(args.output), json.dumps(scores, indent=2) + "\n")
 
 
 def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
@@ -483,8 +483,8 @@ def _run_reproduce(args):
 
     run_study(
         args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
-        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs, new_masks=args.new_masks,
-        inserted_polyps=args.inserted_polyps, denoiser_args=args.denoiser_args,
+        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs,
+        new_masks=args.new_masks, inserted_polyps=args.inserted_polyps, denoiser_args=args.denoiser_args,
     )  # fmt: skip
 
 
