@@ -43,11 +43,24 @@ def study_rate(report: dict) -> float:
     return report["denoiser_training"]["images_per_s_median"]
 
 
+def segmenter_rate(record: dict) -> float:
+    """Training images per second of segmentation_loop.py's CUDA-graph run (the training loop alone)."""
+    row = next(row for row in record["results"] if row["mode"] == "cuda-graphs")
+    return row["steps_per_s"] * record["batch_size"]
+
+
+def generate_rate(record: dict) -> float:
+    """Pairs per second of the whole uncompiled `generate` command: start-up and writing included."""
+    return next(row for row in record["results"] if row["mode"] == "eager")["pairs_per_s"]
+
+
 # Committed measurements: (loop, what was measured, result file, how its images per second are read: a study
 # report's own figure, or the first row of a benchmark's results that has the given values).
 MEASURED = [
     ("denoiser training 64 px", "train.py in the quick-64 study, batch 128, bf16, compiled",
      "study-quick-64-velocity-h100/report.json", study_rate),
+    ("denoiser training 64 px", "train.py, batch 512, bf16, compiled",
+     "train_loop_64_b512_compile-h100.json", {}),
     ("denoiser training 64 px", "train.py, batch 128, bf16, not compiled",
      "train_loop_64_no_compile-h100.json", {}),
     ("denoiser training 64 px", "isolated step, batch 32, bf16",
@@ -58,8 +71,12 @@ MEASURED = [
      "train_throughput_256-h100.json", {"model": "polyp-diffusers"}),
     ("sampling 64 px, 250 DDPM steps", "pipeline, batch 512, bf16, per-image noise (100 steps timed)",
      "sample_throughput_64-h100.json", {"noise": "device-per-image"}),
+    ("sampling 64 px, 250 DDPM steps", "the whole generate command, 898 pairs, batch 512, bf16, not compiled",
+     "generate_loop_64-h100.json", generate_rate),
     ("sampling 256 px, 250 DDPM steps", "pipeline, batch 16, bf16",
      "sample_throughput-h200.json", {"sampler": "ddpm", "dtype": "bf16"}),
+    ("segmenter training 64 px", "train_segmentation.py's training loop, batch 32, bf16, CUDA graphs",
+     "segmentation_loop-h100.json", segmenter_rate),
 ]  # fmt: skip
 
 
