@@ -4,12 +4,15 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="segmenter loops generate"  which stages, in this order (default: that, issue 10 in one call):
+#   STAGES="start-up loop-256 sampling"  which stages, in this order (default: that, what issue 10 still lacks)
+#     start-up   where a short command's start-up goes (start_up.py: each import and the first CUDA work in a fresh
+#                process, accelerate launch against python) and one segmenter's phases (segmentation_loop.py)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
-#     loops      train.py at 256 px (batch 32) and at 64 px (batch LOOP_64_BATCH, default 512), both compiled
+#     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
+#     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager and compiled
-#     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager and compiled, and the authors'
-#                sampler (batch 16) in the same process as the eager one (sample_throughput.py)
+#     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager, and the authors' sampler (batch 16)
+#                in the same process (sample_throughput.py);  sampling-compiled: ours compiled
 #     loops-more train.py at 64 px without compilation (batch LOOP_64_BATCH) and with CUDA graphs (batch 128,
 #                --compile_mode reduce-overhead)
 #     study      the quick-64 study (reproduce);  extend: its issue-13 training sets (new masks, inserted polyps)
@@ -34,7 +37,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-segmenter loops generate}"
+stages="${STAGES:-start-up loop-256 sampling}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -48,8 +51,11 @@ if command -v nvidia-smi >/dev/null; then
   loop_64_batch=${LOOP_64_BATCH:-512}
   loop_64=(--model_preset paper-64 --resolution 64 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=(--model_preset paper --resolution 256 --train_batch_size 32 --gradient_accumulation_steps 1)
-  loop_minutes=(1 1.6)  # without compilation; with it (compilation alone took 77-88 s, then windows of 10 steps)
+  # train.py's --max_train_minutes without compilation, with it at 64 px (compiling took 77-88 s, then windows of
+  # 10 steps) and at 256 px (compiling took over 105 s)
+  loop_minutes=(1 1.6 3.3)
   segmenter=()        # segmentation_loop.py's defaults: quick-64's setting
+  segmenter_mode=cuda-graphs  # the start-up stage's one run
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
@@ -59,8 +65,9 @@ else
   loop_64_batch=8
   loop_64=(--model_preset tiny --resolution 32 --train_batch_size "$loop_64_batch" --gradient_accumulation_steps 1)
   loop_256=("${loop_64[@]}")
-  loop_minutes=(0.2 0.4)
+  loop_minutes=(0.2 0.4 0.4)
   segmenter=(--resolution 32 --steps 12 --batch-size 8 --validation-steps 6)
+  segmenter_mode=eager
   generation=(--split test --model-preset tiny --steps 2 --batch-size 32)
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
   sampling_reference=()  # the authors' network has no 32 px configuration
@@ -98,14 +105,20 @@ prepared_64() {  # the 64 px dataset the 64 px stages share
 }
 for current in $stages; do
   case $current in
+  start-up)  # issue 10: what the 21 s before a segmenter's first step (and the 8 s around it) are made of
+    prepared_64  # first: the imports' files are read once before they are timed
+    stage start_up 80 python3 benchmarks/start_up.py --repeats 1 --output "$results/start_up-$tag.json"
+    stage segmentation_loop_phases 60 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
+      "${segmenter[@]}" --modes "$segmenter_mode" --output "$results/segmentation_loop_phases-$tag.json" ;;
   segmenter)  # issue 10: one setting in <= 30 s with start-up; CUDA graphs against the eager step, same seed
     prepared_64
     stage segmentation_loop 150 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
       "${segmenter[@]}" --output "$results/segmentation_loop-$tag.json" ;;
-  loops)  # issue 10: the 256 px loop compiled (>= 338 images/s), the 64 px loop compiled at a large batch
+  loop-256)  # issue 10: the 256 px loop compiled (>= 338 images/s, goal 500)
     [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-256" --split-file "$data/paper_split.json"
-    train_loop train_loop_256_compile 150 "${loop_minutes[1]}" "$work/kvasir-256" "${loop_256[@]}" --compile
+    train_loop train_loop_256_compile 260 "${loop_minutes[2]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+  loop-64)  # issue 10: the 64 px loop compiled at a large batch (>= 5,000 images/s)
     prepared_64
     train_loop "train_loop_64_b${loop_64_batch}_compile" 150 "${loop_minutes[1]}" "$work/kvasir-64" "${loop_64[@]}" \
       --compile ;;
@@ -113,10 +126,11 @@ for current in $stages; do
     prepared_64
     stage generate_loop 170 python3 benchmarks/generate_loop.py --mask-dataset "$work/kvasir-64" \
       "${generation[@]}" --output "$results/generate_loop_64-$tag.json" ;;
-  sampling)  # issue 10: 250 DDPM steps at 256 px, per-image seeds, >= 3x the authors' 1.12 s per image (H200)
+  sampling)  # issue 10: 250 DDPM steps at 256 px, per-image seeds, >= 3x the authors' sampler on the same card
     stage sampling_256 100 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
-      "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json"
-    stage sampling_256_compile 120 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
+      "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json" ;;
+  sampling-compiled)
+    stage sampling_256_compile 150 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
       --noise device-per-image --compile --output "$results/sample_throughput_256_compile-$tag.json" ;;
   loops-more)  # the 64 px loop without compilation, and with CUDA graphs at quick-64's batch
     prepared_64

@@ -480,6 +480,9 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     assert timing["cuda_graphs"] is False and timing["device"] == "cpu"
     assert 0 < timing["start_up_s"] and 0 < timing["training_s"] and 0 < timing["testing_s"]
     assert timing["start_up_s"] + timing["training_s"] + timing["testing_s"] <= timing["total_s"]
+    phases = list(timing["start_up_phases_s"].values())
+    assert list(timing["start_up_phases_s"]) == ["imports", "accelerator", "datasets", "pair_tensors"]
+    assert 0 < phases[0] and phases == sorted(phases) and phases[-1] <= timing["start_up_s"]
 
 
 def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_masks, tmp_path):

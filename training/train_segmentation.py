@@ -54,6 +54,8 @@ from polyp_diffusers.transforms import (
 )
 
 logger = get_logger(__name__)
+# Where a start-up goes (the interpreter and these imports, then main's phases), for timing.start_up_phases_s.
+IMPORTED_AFTER_S = seconds_since_process_start()
 
 
 def parse_args(argv=None):
@@ -152,6 +154,7 @@ def main(argv=None):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
     )
+    start_up_phases = {"imports": IMPORTED_AFTER_S, "accelerator": seconds_since_process_start()}
     cuda_graphs = use_cuda_graphs(
         args.cuda_graphs, accelerator.device, accelerator.mixed_precision, accelerator.num_processes
     )
@@ -170,6 +173,7 @@ def main(argv=None):
             real, load_polyp_dataset(args.synthetic, split=args.synthetic_split), args.validation_size, args.seed
         )
     tests = load_test_sets(args.test)
+    start_up_phases["datasets"] = seconds_since_process_start()
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
         f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
@@ -184,6 +188,7 @@ def main(argv=None):
     test_pairs = {
         name: pair_tensors(dataset, args.resolution, storage, progress=show_progress) for name, dataset in tests.items()
     }
+    start_up_phases["pair_tensors"] = seconds_since_process_start()
     model = build_segmenter(args.architecture, args.encoder_weights, args.segformer_size).to(accelerator.device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=args.learning_rate, fused=accelerator.device.type == "cuda", capturable=cuda_graphs
@@ -259,6 +264,8 @@ def main(argv=None):
             **({"segformer_config": model.segformer.config.to_dict()} if args.architecture == "segformer" else {}),
             "timing": {
                 "start_up_s": round(start_up_seconds, 2),
+                # Seconds since the process started when each phase ended (the model's is start_up_s).
+                "start_up_phases_s": {phase: round(seconds, 2) for phase, seconds in start_up_phases.items()},
                 "training_s": round(training_seconds, 2),
                 "steps_per_s": round(step / training_seconds, 2),  # validations included
                 "testing_s": round(testing_seconds, 2),  # the tests and the mask fidelity

@@ -1,0 +1,72 @@
+"""Where a short command's start-up goes: each import and initialisation timed alone, in a fresh process.
+
+A quick-64 segmenter trains in 12.5 s on an H100 but starts in 21 s, plus about 8 s around it (the launcher and
+the exit), while the same start-up takes about 5 s on 2 CPU cores. Each row here is one fresh Python process
+that does one thing (an import, the first CUDA work, an `Accelerator`), run `--repeats` times and timed from
+here, start to exit; `python` alone is the floor. `accelerate launch` of an empty script against `python` of the
+same script is the launcher's share.
+
+    python benchmarks/start_up.py            # writes benchmarks/results/start_up-<gpu|cpu>.json
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from polyp_diffusers.study import launch_command
+
+from common import default_device, write_results
+
+FIRST_CUDA_WORK = (
+    "import torch; x = torch.randn(64, 3, 64, 64, device='cuda'); c = torch.nn.Conv2d(3, 8, 3).cuda();"
+    " c(x).sum().backward(); torch.cuda.synchronize()"
+)
+SNIPPETS = {
+    "python": "",
+    "torch": "import torch",
+    "accelerate": "import accelerate",
+    "datasets": "import datasets",
+    "diffusers UNet2DModel": "from diffusers import UNet2DModel",
+    "monai": "import monai",
+    "polyp_diffusers": "import polyp_diffusers",
+    "polyp_diffusers.segmentation": "import polyp_diffusers.segmentation",
+    "Accelerator()": "from accelerate import Accelerator; Accelerator()",
+}
+
+
+def wall_seconds(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    return round(time.perf_counter() - started, 2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="Fresh processes per row (a first may warm caches).")
+    parser.add_argument("--output", help="JSON path (default: benchmarks/results/start_up-<gpu|cpu>.json).")
+    args = parser.parse_args()
+    device = torch.device(default_device())
+    snippets = dict(SNIPPETS)
+    if device.type == "cuda":
+        snippets["first CUDA work (a conv forward and backward)"] = FIRST_CUDA_WORK
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        empty = Path(work) / "empty.py"
+        empty.write_text("")
+        commands = {name: [sys.executable, "-c", code] for name, code in snippets.items()}
+        commands["python empty.py"] = [sys.executable, str(empty)]
+        commands["accelerate launch empty.py"] = launch_command(str(empty), "no")
+        for name, command in commands.items():
+            runs = [wall_seconds(command) for _ in range(args.repeats)]
+            results.append({"what": name, "wall_s": runs})
+            print(f"{name:48} " + "  ".join(f"{run:6.2f} s" for run in runs), flush=True)
+            write_results("start_up", device, results, args.output, quiet=True)  # each row kept if time runs out
+
+
+if __name__ == "__main__":
+    main()
