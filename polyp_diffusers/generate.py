@@ -169,11 +169,12 @@ def generate_dataset(
     drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
     seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
-    floating-point rounding, so it is not part of the settings a rerun must match. Compiled, a last batch smaller
-    than the batches before it is padded to their size (the padding is dropped), so the UNet is compiled once;
-    not with `insert`, whose batches are as many as the frames that take a polyp.
-    Each batch is written to `output/.parts/` as one file, atomically; a rerun with the same settings skips the
-    batches already there and continues. The dataset replaces the folder once every batch is done.
+    floating-point rounding, so it is not part of the settings a rerun must match. The requests go in batches of
+    at most `batch_size`, as even as they go (`even_batches`); compiled, a last batch smaller than the batches
+    before it is padded to their size (the padding is dropped), so the UNet is compiled once; not with `insert`,
+    whose batches are as many as the frames that take a polyp.
+    Each batch is written to `output/.parts/` as one file named by the requests it holds, atomically; a rerun
+    with the same settings skips the batches already there and continues. The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
     `start_timestep` starts every chain there from the model's `start_color` (see `PolypDDPMPipeline`).
 
@@ -278,11 +279,11 @@ def generate_dataset(
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
     compiled_batch_size = None  # the batch the compiled UNet has seen in this run
     requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
-    for start in tqdm(range(0, len(requests), batch_size), desc="Generating", unit="batch"):
-        part = parts / f"part-{start // batch_size:06d}.parquet"
+    for span in tqdm(even_batches(len(requests), batch_size), desc="Generating", unit="batch"):
+        part = parts / f"part-{span.start:06d}-{span.stop:06d}.parquet"
         if part.exists():
             continue
-        batch = requests[start : start + batch_size]
+        start, batch = span.start, requests[span.start : span.stop]
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
         if inpaint is not None:
@@ -335,7 +336,7 @@ def generate_dataset(
         Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
         os.replace(staging, part)
 
-    part_files = sorted(parts.glob("part-*.parquet"))
+    part_files = sorted(parts.glob("part-*-*.parquet"), key=lambda path: int(path.stem.split("-")[1]))
     generated = concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
@@ -351,6 +352,16 @@ def generate_dataset(
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
+
+
+def even_batches(num_requests: int, batch_size: int) -> list[range]:
+    """
+    The requests in as few batches of at most `batch_size` as there can be, as even as they go (898 in batches of
+    up to 512: 449 and 449, not 512 and 386): a compiled UNet pads a short last batch to the others' size.
+    """
+    count = math.ceil(num_requests / batch_size)
+    size = math.ceil(num_requests / count) if count else batch_size
+    return [range(start, min(start + size, num_requests)) for start in range(0, num_requests, size)]
 
 
 def _insert_polyps(

@@ -25,7 +25,7 @@ from transformers import Dinov2Config, Dinov2Model
 from polyp_diffusers import PolypDDPMPipeline
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
-from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, generate_dataset
+from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches, generate_dataset
 from polyp_diffusers.metrics import dinov2_extractor, fid_kid, inception_extractor
 from polyp_diffusers.segmentation import (
     build_segmenter,
@@ -52,21 +52,21 @@ def generated(saved_pipeline_dir, demo_masks, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_compiled_unet_makes_the_same_pairs_up_to_rounding(
-    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
-):
+def test_a_compiled_unet_makes_the_same_pairs_up_to_rounding(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch):
     """generate --compile-mode (torch.compile's inductor on the CPU here, about 30 s to compile the tiny UNet)."""
     output = tmp_path / "compiled"
-    # Batches of 5 of 12 images: the last one (2) is padded, so a second compilation would be an error here.
+    # 8 images in batches of up to 3: 3, 3 and 2, the last one padded, so a second compilation would be an error.
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    settings = {**GENERATION, "batch_size": 5}
+    settings = {**GENERATION, "split": "test", "batch_size": 3}
+    generated = tmp_path / "eager"
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), generated, **settings)
     arguments = ["--num-images-per-mask", str(settings["num_images_per_mask"]), "--sampler", settings["sampler"],
                  "--steps", str(settings["num_inference_steps"]), "--batch-size", str(settings["batch_size"]),
                  "--seed", str(settings["seed"]), "--split", settings["split"]]  # fmt: skip
     assert polyp_ddpm(["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--output",
                        str(output), *arguments, "--compile-mode", "default"]) == 0  # fmt: skip
-    compiled, eager = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]
-    assert compiled["id"] == eager["id"]
+    compiled, eager = load_from_disk(str(output))["test"], load_from_disk(str(generated))["test"]
+    assert len(compiled) == 8 and compiled["id"] == eager["id"]
     for ours, theirs in zip(compiled["image"], eager["image"]):
         difference = np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16))
         assert difference.max() <= 2
@@ -100,6 +100,16 @@ def test_each_image_is_reproducible_from_its_seed(generated, saved_pipeline_dir,
     assert np.abs(np.asarray(again, np.int16) - np.asarray(row["image"], np.int16)).max() <= 1
 
 
+def test_generation_batches_are_as_even_as_they_go():
+    assert even_batches(898, 512) == [range(0, 449), range(449, 898)]
+    assert [len(batch) for batch in even_batches(13, 5)] == [5, 5, 3]
+    assert even_batches(0, 4) == []
+    for num_requests, batch_size in [(898, 128), (1, 512), (513, 512), (12, 5)]:
+        batches = even_batches(num_requests, batch_size)
+        assert len(batches) == -(-num_requests // batch_size) and max(map(len, batches)) <= batch_size
+        assert [request for batch in batches for request in batch] == list(range(num_requests))
+
+
 def test_an_interrupted_generation_continues_where_it_stopped(
     generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
 ):
@@ -117,7 +127,7 @@ def test_an_interrupted_generation_continues_where_it_stopped(
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
     parts = sorted((output / PARTS_DIR).glob("part-*"))
-    assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet"]  # whole batches only
+    assert [p.name for p in parts] == ["part-000000-000004.parquet", "part-000004-000008.parquet"]  # whole batches
 
     calls["count"] = -100  # no more crashes
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
