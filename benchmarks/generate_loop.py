@@ -1,7 +1,8 @@
 """Speed of `polyp-ddpm generate` as a user runs it: pairs for every mask of a split, written as a dataset.
 
 Times the whole command (model loading, compilation, sampling with per-image seeds, writing) once per mode:
-`eager`, and `compiled` (`--compile`, or `--compile-mode MODE`). Without `--model` the denoiser is a preset with
+`eager`, and `compiled` (`--compile`, or `--compile-mode MODE`), whose images are compared with the eager ones
+(the same seeds: what compilation changes, in levels of 255). Without `--model` the denoiser is a preset with
 random weights, saved as a pipeline first: speed does not depend on the weights. Defaults are the quick-64
 study's generation (issue 10's target: 898 pairs at 64 px with 250 DDPM steps in 30 s).
 
@@ -15,13 +16,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from datasets import load_from_disk
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
 
 from common import default_device, write_results
+
+
+def image_difference(output: Path, reference: Path, split: str) -> dict:
+    """How far one run's images are from another's, pair by pair, in levels of 255: what compiling changes."""
+    ours, theirs = load_from_disk(str(output))[split], load_from_disk(str(reference))[split]
+    if ours["id"] != theirs["id"]:
+        raise ValueError(f"{output} and {reference} hold different pairs")
+    differences = [
+        np.abs(np.asarray(a["image"], np.int16) - np.asarray(b["image"], np.int16))
+        for a, b in zip(ours.select_columns(["image"]), theirs.select_columns(["image"]))
+    ]
+    return {
+        "max_abs_levels": int(max(difference.max() for difference in differences)),
+        "mean_abs_levels": round(float(np.mean([difference.mean() for difference in differences])), 3),
+    }
 
 
 def main():
@@ -66,6 +84,8 @@ def main():
                 row.update(wall_s=round(wall_s, 1), pairs_per_s=round(num_pairs / wall_s, 2))
             else:  # the other mode still runs: one failing mode is itself a result
                 row["failed_with_exit_code"] = exit_code
+            if exit_code == 0 and mode == "compiled" and (Path(work) / "eager").is_dir():
+                row["against_eager"] = image_difference(Path(work) / mode, Path(work) / "eager", args.split)
             results.append(row)
             print(row, flush=True)
             # Each mode is kept as it ends: a run stopped by a time limit keeps what it measured.
