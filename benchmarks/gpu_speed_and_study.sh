@@ -4,10 +4,12 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="start-up loop-256 sampling"  which stages, in this order (default: that, what issue 10 still lacks)
-#     start-up   where a short command's start-up goes (start_up.py: each import and the first CUDA work in a fresh
-#                process, accelerate launch against python) and one segmenter's phases (segmentation_loop.py)
+#   STAGES="start-up loop-256"  which stages, in this order (default: that, what issue 10 still lacks; then, on the
+#                warm machine, STAGES="sampling segmenter-phases" BUDGET=250)
+#     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
+#                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
+#     segmenter-phases  the same with CUDA graphs only: its start-up phases (timing.start_up_phases_s)
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager and compiled
@@ -37,7 +39,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-start-up loop-256 sampling}"
+stages="${STAGES:-start-up loop-256}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -55,7 +57,7 @@ if command -v nvidia-smi >/dev/null; then
   # 10 steps) and at 256 px (compiling took over 105 s)
   loop_minutes=(1 1.6 3.3)
   segmenter=()        # segmentation_loop.py's defaults: quick-64's setting
-  segmenter_mode=cuda-graphs  # the start-up stage's one run
+  segmenter_mode=cuda-graphs  # segmenter-phases' one run
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
@@ -107,8 +109,10 @@ for current in $stages; do
   case $current in
   start-up)  # issue 10: what the 21 s before a segmenter's first step (and the 8 s around it) are made of
     prepared_64  # first: the imports' files are read once before they are timed
-    stage start_up 80 python3 benchmarks/start_up.py --repeats 1 --output "$results/start_up-$tag.json"
-    stage segmentation_loop_phases 60 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
+    stage start_up 150 python3 benchmarks/start_up.py --repeats 1 --output "$results/start_up-$tag.json" ;;
+  segmenter-phases)
+    prepared_64
+    stage segmentation_loop_phases 100 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
       "${segmenter[@]}" --modes "$segmenter_mode" --output "$results/segmentation_loop_phases-$tag.json" ;;
   segmenter)  # issue 10: one setting in <= 30 s with start-up; CUDA graphs against the eager step, same seed
     prepared_64
@@ -117,7 +121,7 @@ for current in $stages; do
   loop-256)  # issue 10: the 256 px loop compiled (>= 338 images/s, goal 500)
     [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-256" --split-file "$data/paper_split.json"
-    train_loop train_loop_256_compile 260 "${loop_minutes[2]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+    train_loop train_loop_256_compile 290 "${loop_minutes[2]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
   loop-64)  # issue 10: the 64 px loop compiled at a large batch (>= 5,000 images/s)
     prepared_64
     train_loop "train_loop_64_b${loop_64_batch}_compile" 150 "${loop_minutes[1]}" "$work/kvasir-64" "${loop_64[@]}" \

@@ -44,7 +44,7 @@ def study_rate(report: dict) -> float:
 
 
 def segmenter_rate(record: dict) -> float:
-    """Training images per second of segmentation_loop.py's CUDA-graph run (the training loop alone)."""
+    """Training images per second of segmentation_loop.py's CUDA-graph run (its training loop, validations in)."""
     row = next(row for row in record["results"] if row["mode"] == "cuda-graphs")
     return row["steps_per_s"] * record["batch_size"]
 

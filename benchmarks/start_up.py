@@ -1,9 +1,9 @@
 """Where a short command's start-up goes: each import and initialisation timed alone, in a fresh process.
 
-A quick-64 segmenter trains in 12.5 s on an H100 but starts in 21 s, plus about 8 s around it (the launcher and
-the exit), while the same start-up takes about 5 s on 2 CPU cores. Each row here is one fresh Python process
+A quick-64 segmenter trained in 12.5 s on an H100 but took 21 s to start (its data loading included), and about
+8 s more went to the launcher and the exit (benchmarks/results/segmentation_loop-h100.json). Each row here is one fresh Python process
 that does one thing (an import, the first CUDA work, an `Accelerator`), run `--repeats` times and timed from
-here, start to exit; `python` alone is the floor. `accelerate launch` of an empty script against `python` of the
+here, start to exit; `python` of an empty script is the floor. `accelerate launch` of an empty script against `python` of the
 same script is the launcher's share.
 
     python benchmarks/start_up.py            # writes benchmarks/results/start_up-<gpu|cpu>.json
@@ -26,16 +26,14 @@ FIRST_CUDA_WORK = (
     "import torch; x = torch.randn(64, 3, 64, 64, device='cuda'); c = torch.nn.Conv2d(3, 8, 3).cuda();"
     " c(x).sum().backward(); torch.cuda.synchronize()"
 )
-SNIPPETS = {
-    "python": "",
+SNIPPETS = {  # the most telling first: a run stopped by a time limit keeps the rows it finished
     "torch": "import torch",
-    "accelerate": "import accelerate",
-    "datasets": "import datasets",
-    "diffusers UNet2DModel": "from diffusers import UNet2DModel",
-    "monai": "import monai",
-    "polyp_diffusers": "import polyp_diffusers",
     "polyp_diffusers.segmentation": "import polyp_diffusers.segmentation",
     "Accelerator()": "from accelerate import Accelerator; Accelerator()",
+    "diffusers UNet2DModel": "from diffusers import UNet2DModel",
+    "monai": "import monai",
+    "datasets": "import datasets",
+    "polyp_diffusers": "import polyp_diffusers",
 }
 
 
@@ -51,16 +49,15 @@ def main():
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/start_up-<gpu|cpu>.json).")
     args = parser.parse_args()
     device = torch.device(default_device())
-    snippets = dict(SNIPPETS)
-    if device.type == "cuda":
-        snippets["first CUDA work (a conv forward and backward)"] = FIRST_CUDA_WORK
     results = []
     with tempfile.TemporaryDirectory() as work:
         empty = Path(work) / "empty.py"
         empty.write_text("")
-        commands = {name: [sys.executable, "-c", code] for name, code in snippets.items()}
-        commands["python empty.py"] = [sys.executable, str(empty)]
+        commands = {"python empty.py": [sys.executable, str(empty)]}
         commands["accelerate launch empty.py"] = launch_command(str(empty), "no")
+        if device.type == "cuda":
+            commands["first CUDA work (a conv forward and backward)"] = [sys.executable, "-c", FIRST_CUDA_WORK]
+        commands.update({name: [sys.executable, "-c", code] for name, code in SNIPPETS.items()})
         for name, command in commands.items():
             runs = [wall_seconds(command) for _ in range(args.repeats)]
             results.append({"what": name, "wall_s": runs})

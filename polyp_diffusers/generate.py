@@ -169,12 +169,13 @@ def generate_dataset(
     drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
     seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
-    floating-point rounding, so it is not part of the settings a rerun must match. The requests go in batches of
-    at most `batch_size`, as even as they go (`even_batches`); compiled, a last batch smaller than the batches
+    floating-point rounding, so it is not part of the settings a rerun must match. The requests go in as few batches
+    of at most `batch_size` as there can be, of one size but a shorter last one (`even_batches`); compiled, a last batch smaller than the batches
     before it is padded to their size (the padding is dropped), so the UNet is compiled once; not with `insert`,
     whose batches are as many as the frames that take a polyp.
     Each batch is written to `output/.parts/` as one file named by the requests it holds, atomically; a rerun
-    with the same settings skips the batches already there and continues. The dataset replaces the folder once every batch is done.
+    with the same settings skips the batches already there and continues, and the dataset is made of exactly
+    those files (any other file there is ignored). The dataset replaces the folder once every batch is done.
     `num_inference_steps` defaults to 250 for DDPM (the trained chain) and 50 for the other samplers.
     `start_timestep` starts every chain there from the model's `start_color` (see `PolypDDPMPipeline`).
 
@@ -279,8 +280,9 @@ def generate_dataset(
     recorded = _read_settings(parts / SETTINGS_FILE) == settings
     compiled_batch_size = None  # the batch the compiled UNet has seen in this run
     requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
-    for span in tqdm(even_batches(len(requests), batch_size), desc="Generating", unit="batch"):
-        part = parts / f"part-{span.start:06d}-{span.stop:06d}.parquet"
+    batches = even_batches(len(requests), batch_size)
+    part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
+    for span, part in tqdm(list(zip(batches, part_files)), desc="Generating", unit="batch"):
         if part.exists():
             continue
         start, batch = span.start, requests[span.start : span.stop]
@@ -336,7 +338,6 @@ def generate_dataset(
         Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
         os.replace(staging, part)
 
-    part_files = sorted(parts.glob("part-*-*.parquet"), key=lambda path: int(path.stem.split("-")[1]))
     generated = concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
@@ -356,8 +357,9 @@ def generate_dataset(
 
 def even_batches(num_requests: int, batch_size: int) -> list[range]:
     """
-    The requests in as few batches of at most `batch_size` as there can be, as even as they go (898 in batches of
-    up to 512: 449 and 449, not 512 and 386): a compiled UNet pads a short last batch to the others' size.
+    The requests in as few batches of at most `batch_size` as there can be, all of one size but a shorter last
+    one (898 in batches of up to 512: 449 and 449, not 512 and 386): a compiled UNet pads a short last batch to
+    the others' size.
     """
     count = math.ceil(num_requests / batch_size)
     size = math.ceil(num_requests / count) if count else batch_size
