@@ -15,7 +15,7 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.modeling import diffusion_loss
+from polyp_diffusers.modeling import check_snr_gamma, diffusion_loss
 
 
 def test_default_unet_is_the_papers_256px_denoiser():
@@ -99,6 +99,41 @@ def test_the_loss_compares_the_prediction_with_the_noise_or_the_velocity(predict
     timesteps = torch.randint(0, 250, (2,), generator=generator)
     target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
     torch.testing.assert_close(loss, target.abs().mean())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_weights_each_image_by_its_timestep(prediction_type):
+    class PredictsZero(torch.nn.Module):
+        def forward(self, sample, timestep):
+            return UNet2DOutput(sample=torch.zeros_like(sample[:, :3]))
+
+    scheduler = make_polyp_scheduler(prediction_type=prediction_type)
+    images, masks = torch.rand(4, 3, 8, 8) * 2 - 1, torch.ones(4, 1, 8, 8)
+
+    def loss(snr_gamma):
+        generator = torch.Generator().manual_seed(0)
+        return diffusion_loss(PredictsZero(), scheduler, images, masks, 1, generator, "l1", snr_gamma)
+
+    generator = torch.Generator().manual_seed(0)  # the same draws as inside the loss
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(0, 250, (4,), generator=generator)
+    target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = snr.clamp(max=5) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    assert weights.min() < 0.99  # a draw where the weighting changes something
+    torch.testing.assert_close(loss(5.0), (target.abs().mean(dim=(1, 2, 3)) * weights).mean())
+    if prediction_type == "epsilon":  # a gamma above every SNR weighs every image 1: the paper's loss
+        torch.testing.assert_close(loss(1e12), loss(None))
+
+
+def test_min_snr_weighting_needs_a_positive_gamma_and_a_nonzero_snr_for_noise():
+    check_snr_gamma(None, "epsilon", True)
+    check_snr_gamma(5, "v_prediction", True)
+    with pytest.raises(ValueError, match="positive gamma"):
+        check_snr_gamma(0, "epsilon", False)
+    with pytest.raises(ValueError, match="zero terminal SNR makes 0"):
+        check_snr_gamma(5, "epsilon", True)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])

@@ -458,12 +458,22 @@ def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
     assert "Traceback" not in result.stderr and not output.exists()
 
 
-def test_a_velocity_objective_with_zero_terminal_snr_is_saved_with_the_pipeline(demo_dataset, tmp_path):
+def test_a_velocity_objective_with_zero_terminal_snr_and_min_snr_weighting_is_saved_with_the_pipeline(
+    demo_dataset, tmp_path
+):
     output = tmp_path / "v-prediction"
     short_run = [*TINY_RUN[: TINY_RUN.index("--max_train_steps")], "--max_train_steps", "2", "--checkpointing_steps",
                  "2", "--validation_steps", "2", "--num_validation_masks", "2", "--validation_inference_steps", "2",
                  "--dataloader_num_workers", "0"]  # fmt: skip
     launch("--dataset", str(demo_dataset), "--output_dir", str(output), *short_run, "--prediction_type",
-           "v_prediction", "--zero_terminal_snr")  # fmt: skip
+           "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5")  # fmt: skip
     scheduler = PolypDDPMPipeline.from_pretrained(output).scheduler
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
+    assert json.loads((output / "training_config.json").read_text())["snr_gamma"] == 5
+
+
+def test_min_snr_weighting_of_noise_with_zero_terminal_snr_is_refused_before_any_work(tmp_path):
+    output = tmp_path / "run"
+    message = launch_expecting_failure("--dataset", "no-such-data", "--output_dir", str(output), "--snr_gamma", "5",
+                                       "--zero_terminal_snr")  # fmt: skip
+    assert "divides by the SNR, which zero terminal SNR makes 0" in message and not output.exists()

@@ -42,7 +42,14 @@ from polyp_diffusers.arguments import HelpFormatter
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
-from polyp_diffusers.modeling import COMPILE_MODES, PREDICTION_TYPES, SAMPLERS, UNET_PRESETS, diffusion_loss
+from polyp_diffusers.modeling import (
+    COMPILE_MODES,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    UNET_PRESETS,
+    check_snr_gamma,
+    diffusion_loss,
+)
 from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
 from polyp_diffusers.training_utils import (
     checkpoint_step,
@@ -188,6 +195,13 @@ def parse_args(argv=None):
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     optim.add_argument("--loss", choices=("l1", "l2"), default="l1", help="Loss on the predicted noise.")
+    optim.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Weight each image's loss by min-SNR with this gamma (Hang et al. 2023 use 5). Default: unweighted, "
+        "the paper's objective.",
+    )
     optim.add_argument("--no_ema", dest="use_ema", action="store_false", help="Save the raw weights, not an EMA.")
     optim.add_argument(
         "--ema_max_decay",
@@ -264,6 +278,10 @@ def parse_args(argv=None):
         parser.error(f"--logging_steps must be at least 1; got {args.logging_steps}.")
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         parser.error(f"--max_train_minutes must be positive; got {args.max_train_minutes}.")
+    try:
+        check_snr_gamma(args.snr_gamma, args.prediction_type, args.zero_terminal_snr)
+    except ValueError as error:
+        parser.error(str(error).replace("snr_gamma", "--snr_gamma"))
     return args
 
 
@@ -584,7 +602,9 @@ def main(argv=None):
                 images, masks = augment(batch["images"], batch["masks"], augment_generator)
                 if args.mask_model:  # what is denoised is the mask itself, in [-1, 1], seeing nothing else
                     images = masks * 2 - 1
-                loss = diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss)
+                loss = diffusion_loss(
+                    unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss, args.snr_gamma
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
