@@ -1,8 +1,10 @@
 """Speed of `polyp-ddpm generate` as a user runs it: pairs for every mask of a split, written as a dataset.
 
 Times the whole command (model loading, compilation, sampling with per-image seeds, writing) once per mode:
-`eager`, and `compiled` (`--compile`, or `--compile-mode MODE`), whose images are compared with the eager ones
-(the same seeds: what compilation changes, in levels of 255). Without `--model` the denoiser is a preset with
+`eager`; `compiled` (`--compile`, or `--compile-mode MODE`), whose images are compared with the eager ones
+(the same seeds: what compilation changes, in levels of 255); and `compiled-warm`, the compiled command again,
+whose compilation torch's on-disk cache (from the run before, on the same machine) makes short: what every
+compiled run after the first costs. Without `--model` the denoiser is a preset with
 random weights, saved as a pipeline first: speed does not depend on the weights. Defaults are the quick-64
 study's generation (issue 10's target: 898 pairs at 64 px with 250 DDPM steps in 30 s).
 
@@ -26,6 +28,8 @@ from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
 
 from common import default_device, write_results
 
+MODES = ("eager", "compiled", "compiled-warm")
+
 
 def image_difference(output: Path, reference: Path, split: str) -> dict:
     """How far one run's images are from another's, pair by pair, in levels of 255: what compiling changes."""
@@ -48,7 +52,7 @@ def main():
     parser.add_argument("--split", default="train")
     parser.add_argument("--model", help="A saved pipeline; default: --model-preset with random weights.")
     parser.add_argument("--model-preset", choices=sorted(UNET_PRESETS), default="paper-64")
-    parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="For the compiled mode.")
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--steps", type=int, default=250)
@@ -74,17 +78,18 @@ def main():
             command = [sys.executable, "-m", "polyp_diffusers.cli", "generate", "--model", model, "--mask-dataset"]
             command += [args.mask_dataset, "--split", args.split, "--output", str(Path(work) / mode), "--sampler"]
             command += [args.sampler, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--dtype"]
-            command += [dtype] + (["--compile-mode", args.compile_mode] if mode == "compiled" else [])
+            compiled = mode.startswith("compiled")
+            command += [dtype] + (["--compile-mode", args.compile_mode] if compiled else [])
             print("$ " + " ".join(command), flush=True)
             started = time.perf_counter()
             exit_code = subprocess.run(command).returncode
             wall_s = time.perf_counter() - started
-            row = {"mode": mode, "compile_mode": args.compile_mode if mode == "compiled" else None, "pairs": num_pairs}
+            row = {"mode": mode, "compile_mode": args.compile_mode if compiled else None, "pairs": num_pairs}
             if exit_code == 0:
                 row.update(wall_s=round(wall_s, 1), pairs_per_s=round(num_pairs / wall_s, 2))
             else:  # the other mode still runs: one failing mode is itself a result
                 row["failed_with_exit_code"] = exit_code
-            if exit_code == 0 and mode == "compiled" and (Path(work) / "eager").is_dir():
+            if exit_code == 0 and compiled and (Path(work) / "eager").is_dir():
                 row["against_eager"] = image_difference(Path(work) / mode, Path(work) / "eager", args.split)
             results.append(row)
             print(row, flush=True)

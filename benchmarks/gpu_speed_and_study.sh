@@ -12,9 +12,12 @@
 #     segmenter-phases  the same with CUDA graphs only: its start-up phases (timing.start_up_phases_s)
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
-#     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager and compiled
+#     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager, compiled, and compiled
+#                again (torch's compile cache warm)
 #     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager, and the authors' sampler (batch 16)
 #                in the same process (sample_throughput.py);  sampling-compiled: ours compiled
+#     compile-cache  the compiled 64 px training step, batch 128, in two fresh processes sharing one new on-disk
+#                compile cache: a first compilation on a machine against every later one (compile_cache.py)
 #     loops-more train.py at 64 px without compilation (batch LOOP_64_BATCH) and with CUDA graphs (batch 128,
 #                --compile_mode reduce-overhead)
 #     study      the quick-64 study (reproduce);  extend: its issue-13 training sets (new masks, inserted polyps)
@@ -61,6 +64,7 @@ if command -v nvidia-smi >/dev/null; then
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
+  compile_cache=(--batch-size 128)  # quick-64's batch
 else
   tag=cpu
   precision=no
@@ -73,6 +77,7 @@ else
   generation=(--split test --model-preset tiny --steps 2 --batch-size 32)
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
   sampling_reference=()  # the authors' network has no 32 px configuration
+  compile_cache=(--size 64 --batch-size 1)  # the paper network is not made below 64 px
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
 pack() {
@@ -128,7 +133,7 @@ for current in $stages; do
       --compile ;;
   generate)  # issue 10: 898 pairs at 64 px with 250 DDPM steps in <= 30 s
     prepared_64
-    stage generate_loop 170 python3 benchmarks/generate_loop.py --mask-dataset "$work/kvasir-64" \
+    stage generate_loop 240 python3 benchmarks/generate_loop.py --mask-dataset "$work/kvasir-64" \
       "${generation[@]}" --output "$results/generate_loop_64-$tag.json" ;;
   sampling)  # issue 10: 250 DDPM steps at 256 px, per-image seeds, >= 3x the authors' sampler on the same card
     stage sampling_256 100 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
@@ -136,6 +141,9 @@ for current in $stages; do
   sampling-compiled)
     stage sampling_256_compile 150 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
       --noise device-per-image --compile --output "$results/sample_throughput_256_compile-$tag.json" ;;
+  compile-cache)  # what a compiled run costs after the first on a machine (the cold compile took 79-88 s)
+    stage compile_cache 200 python3 benchmarks/compile_cache.py "${compile_cache[@]}" \
+      --output "$results/compile_cache-$tag.json" ;;
   loops-more)  # the 64 px loop without compilation, and with CUDA graphs at quick-64's batch
     prepared_64
     train_loop "train_loop_64_b${loop_64_batch}_no_compile" 100 "${loop_minutes[0]}" "$work/kvasir-64" \
