@@ -1,6 +1,7 @@
 """What every benchmark records next to its figures: the device, the versions and the command."""
 
 import json
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,18 @@ def reference_diffusion(size: int, device: torch.device, reference_dir: str) -> 
 
     network = create_model(size, 64, 2, in_channels=6, out_channels=3)
     return GaussianDiffusion(network, image_size=size, timesteps=250, loss_type="l1").to(device)
+
+
+def compile_cache_environment(folder: Path) -> dict[str, str]:
+    """
+    This process's environment with torch.compile's on-disk caches (inductor's, and Triton's kernels) in `folder`:
+    subprocesses given it compile cold the first time and find their compilation there afterwards.
+    """
+    return {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
+        "TRITON_CACHE_DIR": str(folder / "triton"),
+    }
 
 
 def synchronize(device: torch.device) -> None:

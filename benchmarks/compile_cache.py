@@ -2,7 +2,8 @@
 
 `torch.compile` keeps what it compiled (FX graphs, autograd graphs, kernels) on disk, by default under
 `/tmp/torchinductor_$USER`, keyed by the model's code, shapes and the torch version. Runs `train_throughput.py`
-(the whole training step, compiled) twice in fresh processes that share one new, empty cache folder: the first
+(the whole training step, compiled) twice in fresh processes that share new, empty cache folders (inductor's and
+Triton's): the first
 call's time is a cold compilation, the second's a warm one, which is what a second training or `generate
 --compile` run on the same machine pays.
 
@@ -11,7 +12,6 @@ call's time is a cold compilation, the second's a warm one, which is what a seco
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import default_device, write_results
+from common import compile_cache_environment, default_device, write_results
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     mode = "bf16-compile" if device.type == "cuda" else "fp32-compile"
     results = []
     with tempfile.TemporaryDirectory() as work:
-        environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(work) / "inductor-cache")}
+        environment = compile_cache_environment(Path(work))
         for cache in ("cold", "warm"):
             output = Path(work) / f"{cache}.json"
             command = [sys.executable, str(Path(__file__).with_name("train_throughput.py")), "--sizes", str(args.size)]

@@ -142,7 +142,8 @@ def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generato
     The paper's objective: predict the noise added to the image, given the noisy image and the mask (or the
     velocity, for a scheduler configured with `prediction_type="v_prediction"`). With `snr_gamma`, each image's
     loss is weighted by min-SNR (Hang et al., 2023: min(SNR, gamma) / SNR for noise, / (SNR + 1) for velocity),
-    which keeps the many nearly clean timesteps from dominating the gradient.
+    which keeps the many nearly clean timesteps from dominating the gradient; those weights are for `l2`
+    (`check_snr_gamma`).
     """
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     timesteps = torch.randint(
@@ -164,16 +165,24 @@ def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generato
     return (per_image * weights).mean()
 
 
-def check_snr_gamma(snr_gamma: float | None, prediction_type: str, zero_terminal_snr: bool) -> None:
-    """Min-SNR weighting divides by the SNR when predicting noise: every training step needs one above zero."""
+def check_snr_gamma(snr_gamma: float | None, prediction_type: str, zero_terminal_snr: bool, loss_type: str) -> None:
+    """
+    Min-SNR weighting as published, in train.py's terms: weights of a squared error (derived from the clean
+    image's), divided by the SNR when predicting noise, so every training step needs an SNR above zero.
+    """
     if snr_gamma is None:
         return
     if not snr_gamma > 0:
-        raise ValueError(f"snr_gamma is {snr_gamma}; min-SNR weighting needs a positive gamma (the paper's: 5).")
+        raise ValueError(f"--snr_gamma is {snr_gamma}; min-SNR weighting needs a positive gamma (the paper's: 5).")
+    if loss_type != "l2":
+        raise ValueError(
+            f"min-SNR weights are derived for a squared error, and the loss is {loss_type}: use --snr_gamma with "
+            "--loss l2 (the paper's L1 would need other weights, which nobody has published)."
+        )
     if zero_terminal_snr and prediction_type == "epsilon":
         raise ValueError(
-            "min-SNR weighting of a noise-predicting model divides by the SNR, which zero terminal SNR makes 0 at "
-            "the last step: use it with prediction_type v_prediction, or without zero_terminal_snr."
+            "min-SNR weighting of a noise-predicting model divides by the SNR, which --zero_terminal_snr makes 0 at "
+            "the last step: use --snr_gamma with --prediction_type v_prediction, or without --zero_terminal_snr."
         )
 
 

@@ -112,7 +112,7 @@ def test_min_snr_weighting_weights_each_image_by_its_timestep(prediction_type):
 
     def loss(snr_gamma):
         generator = torch.Generator().manual_seed(0)
-        return diffusion_loss(PredictsZero(), scheduler, images, masks, 1, generator, "l1", snr_gamma)
+        return diffusion_loss(PredictsZero(), scheduler, images, masks, 1, generator, "l2", snr_gamma)
 
     generator = torch.Generator().manual_seed(0)  # the same draws as inside the loss
     noise = torch.randn(images.shape, generator=generator)
@@ -122,18 +122,20 @@ def test_min_snr_weighting_weights_each_image_by_its_timestep(prediction_type):
     snr = alpha_bar / (1 - alpha_bar)
     weights = snr.clamp(max=5) / (snr + 1 if prediction_type == "v_prediction" else snr)
     assert weights.min() < 0.99  # a draw where the weighting changes something
-    torch.testing.assert_close(loss(5.0), (target.abs().mean(dim=(1, 2, 3)) * weights).mean())
+    torch.testing.assert_close(loss(5.0), (target.square().mean(dim=(1, 2, 3)) * weights).mean())
     if prediction_type == "epsilon":  # a gamma above every SNR weighs every image 1: the paper's loss
         torch.testing.assert_close(loss(1e12), loss(None))
 
 
-def test_min_snr_weighting_needs_a_positive_gamma_and_a_nonzero_snr_for_noise():
-    check_snr_gamma(None, "epsilon", True)
-    check_snr_gamma(5, "v_prediction", True)
+def test_min_snr_weighting_needs_a_positive_gamma_a_squared_error_and_a_nonzero_snr_for_noise():
+    check_snr_gamma(None, "epsilon", True, "l1")
+    check_snr_gamma(5, "v_prediction", True, "l2")
     with pytest.raises(ValueError, match="positive gamma"):
-        check_snr_gamma(0, "epsilon", False)
-    with pytest.raises(ValueError, match="zero terminal SNR makes 0"):
-        check_snr_gamma(5, "epsilon", True)
+        check_snr_gamma(0, "epsilon", False, "l2")
+    with pytest.raises(ValueError, match="derived for a squared error, and the loss is l1"):
+        check_snr_gamma(5, "epsilon", False, "l1")
+    with pytest.raises(ValueError, match="--zero_terminal_snr makes 0"):
+        check_snr_gamma(5, "epsilon", True, "l2")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])

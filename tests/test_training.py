@@ -466,14 +466,16 @@ def test_a_velocity_objective_with_zero_terminal_snr_and_min_snr_weighting_is_sa
                  "2", "--validation_steps", "2", "--num_validation_masks", "2", "--validation_inference_steps", "2",
                  "--dataloader_num_workers", "0"]  # fmt: skip
     launch("--dataset", str(demo_dataset), "--output_dir", str(output), *short_run, "--prediction_type",
-           "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5")  # fmt: skip
+           "v_prediction", "--zero_terminal_snr", "--loss", "l2", "--snr_gamma", "5")  # fmt: skip
     scheduler = PolypDDPMPipeline.from_pretrained(output).scheduler
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
     assert json.loads((output / "training_config.json").read_text())["snr_gamma"] == 5
 
 
-def test_min_snr_weighting_of_noise_with_zero_terminal_snr_is_refused_before_any_work(tmp_path):
+def test_min_snr_weighting_outside_what_it_was_derived_for_is_refused_before_any_work(tmp_path):
     output = tmp_path / "run"
     message = launch_expecting_failure("--dataset", "no-such-data", "--output_dir", str(output), "--snr_gamma", "5",
-                                       "--zero_terminal_snr")  # fmt: skip
-    assert "divides by the SNR, which zero terminal SNR makes 0" in message and not output.exists()
+                                       "--loss", "l2", "--zero_terminal_snr")  # fmt: skip
+    assert "divides by the SNR, which --zero_terminal_snr makes 0" in message and not output.exists()
+    message = launch_expecting_failure("--dataset", "no-such-data", "--output_dir", str(output), "--snr_gamma", "5")
+    assert "use --snr_gamma with --loss l2" in message and not output.exists()

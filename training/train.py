@@ -199,8 +199,8 @@ def parse_args(argv=None):
         "--snr_gamma",
         type=float,
         default=None,
-        help="Weight each image's loss by min-SNR with this gamma (Hang et al. 2023 use 5). Default: unweighted, "
-        "the paper's objective.",
+        help="Weight each image's loss by min-SNR with this gamma (Hang et al. 2023 use 5); needs --loss l2, for "
+        "which the weights are derived. Default: unweighted, the paper's objective.",
     )
     optim.add_argument("--no_ema", dest="use_ema", action="store_false", help="Save the raw weights, not an EMA.")
     optim.add_argument(
@@ -279,9 +279,9 @@ def parse_args(argv=None):
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         parser.error(f"--max_train_minutes must be positive; got {args.max_train_minutes}.")
     try:
-        check_snr_gamma(args.snr_gamma, args.prediction_type, args.zero_terminal_snr)
+        check_snr_gamma(args.snr_gamma, args.prediction_type, args.zero_terminal_snr, args.loss)
     except ValueError as error:
-        parser.error(str(error).replace("snr_gamma", "--snr_gamma"))
+        parser.error(str(error))
     return args
 
 
