@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -281,3 +282,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # All is written (results.json atomically; the logs and output streams flushed here): the interpreter's
+    # teardown of torch, MONAI and diffusers is skipped, 1.5 s of a short run on 2 CPU cores.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
