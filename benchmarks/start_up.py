@@ -1,10 +1,10 @@
 """Where a short command's start-up goes: each import and initialisation timed alone, in a fresh process.
 
 A quick-64 segmenter trained in 12.5 s on an H100 but took 21 s to start (its data loading included), and about
-8 s more went to the launcher and the exit (benchmarks/results/segmentation_loop-h100.json). Each row here is one fresh Python process
-that does one thing (an import, the first CUDA work, an `Accelerator`), run `--repeats` times and timed from
-here, start to exit; `python` of an empty script is the floor. `accelerate launch` of an empty script against `python` of the
-same script is the launcher's share.
+8 s more went to the launcher and the exit (benchmarks/results/segmentation_loop-h100.json). Each row here is one
+fresh Python process that does one thing (an import, the first CUDA work, an `Accelerator`), run `--repeats`
+times and timed from here, start to exit; `python` of an empty script is the floor. `accelerate launch` of an
+empty script against `python` of the same script is the launcher's share.
 
     python benchmarks/start_up.py            # writes benchmarks/results/start_up-<gpu|cpu>.json
 """
