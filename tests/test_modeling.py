@@ -85,28 +85,33 @@ def test_v_prediction_with_zero_terminal_snr_is_kept_in_the_config_and_followed_
     assert make_sampler("ddim", make_polyp_scheduler().config).config.timestep_spacing != "trailing"
 
 
+class PredictsZero(torch.nn.Module):
+    """A denoiser whose prediction is 0: its loss is the target's own size, computable by hand."""
+
+    def forward(self, sample, timestep):
+        return UNet2DOutput(sample=torch.zeros_like(sample[:, :3]))
+
+
+def target_and_timesteps(scheduler, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `diffusion_loss` with a generator seeded `seed` compares the prediction with, and its timesteps."""
+    generator = torch.Generator().manual_seed(seed)  # the same draws as inside the loss
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(0, 250, (len(images),), generator=generator)
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    return (scheduler.get_velocity(images, noise, timesteps) if velocity else noise), timesteps
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_the_loss_compares_the_prediction_with_the_noise_or_the_velocity(prediction_type):
-    class PredictsZero(torch.nn.Module):
-        def forward(self, sample, timestep):
-            return UNet2DOutput(sample=torch.zeros_like(sample[:, :3]))
-
     scheduler = make_polyp_scheduler(prediction_type=prediction_type)
     images, masks = torch.rand(2, 3, 8, 8) * 2 - 1, torch.ones(2, 1, 8, 8)
     loss = diffusion_loss(PredictsZero(), scheduler, images, masks, 1, torch.Generator().manual_seed(0), "l1")
-    generator = torch.Generator().manual_seed(0)  # the same draws as inside the loss
-    noise = torch.randn(images.shape, generator=generator)
-    timesteps = torch.randint(0, 250, (2,), generator=generator)
-    target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
+    target, _ = target_and_timesteps(scheduler, images)
     torch.testing.assert_close(loss, target.abs().mean())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weighting_weights_each_image_by_its_timestep(prediction_type):
-    class PredictsZero(torch.nn.Module):
-        def forward(self, sample, timestep):
-            return UNet2DOutput(sample=torch.zeros_like(sample[:, :3]))
-
     scheduler = make_polyp_scheduler(prediction_type=prediction_type)
     images, masks = torch.rand(4, 3, 8, 8) * 2 - 1, torch.ones(4, 1, 8, 8)
 
@@ -114,10 +119,7 @@ def test_min_snr_weighting_weights_each_image_by_its_timestep(prediction_type):
         generator = torch.Generator().manual_seed(0)
         return diffusion_loss(PredictsZero(), scheduler, images, masks, 1, generator, "l2", snr_gamma)
 
-    generator = torch.Generator().manual_seed(0)  # the same draws as inside the loss
-    noise = torch.randn(images.shape, generator=generator)
-    timesteps = torch.randint(0, 250, (4,), generator=generator)
-    target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
+    target, timesteps = target_and_timesteps(scheduler, images)
     alpha_bar = scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     weights = snr.clamp(max=5) / (snr + 1 if prediction_type == "v_prediction" else snr)
