@@ -3,9 +3,8 @@
 `torch.compile` keeps what it compiled (FX graphs, autograd graphs, kernels) on disk, by default under
 `/tmp/torchinductor_$USER`, keyed by the model's code, shapes and the torch version. Runs `train_throughput.py`
 (the whole training step, compiled) twice in fresh processes that share new, empty cache folders (inductor's and
-Triton's): the first
-call's time is a cold compilation, the second's a warm one, which is what a second training or `generate
---compile` run on the same machine pays.
+Triton's): the first call's time is a cold compilation, the second's a warm one, which is what a second training
+or `generate --compile` run on the same machine pays.
 
     python benchmarks/compile_cache.py                    # 64 px; CUDA in bf16 if present, else CPU in fp32
 """

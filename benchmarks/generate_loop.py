@@ -4,9 +4,9 @@ Times the whole command (model loading, compilation, sampling with per-image see
 `eager`; `compiled` (`--compile`, or `--compile-mode MODE`), whose images are compared with the eager ones
 (the same seeds: what compilation changes, in levels of 255); and `compiled-warm`, the compiled command again,
 whose compilation torch's on-disk cache (from the run before, on the same machine) makes short: what every
-compiled run after the first costs. Without `--model` the denoiser is a preset with
-random weights, saved as a pipeline first: speed does not depend on the weights. Defaults are the quick-64
-study's generation (issue 10's target: 898 pairs at 64 px with 250 DDPM steps in 30 s).
+compiled run after the first costs. Without `--model` the denoiser is a preset with random weights, saved as a
+pipeline first: speed does not depend on the weights. Defaults are the quick-64 study's generation (issue 10's
+target: 898 pairs at 64 px with 250 DDPM steps in 30 s).
 
     python benchmarks/generate_loop.py --mask-dataset data/kvasir-seg-64
 """

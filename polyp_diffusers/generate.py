@@ -169,10 +169,10 @@ def generate_dataset(
     drawn on the CPU and copied for a GPU), so results do not depend on `batch_size` or interruptions; the same
     seed gives other images on a CPU than on a GPU. `compile` compiles the UNet (`torch.compile`, `compile_mode`)
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
-    floating-point rounding, so it is not part of the settings a rerun must match. The requests go in as few batches
-    of at most `batch_size` as there can be, of one size but a shorter last one (`even_batches`); compiled, a last batch smaller than the batches
-    before it is padded to their size (the padding is dropped), so the UNet is compiled once; not with `insert`,
-    whose batches are as many as the frames that take a polyp.
+    floating-point rounding, so it is not part of the settings a rerun must match. The requests go in as few
+    batches of at most `batch_size` as there can be, of one size but a shorter last one (`even_batches`);
+    compiled, a last batch smaller than the batches before it is padded to their size (the padding is dropped),
+    so the UNet is compiled once; not with `insert`, whose batches are as many as the frames that take a polyp.
     Each batch is written to `output/.parts/` as one file named by the requests it holds, atomically; a rerun
     with the same settings skips the batches already there and continues, and the dataset is made of exactly
     those files (any other file there is ignored). The dataset replaces the folder once every batch is done.
