@@ -1,4 +1,4 @@
-"""Speed of one segmentation setting as a user (and the study) runs it: `accelerate launch train_segmentation.py`.
+"""Speed of one segmentation setting as a user (and the study) runs it: `python train_segmentation.py`.
 
 Runs the same setting with each training-step mode (`cuda-graphs`: the step replayed as one CUDA graph, the
 default on a GPU; `eager`: `--no-cuda_graphs`) and records the wall time of the whole command beside the times
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from polyp_diffusers.study import launch_command
+from polyp_diffusers.study import script_command
 
 from common import default_device, write_results
 
@@ -44,7 +44,7 @@ def main():
     results = []
     for mode in modes:
         with tempfile.TemporaryDirectory() as run_dir:
-            command = launch_command("train_segmentation.py", mixed_precision)
+            command = script_command("train_segmentation.py", mixed_precision)
             command += ["--train", "real", "--real", args.dataset, "--test", f"{args.dataset}:test"]
             command += ["--output_dir", run_dir, "--resolution", str(args.resolution), "--max_train_steps"]
             command += [str(args.steps), "--train_batch_size", str(args.batch_size), "--validation_steps"]

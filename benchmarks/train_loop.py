@@ -1,4 +1,4 @@
-"""Speed of the training loop as a user runs it: `accelerate launch training/train.py` on a prepared dataset.
+"""Speed of the training loop as a user (and the study) runs it: `python training/train.py` on a prepared dataset.
 
 Runs train.py for a time budget (`--minutes`, train.py's `--max_train_minutes`) and reads what it logged every
 `--logging_steps`: images/s per window (the first window, which holds start-up and compilation, is reported
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from polyp_diffusers.study import launch_command
+from polyp_diffusers.study import script_command
 
 from common import default_device, write_results
 
@@ -36,7 +36,7 @@ def main():
     device = torch.device(default_device())
 
     with tempfile.TemporaryDirectory() as run_dir:
-        command = launch_command("train.py", args.mixed_precision)
+        command = script_command("train.py", args.mixed_precision)
         command += ["--dataset", args.dataset, "--output_dir", run_dir, "--validation_steps"]
         command += ["10000000", "--checkpointing_steps", "10000000", "--max_train_minutes", str(args.minutes)]
         command += ["--logging_steps", str(args.logging_steps), *train_args]

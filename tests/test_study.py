@@ -1,6 +1,7 @@
 """`polyp-ddpm reproduce`: the whole study on CPU with the smoke preset and the demo data, killed and continued."""
 
 import json
+import sys
 import threading
 
 import pytest
@@ -25,13 +26,13 @@ def finished_study(tmp_path_factory):
     original_run = study_module._run
     lock = threading.Lock()  # segmenters launch from threads
 
-    def run_until_killed(command, log):
+    def run_until_killed(command, log, threads=None):
         with lock:
             launches.append(log.stem)
             killed = len(launches) == 3
         if killed:
             raise Killed
-        original_run(command, log)
+        original_run(command, log, threads)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(study_module, "_run", run_until_killed)
@@ -149,7 +150,20 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
     with pytest.raises(Killed):
         run_study("demo", tmp_path / "study", preset="smoke", denoiser_args="--augment_degrees 0 --max_train_steps 5")
     command = launched[0]
+    # One process: the script itself, with no launcher process importing torch before it.
+    assert command[:4] == [sys.executable, str(study_module.TRAINING_SCRIPTS / "train.py"), "--mixed_precision", "no"]
     assert command[-6:] == ["--augment_degrees", "0", "--max_train_steps", "5", "--resume_from_checkpoint", "latest"]
     assert command[command.index("--max_train_steps") + 1] == "30"  # the preset's first: argparse keeps the last
     arguments = json.loads((tmp_path / "study" / "steps" / "arguments.json").read_text())["result"]
     assert arguments["denoiser_args"] == ["--augment_degrees", "0", "--max_train_steps", "5"]
+
+
+def test_scripts_side_by_side_get_their_share_of_threads_unless_the_user_chose(tmp_path, monkeypatch):
+    print_threads = [sys.executable, "-c", "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    study_module._run(print_threads, tmp_path / "shared.log", threads=3)
+    study_module._run(print_threads, tmp_path / "alone.log")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    study_module._run(print_threads, tmp_path / "chosen.log", threads=3)
+    logs = {name: (tmp_path / f"{name}.log").read_text().split()[-1] for name in ("shared", "alone", "chosen")}
+    assert logs == {"shared": "3", "alone": "None", "chosen": "5"}
