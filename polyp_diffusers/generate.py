@@ -287,7 +287,7 @@ def generate_dataset(
             continue
         start, batch = span.start, requests[span.start : span.stop]
         seeds = [seed + start + offset for offset in range(len(batch))]
-        generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
+        generators = seeded_generators(pipeline.device, seeds)
         if inpaint is not None:
             frames = source.select([row % len(source) for row, _ in batch])
             rows = [row for row, _ in batch]
@@ -301,7 +301,7 @@ def generate_dataset(
                 # as the first time. The padding repeats a mask with seeds no image has, and is dropped.
                 padding = range(len(batch), compiled_batch_size)
                 batch_masks += batch_masks[-1:] * len(padding)
-                generators += [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in padding]
+                generators += seeded_generators(pipeline.device, [seed + start + i for i in padding])
             if compile:
                 compiled_batch_size = len(batch_masks)
             out = pipeline(
@@ -453,6 +453,14 @@ def _first_mask_seed(seed: int, num_masks: int, num_images_per_mask: int) -> int
     return seed + num_masks * num_images_per_mask
 
 
+def seeded_generators(device: torch.device, seeds: list[int]) -> list[torch.Generator]:
+    """
+    One generator per image, on `device`, so each image depends on its seed alone. `device` is read once by the
+    caller: a pipeline's `device` looks through all its modules each time (0.8 ms on 2 CPU cores, per image).
+    """
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
 def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int):
     """
     For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed
@@ -460,7 +468,7 @@ def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int):
     """
 
     def masks_of(indices: list[int]) -> dict:
-        generators = [torch.Generator(mask_pipeline.device).manual_seed(seed + index) for index in indices]
+        generators = seeded_generators(mask_pipeline.device, [seed + index for index in indices])
         masks = mask_pipeline(num_masks=len(indices), generator=generators, batch_size=batch_size).masks
         return {index: (mask, "mask-model", f"newmask-{index:05d}") for index, mask in zip(indices, masks)}
 
