@@ -4,12 +4,13 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="start-up loop-256"  which stages, in this order (default: that, what issue 10 still lacks; then, on the
-#                warm machine, STAGES="sampling segmenter-phases" BUDGET=250)
+#   STAGES="segmenter-phases loop-256"  which stages, in this order (default: that, what issue 10 still lacks, about
+#                430 s; then, on the warm machine, STAGES="sampling start-up" BUDGET=250)
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
-#     segmenter-phases  the same with CUDA graphs only: its start-up phases (timing.start_up_phases_s)
+#     segmenter-phases  the same with CUDA graphs only, as the study runs it (python, no launcher): the 30 s target,
+#                and its start-up phases (timing.start_up_phases_s)
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager, compiled, and compiled
@@ -27,7 +28,11 @@
 #   EXTEND_JOBS=6         segmenters at once in `extend` (its six in one wave)
 #   OBJECTIVE=paper|velocity  the study's denoiser objective (default: paper)
 # Carry: .whl/ (Python 3.12 wheels: diffusers, datasets, dill, multiprocess, monai, importlib_metadata),
-# .devdata/kvasir-seg-256 (from ../shared/data) and .devdata/reference (the authors' code, from ../shared).
+# .devdata/kvasir-seg-256 (from ../shared/data) and .devdata/reference (the authors' code, from ../shared):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 datasets==5.2.0 \
+#     dill==0.4.1 multiprocess==0.70.19 monai==1.6.1 importlib_metadata==8.7.1
+#   mkdir -p .devdata/reference && cp -r ../shared/data/kvasir-seg-256 .devdata/ && cp -r ../shared/reference/* \
+#     .devdata/reference/
 # On a machine without nvidia-smi it runs in the current environment, at toy sizes:
 #   PRESET=smoke BUDGET=400 bash benchmarks/gpu_speed_and_study.sh
 set -u
@@ -42,7 +47,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-start-up loop-256}"
+stages="${STAGES:-segmenter-phases loop-256}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -112,7 +117,7 @@ prepared_64() {  # the 64 px dataset the 64 px stages share
 }
 for current in $stages; do
   case $current in
-  start-up)  # issue 10: what the 21 s before a segmenter's first step (and the 8 s around it) are made of
+  start-up)  # issue 10: what the 21 s before a segmenter's first step (and the 8 s around it) were made of
     prepared_64  # first: the imports' files are read once before they are timed
     stage start_up 150 python3 benchmarks/start_up.py --repeats 1 --output "$results/start_up-$tag.json" ;;
   segmenter-phases)
