@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import diffusers
 import numpy as np
@@ -42,10 +43,20 @@ from .segmentation import TRAIN_SETS, held_out_synthetic, load_test_sets, load_t
 logger = logging.getLogger(__name__)
 
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+
+
+class ExtraSetting(NamedTuple):
+    folder: str  # of its generated pairs, in the study folder
+    insert: bool  # new polyps inserted into real frames, or whole pairs made from new masks
+    argument: str  # the argument of `run_study` (and the recorded one) that asks for it
+
+
 # Training sets beyond the paper's, on request: the real pairs plus one generated pair per training mask that the
 # training set does not contain, with a new mask (the mask augmenter), or a new polyp inserted into a real frame.
-# Each: the folder of those pairs, and whether they are inserted.
-EXTRA_SETTINGS = {"real+new-masks": ("synthetic-new-masks", False), "real+inserted": ("synthetic-inserted", True)}
+EXTRA_SETTINGS = {
+    "real+new-masks": ExtraSetting("synthetic-new-masks", insert=False, argument="new_masks"),
+    "real+inserted": ExtraSetting("synthetic-inserted", insert=True, argument="inserted_polyps"),
+}
 REALISM_SKIPPED = (
     "FID/KID skipped: no Inception weights (pass --inception-weights PATH, or have them in the torch hub cache)"
 )
@@ -291,13 +302,13 @@ def run_study(
     num_masks = study.record("data")["result"]["train"]
     # Each extra set's seeds follow those of the sets before it in EXTRA_SETTINGS, asked for or not, so that a set
     # continued in a study that has since gained another is drawn from the same seeds.
-    for rank, (setting, (folder, insert)) in enumerate(EXTRA_SETTINGS.items(), start=1):
+    for rank, (setting, extra) in enumerate(EXTRA_SETTINGS.items(), start=1):
         if setting not in study_settings(arguments):
             continue
-        extra_pairs[setting] = study.output / folder
+        extra_pairs[setting] = study.output / extra.folder
         study.step(
-            folder,
-            lambda pairs=extra_pairs[setting], insert=insert, rank=rank: len(
+            extra.folder,
+            lambda pairs=extra_pairs[setting], insert=extra.insert, rank=rank: len(
                 generate_dataset(
                     str(denoiser), str(dataset), pairs, new_masks=num_masks, mask_augment=True, insert=insert,
                     seed=rank * num_masks, **sampling,
@@ -359,8 +370,7 @@ def run_study(
 
 def study_settings(arguments: dict) -> list[str]:
     """The training sets of a study's segmenters: the paper's three, and the `EXTRA_SETTINGS` asked for."""
-    asked = {"real+new-masks": arguments.get("new_masks"), "real+inserted": arguments.get("inserted_polyps")}
-    return [*TRAIN_SETS, *(setting for setting in EXTRA_SETTINGS if asked[setting])]
+    return [*TRAIN_SETS, *(setting for setting, extra in EXTRA_SETTINGS.items() if arguments.get(extra.argument))]
 
 
 # train.py flags that the study sets itself: its data, folders and resumption, and the objective it records.
@@ -395,7 +405,7 @@ def _check_train_flags(flags: list[str], extra: list[str]) -> None:
 
 def _adds_settings(previous: dict, arguments: dict) -> bool:
     """Whether `arguments` are a study's `previous` ones with more of the extra training sets asked for."""
-    extras = {"new_masks", "inserted_polyps"}
+    extras = {extra.argument for extra in EXTRA_SETTINGS.values()}
     same = {k: v for k, v in previous.items() if k not in extras} == {
         k: v for k, v in arguments.items() if k not in extras
     }
@@ -515,7 +525,9 @@ def _figures(study: Study, summary: dict) -> list[str]:
         plt.close(figure)
         written.append("loss.png")
     generated = [
-        name for name in ("synthetic", *(f for f, _ in EXTRA_SETTINGS.values())) if (study.output / name).is_dir()
+        name
+        for name in ("synthetic", *(extra.folder for extra in EXTRA_SETTINGS.values()))
+        if (study.output / name).is_dir()
     ]
     if generated:
         _pairs_figure([study.output / name for name in generated], study.output / "pairs.png", plt)
@@ -574,9 +586,9 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     fidelity = [run["mask_fidelity"] for run in runs if run["train"] == "real" and "mask_fidelity" in run]
     # And on each extra set's pairs made from the held-out real pairs (studies made before this have none).
     extra_fidelity = {
-        setting: summarize_scores(records[f"fidelity-{EXTRA_SETTINGS[setting][0]}"]["result"])
+        setting: summarize_scores(records[f"fidelity-{EXTRA_SETTINGS[setting].folder}"]["result"])
         for setting in study_settings(arguments)[len(TRAIN_SETS) :]
-        if records.get(f"fidelity-{EXTRA_SETTINGS[setting][0]}", {}).get("result")
+        if records.get(f"fidelity-{EXTRA_SETTINGS[setting].folder}", {}).get("result")
     }
     results = segmentation_results(runs)
     if "fid" in realism:
