@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from .arguments import HelpFormatter, count_or_fraction, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
-from .folders import write_text_atomically
+from .folders import check_result_file, write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, update_model_card
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
@@ -285,6 +285,8 @@ def _add_fid(subparsers):
 
 
 def _run_fid(args):
+    if args.output:
+        check_result_file(args.output, "scores")
     real = load_polyp_dataset(args.real, split=args.real_split)
     generated = load_polyp_dataset(args.generated, split=args.generated_split)
     if isinstance(generated, DatasetDict):
@@ -312,7 +314,7 @@ def _run_fid(args):
         f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
     )
     if args.output:
-        Path(args.output).write_text(json.dumps({**fid_results(scores), "scores": scores}, indent=2))
+        write_text_atomically(Path(args.output), json.dumps({**fid_results(scores), "scores": scores}, indent=2))
 
 
 def _add_mask_fidelity(subparsers):
@@ -337,6 +339,8 @@ def _add_mask_fidelity(subparsers):
 def _run_mask_fidelity(args):
     from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
 
+    if args.output:
+        check_result_file(args.output, "segmenter_trained_on")
     segmenter = load_trained_segmenter(args.segmenter)
     path, split = parse_dataset_spec(args.dataset, default_split="train")
     scores = _score_mask_fidelity(

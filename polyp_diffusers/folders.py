@@ -5,13 +5,17 @@ place once complete. A previous output is moved aside (`.<name>.previous`) first
 one is in place; a run killed between the two moves is repaired by the next run on the same output.
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 
 def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | None]) -> None:
-    """Refuses an output that is, or lies above, one of the inputs (`{what: path}`): replacing it would delete them."""
+    """
+    Refuses an output that is, lies above or lies inside one of the inputs (`{what: path}`): replacing it would
+    delete them, and writing inside one mixes the output into it (where rewriting that input would delete it).
+    """
     target = Path(output).resolve()
     for what, value in inputs.items():
         if value is not None and Path(value).exists():
@@ -21,6 +25,32 @@ def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | None])
                     f"the output {output} is or contains the {what} {value}; writing it would delete the input. "
                     "Choose another output folder."
                 )
+            if path in target.parents:
+                raise ValueError(
+                    f"the output {output} lies inside the {what} {value}; writing it would mix it into the input. "
+                    "Choose a folder outside it."
+                )
+
+
+def check_result_file(path: str | os.PathLike, key: str) -> None:
+    """
+    Refuses, before any work, a result file that cannot be written, or that holds something other than an earlier
+    result of the same command (a JSON object with `key`): writing would destroy it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a file to write.")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--output {path}: the folder {path.parent} does not exist.")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict) or key not in earlier:
+            raise ValueError(
+                f"--output {path} exists and is not an earlier result of this command; choose another file name."
+            )
 
 
 def check_is_folder(output: str | os.PathLike) -> None:

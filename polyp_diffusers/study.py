@@ -350,6 +350,7 @@ def run_study(
                     *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
                              "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
                     *[flag for spec in test_specs for flag in ("--test", spec)],
+                    "--overwrite",  # a run the study has not recorded as done is the study's own stale one
                 ]  # fmt: skip
                 work = lambda command=command, run_dir=run_dir, setting=setting: {  # noqa: E731
                     **(

@@ -342,6 +342,23 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     assert "| FID |" in scores["markdown"] and scores["eval_results"][0]["metric_type"] == "fid"
 
 
+def test_a_result_file_is_refused_before_any_work_where_writing_would_destroy_something(tmp_path, capsys):
+    notes, earlier = tmp_path / "notes.txt", tmp_path / "fid.json"
+    notes.write_text("mine")
+    earlier.write_text(json.dumps({"scores": {"fid": 1.0}}))
+    argv = ["fid", "--real", str(tmp_path / "no-such-set"), "--generated", str(tmp_path / "no-such-set")]
+    for output, reason in {
+        notes: "exists and is not an earlier result of this command",
+        tmp_path: "is a folder; name a file",
+        tmp_path / "missing" / "fid.json": "does not exist",
+    }.items():
+        assert polyp_ddpm([*argv, "--output", str(output)]) == 1
+        assert reason in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    assert polyp_ddpm([*argv, "--output", str(earlier)]) == 1  # an earlier result may be replaced: the data fail
+    assert "no-such-set" in capsys.readouterr().err
+
+
 # DINOv2 features (transformers) -------------------------------------------------------------------------------
 
 
@@ -495,6 +512,38 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     phases = list(timing["start_up_phases_s"].values())
     assert list(timing["start_up_phases_s"]) == ["imports", "accelerator", "datasets", "pair_tensors"]
     assert 0 < phases[0] and phases == sorted(phases) and phases[-1] <= timing["start_up_s"]
+
+
+def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_line(demo_masks, tmp_path):
+    def train(output, *flags):
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real", "--real",
+             str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output), "--resolution", "32",
+             "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2", "--validation_size", "2",
+             *flags],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    finished, other = tmp_path / "finished", tmp_path / "other"
+    assert train(finished).returncode == 0
+    results = (finished / "results.json").read_text()
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refusals = {
+        (finished,): "holds a finished run (results.json): choose another folder, or pass --overwrite",
+        (demo_masks / "run",): "lies inside the real dataset",
+        (other, "--overwrite"): "holds notes.txt, which this script does not write",
+        (tmp_path / "new", "--test", f"{demo_masks}:nope"): "nope",
+        (tmp_path / "new", "--validation_size", "0"): "argument --validation_size: 0 is neither a whole count",
+    }
+    for (output, *flags), reason in refusals.items():
+        result = train(output, *flags)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert reason in result.stderr.strip().splitlines()[-1]
+    assert (finished / "results.json").read_text() == results and (other / "notes.txt").read_text() == "mine"
+    assert not (demo_masks / "run").exists()
+    assert train(finished, "--overwrite", "--seed", "1").returncode == 0
+    assert json.loads((finished / "results.json").read_text())["config"]["seed"] == 1
 
 
 def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_masks, tmp_path):

@@ -27,6 +27,7 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
     training_seconds,
+    unexpected_entries,
     write_training_seconds,
 )
 from polyp_diffusers.transforms import shuffled_batches, tensor_batches
@@ -370,6 +371,16 @@ def test_only_complete_checkpoints_count_as_latest(tmp_path):
         resolve_checkpoint(str(tmp_path / "checkpoint-99"), tmp_path)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "other"), tmp_path)
+    assert resolve_checkpoint("checkpoint-7", tmp_path) == tmp_path / "checkpoint-7"  # a bare name: in output_dir
+
+
+def test_a_new_run_may_only_write_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    for name in ("logs", "validation", "checkpoint-4.partial", ".pipeline.partial"):
+        (tmp_path / name).mkdir()
+    assert unexpected_entries(tmp_path, "logs") == [] and unexpected_entries(tmp_path / "missing", "logs") == []
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert unexpected_entries(tmp_path, "logs") == ["checkpoint-8", "notes.txt"]
 
 
 def test_the_previous_checkpoint_is_the_newest_from_an_earlier_step(tmp_path):
@@ -442,6 +453,31 @@ def test_tensor_batches_index_the_pairs_from_a_given_batch_on():
     got = list(tensor_batches(images, masks, batches, start=1))
     assert [batch["images"][:, 0, 0, 0].tolist() for batch in got] == [[2.0, 3.0], [1.0, 4.0]]
     assert all(batch["masks"].dtype == torch.float32 for batch in got)
+
+
+def test_an_output_folder_inside_the_dataset_or_holding_other_files_is_refused_untouched(
+    demo_dataset, finished_run, tmp_path
+):
+    notes = tmp_path / "other" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    finished = {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")}
+    refusals = {
+        demo_dataset / "run": "lies inside the dataset",
+        notes.parent: "already holds notes.txt: train.py writes no new run over files it did not make",
+        finished_run: "already holds README.md, card.json, checkpoint-12",  # finished: resume it, or write elsewhere
+    }
+    for output, reason in refusals.items():
+        result = subprocess.run(
+            [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert reason in result.stderr.strip().splitlines()[-1]
+    assert not (demo_dataset / "run").exists() and notes.read_text() == "mine"
+    assert {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")} == finished
 
 
 def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):

@@ -76,6 +76,7 @@ def main(argv=None):
             synthetic,
             "--output_dir",
             str(run_dir),
+            "--overwrite",  # each setting is trained anew by each run of this command
             *segmentation_flags,
         ]
         for test in args.test:

@@ -38,8 +38,9 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.arguments import HelpFormatter
+from polyp_diffusers.arguments import HelpFormatter, positive_int
 from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.folders import check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
 from polyp_diffusers.modeling import (
@@ -62,6 +63,7 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
     training_seconds,
+    unexpected_entries,
     write_training_seconds,
 )
 from polyp_diffusers.transforms import (
@@ -118,7 +120,9 @@ def parse_args(argv=None):
     data.add_argument(
         "--validation_split", default="test", help="Split whose masks (and images) fill the validation grid."
     )
-    data.add_argument("--resolution", type=int, default=None, help="Training size; default: the model preset's.")
+    data.add_argument(
+        "--resolution", type=positive_int, default=None, help="Training size; default: the model preset's."
+    )
     data.add_argument("--augment_degrees", type=float, default=45.0, help="Random rotation range, +-degrees.")
     data.add_argument("--augment_flip_probability", type=float, default=0.5, help="Chance of a joint horizontal flip.")
     data.add_argument(
@@ -173,7 +177,7 @@ def parse_args(argv=None):
         default=2,
         help="Micro-batches per optimizer step (the paper: 2 of 32, so 64 images per step).",
     )
-    optim.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer steps.")
+    optim.add_argument("--max_train_steps", type=positive_int, default=100_000, help="Optimizer steps.")
     optim.add_argument(
         "--max_train_minutes",
         type=float,
@@ -379,9 +383,9 @@ def resume(accelerator, resume_from, output_dir):
             earlier = previous_checkpoint(checkpoint)
             if resume_from != "latest":
                 hint = f"resume from {earlier} instead" if earlier else "no earlier checkpoint is beside it"
-                raise RuntimeError(f"{problem}; {hint}.") from error
+                raise ValueError(f"{problem}; {hint}.") from error
             if earlier is None:
-                raise RuntimeError(
+                raise ValueError(
                     f"{problem}, and there is no earlier checkpoint in {output_dir}. To start a new run, move the "
                     f"checkpoint-* folders away (or choose another --output_dir), without --resume_from_checkpoint."
                 ) from error
@@ -393,12 +397,17 @@ def resume(accelerator, resume_from, output_dir):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    # The data first: a wrong --dataset is one line of error, before anything is written.
-    try:
-        train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
-        validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    # The data and the output folder first: a wrong one is one line of error, before anything is written.
+    train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
+    validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
+    check_output_apart(output_dir, {"dataset": args.dataset})
+    if resolve_checkpoint(args.resume_from_checkpoint, output_dir) is None:
+        if unexpected := unexpected_entries(output_dir, args.logging_dir):
+            raise ValueError(
+                f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py writes no new run "
+                "over files it did not make. Continue the run there with --resume_from_checkpoint latest, or choose "
+                "an empty or new folder."
+            )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -713,4 +722,7 @@ def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_bat
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input or damaged files: what is wrong, in one line
+        raise SystemExit(f"error: {error}") from None

@@ -28,9 +28,9 @@ from accelerate.utils import AutocastKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyp_diffusers.arguments import HelpFormatter
-from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.folders import write_text_atomically
+from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, positive_int
+from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
+from polyp_diffusers.folders import check_output_apart, write_text_atomically
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -55,6 +55,8 @@ from polyp_diffusers.transforms import (
 )
 
 logger = get_logger(__name__)
+# What a run writes in --output_dir (each through a `.partial` file renamed into place).
+OUTPUT_FILES = ("best.safetensors", "results.json")
 # Where a start-up goes (the interpreter and these imports, then main's phases), for timing.start_up_phases_s.
 IMPORTED_AFTER_S = seconds_since_process_start()
 
@@ -79,7 +81,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--validation_size",
-        type=float,
+        type=count_or_fraction,
         default=0.1,
         help="Fraction (or count) of the real training pairs held out for checkpoint selection.",
     )
@@ -98,11 +100,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--segformer_size", choices=sorted(SEGFORMER_SIZES), default="b0", help="MiT encoder size without weights."
     )
-    parser.add_argument("--resolution", type=int, default=256, help="Training and test size.")
-    parser.add_argument("--train_batch_size", type=int, default=8, help="Per device.")
+    parser.add_argument("--resolution", type=positive_int, default=256, help="Training and test size.")
+    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Per device.")
     parser.add_argument(
         "--max_train_steps",
-        type=int,
+        type=positive_int,
         default=11250,
         help="Same for every setting (100 epochs of 900 real pairs at batch 8).",
     )
@@ -122,6 +124,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output_dir", required=True, help="Best weights (safetensors) and results.json go here.")
     parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a finished run in --output_dir (never other files)."
+    )
+    parser.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
     )
     parser.add_argument(
@@ -137,6 +142,29 @@ def parse_args(argv=None):
     return args
 
 
+def check_output_dir(args) -> Path:
+    """
+    The output folder, refused where this run would mix with, or replace, what it should not: an input's folder,
+    files this script does not write, or a finished run unless `--overwrite`.
+    """
+    output_dir = Path(args.output_dir)
+    inputs = {"real dataset": args.real, "synthetic dataset": args.synthetic}
+    inputs.update({f"test set {spec}": parse_dataset_spec(spec)[0] for spec in args.test})
+    check_output_apart(output_dir, inputs)
+    held = {entry.name for entry in output_dir.iterdir()} if output_dir.is_dir() else set()
+    if foreign := sorted(held - set(OUTPUT_FILES) - {f"{name}.partial" for name in OUTPUT_FILES}):
+        raise ValueError(
+            f"--output_dir {output_dir} holds {', '.join(foreign[:5])}, which this script does not write: "
+            "choose an empty or new folder."
+        )
+    if "results.json" in held and not args.overwrite:
+        raise ValueError(
+            f"--output_dir {output_dir} holds a finished run (results.json): choose another folder, or pass "
+            "--overwrite to replace it."
+        )
+    return output_dir
+
+
 def use_cuda_graphs(requested: bool | None, device: torch.device, mixed_precision: str, num_processes: int) -> bool:
     """Whether the training step runs as a CUDA graph: `--cuda_graphs`, or by default wherever it can."""
     possible = device.type == "cuda" and mixed_precision != "fp16" and num_processes == 1
@@ -150,6 +178,7 @@ def use_cuda_graphs(requested: bool | None, device: torch.device, mixed_precisio
 
 def main(argv=None):
     args = parse_args(argv)
+    output_dir = check_output_dir(args)
     # No autocast cache of cast weights: each weight is cast once a step anyway, and the cache must not outlive
     # a captured graph's memory.
     accelerator = Accelerator(
@@ -161,8 +190,6 @@ def main(argv=None):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     real = load_polyp_dataset(args.real, split=args.real_split)
     synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split) if args.train != "real" else None
@@ -175,6 +202,10 @@ def main(argv=None):
         )
     tests = load_test_sets(args.test)
     start_up_phases["datasets"] = seconds_since_process_start()
+    # The inputs are sound: a finished run being replaced loses its results first, so that a killed rerun never
+    # leaves them beside new weights.
+    (output_dir / "results.json").unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
         f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
@@ -281,7 +312,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input or damaged files: what is wrong, in one line
+        raise SystemExit(f"error: {error}") from None
     # All is written (results.json atomically; the logs and output streams flushed here): the interpreter's
     # teardown of torch, MONAI and diffusers is skipped, 1.5 s of a short run on 2 CPU cores.
     logging.shutdown()
