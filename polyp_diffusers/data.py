@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,11 +262,9 @@ def read_pairs(
     into `scratch`), or a Hub dataset id.
     """
     path = Path(source)
-    if path.is_file() and zipfile.is_zipfile(path):
-        extracted = Path(scratch)
-        with zipfile.ZipFile(path) as archive:
-            archive.extractall(extracted)
-        pairs, problems = pairs_from_folder(extracted, image_dir, mask_dir)
+    if path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)):
+        _extract_zip(path, scratch)
+        pairs, problems = pairs_from_folder(Path(scratch), image_dir, mask_dir)
         return {"all": pairs}, problems
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -277,6 +276,15 @@ def read_pairs(
     if path.exists():
         raise ValueError(f"{source} is neither a folder nor a zip file.")
     return _pairs_from_datasets(_load_hub_dataset(source), source), []
+
+
+def _extract_zip(path: Path, folder: str | os.PathLike) -> None:
+    """Extracts a zip source; a truncated or corrupt download is named as such, not as "not a zip file"."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(folder)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path} is a damaged or incomplete zip file ({error}); download it again.") from error
 
 
 def is_hub_id(name: str) -> bool:
@@ -339,24 +347,40 @@ def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, li
 
 
 def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
-    """A JSON object whose list-valued keys are split names and their ids (other keys are ignored)."""
-    content = json.loads(Path(path).read_text())
+    """
+    A JSON object whose list-valued keys are split names and their ids (other keys are ignored). An id listed
+    twice is refused, whatever `skip_invalid` says: in two splits it leaks test pairs into training (scores that
+    look better than they are), and dropping it instead would silently change a published split's counts.
+    """
+    expected = 'expected an object of split names and their ids, e.g. {"train": [ids], "test": [ids]}'
+    try:
+        content = json.loads(Path(path).read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}); {expected}.") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} holds a JSON {type(content).__name__}; {expected}.")
     splits = {name: [str(i) for i in ids] for name, ids in content.items() if isinstance(ids, list)}
     if not splits:
-        raise ValueError(f"{path} has no list of ids; expected e.g. {{'train': [...], 'test': [...]}}.")
+        raise ValueError(f"{path} has no list of ids; {expected}.")
+    splits_of: dict[str, list[str]] = {}
+    for name, ids in splits.items():
+        for i in ids:
+            splits_of.setdefault(i, []).append(name)
+    repeated = [f"{i} ({', '.join(names)})" for i, names in splits_of.items() if len(names) > 1]
+    if repeated:
+        raise ValueError(
+            f"{path} lists {len(repeated)} id(s) more than once: {'; '.join(repeated)}; give each one split."
+        )
     return splits
 
 
 def _assign_splits(ids: list[str], split_lists: dict[str, list[str]], problems: list[Problem]) -> dict[str, list[str]]:
     known = set(ids)
-    assigned: dict[str, str] = {}
+    assigned = {i for members in split_lists.values() for i in members}
     for split, members in split_lists.items():
         for i in members:
-            if i in assigned:
-                problems.append(Problem(i, "id in two splits", f"{assigned[i]} and {split}"))
-            elif i not in known:
+            if i not in known:
                 problems.append(Problem(i, "id in split file but not in source", split))
-            assigned.setdefault(i, split)
     for i in ids:
         if i not in assigned:
             problems.append(Problem(i, "id in source but in no split", "add it to the split file"))
@@ -380,6 +404,7 @@ def build_dataset(
     a dataset that has splits keeps them. With `skip_invalid=False` any problem raises `DataValidationError`
     listing all of them; otherwise the valid pairs are kept and the problems returned.
     """
+    split_file_lists = read_split_file(split_file) if split_file is not None else None  # fail before validating
     rows: dict[str, dict] = {}
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="polyp-data-") as scratch:
@@ -396,7 +421,7 @@ def build_dataset(
                     problems.append(Problem(pair.id, "invalid pair", str(error)))
 
     if split_file is not None:
-        split_lists = _assign_splits(sorted(rows), read_split_file(split_file), problems)
+        split_lists = _assign_splits(sorted(rows), split_file_lists, problems)
     if problems and not skip_invalid:
         raise DataValidationError(problems)
     if not rows:
@@ -405,12 +430,15 @@ def build_dataset(
         split_lists = split_ids(sorted(rows), test_size, seed)
     elif split_file is None:
         split_lists = {split: [i for i, s in split_of.items() if s == split] for split in raw_splits}
+    # A missing split breaks whatever reads it later (`--split test`), so it is an error, not a smaller dataset.
+    empty = [split for split, ids in split_lists.items() if not ids]
+    if empty:
+        of_split_file = f" of {split_file}" if split_file else ""
+        raise ValueError(
+            f"{source} has no valid image/mask pair for split(s) {', '.join(empty)}{of_split_file}; nothing was written."
+        )
     dataset = DatasetDict(
-        {
-            split: Dataset.from_list([rows[i] for i in ids], features=FEATURES)
-            for split, ids in split_lists.items()
-            if ids
-        }
+        {split: Dataset.from_list([rows[i] for i in ids], features=FEATURES) for split, ids in split_lists.items()}
     )
     return dataset, problems
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pyarrow
+import pyarrow.parquet
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
@@ -22,7 +24,7 @@ from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summari
 from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
-from .training_utils import CHECKPOINT_PATTERN
+from .training_utils import CHECKPOINT_PATTERN, non_finite_weights
 
 GENERATED_FEATURES = Features(
     {**FEATURES, "seed": Value("int64"), "model": Value("string"), "source_id": Value("string")}
@@ -69,6 +71,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class
         pipeline = pipeline_class.from_pretrained(model, dtype=dtype)
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
+    _check_weights(model, pipeline.unet)
     if is_mask_model(pipeline.unet.config) != (pipeline_class is PolypMaskPipeline):
         what, flag = (
             ("a model of masks alone", "--mask-model")
@@ -77,6 +80,25 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class
         )
         raise ValueError(f"{model} is {what}: pass it as {flag}.")
     return pipeline
+
+
+def _check_weights(model: str, unet: torch.nn.Module) -> None:
+    """
+    Refuses weights that would sample nonsense: ones the file lacks (diffusers leaves them on the `meta` device, and
+    sampling fails far from the cause) and ones holding NaN or inf (all-black images, and no error at all).
+    """
+    missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
+    if missing:
+        raise ValueError(
+            f"{model} lacks {len(missing)} weight tensors of its UNet (first: {', '.join(missing[:3])}): its unet/ "
+            "weights file is incomplete or damaged: save or download the pipeline again."
+        )
+    non_finite = non_finite_weights(unet)
+    if non_finite:
+        raise ValueError(
+            f"{model} has NaN or inf in {len(non_finite)} weight tensors of its UNet (first: "
+            f"{', '.join(non_finite[:3])}): the training diverged or the file is damaged."
+        )
 
 
 def _read_settings(path: Path) -> dict | None:
@@ -284,7 +306,11 @@ def generate_dataset(
     part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
     for span, part in tqdm(list(zip(batches, part_files)), desc="Generating", unit="batch"):
         if part.exists():
-            continue
+            if _is_whole_part(part, len(span)):
+                continue
+            logger.warning(
+                f"{part} is damaged (unreadable, or not its {len(span)} pairs): its batch is generated again."
+            )
         start, batch = span.start, requests[span.start : span.stop]
         seeds = [seed + start + offset for offset in range(len(batch))]
         generators = seeded_generators(pipeline.device, seeds)
@@ -353,6 +379,17 @@ def generate_dataset(
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
+
+
+def _is_whole_part(part: Path, num_pairs: int) -> bool:
+    """
+    Whether a part file's parquet footer is readable and counts its batch's pairs. Parts are written atomically, but a
+    disk problem can still truncate one, and the dataset cannot be assembled until its batch is generated again.
+    """
+    try:
+        return pyarrow.parquet.read_metadata(part).num_rows == num_pairs
+    except (OSError, pyarrow.ArrowException):
+        return False
 
 
 def even_batches(num_requests: int, batch_size: int) -> list[range]:

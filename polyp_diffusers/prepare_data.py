@@ -46,6 +46,8 @@ def prepare_dataset(
     if test_size is not None:
         check_test_size(test_size)
     check_positive_int(demo_pairs, "demo_pairs")
+    if source == DEMO_SOURCE and split_file is not None:  # its ids are made up: no list of real ids can split it
+        raise ValueError("the demo set is split at random (--test-size, --seed); a --split-file cannot name its ids.")
     check_is_folder(output)
     check_output_apart(output, {"source": source, "split file": split_file})
     recover_interrupted_write(output)

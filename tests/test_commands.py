@@ -11,8 +11,10 @@ import PIL.Image
 import pytest
 from datasets import Dataset, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
+from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import staging_folder
@@ -49,6 +51,14 @@ def test_prepare_data_never_overwrites_its_own_source(pair_folder, output_of):
     with pytest.raises(ValueError, match="would delete the input"):
         prepare_dataset(str(pair_folder), output_of(pair_folder), test_size=1, overwrite=True)
     assert sorted(p.name for p in (pair_folder / "images").iterdir()) == before
+
+
+def test_the_demo_set_refuses_a_split_file_rather_than_ignore_it(tmp_path):
+    split_file = tmp_path / "split.json"
+    split_file.write_text('{"train": ["a"], "test": ["b"]}')
+    with pytest.raises(ValueError, match="demo set is split at random"):
+        prepare_dataset("demo", tmp_path / "demo", split_file=str(split_file))
+    assert not (tmp_path / "demo").exists()
 
 
 def test_a_folder_with_images_but_no_masks_names_the_missing_folder(tmp_path):
@@ -304,6 +314,57 @@ def test_a_model_with_only_pickled_weights_is_refused_with_the_way_out(tiny_pipe
     tiny_pipeline.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     with pytest.raises(ValueError, match="only pickled .bin weights.*use_safetensors=False"):
         load_pipeline(str(tmp_path / "pickled"))
+
+
+def _without_conv_in_weight(weights: dict) -> None:
+    del weights["conv_in.weight"]
+
+
+def _with_nan_in_conv_in_weight(weights: dict) -> None:
+    weights["conv_in.weight"][0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [(_without_conv_in_weight, "lacks 1 weight tensors"), (_with_nan_in_conv_in_weight, "NaN or inf in 1 weight")],
+)
+def test_a_model_with_missing_or_non_finite_weights_is_refused_by_name_before_any_work(
+    capsys, tiny_pipeline, demo_masks, tmp_path, damage, expected
+):
+    model = tmp_path / "damaged"
+    tiny_pipeline.save_pretrained(model)
+    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    damage(weights)
+    save_file(weights, weights_file)
+    output = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "generate", "--model", model, "--mask-dataset", demo_masks, "--split", "test", "--output", output
+    )
+    error = err.splitlines()[-1]  # after the loading progress bar
+    assert code == 1 and error.startswith(f"error: {model} ") and expected in error and "conv_in.weight" in error
+    assert "Traceback" not in err and not output.exists()
+
+
+def test_a_damaged_part_is_generated_again_by_the_same_command(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog
+):
+    """A part truncated on disk (the run stopped before assembling): the rerun redoes its batch, same seeds, same images."""
+    settings = dict(GENERATION, batch_size=2)
+    expected = generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "whole", **settings)["test"]
+    output = tmp_path / "synthetic"
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "concatenate_datasets", lambda parts: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    damaged = output / PARTS_DIR / "part-000000-000002.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="polyp_diffusers.generate"):
+        generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)["test"]
+    assert [message for message in caplog.messages if "damaged" in message] == [
+        f"{damaged} is damaged (unreadable, or not its 2 pairs): its batch is generated again."
+    ]
+    assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 
 
 def test_prepare_data_overwrite_replaces_only_a_prepared_dataset(pair_folder, tmp_path):

@@ -90,13 +90,25 @@ def test_resolution_resizes_images_and_masks(good_folder):
     assert (row["width"], row["height"]) != (32, 32)  # the original size is recorded
 
 
-def test_a_zip_as_downloaded_is_read(good_folder, tmp_path):
+@pytest.fixture
+def good_zip(good_folder, tmp_path):
+    """The good folder zipped as Kvasir-SEG is downloaded (one folder inside)."""
     archive = tmp_path / "kvasir-seg.zip"
     with zipfile.ZipFile(archive, "w") as zipped:
         for path in good_folder.rglob("*"):
             zipped.write(path, path.relative_to(good_folder.parent))
-    dataset, problems = build_dataset(str(archive), test_size=2, seed=0)
+    return archive
+
+
+def test_a_zip_as_downloaded_is_read(good_zip):
+    dataset, problems = build_dataset(str(good_zip), test_size=2, seed=0)
     assert problems == [] and len(dataset["train"]) == 8
+
+
+def test_a_truncated_zip_is_named_as_damaged(good_zip):
+    good_zip.write_bytes(good_zip.read_bytes()[: good_zip.stat().st_size // 2])
+    with pytest.raises(ValueError, match="kvasir-seg.zip is a damaged or incomplete zip file"):
+        build_dataset(str(good_zip), test_size=2)
 
 
 def test_split_is_seeded_and_deterministic():
@@ -126,6 +138,36 @@ def test_split_file_ids_must_match_the_source(good_folder, tmp_path):
         build_dataset(str(good_folder), split_file=str(split_file))
     kinds = {(p.id, p.kind) for p in raised.value.problems}
     assert kinds == {("missing", "id in split file but not in source"), ("case09", "id in source but in no split")}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("[1, 2]", "holds a JSON list; expected an object of split names"), ("{train: 1}", "is not valid JSON")],
+)
+def test_a_split_file_of_another_shape_is_named(good_folder, tmp_path, content, message):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(content)
+    with pytest.raises(ValueError, match=f"split.json {message}"):
+        build_dataset(str(good_folder), split_file=str(split_file))
+
+
+@pytest.mark.parametrize("train_ids", [["case00", "case01"], ["unknown"]])
+def test_a_split_left_without_pairs_is_an_error_even_with_skip_invalid(good_folder, tmp_path, train_ids):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": train_ids, "test": ["not-in-source"]}))
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no valid image/mask pair for split\(s\) .*test of .*split.json"):
+        prepare_dataset(str(good_folder), output, split_file=str(split_file), skip_invalid=True)
+    assert not output.exists()
+
+
+def test_an_id_in_two_splits_is_an_error_even_with_skip_invalid(good_folder, tmp_path):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": [f"case{i:02d}" for i in range(8)], "test": ["case07", "case08"]}))
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"split.json lists 1 id\(s\) more than once: case07 \(train, test\)"):
+        prepare_dataset(str(good_folder), output, split_file=str(split_file), skip_invalid=True)
+    assert not output.exists()
 
 
 @pytest.fixture
