@@ -4,8 +4,8 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="segmenter-phases loop-256"  which stages, in this order (default: that, what issue 10 still lacks, about
-#                430 s; then, on the warm machine, STAGES="sampling start-up" BUDGET=250)
+#   STAGES="segmenter-phases sampling loop-256"  which stages, in this order (default: that, what issue 10 still
+#                lacks, about 510 s; then, on the warm machine, STAGES=start-up BUDGET=160)
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
@@ -47,7 +47,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-segmenter-phases loop-256}"
+stages="${STAGES:-segmenter-phases sampling loop-256}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -141,7 +141,7 @@ for current in $stages; do
     stage generate_loop 270 python3 benchmarks/generate_loop.py --mask-dataset "$work/kvasir-64" \
       "${generation[@]}" --output "$results/generate_loop_64-$tag.json" ;;
   sampling)  # issue 10: 250 DDPM steps at 256 px, per-image seeds, >= 3x the authors' sampler on the same card
-    stage sampling_256 100 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
+    stage sampling_256 130 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
       "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json" ;;
   sampling-compiled)
     stage sampling_256_compile 150 python3 benchmarks/sample_throughput.py "${sampling[@]}" \

@@ -384,7 +384,12 @@ def _add_card(subparsers):
 
 
 def _run_card(args):
-    results = {path: json.loads(Path(path).read_text()) for path in args.results}
+    results = {}
+    for path in args.results:
+        try:
+            results[path] = json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
     print(f"Updated {update_model_card(load_pipeline(args.model_dir), args.model_dir, results)}")
 
 

@@ -490,7 +490,13 @@ def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | D
     Loads a prepared dataset (a `prepare-data` folder or a Hub id) and checks it has the polyp schema. With
     `split`, returns that split; a single dataset without splits is returned only when no split is asked for.
     """
-    loaded = load_from_disk(path_or_id) if Path(path_or_id).exists() else _load_hub_dataset(path_or_id)
+    if Path(path_or_id).exists():
+        try:
+            loaded = load_from_disk(path_or_id)
+        except (ValueError, OSError) as error:  # not a saved dataset, or a damaged one (truncated Arrow, bad JSON)
+            raise ValueError(f"{path_or_id} cannot be read as a prepared dataset: {error}") from error
+    else:
+        loaded = _load_hub_dataset(path_or_id)
     _check_pair_columns(loaded if isinstance(loaded, DatasetDict) else {"dataset": loaded}, path_or_id)
     if split is None:
         return loaded

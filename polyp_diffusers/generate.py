@@ -266,6 +266,9 @@ def generate_dataset(
         return load_from_disk(str(output))
     pipeline = load_pipeline(model, DTYPES[dtype])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
+    trained_steps = pipeline.scheduler.config.num_train_timesteps
+    if num_inference_steps > trained_steps:  # else diffusers says so only at the first batch, mid-progress-bar
+        raise ValueError(f"--steps {num_inference_steps}: the model's schedule has {trained_steps} steps, no more.")
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
     if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet

@@ -153,6 +153,16 @@ def test_generate_refuses_a_folder_it_did_not_write_even_with_overwrite(saved_pi
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
+def test_more_steps_than_the_model_was_trained_with_are_refused_before_any_work(
+    saved_pipeline_dir, demo_masks, tmp_path
+):
+    with pytest.raises(ValueError, match="--steps 1000: the model's schedule has 250 steps, no more"):
+        generate_dataset(
+            str(saved_pipeline_dir), str(demo_masks), tmp_path / "out", **{**GENERATION, "num_inference_steps": 1000}
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("which", ["model", "masks"])
 def test_generate_never_writes_over_its_inputs(saved_pipeline_dir, demo_masks, which):
     before = sorted(p.name for p in demo_masks.iterdir())

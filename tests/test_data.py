@@ -75,6 +75,13 @@ def test_folder_pairs_become_the_project_schema(good_folder):
     assert ids == [f"case{i:02d}" for i in range(10)]
 
 
+def test_a_damaged_prepared_dataset_is_named_when_loaded(tmp_path):
+    prepare_dataset("demo", tmp_path / "demo", demo_pairs=8, resolution=32)
+    (tmp_path / "demo" / "dataset_dict.json").write_text('{"splits": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'demo'} cannot be read as a prepared dataset"):
+        load_polyp_dataset(str(tmp_path / "demo"), split="train")
+
+
 def test_original_image_files_are_kept_byte_for_byte(good_folder):
     dataset, _ = build_dataset(str(good_folder), test_size=2, seed=0)
     stored = dataset["train"].cast_column("image", FEATURES["image"].__class__(decode=False))[0]

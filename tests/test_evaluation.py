@@ -632,7 +632,7 @@ def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fid
 
 
 def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(
-    demo_masks, generated, saved_pipeline_dir, tmp_path
+    demo_masks, generated, saved_pipeline_dir, tmp_path, capsys
 ):
     output = tmp_path / "comparison"
     result = subprocess.run(
@@ -686,6 +686,11 @@ def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(
     )
     assert result.returncode == 0, result.stderr
     card = (model / "README.md").read_text()
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"markdown": ')
+    assert polyp_ddpm(["card", str(model), "--results", str(damaged)]) == 1
+    assert f"--results {damaged} is not valid JSON" in capsys.readouterr().err
+    assert (model / "README.md").read_text() == card
     assert (
         "model-index" in card and "UNet++ IoU, trained on real+synthetic" in card and "Downstream segmentation" in card
     )
