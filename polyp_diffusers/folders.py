@@ -42,10 +42,10 @@ def check_result_file(path: str | os.PathLike, key: str) -> None:
         raise ValueError(f"--output {path} is a folder; name a file to write.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--output {path}: the folder {path.parent} does not exist.")
-    if path.exists():
+    if path.exists() and path.stat().st_size:  # an empty file (`mktemp`) holds nothing to lose
         try:
             earlier = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # not JSON, or not text
             earlier = None
         if not isinstance(earlier, dict) or key not in earlier:
             raise ValueError(

@@ -153,6 +153,8 @@ def _run(command: list[str], log: Path, threads: int | None = None) -> None:
     environment = os.environ.copy()
     if threads is not None:
         environment.setdefault("OMP_NUM_THREADS", str(threads))
+    if not torch.cuda.is_available():  # as `accelerate launch --cpu`: the study's own steps run on the CPU there
+        environment.setdefault("ACCELERATE_USE_CPU", "true")
     with log.open("a") as file:
         result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=environment)
     if result.returncode != 0:
@@ -323,7 +325,9 @@ def run_study(
 
     test_specs = [f"{dataset}:test", *(tests or [])]
     jobs = segmentation_jobs or settings["segmentation_jobs"]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # Each segmenter's share of the cores this process may use (a scheduler's allocation, not the machine's).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // min(jobs, len(study_settings(arguments)) * seeds))
     failed = threading.Event()
 
     def segmentation_step(name, work):

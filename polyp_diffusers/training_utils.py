@@ -44,12 +44,21 @@ def resolve_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -
     if resume_from == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
-    # A bare name is looked up in output_dir too, as diffusers' training examples do.
-    path = next((path for path in (Path(resume_from), Path(output_dir) / resume_from) if path.is_dir()), None)
-    if path is None:
-        raise FileNotFoundError(f"checkpoint {resume_from} does not exist (nor in {output_dir}).")
+    # A bare name is a checkpoint of output_dir, as in diffusers' training examples; a path is taken as it is.
+    path = Path(output_dir) / resume_from if Path(resume_from).name == resume_from else Path(resume_from)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
     checkpoint_step(path)
     return path
+
+
+def visible_entries(folder: str | os.PathLike) -> list[str]:
+    """
+    The names in `folder` (none if it is missing), leaving out hidden ones: the clutter of file browsers and editors
+    (`.DS_Store`, `.ipynb_checkpoints`) and our own staging, never what a run must not write over.
+    """
+    folder = Path(folder)
+    return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
 
 
 def unexpected_entries(output_dir: str | os.PathLike, logging_dir: str) -> list[str]:
@@ -57,15 +66,8 @@ def unexpected_entries(output_dir: str | os.PathLike, logging_dir: str) -> list[
     What `output_dir` holds beyond what a run stopped before its first checkpoint leaves there (its logs, validation
     grids and partial writes): where a new run must not write, lest it mix with or replace files it did not make.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
     leftovers = {Path(logging_dir).parts[0], "validation"}
-    return sorted(
-        entry.name
-        for entry in folder.iterdir()
-        if entry.name not in leftovers and not entry.name.endswith(PARTIAL_SUFFIX)
-    )
+    return [name for name in visible_entries(output_dir) if name not in leftovers and not name.endswith(PARTIAL_SUFFIX)]
 
 
 def previous_checkpoint(checkpoint: str | os.PathLike) -> Path | None:

@@ -355,8 +355,11 @@ def test_a_result_file_is_refused_before_any_work_where_writing_would_destroy_so
         assert polyp_ddpm([*argv, "--output", str(output)]) == 1
         assert reason in capsys.readouterr().err
     assert notes.read_text() == "mine"
-    assert polyp_ddpm([*argv, "--output", str(earlier)]) == 1  # an earlier result may be replaced: the data fail
-    assert "no-such-set" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"  # as `mktemp` makes it
+    empty.touch()
+    for replaceable in (earlier, empty):  # accepted: the data fail next
+        assert polyp_ddpm([*argv, "--output", str(replaceable)]) == 1
+        assert "no-such-set" in capsys.readouterr().err
 
 
 # DINOv2 features (transformers) -------------------------------------------------------------------------------

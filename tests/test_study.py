@@ -160,6 +160,7 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
 
 def test_scripts_side_by_side_get_their_share_of_threads_unless_the_user_chose(tmp_path, monkeypatch):
     print_threads = [sys.executable, "-c", "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"]
+    monkeypatch.setattr(study_module.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     study_module._run(print_threads, tmp_path / "shared.log", threads=3)
     study_module._run(print_threads, tmp_path / "alone.log")
@@ -167,3 +168,13 @@ def test_scripts_side_by_side_get_their_share_of_threads_unless_the_user_chose(t
     study_module._run(print_threads, tmp_path / "chosen.log", threads=3)
     logs = {name: (tmp_path / f"{name}.log").read_text().split()[-1] for name in ("shared", "alone", "chosen")}
     assert logs == {"shared": "3", "alone": "None", "chosen": "5"}
+
+
+def test_without_cuda_the_scripts_run_on_the_cpu_as_accelerate_launch_cpu_would(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(study_module.torch.cuda, "is_available", lambda: False)
+    script = (
+        "import os; from accelerate import Accelerator; print(os.environ['ACCELERATE_USE_CPU'], Accelerator().device)"
+    )
+    study_module._run([sys.executable, "-c", script], tmp_path / "cpu.log")
+    assert (tmp_path / "cpu.log").read_text().split()[-2:] == ["true", "cpu"]  # also where MPS or XPU would be taken

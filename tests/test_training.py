@@ -375,8 +375,9 @@ def test_only_complete_checkpoints_count_as_latest(tmp_path):
 
 
 def test_a_new_run_may_only_write_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
-    for name in ("logs", "validation", "checkpoint-4.partial", ".pipeline.partial"):
+    for name in ("logs", "validation", "checkpoint-4.partial", ".pipeline.partial", ".ipynb_checkpoints"):
         (tmp_path / name).mkdir()
+    (tmp_path / ".DS_Store").write_text("a file browser's")
     assert unexpected_entries(tmp_path, "logs") == [] and unexpected_entries(tmp_path / "missing", "logs") == []
     (tmp_path / "checkpoint-8").mkdir()
     (tmp_path / "notes.txt").write_text("mine")

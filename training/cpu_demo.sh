@@ -9,7 +9,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 polyp-ddpm prepare-data demo --output "$output/data" --overwrite
 accelerate launch --config_file "$here/configs/cpu.yaml" "$here/train.py" --recipe cpu-demo \
-  --dataset "$output/data" --output_dir "$output/model" "$@"
+  --dataset "$output/data" --output_dir "$output/model" --resume_from_checkpoint latest "$@"
 
 grid="$(ls "$output/model/validation/"*.png | tail -n 1)"
 echo "Sample grid (rows: masks, generated, real): $grid"

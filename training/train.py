@@ -405,8 +405,8 @@ def main(argv=None):
         if unexpected := unexpected_entries(output_dir, args.logging_dir):
             raise ValueError(
                 f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py writes no new run "
-                "over files it did not make. Continue the run there with --resume_from_checkpoint latest, or choose "
-                "an empty or new folder."
+                "over files it did not make. To continue the run there, pass --resume_from_checkpoint latest; to "
+                "train anew, choose an empty or new folder."
             )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,

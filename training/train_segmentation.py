@@ -45,7 +45,7 @@ from polyp_diffusers.segmentation import (
     mask_fidelity,
     training_pairs,
 )
-from polyp_diffusers.training_utils import GraphedStep, seconds_since_process_start
+from polyp_diffusers.training_utils import GraphedStep, seconds_since_process_start, visible_entries
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
@@ -151,7 +151,7 @@ def check_output_dir(args) -> Path:
     inputs = {"real dataset": args.real, "synthetic dataset": args.synthetic}
     inputs.update({f"test set {spec}": parse_dataset_spec(spec)[0] for spec in args.test})
     check_output_apart(output_dir, inputs)
-    held = {entry.name for entry in output_dir.iterdir()} if output_dir.is_dir() else set()
+    held = set(visible_entries(output_dir))
     if foreign := sorted(held - set(OUTPUT_FILES) - {f"{name}.partial" for name in OUTPUT_FILES}):
         raise ValueError(
             f"--output_dir {output_dir} holds {', '.join(foreign[:5])}, which this script does not write: "
@@ -202,9 +202,10 @@ def main(argv=None):
         )
     tests = load_test_sets(args.test)
     start_up_phases["datasets"] = seconds_since_process_start()
-    # The inputs are sound: a finished run being replaced loses its results first, so that a killed rerun never
-    # leaves them beside new weights.
-    (output_dir / "results.json").unlink(missing_ok=True)
+    # The inputs are sound: a finished run being replaced goes first, so that a killed rerun never leaves its
+    # results beside new weights, nor its weights to be taken for the new run's.
+    for name in OUTPUT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
