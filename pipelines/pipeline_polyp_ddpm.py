@@ -379,6 +379,27 @@ class PolypPipelineMixin:
     def mask_channels(self) -> int:
         return mask_channels_of(self.unet.config)
 
+    # Whether this pipeline's UNet denoises masks alone (`PolypMaskPipeline`) or images beside their masks.
+    denoises_masks = False
+
+    def check_model_and_steps(self, num_inference_steps: int) -> None:
+        """
+        A model of the kind this pipeline runs, and no more steps than its schedule has: otherwise torch or the
+        scheduler fails far from the cause, or a mask model's one channel comes out as "images".
+        """
+        if is_mask_model(self.unet.config) != self.denoises_masks:
+            kind, use = (
+                ("a model of masks alone", "PolypMaskPipeline")
+                if not self.denoises_masks
+                else ("a model of images", "PolypDDPMPipeline or PolypInpaintPipeline")
+            )
+            raise ValueError(f"{type(self).__name__} cannot run {kind}; load it with {use}.")
+        trained_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > trained_steps:
+            raise ValueError(
+                f"num_inference_steps is {num_inference_steps}; the model's schedule has {trained_steps} steps, no more."
+            )
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """
@@ -492,6 +513,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         Examples:
         """
         check_sampling_arguments(output_type, num_images_per_mask, num_inference_steps, batch_size, generator)
+        self.check_model_and_steps(num_inference_steps)
         start_timestep = self.config.start_timestep if start_timestep is None else start_timestep
         start_color = self.config.start_color if start_color is None else start_color
         if start_timestep is not None:
@@ -579,6 +601,7 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    denoises_masks = True
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
@@ -607,6 +630,7 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): Return a [`PolypMaskPipelineOutput`] instead of `(masks,)`.
         """
         check_sampling_arguments(output_type, 1, num_inference_steps, batch_size, generator)
+        self.check_model_and_steps(num_inference_steps)
         check_positive_int(num_masks, "num_masks")
         _check_generator_count(generator, num_masks, 1)
         device = self._execution_device
@@ -637,6 +661,10 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
 def _frame_tensor(frame, name: str) -> torch.Tensor:
     """One frame input as a `(B, 3, H, W)` float32 tensor in `[0, 1]`, validating type, shape and range."""
     if isinstance(frame, PIL.Image.Image):
+        if frame.mode.startswith(("I", "F")):  # PIL's RGB conversion clips these to 8 bits: bright or black frames
+            raise ValueError(
+                f"{name} is a {frame.mode} image (16-bit, 32-bit or float); convert it to 8-bit RGB first."
+            )
         values = torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.uint8).copy())[None].permute(0, 3, 1, 2)
         layout = "(H, W, 3)"
     elif isinstance(frame, np.ndarray):
@@ -644,6 +672,8 @@ def _frame_tensor(frame, name: str) -> torch.Tensor:
             raise ValueError(
                 f"{name} has shape {frame.shape}; expected an RGB frame (H, W, 3) or (B, H, W, 3) as a numpy array."
             )
+        if frame.dtype.kind not in "uif":
+            raise ValueError(f"{name} has dtype {frame.dtype}; expected uint8 (0-255) or floats in [0, 1].")
         values = torch.from_numpy(np.ascontiguousarray(frame if frame.ndim == 4 else frame[None])).permute(0, 3, 1, 2)
         layout = "(H, W, 3)"
     elif isinstance(frame, torch.Tensor):
@@ -876,6 +906,7 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
         Examples:
         """
         check_sampling_arguments(output_type, num_images_per_mask, num_inference_steps, batch_size, generator)
+        self.check_model_and_steps(num_inference_steps)
         check_positive_int(jump_length, "jump_length")
         check_positive_int(jump_n_sample, "jump_n_sample")
         if isinstance(blend_radius, bool) or not isinstance(blend_radius, numbers.Integral) or blend_radius < 0:

@@ -8,8 +8,11 @@ an error. The file is read with `torch.load(weights_only=True)`: no arbitrary un
 
 import os
 import pickle
+import pickletools
 import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +50,47 @@ class ConversionError(ValueError):
     """The checkpoint is not what the converter expects; the message says what was expected."""
 
 
+# Pickle opcodes that import or call an object: what `weights_only=True` refuses beyond its short allow-list.
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "EXT1", "EXT2", "EXT4"}
+
+
+def _imports_or_calls(path: Path) -> bool:
+    """True when the file's pickle (alone, or `data.pkl` of a torch.save archive) parses and imports or calls."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                opcodes = [op.name for op, _, _ in pickletools.genops(archive.open(name))]
+        else:
+            with open(path, "rb") as file:
+                opcodes = [op.name for op, _, _ in pickletools.genops(file)]
+    except (ValueError, StopIteration, zipfile.BadZipFile):  # not a whole pickle: plain garbage
+        return False
+    return not CODE_OPCODES.isdisjoint(opcodes)
+
+
 def load_official_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict, int | None]:
     """Reads the denoiser's state dict (`weights` is "ema" or "model") and the training step, safely."""
     if weights not in ("ema", "model"):
         raise ConversionError(f"weights is {weights!r}; expected 'ema' or 'model'.")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected the authors' checkpoint file (.pt).")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's safe unpickler fails on garbage with any exception (KeyError, ...)
+        if isinstance(error, pickle.UnpicklingError) and _imports_or_calls(path):
+            raise ConversionError(
+                f"{path} is refused: loading it would run code (it imports or calls objects beyond tensors and "
+                "plain containers); expected the authors' checkpoint of state dicts."
+            ) from error
         raise ConversionError(
-            f"{path} is not a readable PyTorch checkpoint (loaded with weights_only=True; truncated, corrupt or "
-            f"holding arbitrary objects): {error}"
+            f"{path} is not a PyTorch checkpoint that can be read safely (truncated, corrupt or not written by "
+            "torch.save; read with weights_only=True)."
         ) from error
     if not isinstance(checkpoint, dict) or weights not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__

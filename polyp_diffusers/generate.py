@@ -127,7 +127,11 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
                     f"{output} holds an unfinished run whose {parts / SETTINGS_FILE} is missing or damaged; pass "
                     "--overwrite to discard it, or choose another --output."
                 )
-            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+            changed = {
+                k: (previous.get(k), settings.get(k))
+                for k in {*previous, *settings}
+                if previous.get(k) != settings.get(k)
+            }
             raise ValueError(
                 f"{output} holds an unfinished run with other settings {changed}; run the same command "
                 "again to continue it, pass --overwrite to discard it, or choose another --output."
@@ -223,7 +227,8 @@ def generate_dataset(
         check_positive_int(new_masks, "new_masks")
         if mask_augment == (mask_model is not None):
             raise ValueError(
-                "new_masks needs a way to make the masks, one of: mask_augment=True (--mask-augment: real masks "
+                f"new_masks needs {'one way' if mask_augment else 'a way'} to make the masks, not "
+                f"{'both' if mask_augment else 'none'}: mask_augment=True (--mask-augment: real masks "
                 "deformed, moved, resized and combined) or mask_model=PATH (--mask-model: a PolypMaskPipeline that "
                 "training/train.py --mask_model trained)."
             )
@@ -266,9 +271,7 @@ def generate_dataset(
         return load_from_disk(str(output))
     pipeline = load_pipeline(model, DTYPES[dtype])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
-    trained_steps = pipeline.scheduler.config.num_train_timesteps
-    if num_inference_steps > trained_steps:  # else diffusers says so only at the first batch, mid-progress-bar
-        raise ValueError(f"--steps {num_inference_steps}: the model's schedule has {trained_steps} steps, no more.")
+    pipeline.check_model_and_steps(num_inference_steps)  # now, not at the first batch in mid-progress-bar
     pipeline.to(device or default_device())
     pipeline.set_progress_bar_config(disable=True)
     if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet
@@ -406,6 +409,15 @@ def even_batches(num_requests: int, batch_size: int) -> list[range]:
     return [range(start, min(start + size, num_requests)) for start in range(0, num_requests, size)]
 
 
+def blend_margin(frame_size: tuple[int, int], sample_size: tuple[int, int]) -> int:
+    """
+    How far, in frame pixels, inpainting's blend may reach beyond a new polyp: the model's blend radius scaled along
+    the frame's more squeezed side (a frame of another aspect is resized to the model's size, unevenly).
+    """
+    scale = max(frame / model for frame, model in zip(frame_size, sample_size))
+    return math.ceil((INSERT_BLEND_RADIUS + 1) * scale)
+
+
 def _insert_polyps(
     inpaint, frames: Dataset, rows: list[int], masks_of, stride: int, generators: list, num_inference_steps: int
 ):
@@ -421,7 +433,7 @@ def _insert_polyps(
         frame = pair["image"].convert("RGB")
         size = (frame.height, frame.width)
         own = prepare_masks([pair["mask"]], size)
-        margin = math.ceil((INSERT_BLEND_RADIUS + 1) * frame.width / inpaint.sample_size[1])
+        margin = blend_margin((frame.height, frame.width), inpaint.sample_size)
         keep_clear = dilate(own, margin)[0, 0].numpy() > 0.5
         new = np.zeros(size, dtype=bool)
         for attempt in range(INSERT_TRIES):
@@ -433,6 +445,11 @@ def _insert_polyps(
                 break
         images.append(frame)
         masks.append((new, own[0, 0].numpy() > 0.5))
+    if kept := sum(not new.any() for new, _ in masks):
+        logger.warning(
+            f"{kept} of {len(masks)} frames had no place for a new polyp clear of their own ({INSERT_TRIES} masks "
+            "tried each): they are kept as they are, pairs of a real frame and its own mask."
+        )
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, (image, (new, _)) in enumerate(zip(images, masks)):
         if new.any():

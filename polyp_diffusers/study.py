@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from .data import load_polyp_dataset
-from .folders import write_text_atomically
+from .folders import check_is_folder, check_output_apart, write_text_atomically
 from .generate import generate_dataset
-from .metrics import fid_kid, inception_cache_path
+from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
 from .modeling import default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
 from .results import fid_results, segmentation_results, summarize_scores
@@ -247,6 +247,12 @@ def run_study(
         raise FileNotFoundError(f"the data {data} does not exist.")
     if split_file is not None and not Path(split_file).is_file():
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
+    check_is_folder(output)
+    check_output_apart(output, {"data": data if data != DEMO_SOURCE else None})
+    if inception_weights is not None:  # damaged, or pickled code: refused now, not after hours of training
+        if not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"the Inception weights {inception_weights} do not exist.")
+        load_inception_state_dict(inception_weights)
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
     settings = STUDY_PRESETS[preset]
     try:

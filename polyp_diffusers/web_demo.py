@@ -7,6 +7,7 @@ Gradio is the optional `[demo]` extra: only the `demo` command imports this modu
 
 import importlib.metadata
 import io
+import numbers
 import shutil
 import tempfile
 import zipfile
@@ -114,6 +115,8 @@ def generate_pairs(
             f"num_images is {num_images}; this demo makes at most {MAX_IMAGES} at a time (`polyp-ddpm generate` "
             "makes any number)."
         )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed is {seed!r}; expected a whole number of at least 0 (image i uses seed + i).")
     pipeline.scheduler = make_sampler(sampler, trained_scheduler_config)
     generators = [torch.Generator().manual_seed(seed + index) for index in range(num_images)]
     return pipeline(
@@ -167,15 +170,9 @@ def build_demo(pipeline: PolypDDPMPipeline, model_name: str) -> gr.Blocks:
             model_mask = check_mask(read_mask(mask_source, drawing, upload), pipeline.sample_size)
             if model_mask.mean() > MAX_POLYP_FRACTION:
                 gr.Warning(f"The mask is over {MAX_POLYP_FRACTION:.0%} polyp: is it inverted (white is the polyp)?")
-            seed = int(seed)
+            # Ints as the page sends them (precision 0); None from a cleared box is refused by name.
             output = generate_pairs(
-                pipeline,
-                model_mask,
-                int(num_images),
-                sampler,
-                int(num_inference_steps),
-                seed,
-                trained_scheduler_config,
+                pipeline, model_mask, num_images, sampler, num_inference_steps, seed, trained_scheduler_config
             )
         except ValueError as error:
             raise gr.Error(str(error)) from error

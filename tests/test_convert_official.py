@@ -5,6 +5,7 @@ The authors' code is found through POLYP_REFERENCE_DIR (`.ci/run` sets it to
 """
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -150,28 +151,53 @@ def test_rgb_mask_model_is_fed_three_mask_channels(official_checkpoint):
 # Refusals ----------------------------------------------------------------------------------------------------
 
 
-def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+class RunsCode:
+    """Unpickling this calls `os.mkdir(folder)`: the kind of file that must be refused, never executed."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+@pytest.mark.parametrize("content", [b"hello", b"definitely not a checkpoint"])
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
     path = tmp_path / "model.pt"
-    path.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(ConversionError, match="not a readable PyTorch checkpoint"):
+    path.write_bytes(content)
+    with pytest.raises(ConversionError, match="model.pt is not a PyTorch checkpoint that can be read safely"):
         convert_official_checkpoint(path)
+
+
+def test_a_missing_checkpoint_or_a_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_official_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder; expected the authors' checkpoint file"):
+        convert_official_checkpoint(tmp_path)
 
 
 def test_a_truncated_checkpoint_is_refused(official_checkpoint, tmp_path):
     data = Path(official_checkpoint[0]).read_bytes()
     path = tmp_path / "truncated.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConversionError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ConversionError, match="not a PyTorch checkpoint that can be read safely"):
         convert_official_checkpoint(path)
 
 
 def test_a_pickle_with_arbitrary_objects_is_not_unpickled(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"ema": {"denoise_fn.x": object()}}, path)
-    with pytest.raises(ConversionError, match="weights_only=True"):
+    with pytest.raises(ConversionError, match="model.pt is refused: loading it would run code"):
         convert_official_checkpoint(path)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, protocol):
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps(RunsCode(tmp_path / "ran"), protocol=protocol))
+    with pytest.raises(ConversionError, match="model.pt is refused: loading it would run code"):
+        convert_official_checkpoint(path)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_wrong_keys_are_refused(official_checkpoint, tmp_path):
@@ -200,14 +226,18 @@ def test_wrong_shapes_are_refused(official_checkpoint, tmp_path):
         convert_official_checkpoint(path)
 
 
-def test_convert_cli_reports_errors(tmp_path):
+@pytest.mark.parametrize(
+    ("runs_code", "message"), [(False, "is not a PyTorch checkpoint"), (True, "loading it would run code")]
+)
+def test_convert_cli_reports_errors_in_one_line(tmp_path, runs_code, message):
     path = tmp_path / "model.pt"
-    path.write_bytes(b"garbage")
+    path.write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")) if runs_code else b"hello")
     result = subprocess.run(
         [sys.executable, "-m", "polyp_diffusers.cli", "convert-official", str(path), "--output", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 1 and "not a readable PyTorch checkpoint" in result.stderr
-    assert not (tmp_path / "o").exists()
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {path} ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ran").exists()

@@ -12,7 +12,13 @@ from datasets import load_from_disk
 from polyp_diffusers import PolypMaskPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
-from polyp_diffusers.generate import GENERATED_FEATURES, INSERT_BLEND_RADIUS, PARTS_DIR, generate_dataset
+from polyp_diffusers.generate import (
+    GENERATED_FEATURES,
+    INSERT_BLEND_RADIUS,
+    PARTS_DIR,
+    blend_margin,
+    generate_dataset,
+)
 from polyp_diffusers.masks import MaskAugmenter, count_components, mask_statistics, plot_mask_statistics
 from polyp_diffusers.pipelines import PolypDDPMPipeline
 from polyp_diffusers.pipelines.pipeline_polyp_ddpm import dilate
@@ -185,6 +191,40 @@ def test_generate_inserts_new_polyps_into_real_frames(capsys, saved_pipeline_dir
     assert code == 1 and "insert puts the polyps of new masks into real frames" in err
 
 
+def test_the_blend_margin_follows_the_more_squeezed_side_of_a_frame():
+    assert blend_margin((32, 32), (32, 32)) == INSERT_BLEND_RADIUS + 1
+    assert blend_margin((96, 32), (32, 32)) == blend_margin((32, 96), (32, 32)) == 3 * (INSERT_BLEND_RADIUS + 1)
+
+
+def test_inserting_into_frames_taller_than_the_model_leaves_their_own_polyp_untouched(
+    capsys, saved_pipeline_dir, tmp_path
+):
+    # Frames 3 times taller than wide are squeezed 3 times vertically to the 32 px model: its blend margin reaches
+    # 3 times as far in frame rows as in columns.
+    source = tmp_path / "tall"
+    for folder in ("images", "masks"):
+        (source / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        frame = rng.integers(60, 200, (96, 32, 3), dtype=np.uint8)
+        mask = np.zeros((96, 32), np.uint8)
+        mask[40:56, 10:22] = 255  # mid-height, so that new polyps above and below come close
+        PIL.Image.fromarray(frame).save(source / "images" / f"f{index}.png")
+        PIL.Image.fromarray(mask).save(source / "masks" / f"f{index}.png")
+    prepared = tmp_path / "tall-prepared"
+    assert polyp_ddpm(["prepare-data", str(source), "--output", str(prepared), "--test-size", "1"]) == 0
+    output = tmp_path / "inserted"
+    code, _, err = run_generate(
+        capsys, saved_pipeline_dir, prepared, output, "--new-masks", "5", "--mask-augment", "--insert", *GENERATION
+    )
+    assert code == 0, err
+    frames = {row["id"]: row for row in load_from_disk(str(prepared))["train"]}
+    for pair in load_from_disk(str(output))["train"]:
+        own = np.asarray(frames[pair["source_id"]]["mask"]) > 127
+        original = np.asarray(frames[pair["source_id"]]["image"].convert("RGB"))
+        assert np.array_equal(np.asarray(pair["image"])[own], original[own]), pair["id"]
+
+
 # A learned model of masks (PolypMaskPipeline) --------------------------------------------------------------------
 
 
@@ -254,9 +294,9 @@ def test_generate_draws_new_masks_from_a_mask_model(
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--new-masks", "3"], "needs a way to make the masks"),
+        (["--new-masks", "3"], "needs a way to make the masks, not none"),
         (["--mask-augment"], "say how many with new_masks"),
-        (["--new-masks", "3", "--mask-augment", "--mask-model", "x"], "needs a way to make the masks, one of"),
+        (["--new-masks", "3", "--mask-augment", "--mask-model", "x"], "needs one way to make the masks, not both"),
     ],
 )
 def test_new_masks_and_mask_augment_go_together(capsys, saved_pipeline_dir, demo_masks, tmp_path, flags, expected):
@@ -268,3 +308,41 @@ def test_new_masks_and_mask_augment_go_together(capsys, saved_pipeline_dir, demo
 def test_new_masks_must_be_a_positive_count(capsys, saved_pipeline_dir, demo_masks, tmp_path):
     code, _, err = run_generate(capsys, saved_pipeline_dir, demo_masks, tmp_path / "out", "--new-masks", "0")
     assert code == 2 and "not a whole number of at least 1" in err
+
+
+def test_each_pipeline_refuses_the_other_kind_of_model_and_steps_beyond_the_schedule():
+    from polyp_diffusers import PolypInpaintPipeline
+
+    scheduler = make_polyp_scheduler()
+    masks_alone = make_polyp_unet_from_preset("tiny", image_channels=1, mask_channels=0)
+    images = make_polyp_unet_from_preset("tiny")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:16, 8:16] = 1
+    frame = np.full((32, 32, 3), 128, np.uint8)
+    for call, refusal in [
+        (lambda: PolypDDPMPipeline(unet=masks_alone, scheduler=scheduler)(mask), "cannot run a model of masks alone"),
+        (lambda: PolypMaskPipeline(unet=images, scheduler=scheduler)(), "cannot run a model of images"),
+        (
+            lambda: PolypInpaintPipeline(unet=masks_alone, scheduler=scheduler)(image=frame, mask_image=mask),
+            "cannot run a model of masks alone",
+        ),
+        (lambda: PolypMaskPipeline(unet=masks_alone, scheduler=scheduler)(num_inference_steps=251), "has 250 steps"),
+        (
+            lambda: PolypInpaintPipeline(unet=images, scheduler=scheduler)(
+                image=frame, mask_image=mask, num_inference_steps=1000
+            ),
+            "has 250 steps",
+        ),
+        (
+            lambda: PolypInpaintPipeline(unet=images, scheduler=scheduler)(
+                image=PIL.Image.fromarray(np.full((32, 32), 30000, np.uint16)), mask_image=mask
+            ),
+            "convert it to 8-bit RGB first",
+        ),
+        (
+            lambda: PolypInpaintPipeline(unet=images, scheduler=scheduler)(image=frame.astype(object), mask_image=mask),
+            "has dtype object",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=refusal):
+            call()

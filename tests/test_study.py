@@ -1,6 +1,7 @@
 """`polyp-ddpm reproduce`: the whole study on CPU with the smoke preset and the demo data, killed and continued."""
 
 import json
+import pickle
 import sys
 import threading
 
@@ -124,6 +125,23 @@ def test_a_study_folder_is_continued_only_with_the_same_arguments(finished_study
         run_study("demo", output, preset="smoke", seeds=3, new_masks=True, inserted_polyps=True)
     with pytest.raises(ValueError, match="holds a study with other arguments"):  # a training set is never dropped
         run_study("demo", output, preset="smoke", new_masks=True)
+
+
+def test_an_output_in_the_data_a_file_or_bad_inception_weights_are_refused_before_anything_is_written(tmp_path):
+    data, afile, pickled = tmp_path / "kvasir", tmp_path / "afile.txt", tmp_path / "evil.pt"
+    data.mkdir()
+    afile.write_text("mine")
+    pickled.write_bytes(pickle.dumps(Killed()))  # an object, not tensors: loading it would run code
+    for output, more, error in [
+        (data / "study", {}, "lies inside the data"),
+        (afile, {}, "is a file"),
+        (tmp_path / "study", {"inception_weights": str(tmp_path / "missing.pth")}, "do not exist"),
+        (tmp_path / "study", {"inception_weights": str(pickled)}, "not a plain state dict of tensors"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError, FileExistsError), match=error):
+            run_study(str(data), output, preset="smoke", **more)
+    assert [path.name for path in data.iterdir()] == [] and afile.read_text() == "mine"
+    assert not (tmp_path / "study").exists()
 
 
 def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):

@@ -163,6 +163,11 @@ def test_an_empty_canvas_is_refused_with_a_request_to_draw_a_polyp(client, tmp_p
         )
 
 
+def test_a_cleared_seed_box_is_refused_with_a_request_for_a_seed(client):
+    with pytest.raises(gradio_client.exceptions.AppError, match="seed is None; expected a whole number"):
+        generate(client, web_demo.example_masks()[0], seed=None)
+
+
 # In a browser ---------------------------------------------------------------------------------------------------
 
 
@@ -238,6 +243,22 @@ def test_too_many_images_are_refused_with_the_limit(tiny_pipeline, square_mask):
         web_demo.generate_pairs(
             tiny_pipeline, mask, web_demo.MAX_IMAGES + 1, seed=0, **FAST, trained_scheduler_config=config
         )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(num_images=None), "num_images is None"),
+        (dict(num_inference_steps=None), "num_inference_steps is None"),
+        (dict(num_inference_steps=251), "num_inference_steps is 251; the model's schedule has 250 steps"),
+        (dict(seed=None), "seed is None; expected a whole number"),
+    ],
+)
+def test_a_cleared_box_or_more_steps_than_the_schedule_is_refused_by_name(tiny_pipeline, square_mask, setting, message):
+    mask = web_demo.check_mask(PIL.Image.fromarray(square_mask), MODEL_SIZE)
+    arguments = dict(num_images=1, seed=0, **FAST, trained_scheduler_config=tiny_pipeline.scheduler.config)
+    with pytest.raises(ValueError, match=message):
+        web_demo.generate_pairs(tiny_pipeline, mask, **{**arguments, **setting})
 
 
 def test_the_space_folder_builds_the_same_app_for_a_hub_model(tmp_path):
