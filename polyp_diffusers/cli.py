@@ -238,7 +238,8 @@ def _run_generate(args):
         compile=args.compile or args.compile_mode is not None,
         compile_mode=args.compile_mode,
     )
-    print(f"Wrote {args.output} ({args.split}: {len(dataset[args.split])} generated pairs)")
+    # True of a new run, a continued one, and one that found nothing to do.
+    print(f"{args.output} holds {len(dataset[args.split])} generated pairs ({args.split} split)")
     if segmenter is not None:
         scores = _score_mask_fidelity(
             segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}",
@@ -270,7 +271,11 @@ def _add_fid(subparsers):
         help="Inception (the standard FID) or DINOv2 (closer to human judgement of realism).",
     )
     parser.add_argument("--dinov2-weights", default=DINOV2_WEIGHTS, help="Hub id or local folder of the DINOv2 model.")
-    parser.add_argument("--feature-extractor", help="'module:factory' returning an nn.Module instead (any features).")
+    parser.add_argument(
+        "--feature-extractor",
+        help="'module:factory' instead: the factory, called with no arguments, returns an nn.Module mapping uint8 "
+        "images (N, 3, H, W) to features (N, D).",
+    )
     parser.add_argument(
         "--image-size", type=positive_int, help="Resize every image to this square size first (bicubic)."
     )

@@ -198,7 +198,7 @@ def test_generate_cli_writes_a_dataset(saved_pipeline_dir, demo_masks, tmp_path)
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "test: 4 generated pairs" in result.stdout
+    assert "holds 4 generated pairs (test split)" in result.stdout
     assert len(load_from_disk(str(output))["test"]) == 4
 
 

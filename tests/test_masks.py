@@ -110,7 +110,7 @@ def test_generate_new_masks_makes_new_pairs_in_the_same_schema(capsys, saved_pip
         capsys, saved_pipeline_dir, demo_masks, output, "--new-masks", "5", "--mask-augment", *GENERATION
     )
     assert code == 0, err
-    assert "train: 10 generated pairs" in out
+    assert "holds 10 generated pairs (train split)" in out
     pairs = load_from_disk(str(output))["train"]
     assert pairs.features == GENERATED_FEATURES and len(pairs) == 10
     assert pairs["id"][:3] == ["newmask-00000-syn0", "newmask-00000-syn1", "newmask-00001-syn0"]
