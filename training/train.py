@@ -397,9 +397,8 @@ def resume(accelerator, resume_from, output_dir):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    # The data and the output folder first: a wrong one is one line of error, before anything is written.
-    train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
-    validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
+    # The output folder (instant), then the data (maybe a download): a wrong one is one line of error, before
+    # anything is written.
     check_output_apart(output_dir, {"dataset": args.dataset})
     if resolve_checkpoint(args.resume_from_checkpoint, output_dir) is None:
         if unexpected := unexpected_entries(output_dir, args.logging_dir):
@@ -408,6 +407,8 @@ def main(argv=None):
                 "over files it did not make. To continue the run there, pass --resume_from_checkpoint latest; to "
                 "train anew, choose an empty or new folder."
             )
+    train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
+    validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
