@@ -1,4 +1,5 @@
 from .pipeline_polyp_ddpm import (
+    ModelKindError,
     PolypDDPMPipeline,
     PolypDDPMPipelineOutput,
     PolypInpaintPipeline,
@@ -8,10 +9,12 @@ from .pipeline_polyp_ddpm import (
     mask_channels_of,
     mask_model_input,
     masks_for_output,
+    non_finite_names,
     prepare_masks,
 )
 
 __all__ = [
+    "ModelKindError",
     "PolypDDPMPipeline",
     "PolypDDPMPipelineOutput",
     "PolypInpaintPipeline",
@@ -21,5 +24,6 @@ __all__ = [
     "mask_channels_of",
     "mask_model_input",
     "masks_for_output",
+    "non_finite_names",
     "prepare_masks",
 ]

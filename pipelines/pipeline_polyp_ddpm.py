@@ -343,6 +343,18 @@ def is_mask_model(unet_config) -> bool:
     return unet_config.in_channels == unet_config.out_channels == 1
 
 
+class ModelKindError(ValueError):
+    """A model of masks alone given to an image pipeline, or the reverse."""
+
+
+def non_finite_names(named_tensors) -> list[str]:
+    """The names of `(name, tensor)` pairs whose tensor holds NaN or inf, with one host sync for all of them."""
+    named = [(name, tensor.detach()) for name, tensor in named_tensors]
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(tensor).all().to(device) for _, tensor in named]).tolist()
+    return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
+
+
 def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
@@ -382,10 +394,10 @@ class PolypPipelineMixin:
     # Whether this pipeline's UNet denoises masks alone (`PolypMaskPipeline`) or images beside their masks.
     denoises_masks = False
 
-    def check_model_and_steps(self, num_inference_steps: int) -> None:
+    def check_model_kind(self) -> None:
         """
-        A model of the kind this pipeline runs, and no more steps than its schedule has: otherwise torch or the
-        scheduler fails far from the cause, or a mask model's one channel comes out as "images".
+        A model of the kind this pipeline runs: otherwise torch fails far from the cause, or a mask model's one
+        channel comes out as "images".
         """
         if is_mask_model(self.unet.config) != self.denoises_masks:
             kind, use = (
@@ -393,7 +405,29 @@ class PolypPipelineMixin:
                 if not self.denoises_masks
                 else ("a model of images", "PolypDDPMPipeline or PolypInpaintPipeline")
             )
-            raise ValueError(f"{type(self).__name__} cannot run {kind}; load it with {use}.")
+            raise ModelKindError(f"{type(self).__name__} cannot run {kind}; load it with {use}.")
+
+    def check_weights(self, source: str | os.PathLike) -> None:
+        """
+        Refuses weights that would sample nonsense: ones the file lacks (diffusers leaves them on the `meta` device,
+        and sampling fails far from the cause) and ones holding NaN or inf (all-black images, and no error at all).
+        """
+        missing = [name for name, tensor in self.unet.state_dict().items() if tensor.is_meta]
+        if missing:
+            raise ValueError(
+                f"{source} lacks {len(missing)} weight tensors of its UNet (first: {', '.join(missing[:3])}): its "
+                "unet/ weights file is incomplete or damaged: save or download the pipeline again."
+            )
+        non_finite = non_finite_names(self.unet.named_parameters())
+        if non_finite:
+            raise ValueError(
+                f"{source} has NaN or inf in {len(non_finite)} weight tensors of its UNet (first: "
+                f"{', '.join(non_finite[:3])}): the training diverged or the file is damaged."
+            )
+
+    def check_model_and_steps(self, num_inference_steps: int) -> None:
+        """The model's kind, and no more steps than its schedule has (the scheduler would fail mid-run)."""
+        self.check_model_kind()
         trained_steps = self.scheduler.config.num_train_timesteps
         if num_inference_steps > trained_steps:
             raise ValueError(
@@ -405,9 +439,14 @@ class PolypPipelineMixin:
         """
         Like [`DiffusionPipeline.from_pretrained`], but loads only safetensors weights by default: a pickled
         `.bin` file can run code when loaded. Pass `use_safetensors=False` to load one you trust.
+        It also refuses a model of the other kind (`ModelKindError`) and weights that are missing or hold NaN or inf.
         """
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipeline.check_model_kind()
+        if "device_map" not in kwargs:  # offloaded weights stay on the `meta` device until used
+            pipeline.check_weights(pretrained_model_name_or_path)
+        return pipeline
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):

@@ -22,9 +22,9 @@ from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
-from .pipelines import PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, is_mask_model, prepare_masks
+from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
-from .training_utils import CHECKPOINT_PATTERN, non_finite_weights
+from .training_utils import CHECKPOINT_PATTERN
 
 GENERATED_FEATURES = Features(
     {**FEATURES, "seed": Value("int64"), "model": Value("string"), "source_id": Value("string")}
@@ -68,37 +68,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class
     if not path.exists():
         check_hub_repo(model, "model")
     try:
-        pipeline = pipeline_class.from_pretrained(model, dtype=dtype)
+        return pipeline_class.from_pretrained(model, dtype=dtype)
+    except ModelKindError:
+        what, flag = (
+            ("an image model", "--model")
+            if pipeline_class is PolypMaskPipeline
+            else ("a model of masks alone", "--mask-model")
+        )
+        raise ValueError(f"{model} is {what}: pass it as {flag}.") from None
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
-    _check_weights(model, pipeline.unet)
-    if is_mask_model(pipeline.unet.config) != (pipeline_class is PolypMaskPipeline):
-        what, flag = (
-            ("a model of masks alone", "--mask-model")
-            if is_mask_model(pipeline.unet.config)
-            else ("an image model", "--model")
-        )
-        raise ValueError(f"{model} is {what}: pass it as {flag}.")
-    return pipeline
-
-
-def _check_weights(model: str, unet: torch.nn.Module) -> None:
-    """
-    Refuses weights that would sample nonsense: ones the file lacks (diffusers leaves them on the `meta` device, and
-    sampling fails far from the cause) and ones holding NaN or inf (all-black images, and no error at all).
-    """
-    missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
-    if missing:
-        raise ValueError(
-            f"{model} lacks {len(missing)} weight tensors of its UNet (first: {', '.join(missing[:3])}): its unet/ "
-            "weights file is incomplete or damaged: save or download the pipeline again."
-        )
-    non_finite = non_finite_weights(unet)
-    if non_finite:
-        raise ValueError(
-            f"{model} has NaN or inf in {len(non_finite)} weight tensors of its UNet (first: "
-            f"{', '.join(non_finite[:3])}): the training diverged or the file is damaged."
-        )
 
 
 def _read_settings(path: Path) -> dict | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .pipelines import non_finite_names
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_SUFFIX = ".partial"
 
@@ -148,15 +150,12 @@ def non_finite_weights(model: torch.nn.Module, ema_parameters: Iterable[torch.Te
     """
     Names of the weight tensors of `model` and of its EMA (`ema_parameters` in `model.parameters()` order, named
     `ema.<name>`) that hold NaN or inf. A diverged run or a damaged file has them; such weights must be neither
-    resumed nor saved. One host sync for all tensors.
+    resumed nor saved.
     """
-    named = [(name, parameter.detach()) for name, parameter in model.named_parameters()]
+    named = list(model.named_parameters())
     if ema_parameters is not None:
-        names = [name for name, _ in named]
-        named += [(f"ema.{name}", tensor.detach()) for name, tensor in zip(names, ema_parameters)]
-    device = named[0][1].device
-    finite = torch.stack([torch.isfinite(tensor).all().to(device) for _, tensor in named]).tolist()
-    return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
+        named += [(f"ema.{name}", tensor) for (name, _), tensor in zip(named, ema_parameters)]
+    return non_finite_names(named)
 
 
 class GraphedStep:

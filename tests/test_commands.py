@@ -13,12 +13,13 @@ from datasets import Dataset, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file, save_file
 
-from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline
 from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import staging_folder
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, generate_dataset, load_pipeline
+from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
 
 from .test_data import polyp_pair, write_folder
@@ -334,6 +335,16 @@ def _with_nan_in_conv_in_weight(weights: dict) -> None:
     weights["conv_in.weight"][0] = float("nan")
 
 
+def _damaged_model(pipeline, tmp_path, damage):
+    model = tmp_path / "damaged"
+    pipeline.save_pretrained(model)
+    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    damage(weights)
+    save_file(weights, weights_file)
+    return model
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [(_without_conv_in_weight, "lacks 1 weight tensors"), (_with_nan_in_conv_in_weight, "NaN or inf in 1 weight")],
@@ -341,12 +352,7 @@ def _with_nan_in_conv_in_weight(weights: dict) -> None:
 def test_a_model_with_missing_or_non_finite_weights_is_refused_by_name_before_any_work(
     capsys, tiny_pipeline, demo_masks, tmp_path, damage, expected
 ):
-    model = tmp_path / "damaged"
-    tiny_pipeline.save_pretrained(model)
-    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
-    weights = load_file(weights_file)
-    damage(weights)
-    save_file(weights, weights_file)
+    model = _damaged_model(tiny_pipeline, tmp_path, damage)
     output = tmp_path / "out"
     code, _, err = run_cli(
         capsys, "generate", "--model", model, "--mask-dataset", demo_masks, "--split", "test", "--output", output
@@ -354,6 +360,22 @@ def test_a_model_with_missing_or_non_finite_weights_is_refused_by_name_before_an
     error = err.splitlines()[-1]  # after the loading progress bar
     assert code == 1 and error.startswith(f"error: {model} ") and expected in error and "conv_in.weight" in error
     assert "Traceback" not in err and not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [(_without_conv_in_weight, "lacks 1 weight tensors"), (_with_nan_in_conv_in_weight, "NaN or inf in 1 weight")],
+)
+def test_from_pretrained_refuses_missing_or_non_finite_weights_in_python_too(tiny_pipeline, tmp_path, damage, expected):
+    model = _damaged_model(tiny_pipeline, tmp_path, damage)
+    with pytest.raises(ValueError, match=f"{expected}.*conv_in.weight"):
+        PolypDDPMPipeline.from_pretrained(model)
+
+
+def test_from_pretrained_refuses_the_other_kind_of_model(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "images")
+    with pytest.raises(ModelKindError, match="PolypMaskPipeline cannot run a model of images"):
+        PolypMaskPipeline.from_pretrained(tmp_path / "images")
 
 
 def test_a_damaged_part_is_generated_again_by_the_same_command(
