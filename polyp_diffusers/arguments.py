@@ -1,6 +1,12 @@
-"""Command-line pieces shared by `polyp-ddpm` and the training scripts: help pages and number arguments."""
+"""
+Command-line pieces shared by `polyp-ddpm` and the training scripts: help pages, number arguments and how an
+error is reported.
+"""
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 
 from .data import check_test_size
 
@@ -33,3 +39,22 @@ def count_or_fraction(value: str) -> int | float:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{value} is neither a whole count (>= 1) nor a fraction in (0, 1)") from error
     return int(number) if number >= 1 else number
+
+
+# Set to 1 to see the traceback behind a one-line error (for a bug report).
+TRACEBACK_VARIABLE = "POLYP_DDPM_TRACEBACK"
+
+
+def exit_code_of(command: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+    """
+    Runs `command`; one of `errors` (bad input, damaged files) is printed as one line, `error: ...`, without a
+    traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit status.
+    """
+    try:
+        command()
+    except errors as error:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

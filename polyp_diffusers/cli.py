@@ -11,7 +11,7 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
-from .arguments import HelpFormatter, count_or_fraction, positive_int
+from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
@@ -518,17 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (
-        ValueError,
-        OSError,
-        RuntimeError,
-        ImportError,
-    ) as error:  # bad input or environment: say what, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    # Bad input or environment: said in one line.
+    return exit_code_of(lambda: args.run(args), (ValueError, OSError, RuntimeError, ImportError))
 
 
 if __name__ == "__main__":

@@ -634,6 +634,23 @@ def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fid
 # End to end -----------------------------------------------------------------------------------------------------
 
 
+def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, tmp_path):
+    def compare(*flags):
+        command = [sys.executable, str(REPO_ROOT / "training" / "compare_segmentation.py"), "--real", str(demo_masks)]
+        command += ["--test", f"{demo_masks}:test", "--output_dir", str(tmp_path / "comparison"), *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    missing_model = compare("--model", str(tmp_path / "no-model"))
+    assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
+    assert missing_model.stderr.strip().splitlines()[-1].startswith("error: ")
+    failed_setting = compare("--synthetic", str(demo_masks), "--settings", "real", "--max_train_steps", "0")
+    # The setting's own error and the launcher's traceback come before this command's line.
+    assert failed_setting.returncode == 1 and "--max_train_steps: 0 is not a whole number" in failed_setting.stderr
+    assert failed_setting.stderr.strip().splitlines()[-1] == (
+        "error: the real setting failed (its error is above); nothing was compared."
+    )
+
+
 def test_the_benchmark_command_runs_end_to_end_and_fills_the_model_card(
     demo_masks, generated, saved_pipeline_dir, tmp_path, capsys
 ):

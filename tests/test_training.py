@@ -493,6 +493,17 @@ def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a folder under")
     assert "Traceback" not in result.stderr and not output.exists()
+    # For a bug report, the traceback behind the line.
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "POLYP_DDPM_TRACEBACK": "1"},
+    )
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert ": data/kvasir-seg is not a folder under" in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_velocity_objective_with_zero_terminal_snr_and_min_snr_weighting_is_saved_with_the_pipeline(

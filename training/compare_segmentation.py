@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polyp_diffusers.arguments import HelpFormatter
+from polyp_diffusers.arguments import HelpFormatter, exit_code_of
 from polyp_diffusers.generate import generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
@@ -82,7 +82,8 @@ def main(argv=None):
         for test in args.test:
             command += ["--test", test]
         print(f"== {setting}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode:
+            raise RuntimeError(f"the {setting} setting failed (its error is above); nothing was compared.")
         runs[setting] = json.loads((run_dir / "results.json").read_text())
 
     comparison = segmentation_results(list(runs.values()))
@@ -93,4 +94,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Bad input, damaged files or a failed setting: what is wrong, in one line.
+    sys.exit(exit_code_of(main, (ValueError, OSError, RuntimeError)))

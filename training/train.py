@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.arguments import HelpFormatter, positive_int
+from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset
 from polyp_diffusers.folders import check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
@@ -723,7 +724,4 @@ def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_bat
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input or damaged files: what is wrong, in one line
-        raise SystemExit(f"error: {error}") from None
+    sys.exit(exit_code_of(main))  # bad input or damaged files: what is wrong, in one line

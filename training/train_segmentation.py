@@ -28,7 +28,7 @@ from accelerate.utils import AutocastKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, positive_int
+from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
 from polyp_diffusers.folders import check_output_apart, write_text_atomically
 from polyp_diffusers.segmentation import (
@@ -313,10 +313,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input or damaged files: what is wrong, in one line
-        raise SystemExit(f"error: {error}") from None
+    if exit_code := exit_code_of(main):  # bad input or damaged files: what is wrong, in one line
+        sys.exit(exit_code)
     # All is written (results.json atomically; the logs and output streams flushed here): the interpreter's
     # teardown of torch, MONAI and diffusers is skipped, 1.5 s of a short run on 2 CPU cores.
     logging.shutdown()
