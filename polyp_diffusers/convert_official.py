@@ -7,12 +7,8 @@ an error. The file is read with `torch.load(weights_only=True)`: no arbitrary un
 """
 
 import os
-import pickle
-import pickletools
 import re
 import shutil
-import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from .hub_card.cards import write_model_card
 from .hub_card.publish import push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
 from .pipelines import PolypDDPMPipeline
+from .safe_loading import torch_load_safely
 
 AUTHORS_REPOSITORY = "https://github.com/mobaidoctor/polyp-ddpm"
 DENOISER_PREFIX = "denoise_fn."
@@ -50,48 +47,11 @@ class ConversionError(ValueError):
     """The checkpoint is not what the converter expects; the message says what was expected."""
 
 
-# Pickle opcodes that import or call an object: what `weights_only=True` refuses beyond its short allow-list.
-CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "EXT1", "EXT2", "EXT4"}
-
-
-def _imports_or_calls(path: Path) -> bool:
-    """True when the file's pickle (alone, or `data.pkl` of a torch.save archive) parses and imports or calls."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                opcodes = [op.name for op, _, _ in pickletools.genops(archive.open(name))]
-        else:
-            with open(path, "rb") as file:
-                opcodes = [op.name for op, _, _ in pickletools.genops(file)]
-    except (ValueError, StopIteration, zipfile.BadZipFile):  # not a whole pickle: plain garbage
-        return False
-    return not CODE_OPCODES.isdisjoint(opcodes)
-
-
 def load_official_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict, int | None]:
     """Reads the denoiser's state dict (`weights` is "ema" or "model") and the training step, safely."""
     if weights not in ("ema", "model"):
         raise ConversionError(f"weights is {weights!r}; expected 'ema' or 'model'.")
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; expected the authors' checkpoint file (.pt).")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
-            warnings.simplefilter("ignore", UserWarning)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch's safe unpickler fails on garbage with any exception (KeyError, ...)
-        if isinstance(error, pickle.UnpicklingError) and _imports_or_calls(path):
-            raise ConversionError(
-                f"{path} is refused: loading it would run code (it imports or calls objects beyond tensors and "
-                "plain containers); expected the authors' checkpoint of state dicts."
-            ) from error
-        raise ConversionError(
-            f"{path} is not a PyTorch checkpoint that can be read safely (truncated, corrupt or not written by "
-            "torch.save; read with weights_only=True)."
-        ) from error
+    checkpoint = torch_load_safely(path, "the authors' checkpoint (.pt) of state dicts", ConversionError)
     if not isinstance(checkpoint, dict) or weights not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConversionError(

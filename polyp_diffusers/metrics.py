@@ -3,7 +3,6 @@ scores: `segmentation.py`)."""
 
 import importlib
 import os
-import pickle
 import urllib.parse
 from pathlib import Path
 from unittest import mock
@@ -15,6 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from .safe_loading import torch_load_safely
 
 INCEPTION_WEIGHTS_FILE = (
     "weights-inception-2015-12-05-6726825d.pth"  # the standard FID network, as torch-fidelity names it
@@ -43,16 +44,13 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     Anything but a plain state dict of tensors is refused with a `ValueError` that names the file.
     """
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             state_dict = load_file(path, device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as error:
-        raise ValueError(
-            f"Inception weights {path} are not a plain state dict of tensors (damaged, or objects that would run "
-            f"code when loaded); refused."
-        ) from error
+        except SafetensorError as error:
+            raise ValueError(f"Inception weights {path} are not a readable safetensors file ({error}).") from error
+    else:
+        state_dict = torch_load_safely(path, "Inception weights, a state dict of tensors")
     if not (
         isinstance(state_dict, dict)
         and all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items())

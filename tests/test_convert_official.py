@@ -165,14 +165,14 @@ class RunsCode:
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
-    with pytest.raises(ConversionError, match="model.pt is not a PyTorch checkpoint that can be read safely"):
+    with pytest.raises(ConversionError, match="model.pt is not a PyTorch file that can be read safely"):
         convert_official_checkpoint(path)
 
 
 def test_a_missing_checkpoint_or_a_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_official_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(IsADirectoryError, match="is a folder; expected the authors' checkpoint file"):
+    with pytest.raises(IsADirectoryError, match="is a folder; expected the authors' checkpoint"):
         convert_official_checkpoint(tmp_path)
 
 
@@ -180,7 +180,7 @@ def test_a_truncated_checkpoint_is_refused(official_checkpoint, tmp_path):
     data = Path(official_checkpoint[0]).read_bytes()
     path = tmp_path / "truncated.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConversionError, match="not a PyTorch checkpoint that can be read safely"):
+    with pytest.raises(ConversionError, match="not a PyTorch file that can be read safely"):
         convert_official_checkpoint(path)
 
 
@@ -227,7 +227,7 @@ def test_wrong_shapes_are_refused(official_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("runs_code", "message"), [(False, "is not a PyTorch checkpoint"), (True, "loading it would run code")]
+    ("runs_code", "message"), [(False, "is not a PyTorch file"), (True, "loading it would run code")]
 )
 def test_convert_cli_reports_errors_in_one_line(tmp_path, runs_code, message):
     path = tmp_path / "model.pt"

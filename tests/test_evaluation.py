@@ -269,6 +269,14 @@ def test_inception_weights_that_would_run_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"hello world", b"", bytes(range(256)) * 4])
+def test_inception_weights_that_are_not_a_torch_file_are_one_clear_error(tmp_path, content):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(content)  # plain text made torch's safe unpickler raise a KeyError
+    with pytest.raises(ValueError, match=f"{weights} is not a PyTorch file that can be read safely"):
+        inception_extractor(weights)
+
+
 def test_a_hub_cache_inception_file_that_would_run_code_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / pathlib.Path(URL_INCEPTION_V3).name

@@ -483,25 +483,17 @@ def test_an_output_folder_inside_the_dataset_or_holding_other_files_is_refused_u
 
 def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
     output = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+
+    def train(**environment):
+        command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir", str(output)]
+        env = {**os.environ, **environment}
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+    result = train()
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: data/kvasir-seg is not a folder under")
     assert "Traceback" not in result.stderr and not output.exists()
-    # For a bug report, the traceback behind the line.
-    result = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "data/kvasir-seg", "--output_dir", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "POLYP_DDPM_TRACEBACK": "1"},
-    )
+    result = train(POLYP_DDPM_TRACEBACK="1")  # for a bug report, the traceback behind the line
     assert result.returncode == 1 and "Traceback" in result.stderr
     assert ": data/kvasir-seg is not a folder under" in result.stderr.strip().splitlines()[-1]
 

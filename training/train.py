@@ -365,13 +365,12 @@ def check_weights_are_finite(unet, ema_model, step):
         )
 
 
-def resume(accelerator, resume_from, output_dir):
+def resume(accelerator, checkpoint, resume_from, output_dir):
     """
-    Loads the checkpoint `resume_from` names and returns it (None: start a new run). With `latest`, a newest
+    Loads `checkpoint`, the one `resume_from` names, and returns it (None: start a new run). With `latest`, a newest
     checkpoint that cannot be read (a truncated or damaged file) gives way, with a warning, to the one before it;
     a checkpoint named explicitly that cannot be read is an error that suggests the one before it.
     """
-    checkpoint = resolve_checkpoint(resume_from, output_dir)
     if resume_from and checkpoint is None:
         logger.info("No checkpoint found; starting a new run.")
     while checkpoint is not None:
@@ -401,7 +400,8 @@ def main(argv=None):
     # The output folder (instant), then the data (maybe a download): a wrong one is one line of error, before
     # anything is written.
     check_output_apart(output_dir, {"dataset": args.dataset})
-    if resolve_checkpoint(args.resume_from_checkpoint, output_dir) is None:
+    named_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if named_checkpoint is None:
         if unexpected := unexpected_entries(output_dir, args.logging_dir):
             raise ValueError(
                 f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py writes no new run "
@@ -562,7 +562,7 @@ def main(argv=None):
     steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
     if not preload:
         steps_per_epoch = math.ceil(steps_per_epoch)
-    checkpoint = resume(accelerator, args.resume_from_checkpoint, output_dir)
+    checkpoint = resume(accelerator, named_checkpoint, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
 
     if accelerator.is_main_process:
