@@ -14,6 +14,7 @@ import pyarrow
 import pyarrow.parquet
 import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
 from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_dataset
@@ -349,7 +350,7 @@ def generate_dataset(
         Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
         os.replace(staging, part)
 
-    generated = concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
+    generated = _assemble(part_files)
     dataset = DatasetDict({split: generated})
     card = _card(settings, len(generated))
     extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
@@ -364,6 +365,37 @@ def generate_dataset(
     if push_to_hub:
         push_dataset(dataset, card, hub_dataset_id or output.name)
     return dataset
+
+
+def _read_part(part: Path) -> Dataset:
+    return Dataset.from_parquet(str(part), features=GENERATED_FEATURES)
+
+
+def _assemble(part_files: list[Path]) -> Dataset:
+    """
+    The parts as one dataset. A part whose footer is whole but whose pairs cannot be read (damaged on disk) is
+    found only here: it is removed, so that the same command generates its batch again.
+    """
+    try:
+        return concatenate_datasets([_read_part(part) for part in part_files])
+    except (DatasetGenerationError, OSError, pyarrow.ArrowException) as error:
+        damaged = [part for part in part_files if not _is_readable(part)]
+        if not damaged:
+            raise
+        for part in damaged:
+            part.unlink()
+        raise ValueError(
+            f"{len(damaged)} generated part(s) could not be read, damaged on disk ({', '.join(map(str, damaged))}), "
+            "and were removed: run the same command again to generate their batches again."
+        ) from error
+
+
+def _is_readable(part: Path) -> bool:
+    try:
+        _read_part(part)
+    except (DatasetGenerationError, OSError, pyarrow.ArrowException):
+        return False
+    return True
 
 
 def _is_whole_part(part: Path, num_pairs: int) -> bool:

@@ -399,6 +399,27 @@ def test_a_damaged_part_is_generated_again_by_the_same_command(
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 
 
+def test_a_part_damaged_inside_a_whole_footer_is_removed_and_generated_again_by_the_rerun(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+):
+    settings = dict(GENERATION, batch_size=2)
+    expected = generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "whole", **settings)["test"]
+    output = tmp_path / "synthetic"
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "concatenate_datasets", lambda parts: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    damaged = output / PARTS_DIR / "part-000002-000004.parquet"
+    content = bytearray(damaged.read_bytes())
+    content[100 : len(content) // 2] = b"\xab" * (len(content) // 2 - 100)  # its pairs, not its footer
+    damaged.write_bytes(content)
+    with pytest.raises(ValueError, match=f"could not be read, damaged on disk \\({damaged}\\), and were removed"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    assert not damaged.exists() and (output / PARTS_DIR / "part-000000-000002.parquet").exists()
+    generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)["test"]
+    assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
+
+
 def test_prepare_data_overwrite_replaces_only_a_prepared_dataset(pair_folder, tmp_path):
     model = tmp_path / "runs" / "polyp-ddpm"
     model.mkdir(parents=True)
