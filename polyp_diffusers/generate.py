@@ -47,10 +47,16 @@ INSERT_BLEND_RADIUS = 4
 INSERT_TRIES = 10
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class=PolypDDPMPipeline):
+def load_pipeline(
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    pipeline_class=PolypDDPMPipeline,
+    other_kind_flag: str | None = None,
+):
     """
     `PolypDDPMPipeline.from_pretrained` (or `PolypMaskPipeline`'s) with errors that say what is wrong with a
-    `--model` (or `--mask-model`) argument.
+    `--model` (or `--mask-model`) argument; a model of the other kind is pointed to `other_kind_flag` if the
+    command has one.
     """
     path = Path(model)
     if path.is_dir() and not (path / "model_index.json").is_file():
@@ -70,13 +76,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, pipeline_class
         check_hub_repo(model, "model")
     try:
         return pipeline_class.from_pretrained(model, dtype=dtype)
-    except ModelKindError:
-        what, flag = (
-            ("an image model", "--model")
-            if pipeline_class is PolypMaskPipeline
-            else ("a model of masks alone", "--mask-model")
-        )
-        raise ValueError(f"{model} is {what}: pass it as {flag}.") from None
+    except ModelKindError as error:
+        if other_kind_flag is None:
+            raise ValueError(f"{model}: {error}") from None
+        what = "an image model" if pipeline_class is PolypMaskPipeline else "a model of masks alone"
+        raise ValueError(f"{model} is {what}: pass it as {other_kind_flag}.") from None
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
 
@@ -249,7 +253,7 @@ def generate_dataset(
     if _check_output(output, settings, overwrite):
         print(f"{output} already holds this generation (same settings): nothing to do.")
         return load_from_disk(str(output))
-    pipeline = load_pipeline(model, DTYPES[dtype])
+    pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag="--mask-model")
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.check_model_and_steps(num_inference_steps)  # now, not at the first batch in mid-progress-bar
     pipeline.to(device or default_device())
@@ -265,7 +269,7 @@ def generate_dataset(
             masks_of = _new_masks(augmenter)
             mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
         else:
-            mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline).to(pipeline.device)
+            mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline, "--model").to(pipeline.device)
             mask_pipeline.set_progress_bar_config(disable=True)
             if mask_pipeline.sample_size != pipeline.sample_size:
                 raise ValueError(
