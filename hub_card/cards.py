@@ -132,19 +132,27 @@ SOURCE_TERMS = {"kvasir-seg": KVASIR_LICENSE_NOTE}
 UNKNOWN_TERMS = "Check the license of the source data."
 
 
-def write_model_card(pipeline, folder, **context) -> Path:
-    """Renders the model card into `folder/README.md` and keeps its inputs in `card.json` for later updates."""
+def model_card_files(pipeline, folder, **context) -> dict[Path, str]:
+    """The model card (`folder/README.md`) and its inputs (`card.json`, kept for later updates), inputs first."""
     folder = Path(folder)
-    (folder / "README.md").write_text(render_model_card(pipeline, **context))
-    (folder / CARD_CONTEXT_FILE).write_text(json.dumps(context, indent=2, default=str) + "\n")
-    return folder / "README.md"
+    return {
+        folder / CARD_CONTEXT_FILE: json.dumps(context, indent=2, default=str) + "\n",
+        folder / "README.md": render_model_card(pipeline, **context),
+    }
 
 
-def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
+def write_model_card(pipeline, folder, **context) -> Path:
+    """Writes `model_card_files` into a folder being made (a staging folder: no other process reads it yet)."""
+    for path, text in model_card_files(pipeline, folder, **context).items():
+        path.write_text(text)
+    return Path(folder) / "README.md"
+
+
+def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:
     """
-    Re-renders a saved pipeline's card with measured results, keyed by where each came from: each a
+    A saved pipeline's `model_card_files` re-rendered with measured results, keyed by where each came from: each a
     `{"markdown", "eval_results"}` dict (`polyp_diffusers.results`), shown as Markdown sections in order and
-    joined as model-index entries.
+    joined as model-index entries. The caller writes them, atomically: the folder is a published model.
     """
     folder = Path(folder)
     for source, result in results.items():
@@ -154,9 +162,15 @@ def update_model_card(pipeline, folder, results: dict[str, dict]) -> Path:
                 "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py)."
             )
     context_path = folder / CARD_CONTEXT_FILE
-    context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
+    try:
+        context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
+    except ValueError as error:
+        raise ValueError(
+            f"{context_path}, the inputs of the card, is damaged ({error}); restore it, or delete it to render the "
+            "card from the model alone."
+        ) from error
     context["results"] = {
         "markdown": "\n\n".join(result["markdown"] for result in results.values() if result["markdown"]),
         "eval_results": [entry for result in results.values() for entry in result["eval_results"]],
     }
-    return write_model_card(pipeline, folder, **context)
+    return model_card_files(pipeline, folder, **context)

@@ -16,7 +16,7 @@ from .convert_official import convert_official_checkpoint, write_converted_pipel
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline
-from .hub_card.cards import SOURCE_TERMS, update_model_card
+from .hub_card.cards import SOURCE_TERMS, updated_model_card_files
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
@@ -395,7 +395,9 @@ def _run_card(args):
             results[path] = json.loads(Path(path).read_text())
         except ValueError as error:
             raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
-    print(f"Updated {update_model_card(load_pipeline(args.model_dir), args.model_dir, results)}")
+    for path, text in updated_model_card_files(load_pipeline(args.model_dir), args.model_dir, results).items():
+        write_text_atomically(path, text)  # a kill leaves the old card or the new one
+    print(f"Updated {Path(args.model_dir) / 'README.md'}")
 
 
 def _add_demo(subparsers):

@@ -101,6 +101,8 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     """
     check_is_folder(output)
     parts = output / PARTS_DIR
+    if parts.is_dir() and not any(parts.glob("part-*.parquet")):
+        shutil.rmtree(parts)  # a run killed before its first batch was written: nothing to continue or to lose
     if parts.is_dir():
         previous = _read_settings(parts / SETTINGS_FILE)
         if previous == settings:

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,10 +15,11 @@ from datasets import Image as ImageFeature
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline
+from polyp_diffusers import cli as cli_module
 from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
-from polyp_diffusers.folders import staging_folder
+from polyp_diffusers.folders import staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, generate_dataset, load_pipeline
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
@@ -378,6 +380,35 @@ def test_from_pretrained_refuses_the_other_kind_of_model(tiny_pipeline, tmp_path
         PolypMaskPipeline.from_pretrained(tmp_path / "images")
 
 
+def test_card_killed_while_writing_leaves_whole_files_and_names_a_damaged_context(
+    capsys, tiny_pipeline, tmp_path, monkeypatch
+):
+    model = tmp_path / "model"
+    tiny_pipeline.save_pretrained(model)
+    results = tmp_path / "fid.json"
+    results.write_text(json.dumps({"markdown": "| FID | 12.5 |", "eval_results": []}))
+    assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 0
+    card = (model / "README.md").read_text()
+
+    def killed_at_the_card(path, text):
+        if Path(path).name == "README.md":
+            raise OSError("killed")
+        write_text_atomically(path, text)
+
+    results.write_text(json.dumps({"markdown": "| FID | 9.5 |", "eval_results": []}))
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_module, "write_text_atomically", killed_at_the_card)
+        assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 1
+    assert (model / "README.md").read_text() == card  # the old card, whole; its inputs (card.json) are new and whole
+    assert json.loads((model / "card.json").read_text())["results"]["markdown"] == "| FID | 9.5 |"
+    assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 0
+    assert "| FID | 9.5 |" in (model / "README.md").read_text()
+    (model / "card.json").write_text("")
+    capsys.readouterr()
+    assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 1
+    assert f"{model / 'card.json'}, the inputs of the card, is damaged" in capsys.readouterr().err
+
+
 def test_a_damaged_part_is_generated_again_by_the_same_command(
     saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog
 ):
@@ -397,6 +428,22 @@ def test_a_damaged_part_is_generated_again_by_the_same_command(
         f"{damaged} is damaged (unreadable, or not its 2 pairs): its batch is generated again."
     ]
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
+
+
+def test_a_run_killed_while_recording_its_settings_is_started_again_but_parts_without_settings_are_kept(
+    saved_pipeline_dir, demo_masks, tmp_path
+):
+    output = tmp_path / "synthetic"
+    (output / PARTS_DIR).mkdir(parents=True)
+    (output / PARTS_DIR / f"{SETTINGS_FILE}.partial").write_text('{"seed": ')  # killed mid-write, no part yet
+    generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)["test"]
+    assert len(generated) == 4 and not (output / PARTS_DIR).exists()
+    kept = tmp_path / "kept"
+    (kept / PARTS_DIR).mkdir(parents=True)
+    (kept / PARTS_DIR / "part-000000-000004.parquet").write_bytes(b"pairs of a run whose settings are lost")
+    with pytest.raises(ValueError, match="holds an unfinished run whose .* is missing or damaged; pass --overwrite"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), kept, **GENERATION)
+    assert (kept / PARTS_DIR / "part-000000-000004.parquet").exists()
 
 
 def test_a_part_damaged_inside_a_whole_footer_is_removed_and_generated_again_by_the_rerun(
