@@ -11,6 +11,7 @@ continues where it stopped (training and generation also resume inside their own
 """
 
 import contextlib
+import ctypes
 import importlib.util
 import io
 import json
@@ -19,6 +20,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -144,6 +146,25 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _dies_with_its_parent():
+    """
+    For `subprocess`'s `preexec_fn`, on Linux: the step's script is stopped (SIGTERM) when the study's process dies,
+    even by SIGKILL. Otherwise it would run on, and the study run again would start a second writer on its folder.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after the fork only the call runs
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+    study = os.getpid()
+
+    def in_the_child():
+        prctl(set_parent_death_signal, signal.SIGTERM)
+        if os.getppid() != study:  # the study died before the call took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_the_child
+
+
 def _run(command: list[str], log: Path, threads: int | None = None) -> None:
     """
     Runs one step's script, its output kept in `log`; a failure shows the end of the log. `threads`: its CPU
@@ -156,7 +177,9 @@ def _run(command: list[str], log: Path, threads: int | None = None) -> None:
     if not torch.cuda.is_available():  # as `accelerate launch --cpu`: the study's own steps run on the CPU there
         environment.setdefault("ACCELERATE_USE_CPU", "true")
     with log.open("a") as file:
-        result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=environment)
+        result = subprocess.run(
+            command, stdout=file, stderr=subprocess.STDOUT, env=environment, preexec_fn=_dies_with_its_parent()
+        )
     if result.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise RuntimeError(f"the step logged in {log} failed (exit code {result.returncode}):\n{tail}")
