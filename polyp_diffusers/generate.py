@@ -65,6 +65,11 @@ def load_pipeline(
                 f"{model} is a training checkpoint, not a saved pipeline: pass the training run's --output_dir "
                 "(train.py saves the pipeline there at the end, and every --save_pipeline_steps)."
             )
+        if any(CHECKPOINT_PATTERN.match(entry.name) for entry in path.iterdir()):
+            raise ValueError(
+                f"{model} is a training run without a whole saved pipeline (no model_index.json): it was stopped "
+                "while saving it, or before its end. Continue it with --resume_from_checkpoint latest."
+            )
         raise ValueError(f"{model} is not a saved {pipeline_class.__name__}: it has no model_index.json.")
     if path.is_dir() and not list(path.glob("unet/*.safetensors")) and list(path.glob("unet/*.bin")):
         raise ValueError(

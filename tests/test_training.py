@@ -17,6 +17,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
+from polyp_diffusers.generate import load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
     list_checkpoints,
@@ -210,6 +211,21 @@ def test_a_run_streamed_by_dataloader_workers_also_resumes_exactly(demo_dataset,
     resumed, reference = unet_weights(stopped), unet_weights(uninterrupted)
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_run_killed_while_saving_its_pipeline_is_no_pipeline_until_resumed(finished_run, demo_dataset, tmp_path):
+    run = tmp_path / "killed-while-saving"
+    shutil.copytree(finished_run, run)
+    # What save_pipeline leaves when killed halfway: model_index.json removed first, the scheduler not yet moved.
+    (run / "model_index.json").unlink()
+    shutil.rmtree(run / "scheduler")
+    with pytest.raises(ValueError, match="a training run without a whole saved pipeline.*--resume_from_checkpoint"):
+        load_pipeline(str(run))
+    launch("--dataset", str(demo_dataset), "--output_dir", str(run), *TINY_RUN, "--resume_from_checkpoint", "latest")
+    assert PolypDDPMPipeline.from_pretrained(run).scheduler.config.num_train_timesteps == 250
+    resumed, uninterrupted = unet_weights(run), unet_weights(finished_run)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(tensor, resumed[name]) for name, tensor in uninterrupted.items())
 
 
 def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipeline(demo_dataset, tmp_path):

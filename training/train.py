@@ -99,14 +99,15 @@ RECIPES = {
         dataloader_num_workers=0,
     ),
 }
+# A saved pipeline's files, model_index.json (what makes a folder a pipeline to its loaders) last.
 PIPELINE_FILES = (
-    "model_index.json",
     "unet",
     "scheduler",
     "pipeline_polyp_ddpm.py",
     "README.md",
     "card.json",
     "training_config.json",
+    "model_index.json",
 )
 # What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
@@ -347,6 +348,9 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
         dataset=args.dataset if not os.path.exists(args.dataset) else None,
     )
     (staging / "training_config.json").write_text(json.dumps(config, indent=2))
+    # model_index.json goes first and comes back last: a run killed in between leaves no half pipeline that
+    # loads, and its next save (a resumed run) writes it whole.
+    (Path(output_dir) / "model_index.json").unlink(missing_ok=True)
     for name in PIPELINE_FILES:
         target = Path(output_dir) / name
         if target.is_dir():
