@@ -651,7 +651,11 @@ def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, tmp_path
     missing_model = compare("--model", str(tmp_path / "no-model"))
     assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
     assert missing_model.stderr.strip().splitlines()[-1].startswith("error: ")
+    stale = tmp_path / "comparison" / "comparison.json"
+    stale.parent.mkdir()
+    stale.write_text("{}")  # the comparison of runs that the next command replaces
     failed_setting = compare("--synthetic", str(demo_masks), "--settings", "real", "--max_train_steps", "0")
+    assert not stale.exists()
     # The setting's own error and the launcher's traceback come before this command's line.
     assert failed_setting.returncode == 1 and "--max_train_steps: 0 is not a whole number" in failed_setting.stderr
     assert failed_setting.stderr.strip().splitlines()[-1] == (

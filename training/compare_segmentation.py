@@ -4,9 +4,11 @@
         --test data/kvasir-seg:test --output_dir runs/comparison [train_segmentation.py flags ...]
 
 Without `--synthetic`, the synthetic pairs are generated first from the masks of the real training split
-(`polyp-ddpm generate`, resumable). Each setting is trained by `accelerate launch
-training/train_segmentation.py` with the same flags, so all get the same budget. Writes `comparison.md` and
-`comparison.json` (Markdown plus model-index entries: `polyp-ddpm card MODEL --results comparison.json`).
+(`polyp-ddpm generate`: resumable, and kept by a rerun with the same generation settings). Each setting is
+trained anew by `accelerate launch training/train_segmentation.py` with the same flags, so all get the same
+budget. Writes `comparison.md` and `comparison.json` (Markdown plus model-index entries: `polyp-ddpm card MODEL
+--results comparison.json`) atomically once all settings are done; an earlier comparison in the folder is
+removed when its runs are replaced.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
+from polyp_diffusers.folders import write_text_atomically
 from polyp_diffusers.generate import generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
@@ -46,18 +49,21 @@ def main(argv=None):
     args, segmentation_flags = parse_args(argv)
     output_dir = Path(args.output_dir)
     synthetic = args.synthetic
-    if synthetic is None:
+    if synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
         synthetic = str(output_dir / "synthetic")
-        if not (Path(synthetic) / "dataset_dict.json").exists():
-            generate_dataset(
-                args.model,
-                args.real,
-                synthetic,
-                split="train",
-                sampler=args.sampler,
-                num_inference_steps=args.steps,
-                batch_size=args.generation_batch_size,
-            )
+        generate_dataset(
+            args.model,
+            args.real,
+            synthetic,
+            split="train",
+            sampler=args.sampler,
+            num_inference_steps=args.steps,
+            batch_size=args.generation_batch_size,
+        )
+    # The settings are trained anew below: a comparison of the runs they replace must not outlive them.
+    comparison_files = {suffix: output_dir / f"comparison.{suffix}" for suffix in ("json", "md")}
+    for path in comparison_files.values():
+        path.unlink(missing_ok=True)
 
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.accelerate_config:
@@ -88,8 +94,8 @@ def main(argv=None):
 
     comparison = segmentation_results(list(runs.values()))
     comparison["runs"] = runs
-    (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    (output_dir / "comparison.md").write_text(comparison["markdown"] + "\n")
+    write_text_atomically(comparison_files["json"], json.dumps(comparison, indent=2) + "\n")
+    write_text_atomically(comparison_files["md"], comparison["markdown"] + "\n")
     print(comparison["markdown"])
 
 
