@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 from unittest import mock
 
@@ -526,14 +527,14 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
 
 
 def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_line(demo_masks, tmp_path):
+    def command(output, *flags):
+        return [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real", "--real",
+                str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output), "--resolution", "32",
+                "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2", "--validation_size",
+                "2", *flags]  # fmt: skip
+
     def train(output, *flags):
-        return subprocess.run(
-            [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real", "--real",
-             str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output), "--resolution", "32",
-             "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2", "--validation_size", "2",
-             *flags],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        return subprocess.run(command(output, *flags), capture_output=True, text=True, timeout=300)
 
     finished, other = tmp_path / "finished", tmp_path / "other"
     assert train(finished).returncode == 0
@@ -553,8 +554,25 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
         assert reason in result.stderr.strip().splitlines()[-1]
     assert (finished / "results.json").read_text() == results and (other / "notes.txt").read_text() == "mine"
     assert not (demo_masks / "run").exists()
+    # A replacing run killed once it has weights of its own: the finished run is still whole.
+    weights = (finished / "best.safetensors").read_bytes()
+    replacing = subprocess.Popen(
+        command(finished, "--overwrite", "--max_train_steps", "100000", "--validation_steps", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (finished / ".running.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    replacing.kill()
+    replacing.wait()
+    assert (finished / ".running.safetensors").exists()
+    assert (finished / "results.json").read_text() == results and (
+        finished / "best.safetensors"
+    ).read_bytes() == weights
     assert train(finished, "--overwrite", "--seed", "1").returncode == 0
     assert json.loads((finished / "results.json").read_text())["config"]["seed"] == 1
+    assert not (finished / ".running.safetensors").exists() and (finished / "best.safetensors").read_bytes() != weights
 
 
 def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_masks, tmp_path):

@@ -57,6 +57,8 @@ from polyp_diffusers.transforms import (
 logger = get_logger(__name__)
 # What a run writes in --output_dir (each through a `.partial` file renamed into place).
 OUTPUT_FILES = ("best.safetensors", "results.json")
+# The running run's best weights, beside a finished run it replaces only once its own results are ready.
+RUNNING_WEIGHTS = ".running.safetensors"
 # Where a start-up goes (the interpreter and these imports, then main's phases), for timing.start_up_phases_s.
 IMPORTED_AFTER_S = seconds_since_process_start()
 
@@ -124,7 +126,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output_dir", required=True, help="Best weights (safetensors) and results.json go here.")
     parser.add_argument(
-        "--overwrite", action="store_true", help="Replace a finished run in --output_dir (never other files)."
+        "--overwrite",
+        action="store_true",
+        help="Replace a finished run in --output_dir (never other files); it is kept whole until this run's "
+        "results are ready.",
     )
     parser.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
@@ -202,11 +207,8 @@ def main(argv=None):
         )
     tests = load_test_sets(args.test)
     start_up_phases["datasets"] = seconds_since_process_start()
-    # The inputs are sound: a finished run being replaced goes first, so that a killed rerun never leaves its
-    # results beside new weights, nor its weights to be taken for the new run's.
-    for name in OUTPUT_FILES:
-        (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    running_weights = output_dir / RUNNING_WEIGHTS  # a killed run's are replaced as this one validates
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
         f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
@@ -259,12 +261,12 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{loss.item():.4f}", val_iou=f"{validation['iou']:.4f}")
                 if validation["iou"] > best["iou"]:
                     best = {"iou": validation["iou"], "step": step}
-                    # Written beside, then renamed: a kill mid-write never leaves a truncated best.safetensors.
-                    staging = output_dir / "best.safetensors.partial"
+                    # Written beside, then renamed: a kill mid-write never leaves truncated weights.
+                    staging = output_dir / f"{RUNNING_WEIGHTS}.partial"
                     save_file(
                         {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}, str(staging)
                     )
-                    os.replace(staging, output_dir / "best.safetensors")
+                    os.replace(staging, running_weights)
             if step >= args.max_train_steps:
                 break
     progress.close()
@@ -273,7 +275,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        model.load_state_dict(load_file(str(output_dir / "best.safetensors"), device=str(accelerator.device)))
+        model.load_state_dict(load_file(str(running_weights), device=str(accelerator.device)))
         testing_start = time.perf_counter()
         test_scores = {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()}
         fidelity = (
@@ -307,6 +309,10 @@ def main(argv=None):
                 "device": device_name,
             },
         }
+        # A finished run being replaced is whole until here. Its results go first, so that a kill in these
+        # three steps leaves no results (an unfinished run) rather than old results beside new weights.
+        (output_dir / "results.json").unlink(missing_ok=True)
+        os.replace(running_weights, output_dir / "best.safetensors")
         write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info(json.dumps(results["test"], indent=2))
     accelerator.end_training()
