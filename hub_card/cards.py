@@ -4,6 +4,7 @@ Cards only render what they are given: the results they show come from `polyp_di
 uploading is `publish.py`'s job.
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def write_model_card(pipeline, folder, **context) -> Path:
     return Path(folder) / "README.md"
 
 
+def _damaged_card_inputs(path: Path, problem) -> ValueError:
+    return ValueError(
+        f"{path}, the inputs of the card, is damaged ({problem}); restore it, or delete it to render the card from "
+        "the model alone."
+    )
+
+
 def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:
     """
     A saved pipeline's `model_card_files` re-rendered with measured results, keyed by where each came from: each a
@@ -165,10 +173,10 @@ def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict
     try:
         context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
     except ValueError as error:
-        raise ValueError(
-            f"{context_path}, the inputs of the card, is damaged ({error}); restore it, or delete it to render the "
-            "card from the model alone."
-        ) from error
+        raise _damaged_card_inputs(context_path, error) from error
+    card_inputs = set(inspect.signature(render_model_card).parameters) - {"pipeline"}
+    if not isinstance(context, dict) or not {"repo_id"} <= set(context) <= card_inputs:
+        raise _damaged_card_inputs(context_path, "not an object of the card's inputs")
     context["results"] = {
         "markdown": "\n\n".join(result["markdown"] for result in results.values() if result["markdown"]),
         "eval_results": [entry for result in results.values() for entry in result["eval_results"]],

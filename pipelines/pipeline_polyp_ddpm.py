@@ -444,7 +444,7 @@ class PolypPipelineMixin:
         kwargs.setdefault("use_safetensors", True)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipeline.check_model_kind()
-        if "device_map" not in kwargs:  # offloaded weights stay on the `meta` device until used
+        if kwargs.get("device_map") is None:  # offloaded weights stay on the `meta` device until used
             pipeline.check_weights(pretrained_model_name_or_path)
         return pipeline
 

@@ -237,6 +237,7 @@ def _run_generate(args):
         insert=args.insert,
         compile=args.compile or args.compile_mode is not None,
         compile_mode=args.compile_mode,
+        model_flags=("--model", "--mask-model"),
     )
     # True of a new run, a continued one, and one that found nothing to do.
     print(f"{args.output} holds {len(dataset[args.split])} generated pairs ({args.split} split)")
@@ -395,6 +396,7 @@ def _run_card(args):
             results[path] = json.loads(Path(path).read_text())
         except ValueError as error:
             raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
+    # Results are for image models: a model of masks alone is refused by load_pipeline.
     for path, text in updated_model_card_files(load_pipeline(args.model_dir), args.model_dir, results).items():
         write_text_atomically(path, text)  # a kill leaves the old card or the new one
     print(f"Updated {Path(args.model_dir) / 'README.md'}")

@@ -67,8 +67,9 @@ def load_pipeline(
             )
         if any(CHECKPOINT_PATTERN.match(entry.name) for entry in path.iterdir()):
             raise ValueError(
-                f"{model} is a training run without a whole saved pipeline (no model_index.json): it was stopped "
-                "while saving it, or before its end. Continue it with --resume_from_checkpoint latest."
+                f"{model} is a training run without a whole saved pipeline (no model_index.json): it is running, or "
+                "was stopped before its end or while saving it. Once it no longer runs, continue it with "
+                "training/train.py ... --resume_from_checkpoint latest."
             )
         raise ValueError(f"{model} is not a saved {pipeline_class.__name__}: it has no model_index.json.")
     if path.is_dir() and not list(path.glob("unet/*.safetensors")) and list(path.glob("unet/*.bin")):
@@ -81,11 +82,10 @@ def load_pipeline(
         check_hub_repo(model, "model")
     try:
         return pipeline_class.from_pretrained(model, dtype=dtype)
-    except ModelKindError as error:
-        if other_kind_flag is None:
-            raise ValueError(f"{model}: {error}") from None
+    except ModelKindError:
         what = "an image model" if pipeline_class is PolypMaskPipeline else "a model of masks alone"
-        raise ValueError(f"{model} is {what}: pass it as {other_kind_flag}.") from None
+        where = f"pass it as {other_kind_flag}" if other_kind_flag else f"{pipeline_class.__name__} cannot run it"
+        raise ValueError(f"{model} is {what}: {where}.") from None
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
 
@@ -96,6 +96,10 @@ def _read_settings(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+class OtherRunError(ValueError):
+    """The output folder holds a run of `generate` with other (or unreadable) settings."""
 
 
 def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
@@ -114,7 +118,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             return False
         if not overwrite:
             if previous is None:
-                raise ValueError(
+                raise OtherRunError(
                     f"{output} holds an unfinished run whose {parts / SETTINGS_FILE} is missing or damaged; pass "
                     "--overwrite to discard it, or choose another --output."
                 )
@@ -123,7 +127,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
                 for k in {*previous, *settings}
                 if previous.get(k) != settings.get(k)
             }
-            raise ValueError(
+            raise OtherRunError(
                 f"{output} holds an unfinished run with other settings {changed}; run the same command "
                 "again to continue it, pass --overwrite to discard it, or choose another --output."
             )
@@ -131,8 +135,8 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
         if _read_settings(output / SETTINGS_FILE) == settings:
             return True
-        raise FileExistsError(
-            f"{output} already holds a finished generated dataset; pass --overwrite to replace "
+        raise OtherRunError(
+            f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
             "it, or choose another --output."
         )
     elif not is_empty(output) and not (output / SETTINGS_FILE).is_file():
@@ -171,6 +175,7 @@ def generate_dataset(
     insert: bool = False,
     compile: bool = False,
     compile_mode: str | None = None,
+    model_flags: tuple[str, str] | None = None,
 ) -> DatasetDict:
     """
     Generates `num_images_per_mask` images for every mask of `mask_dataset[split]` and writes the pairs as a
@@ -200,7 +205,8 @@ def generate_dataset(
     instead (`PolypInpaintPipeline`): into frame `j` modulo the split's size goes new mask `j`, or, if its edit
     region would touch the frame's own polyp, the first of masks `j + N`, `j + 2N`, ... that does not (up to
     `INSERT_TRIES`; none: the frame is left as it is). The pair's mask holds both polyps, and `source_id` names
-    the frame. With a mask model, mask seeds follow the image seeds.
+    the frame. With a mask model, mask seeds follow the image seeds. `model_flags`: the calling command's names
+    for `model` and `mask_model`, for the error that a model was given as the other kind.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}.")
@@ -260,7 +266,7 @@ def generate_dataset(
     if _check_output(output, settings, overwrite):
         print(f"{output} already holds this generation (same settings): nothing to do.")
         return load_from_disk(str(output))
-    pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag="--mask-model")
+    pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
     pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.check_model_and_steps(num_inference_steps)  # now, not at the first batch in mid-progress-bar
     pipeline.to(device or default_device())
@@ -276,7 +282,9 @@ def generate_dataset(
             masks_of = _new_masks(augmenter)
             mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
         else:
-            mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline, "--model").to(pipeline.device)
+            mask_pipeline = load_pipeline(
+                mask_model, DTYPES[dtype], PolypMaskPipeline, model_flags and model_flags[0]
+            ).to(pipeline.device)
             mask_pipeline.set_progress_bar_config(disable=True)
             if mask_pipeline.sample_size != pipeline.sample_size:
                 raise ValueError(
@@ -378,35 +386,38 @@ def generate_dataset(
     return dataset
 
 
-def _read_part(part: Path) -> Dataset:
-    return Dataset.from_parquet(str(part), features=GENERATED_FEATURES)
-
-
 def _assemble(part_files: list[Path]) -> Dataset:
     """
     The parts as one dataset. A part whose footer is whole but whose pairs cannot be read (damaged on disk) is
-    found only here: it is removed, so that the same command generates its batch again.
+    found only here: it is set aside (`.damaged`), so that the same command generates its batch again.
     """
     try:
-        return concatenate_datasets([_read_part(part) for part in part_files])
+        return concatenate_datasets([Dataset.from_parquet(str(p), features=GENERATED_FEATURES) for p in part_files])
     except (DatasetGenerationError, OSError, pyarrow.ArrowException) as error:
-        damaged = [part for part in part_files if not _is_readable(part)]
+        # Read apart from the datasets cache: a cache that cannot be written (a full disk) fails every part alike.
+        damaged = [part for part in part_files if _is_damaged(part)]
         if not damaged:
-            raise
+            raise OSError(f"the generated parts could not be assembled: {error.__cause__ or error}") from error
         for part in damaged:
-            part.unlink()
+            os.replace(part, part.with_suffix(".damaged"))
         raise ValueError(
             f"{len(damaged)} generated part(s) could not be read, damaged on disk ({', '.join(map(str, damaged))}), "
-            "and were removed: run the same command again to generate their batches again."
+            "and were set aside as .damaged: run the same command again to generate their batches again."
         ) from error
 
 
-def _is_readable(part: Path) -> bool:
+def _is_damaged(part: Path) -> bool:
+    """
+    Whether a page of a part file does not decode (read by pyarrow alone: no copy into the datasets cache). An
+    error of the system (an `OSError` with an errno: permissions, a full disk) is not damage.
+    """
     try:
-        _read_part(part)
-    except (DatasetGenerationError, OSError, pyarrow.ArrowException):
-        return False
-    return True
+        pyarrow.parquet.read_table(part)
+    except pyarrow.ArrowInvalid:
+        return True
+    except OSError as error:  # pyarrow's own (a page header that does not parse) have no errno
+        return error.errno is None
+    return False
 
 
 def _is_whole_part(part: Path, num_pairs: int) -> bool:

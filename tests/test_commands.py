@@ -295,7 +295,8 @@ def test_a_staging_folder_of_a_running_writer_is_left_alone(tmp_path):
 def test_a_damaged_run_record_is_named_and_can_be_discarded(saved_pipeline_dir, demo_masks, tmp_path):
     output = tmp_path / "synthetic"
     (output / PARTS_DIR).mkdir(parents=True)
-    (output / PARTS_DIR / SETTINGS_FILE).write_text('{"model": "tru')  # killed while writing
+    (output / PARTS_DIR / SETTINGS_FILE).write_text('{"model": "tru')  # damaged after its first batch
+    (output / PARTS_DIR / "part-000000-000004.parquet").write_bytes(b"pairs of unknown settings")
     with pytest.raises(ValueError, match=f"{SETTINGS_FILE} is missing or damaged.*--overwrite"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, overwrite=True, **GENERATION)
@@ -403,10 +404,11 @@ def test_card_killed_while_writing_leaves_whole_files_and_names_a_damaged_contex
     assert json.loads((model / "card.json").read_text())["results"]["markdown"] == "| FID | 9.5 |"
     assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 0
     assert "| FID | 9.5 |" in (model / "README.md").read_text()
-    (model / "card.json").write_text("")
     capsys.readouterr()
-    assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 1
-    assert f"{model / 'card.json'}, the inputs of the card, is damaged" in capsys.readouterr().err
+    for damaged in ("", "[]", '{"repo_id": "x", "colour": "red"}'):
+        (model / "card.json").write_text(damaged)
+        assert polyp_ddpm(["card", str(model), "--results", str(results)]) == 1
+        assert f"{model / 'card.json'}, the inputs of the card, is damaged" in capsys.readouterr().err
 
 
 def test_a_damaged_part_is_generated_again_by_the_same_command(
@@ -446,7 +448,7 @@ def test_a_run_killed_while_recording_its_settings_is_started_again_but_parts_wi
     assert (kept / PARTS_DIR / "part-000000-000004.parquet").exists()
 
 
-def test_a_part_damaged_inside_a_whole_footer_is_removed_and_generated_again_by_the_rerun(
+def test_a_part_damaged_inside_a_whole_footer_is_set_aside_and_generated_again_by_the_rerun(
     saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
 ):
     settings = dict(GENERATION, batch_size=2)
@@ -460,9 +462,9 @@ def test_a_part_damaged_inside_a_whole_footer_is_removed_and_generated_again_by_
     content = bytearray(damaged.read_bytes())
     content[100 : len(content) // 2] = b"\xab" * (len(content) // 2 - 100)  # its pairs, not its footer
     damaged.write_bytes(content)
-    with pytest.raises(ValueError, match=f"could not be read, damaged on disk \\({damaged}\\), and were removed"):
+    with pytest.raises(ValueError, match=f"could not be read, damaged on disk \\({damaged}\\), and were set aside"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
-    assert not damaged.exists() and (output / PARTS_DIR / "part-000000-000002.parquet").exists()
+    assert damaged.with_suffix(".damaged").exists() and (output / PARTS_DIR / "part-000000-000002.parquet").exists()
     generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)["test"]
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 

@@ -154,6 +154,7 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
         "num_masks": 6,
     }
     (output / PARTS_DIR / "generation.json").write_text(json.dumps(settings))
+    (output / PARTS_DIR / "part-000000-000016.parquet").write_bytes(b"pairs of those settings")
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
 
@@ -660,7 +661,7 @@ def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fid
 # End to end -----------------------------------------------------------------------------------------------------
 
 
-def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, tmp_path):
+def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, saved_pipeline_dir, tmp_path):
     def compare(*flags):
         command = [sys.executable, str(REPO_ROOT / "training" / "compare_segmentation.py"), "--real", str(demo_masks)]
         command += ["--test", f"{demo_masks}:test", "--output_dir", str(tmp_path / "comparison"), *flags]
@@ -669,15 +670,23 @@ def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, tmp_path
     missing_model = compare("--model", str(tmp_path / "no-model"))
     assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
     assert missing_model.stderr.strip().splitlines()[-1].startswith("error: ")
-    stale = tmp_path / "comparison" / "comparison.json"
-    stale.parent.mkdir()
-    stale.write_text("{}")  # the comparison of runs that the next command replaces
+    earlier = tmp_path / "comparison" / "comparison.json"
+    earlier.parent.mkdir()
+    earlier.write_text("{}")  # kept: a setting that fails replaces none of the runs it compares
     failed_setting = compare("--synthetic", str(demo_masks), "--settings", "real", "--max_train_steps", "0")
-    assert not stale.exists()
+    assert earlier.read_text() == "{}"
     # The setting's own error and the launcher's traceback come before this command's line.
     assert failed_setting.returncode == 1 and "--max_train_steps: 0 is not a whole number" in failed_setting.stderr
     assert failed_setting.stderr.strip().splitlines()[-1] == (
         "error: the real setting failed (its error is above); nothing was compared."
+    )
+    generation = ("--model", str(saved_pipeline_dir), "--sampler", "ddim", "--generation_batch_size", "8")
+    assert compare(*generation, "--steps", "2", "--settings", "real", "--max_train_steps", "0").returncode == 1
+    other_steps = compare(*generation, "--steps", "3")  # the pairs made above are kept, not mixed with these
+    assert other_steps.returncode == 1 and "Traceback" not in other_steps.stderr
+    assert "holds synthetic pairs generated with other settings" in other_steps.stderr
+    assert other_steps.stderr.strip().endswith(
+        "delete that folder to generate them again, or choose another --output_dir."
     )
 
 

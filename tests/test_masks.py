@@ -283,10 +283,10 @@ def test_generate_draws_new_masks_from_a_mask_model(
     )  # fmt: skip
     assert code == 1 and "is an image model: pass it as --model" in err
     results = tmp_path / "fid.json"
-    results.write_text(json.dumps({"fid": 1.0}))
+    results.write_text(json.dumps({"markdown": "| FID | 9.5 |", "eval_results": []}))
     code = polyp_ddpm(["card", str(mask_pipeline_dir), "--results", str(results)])  # a command without --mask-model
     err = capsys.readouterr().err
-    assert code == 1 and "PolypDDPMPipeline cannot run a model of masks alone; load it with PolypMaskPipeline" in err
+    assert code == 1 and f"{mask_pipeline_dir} is a model of masks alone: PolypDDPMPipeline cannot run it." in err
     small = tmp_path / "16px-mask-model"
     unet = make_polyp_unet_from_preset("tiny", image_size=16, image_channels=1, mask_channels=0)
     PolypMaskPipeline(unet=unet, scheduler=make_polyp_scheduler()).save_pretrained(small)

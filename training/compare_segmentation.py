@@ -8,7 +8,7 @@ Without `--synthetic`, the synthetic pairs are generated first from the masks of
 trained anew by `accelerate launch training/train_segmentation.py` with the same flags, so all get the same
 budget. Writes `comparison.md` and `comparison.json` (Markdown plus model-index entries: `polyp-ddpm card MODEL
 --results comparison.json`) atomically once all settings are done; an earlier comparison in the folder is
-removed when its runs are replaced.
+removed as soon as the first of its runs is replaced.
 """
 
 import argparse
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
 from polyp_diffusers.folders import write_text_atomically
-from polyp_diffusers.generate import generate_dataset
+from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
 from polyp_diffusers.segmentation import TRAIN_SETS
@@ -51,19 +51,22 @@ def main(argv=None):
     synthetic = args.synthetic
     if synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
         synthetic = str(output_dir / "synthetic")
-        generate_dataset(
-            args.model,
-            args.real,
-            synthetic,
-            split="train",
-            sampler=args.sampler,
-            num_inference_steps=args.steps,
-            batch_size=args.generation_batch_size,
-        )
-    # The settings are trained anew below: a comparison of the runs they replace must not outlive them.
+        try:
+            generate_dataset(
+                args.model,
+                args.real,
+                synthetic,
+                split="train",
+                sampler=args.sampler,
+                num_inference_steps=args.steps,
+                batch_size=args.generation_batch_size,
+            )
+        except OtherRunError as error:
+            raise ValueError(
+                f"{synthetic} holds synthetic pairs generated with other settings ({error}). For this command: "
+                "delete that folder to generate them again, or choose another --output_dir."
+            ) from None
     comparison_files = {suffix: output_dir / f"comparison.{suffix}" for suffix in ("json", "md")}
-    for path in comparison_files.values():
-        path.unlink(missing_ok=True)
 
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.accelerate_config:
@@ -90,6 +93,9 @@ def main(argv=None):
         print(f"== {setting}: {' '.join(command)}", flush=True)
         if subprocess.run(command).returncode:
             raise RuntimeError(f"the {setting} setting failed (its error is above); nothing was compared.")
+        if not runs:  # a run of the earlier comparison is replaced now: the comparison must not outlive it
+            for path in comparison_files.values():
+                path.unlink(missing_ok=True)
         runs[setting] = json.loads((run_dir / "results.json").read_text())
 
     comparison = segmentation_results(list(runs.values()))

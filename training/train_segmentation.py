@@ -208,7 +208,8 @@ def main(argv=None):
     tests = load_test_sets(args.test)
     start_up_phases["datasets"] = seconds_since_process_start()
     output_dir.mkdir(parents=True, exist_ok=True)
-    running_weights = output_dir / RUNNING_WEIGHTS  # a killed run's are replaced as this one validates
+    running_weights = output_dir / RUNNING_WEIGHTS
+    running_weights.unlink(missing_ok=True)  # a killed run's: never to be taken for this run's
     logger.info(
         f"train on {args.train}: {len(train_set)} pairs; validation: {len(validation_set)} real pairs; "
         f"tests: {', '.join(f'{n} ({len(d)})' for n, d in tests.items())}"
