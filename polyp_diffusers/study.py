@@ -11,7 +11,6 @@ continues where it stopped (training and generation also resume inside their own
 """
 
 import contextlib
-import ctypes
 import importlib.util
 import io
 import json
@@ -20,7 +19,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -146,23 +144,23 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _dies_with_its_parent():
-    """
-    For `subprocess`'s `preexec_fn`, on Linux: the step's script is stopped (SIGTERM) when the study's process dies,
-    even by SIGKILL. Otherwise it would run on, and the study run again would start a second writer on its folder.
-    """
+# Run before a step's script, on Linux: asks the kernel to stop it (SIGTERM) when the study's process dies, even by
+# SIGKILL, then becomes the script (the request survives exec). Otherwise the script would run on, and the study run
+# again would start a second writer on its folder. A process of its own, not a `preexec_fn`: the study starts steps
+# from several threads, where code run between fork and exec can deadlock.
+DIE_WITH_PARENT = (
+    "import ctypes, os, sys; "
+    "ctypes.CDLL(None).prctl(1, 15); "  # PR_SET_PDEATHSIG, SIGTERM
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); "  # the study died before the request took effect
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _dying_with_this_process(command: list[str]) -> list[str]:
+    """`command`, stopped when this process dies (Linux; elsewhere as it is)."""
     if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after the fork only the call runs
-    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
-    study = os.getpid()
-
-    def in_the_child():
-        prctl(set_parent_death_signal, signal.SIGTERM)
-        if os.getppid() != study:  # the study died before the call took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return in_the_child
+        return command
+    return [sys.executable, "-S", "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def _run(command: list[str], log: Path, threads: int | None = None) -> None:
@@ -178,7 +176,7 @@ def _run(command: list[str], log: Path, threads: int | None = None) -> None:
         environment.setdefault("ACCELERATE_USE_CPU", "true")
     with log.open("a") as file:
         result = subprocess.run(
-            command, stdout=file, stderr=subprocess.STDOUT, env=environment, preexec_fn=_dies_with_its_parent()
+            _dying_with_this_process(command), stdout=file, stderr=subprocess.STDOUT, env=environment
         )
     if result.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])

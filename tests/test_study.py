@@ -1,12 +1,12 @@
 """`polyp-ddpm reproduce`: the whole study on CPU with the smoke preset and the demo data, killed and continued."""
 
 import json
+import os
 import pickle
+import select
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -201,31 +201,20 @@ def test_without_cuda_the_scripts_run_on_the_cpu_as_accelerate_launch_cpu_would(
     assert (tmp_path / "cpu.log").read_text().split()[-2:] == ["true", "cpu"]  # also where MPS or XPU would be taken
 
 
-def _is_running(pid: int) -> bool:
-    """Alive and not a zombie (an ended process its new parent has not reaped yet)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
 def test_a_step_script_dies_with_a_killed_study_instead_of_writing_on(tmp_path):
     """Otherwise the study run again would start a second writer on the same folder."""
     started = tmp_path / "step.pid"
-    step = f"import os, time; open({str(started)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    os.mkfifo(started)
+    step = f"import os, signal; open({str(started)!r}, 'w').write(str(os.getpid())); signal.pause()"
     study = subprocess.Popen(
         [sys.executable, "-c", f"import sys; from pathlib import Path; from polyp_diffusers.study import _run; "
          f"_run([sys.executable, '-c', {step!r}], Path({str(tmp_path / 'step.log')!r}))"]
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (started.exists() and started.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    step_pid = int(started.read_text())
+    reader = os.open(started, os.O_RDONLY | os.O_NONBLOCK)
+    assert select.select([reader], [], [], 120)[0], "the step did not start"
+    step_pid = int(os.read(reader, 32))
+    step_ended = os.pidfd_open(step_pid)
     study.kill()
     study.wait()
-    deadline = time.monotonic() + 10
-    while _is_running(step_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _is_running(step_pid)
+    assert select.select([step_ended], [], [], 10)[0], "the step runs on without its study"
