@@ -411,17 +411,23 @@ def test_card_killed_while_writing_leaves_whole_files_and_names_a_damaged_contex
         assert f"{model / 'card.json'}, the inputs of the card, is damaged" in capsys.readouterr().err
 
 
-def test_a_damaged_part_is_generated_again_by_the_same_command(
-    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog
-):
-    """A part truncated on disk (the run stopped before assembling): the rerun redoes its batch, same seeds, same images."""
-    settings = dict(GENERATION, batch_size=2)
+def _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, settings):
+    """The pairs of an uninterrupted run, and the folder of the same run stopped with all its parts written."""
     expected = generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "whole", **settings)["test"]
     output = tmp_path / "synthetic"
     with monkeypatch.context() as patch:
         patch.setattr(generate_module, "concatenate_datasets", lambda parts: (_ for _ in ()).throw(OSError("killed")))
         with pytest.raises(OSError, match="killed"):
             generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    return expected, output
+
+
+def test_a_damaged_part_is_generated_again_by_the_same_command(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog
+):
+    """A part truncated on disk (the run stopped before assembling): the rerun redoes its batch, same seeds, same images."""
+    settings = dict(GENERATION, batch_size=2)
+    expected, output = _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, settings)
     damaged = output / PARTS_DIR / "part-000000-000002.parquet"
     damaged.write_bytes(damaged.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="polyp_diffusers.generate"):
@@ -452,12 +458,7 @@ def test_a_part_damaged_inside_a_whole_footer_is_set_aside_and_generated_again_b
     saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
 ):
     settings = dict(GENERATION, batch_size=2)
-    expected = generate_dataset(str(saved_pipeline_dir), str(demo_masks), tmp_path / "whole", **settings)["test"]
-    output = tmp_path / "synthetic"
-    with monkeypatch.context() as patch:
-        patch.setattr(generate_module, "concatenate_datasets", lambda parts: (_ for _ in ()).throw(OSError("killed")))
-        with pytest.raises(OSError, match="killed"):
-            generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    expected, output = _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, settings)
     damaged = output / PARTS_DIR / "part-000002-000004.parquet"
     content = bytearray(damaged.read_bytes())
     content[100 : len(content) // 2] = b"\xab" * (len(content) // 2 - 100)  # its pairs, not its footer

@@ -213,15 +213,32 @@ def test_a_run_streamed_by_dataloader_workers_also_resumes_exactly(demo_dataset,
         torch.testing.assert_close(resumed[name], reference[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_a_run_killed_while_saving_its_pipeline_is_no_pipeline_until_resumed(finished_run, demo_dataset, tmp_path):
-    run = tmp_path / "killed-while-saving"
+# train.py with its move of the scheduler into place failing, as a kill there would stop it.
+STOPPED_WHILE_SAVING = """
+import os, runpy, sys
+replace = os.replace
+def stopped_at_the_scheduler(source, target, *args, **kwargs):
+    if os.path.basename(target) == "scheduler":
+        raise OSError("stopped while saving the pipeline")
+    return replace(source, target, *args, **kwargs)
+os.replace = stopped_at_the_scheduler
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_stopped_while_saving_its_pipeline_is_no_pipeline_until_resumed(finished_run, demo_dataset, tmp_path):
+    run = tmp_path / "stopped-while-saving"
     shutil.copytree(finished_run, run)
-    # What save_pipeline leaves when killed halfway: model_index.json removed first, the scheduler not yet moved.
-    (run / "model_index.json").unlink()
-    shutil.rmtree(run / "scheduler")
+    resume = ("--dataset", str(demo_dataset), "--output_dir", str(run), *TINY_RUN, "--resume_from_checkpoint", "latest")
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_SAVING, str(TRAIN_SCRIPT), *resume], capture_output=True, text=True
+    )
+    assert stopped.returncode == 1 and "stopped while saving the pipeline" in stopped.stderr
+    assert not (run / "model_index.json").exists() and not (run / "scheduler").exists()
     with pytest.raises(ValueError, match="a training run without a whole saved pipeline.*--resume_from_checkpoint"):
         load_pipeline(str(run))
-    launch("--dataset", str(demo_dataset), "--output_dir", str(run), *TINY_RUN, "--resume_from_checkpoint", "latest")
+    launch(*resume)
     assert PolypDDPMPipeline.from_pretrained(run).scheduler.config.num_train_timesteps == 250
     resumed, uninterrupted = unet_weights(run), unet_weights(finished_run)
     assert resumed.keys() == uninterrupted.keys()
