@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -435,6 +436,22 @@ def test_a_damaged_part_is_generated_again_by_the_same_command(
     assert [message for message in caplog.messages if "damaged" in message] == [
         f"{damaged} is damaged (unreadable, or not its 2 pairs): its batch is generated again."
     ]
+    assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
+
+
+def test_parts_that_cannot_be_assembled_for_want_of_a_writable_cache_are_all_kept(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+):
+    settings = dict(GENERATION, batch_size=2)
+    expected, output = _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, settings)
+    parts = sorted((output / PARTS_DIR).glob("part-*.parquet"))
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a-file" / "cache")  # as on a full disk
+        (tmp_path / "a-file").write_text("")
+        with pytest.raises(OSError, match="the generated parts could not be assembled"):
+            generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    assert sorted((output / PARTS_DIR).glob("part-*.parquet")) == parts and len(parts) == 2
+    generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)["test"]
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 
 
