@@ -21,7 +21,7 @@ from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import staging_folder, write_text_atomically
-from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, generate_dataset, load_pipeline
+from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
 
@@ -183,7 +183,7 @@ def test_overwrite_replaces_a_finished_generation_only_when_asked(
     output = tmp_path / "synthetic"
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=0, **GENERATION)
     assert json.loads((output / SETTINGS_FILE).read_text())["seed"] == 0
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(OtherRunError, match="generated with other settings; pass --overwrite"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, **GENERATION)
     calls = []
     monkeypatch.setattr(PolypDDPMPipeline, "__call__", lambda *args, **kwargs: calls.append(1))
