@@ -54,31 +54,43 @@ class JointAugment:
     def __call__(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`images` `(B, 3, H, W)` in `[-1, 1]`, `masks` `(B, 1, H, W)` in {0, 1}; returns both augmented."""
+        """
+        `images` `(B, 3, H, W)` in `[-1, 1]` (or `(B, 0, H, W)`: none), `masks` `(B, 1, H, W)` in {0, 1}; returns
+        both augmented. The masks get the same transformation with or without images.
+        """
         if images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]:
             raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up.")
         # non_blocking: a blocking host-to-GPU copy would wait for all queued GPU work, once per step.
         theta = self.affine(images.shape[0], generator).to(images.device, torch.float32, non_blocking=True)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        grid = F.affine_grid(theta, list(masks.shape), align_corners=False)
+        augmented_masks = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False)
+        if images.shape[1] == 0:  # masks alone (`pair_tensors(..., with_images=False)`)
+            return images, augmented_masks.to(masks.dtype)
         # Shift images to [0, 2] so that the zero padding of uncovered corners becomes black (-1).
         augmented = F.grid_sample(images.float() + 1, grid, mode="bilinear", align_corners=False) - 1
-        augmented_masks = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False)
         return augmented.to(images.dtype), augmented_masks.to(masks.dtype)
 
 
-def pair_transform(resolution: int, augment: JointAugment | None = None, seed: int | None = None):
+def pair_transform(
+    resolution: int, augment: JointAugment | None = None, seed: int | None = None, with_images: bool = True
+):
     """
     A batch transform for `Dataset.with_transform`: PIL pairs to `images` `(B, 3, R, R)` in `[-1, 1]` and
-    `masks` `(B, 1, R, R)` in {0, 1}, optionally augmented (seeded by `seed`).
+    `masks` `(B, 1, R, R)` in {0, 1}, optionally augmented (seeded by `seed`). Without images (what a model of
+    masks trains on), `images` are `(B, 0, R, R)`: no image is decoded.
     """
     image_processor = VaeImageProcessor(vae_scale_factor=1, resample="bicubic", do_normalize=True)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def transform(batch: dict) -> dict:
-        images = image_processor.preprocess(
-            [image.convert("RGB") for image in batch["image"]], height=resolution, width=resolution
-        )
         masks = prepare_masks(list(batch["mask"]), (resolution, resolution))
+        images = (
+            image_processor.preprocess(
+                [image.convert("RGB") for image in batch["image"]], height=resolution, width=resolution
+            )
+            if with_images
+            else masks.new_empty(len(masks), 0, resolution, resolution)
+        )
         if augment is not None:
             images, masks = augment(images, masks, generator)
         return {"images": images, "masks": masks, "id": batch["id"]}
@@ -86,28 +98,41 @@ def pair_transform(resolution: int, augment: JointAugment | None = None, seed: i
     return transform
 
 
+def transformed_pairs(dataset, resolution: int, with_images: bool = True):
+    """`dataset` read through `pair_transform`; without images, also without its image column (never decoded)."""
+    if not with_images:
+        dataset = dataset.remove_columns("image")
+    return dataset.with_transform(pair_transform(resolution, with_images=with_images))
+
+
 def pair_tensors(
-    dataset, resolution: int, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True
+    dataset,
+    resolution: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    with_images: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Every pair of `dataset` decoded and resized once: `images` `(N, 3, R, R)` float in `[-1, 1]` and `masks`
     `(N, 1, R, R)` uint8 in {0, 1}, on `device`. A training set that fits there is then batched by indexing,
-    with no workers and no per-step decoding (898 pairs at 256 px take 0.71 GiB).
+    with no workers and no per-step decoding (898 pairs at 256 px take 0.71 GiB). Without images, `images`
+    are `(N, 0, R, R)`: nothing, which batches and augments like images.
     """
-    transform = pair_transform(resolution)
+    pairs = transformed_pairs(dataset, resolution, with_images)
     # Filled in place: a list of batches and their concatenation would take twice the memory at the peak.
-    images = torch.empty(len(dataset), 3, resolution, resolution, device=device)
+    images = torch.empty(len(dataset), 3 if with_images else 0, resolution, resolution, device=device)
     masks = torch.empty(len(dataset), 1, resolution, resolution, device=device, dtype=torch.uint8)
     for start in tqdm(range(0, len(dataset), batch_size), desc="Loading pairs", unit="batch", disable=not progress):
-        batch = transform(dataset[start : start + batch_size])
+        batch = pairs[start : start + batch_size]
         images[start : start + len(batch["images"])] = batch["images"]
         masks[start : start + len(batch["masks"])] = batch["masks"]
     return images, masks
 
 
-def pair_tensors_nbytes(num_pairs: int, resolution: int) -> int:
+def pair_tensors_nbytes(num_pairs: int, resolution: int, with_images: bool = True) -> int:
     """What `pair_tensors` takes in memory: float32 images and uint8 masks."""
-    return num_pairs * (3 * 4 + 1) * resolution * resolution
+    return num_pairs * (3 * 4 * with_images + 1) * resolution * resolution
 
 
 def shuffled_batches(

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import load_from_disk
+from datasets import Image, load_from_disk
 
 from polyp_diffusers.data import (
     FEATURES,
@@ -22,7 +22,7 @@ from polyp_diffusers.data import (
 )
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.prepare_data import prepare_dataset
-from polyp_diffusers.transforms import JointAugment, pair_transform
+from polyp_diffusers.transforms import JointAugment, pair_tensors, pair_tensors_nbytes, pair_transform
 
 
 def polyp_pair(width=48, height=40, seed=0):
@@ -346,6 +346,30 @@ def test_bad_augmentation_settings_are_refused():
         JointAugment(flip_probability=2)
     with pytest.raises(ValueError, match="do not pair up"):
         JointAugment()(torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 8, 8))
+
+
+def test_masks_alone_are_augmented_as_beside_their_images():
+    masks, images = _mask_batch(), torch.rand(4, 3, 32, 32) * 2 - 1
+    augment = JointAugment(degrees=45, zoom=(0.8, 1.2))
+    _, with_images = augment(images, masks, torch.Generator().manual_seed(3))
+    no_images, alone = augment(images[:, :0], masks, torch.Generator().manual_seed(3))
+    assert torch.equal(alone, with_images) and no_images.shape == (4, 0, 32, 32)
+
+
+def test_masks_alone_are_read_without_decoding_an_image():
+    dataset = make_demo_dataset(6, 48, test_size=2)["train"]
+    masks_before = pair_tensors(dataset, 32, progress=False)[1]
+    # Images that cannot be decoded: reading them would fail.
+    broken = dataset.cast_column("image", Image(decode=False)).map(
+        lambda pair: {"image": {"bytes": b"not an image", "path": None}}
+    )
+    broken = broken.cast_column("image", Image())
+    with pytest.raises(PIL.UnidentifiedImageError):
+        pair_tensors(broken, 32, progress=False)
+    images, masks = pair_tensors(broken, 32, progress=False, with_images=False)
+    assert images.shape == (4, 0, 32, 32) and images.nbytes == 0
+    assert torch.equal(masks, masks_before)
+    assert pair_tensors_nbytes(4, 32, with_images=False) == masks.nbytes
 
 
 def test_pair_transform_works_with_dataset_with_transform():

@@ -72,9 +72,9 @@ from polyp_diffusers.transforms import (
     mean_color,
     pair_tensors,
     pair_tensors_nbytes,
-    pair_transform,
     shuffled_batches,
     tensor_batches,
+    transformed_pairs,
 )
 
 logger = get_logger(__name__)
@@ -433,15 +433,21 @@ def main(argv=None):
 
     # Data: decoded and resized once into the device's memory when it fits, else by CPU workers at every step;
     # augmented on the device, batched.
-    preload = pair_tensors_nbytes(len(train_dataset), args.resolution) <= args.max_preload_gb * 2**30
+    # A model of masks denoises the masks alone: no image is decoded, held or augmented for it.
+    with_images = not args.mask_model
+    preload = pair_tensors_nbytes(len(train_dataset), args.resolution, with_images) <= args.max_preload_gb * 2**30
     if preload:
         train_images, train_masks = pair_tensors(
-            train_dataset, args.resolution, accelerator.device, progress=accelerator.is_local_main_process
+            train_dataset,
+            args.resolution,
+            accelerator.device,
+            progress=accelerator.is_local_main_process,
+            with_images=with_images,
         )
         batches_per_epoch = len(train_dataset) // args.train_batch_size // accelerator.num_processes
     else:
         train_dataloader = torch.utils.data.DataLoader(
-            train_dataset.with_transform(pair_transform(args.resolution)),
+            transformed_pairs(train_dataset, args.resolution, with_images),
             batch_size=args.train_batch_size,
             shuffle=True,
             drop_last=True,
@@ -468,7 +474,7 @@ def main(argv=None):
         )
     )
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
-    validation_batch = validation_batch.with_transform(pair_transform(args.resolution))[:]
+    validation_batch = transformed_pairs(validation_batch, args.resolution, with_images)[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
 
     # Model, EMA, optimizer and learning-rate schedule.
