@@ -9,6 +9,7 @@ weights and loaded with `DiffusionPipeline.from_pretrained(folder, custom_pipeli
 in a process where `polyp_diffusers` is not installed.
 """
 
+import inspect
 import numbers
 import os
 import shutil
@@ -31,6 +32,9 @@ PIPELINE_MODULE_NAME = "pipeline_polyp_ddpm"
 # JPEG masks have such pixels only along edges (at most 0.5% in Kvasir-SEG); a photo has most of its pixels there.
 GREY_BAND = (0.25, 0.75)
 MAX_GREY_FRACTION = 0.10
+# A value other than the two levels on more of a mask's pixels than this is a third level (a label map such as
+# {0, 1, 255}, with 255 the "void" border), not JPEG noise: in Kvasir-SEG no such value covers over 1.4%.
+MAX_THIRD_LEVEL_FRACTION = 0.03
 # Mean absolute difference between a pixel's RGB channels and their mean, in 0-255 units, above which a
 # three-channel image is a colour picture rather than a grey mask saved as RGB.
 MAX_GREY_RGB_DEVIATION = 4.0
@@ -41,6 +45,9 @@ MASK_SCALES = (1, 255)
 WIDE_INTEGER_MASK_SCALES = (1, 255, 65535)
 # Float masks may pass the ends of their scale by this fraction of it (rounding, resampling): 1.0001 is 1.
 FLOAT_OVERSHOOT = 0.01
+# A float mask peaking at most at this fraction of its scale is empty (rounding noise). Above it, a peak below
+# the grey band's top is neither empty nor a polyp: a 0-1 mask divided by 255 once too often peaks at 0.0039.
+FLOAT_EMPTY_PEAK = 1e-3
 # Tensor dtypes whose values numpy can hold exactly (float8 cannot; half precision is widened to float32).
 TENSOR_DTYPES = (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
@@ -217,9 +224,34 @@ def _binarize(array: np.ndarray, name: str) -> np.ndarray:
                 f"{_describe_values(single)}; {expected}."
             )
         peak = single.max()
-        if overshoot < peak < GREY_BAND[1] * scale:  # neither empty (0 within the overshoot of a 0-1 mask) nor a polyp
+        if (0 if is_integer else FLOAT_EMPTY_PEAK * scale) < peak < GREY_BAND[1] * scale:  # neither empty nor a polyp
             raise ValueError(f"{where} has values {_describe_values(single)}; {expected}.")
+        third_level = _third_level(array[index] if is_integer else single, scale * overshoot, scale)
+        if third_level is not None:
+            value, fraction = third_level
+            raise ValueError(
+                f"{where} has three levels: {fraction:.0%} of its pixels are {value:g}, neither background (0) nor "
+                f"polyp ({scale}) (a label map?); it has values {_describe_values(single)}; {expected}."
+            )
     return values >= scale / 2
+
+
+def _third_level(single: np.ndarray, tolerance: float, scale: int) -> tuple[float, float] | None:
+    """
+    The most frequent value of a mask that lies more than `tolerance` from both levels, and the fraction of pixels
+    it covers, when that is above `MAX_THIRD_LEVEL_FRACTION`.
+    """
+    if np.issubdtype(single.dtype, np.integer):  # counted in one pass: masks of 1920 x 1080 pixels are common
+        counts = np.bincount(single.ravel().astype(np.int64), minlength=scale + 1)
+        values = np.arange(len(counts))
+    else:
+        values, counts = np.unique(single, return_counts=True)
+    others = (np.abs(values) > tolerance) & (np.abs(values - scale) > tolerance)
+    if not others.any():
+        return None
+    top = counts[others].argmax()
+    fraction = counts[others][top] / single.size
+    return (float(values[others][top]), fraction) if fraction > MAX_THIRD_LEVEL_FRACTION else None
 
 
 def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
@@ -344,7 +376,7 @@ def is_mask_model(unet_config) -> bool:
 
 
 class ModelKindError(ValueError):
-    """A model of masks alone given to an image pipeline, or the reverse."""
+    """A model of masks alone given to an image pipeline, the reverse, or a UNet that is neither (one without a mask)."""
 
 
 def non_finite_names(named_tensors) -> list[str]:
@@ -358,6 +390,12 @@ def non_finite_names(named_tensors) -> list[str]:
 def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator) -> dict:
+    """The `generator` for a scheduler step that draws noise (DDPM); schedulers that draw none (PNDM) take no such
+    argument (as diffusers' pipelines do it, by the step's signature)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
 def predict_noise(unet, scheduler, image: torch.Tensor, mask_input: torch.Tensor, t) -> torch.Tensor:
@@ -399,7 +437,15 @@ class PolypPipelineMixin:
         A model of the kind this pipeline runs: otherwise torch fails far from the cause, or a mask model's one
         channel comes out as "images".
         """
-        if is_mask_model(self.unet.config) != self.denoises_masks:
+        config = self.unet.config
+        if not is_mask_model(config) and not (config.out_channels == 3 and mask_channels_of(config) >= 1):
+            raise ModelKindError(
+                f"{type(self).__name__} cannot run a UNet with {config.in_channels} input and {config.out_channels} "
+                "output channels: a model of polyp images takes the noisy RGB image and the mask (4 or more inputs, 3 "
+                "outputs), a model of masks one channel in and out. An unconditional DDPM (3 in, 3 out) would ignore "
+                "the masks."
+            )
+        if is_mask_model(config) != self.denoises_masks:
             kind, use = (
                 ("a model of masks alone", "PolypMaskPipeline")
                 if not self.denoises_masks
@@ -426,12 +472,25 @@ class PolypPipelineMixin:
             )
 
     def check_model_and_steps(self, num_inference_steps: int) -> None:
-        """The model's kind, and no more steps than its schedule has (the scheduler would fail mid-run)."""
+        """
+        The model's kind, and no more steps than the scheduler can take on its schedule: more than the schedule
+        has, or so many that a first-order scheduler repeats timesteps (DPM-Solver++ beyond 248 on the paper's
+        schedule), would fail mid-run.
+        """
         self.check_model_kind()
         trained_steps = self.scheduler.config.num_train_timesteps
         if num_inference_steps > trained_steps:
             raise ValueError(
                 f"num_inference_steps is {num_inference_steps}; the model's schedule has {trained_steps} steps, no more."
+            )
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        distinct = len(torch.unique(timesteps))
+        # One timestep a step, some of them repeated (second-order schedulers such as Heun repeat theirs by design).
+        if len(timesteps) == num_inference_steps and distinct < num_inference_steps:
+            raise ValueError(
+                f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} finds only {distinct} "
+                f"distinct timesteps on this model's schedule: use at most {distinct}."
             )
 
     @classmethod
@@ -477,8 +536,10 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         unet ([`UNet2DModel`]):
             Predicts the noise of the image from `(noisy image, mask)`; `out_channels` is 3.
         scheduler ([`SchedulerMixin`]):
-            Any diffusers scheduler: [`DDPMScheduler`] as trained (250 steps, `squaredcos_cap_v2`), or
-            [`DDIMScheduler`] / [`DPMSolverMultistepScheduler`] for fewer steps.
+            [`DDPMScheduler`] as trained (250 steps, `squaredcos_cap_v2`), or [`DDIMScheduler`] /
+            [`DPMSolverMultistepScheduler`] for fewer steps (`make_sampler`). Other diffusers schedulers run too
+            (tried: Euler, Euler ancestral, Heun, UniPC, DEIS; PNDM from 4 steps); steps a scheduler cannot take on
+            this schedule are refused before sampling.
         start_color (`list[float]`, *optional*):
             RGB in `[0, 1]`: the mean colour of the training images (`training/train.py` saves it), for
             `start_timestep`.
@@ -597,7 +658,9 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                     image = self.scheduler.add_noise(color.expand_as(image), image, timesteps[:1])
                 for t in timesteps:
                     noise_pred = predict_noise(self.unet, self.scheduler, image, mask_input, t)
-                    image = self.scheduler.step(noise_pred, t, image, generator=batch_generator).prev_sample
+                    image = self.scheduler.step(
+                        noise_pred, t, image, **step_kwargs(self.scheduler, batch_generator)
+                    ).prev_sample
                     progress_bar.update()
                 images.append(image.float().cpu())
 
@@ -636,7 +699,8 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
         unet ([`UNet2DModel`]):
             Predicts the noise of a one-channel mask in `[-1, 1]`.
         scheduler ([`SchedulerMixin`]):
-            Any diffusers scheduler; the trained [`DDPMScheduler`], or DDIM / DPM-Solver++ for fewer steps.
+            The trained [`DDPMScheduler`], or DDIM / DPM-Solver++ for fewer steps (others as in
+            [`PolypDDPMPipeline`]).
     """
 
     model_cpu_offload_seq = "unet"
@@ -684,7 +748,9 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
                 sample = sample * self.scheduler.init_noise_sigma
                 for t in self.scheduler.timesteps:
                     noise_pred = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
-                    sample = self.scheduler.step(noise_pred, t, sample, generator=batch_generator).prev_sample
+                    sample = self.scheduler.step(
+                        noise_pred, t, sample, **step_kwargs(self.scheduler, batch_generator)
+                    ).prev_sample
                     progress_bar.update()
                 masks.append((sample.float() > 0).float().cpu())
         self.maybe_free_model_hooks()
@@ -1006,7 +1072,9 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                     noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
                     sample = torch.where(edit, sample, self.scheduler.add_noise(known, noise, t))
                     noise_pred = predict_noise(self.unet, self.scheduler, sample, mask_input, t)
-                    sample = self.scheduler.step(noise_pred, t, sample, generator=batch_generator).prev_sample
+                    sample = self.scheduler.step(
+                        noise_pred, t, sample, **step_kwargs(self.scheduler, batch_generator)
+                    ).prev_sample
                     progress_bar.update()
                 samples.append(torch.where(edit, sample, known).float().cpu())
         self.maybe_free_model_hooks()

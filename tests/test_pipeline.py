@@ -12,9 +12,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DModel
 
 from polyp_diffusers import PolypDDPMPipeline, make_sampler, prepare_masks
+from polyp_diffusers.pipelines import ModelKindError
 
 STEPS = 3
 
@@ -97,6 +98,31 @@ def test_schedulers_swap_and_run_with_few_steps(tiny_pipeline, square_mask, samp
     finally:
         tiny_pipeline.scheduler = original
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_a_scheduler_that_draws_no_noise_runs_too(tiny_pipeline, square_mask):
+    pipe = PolypDDPMPipeline(
+        unet=tiny_pipeline.unet, scheduler=PNDMScheduler.from_config(tiny_pipeline.scheduler.config)
+    )
+    pipe.set_progress_bar_config(disable=True)  # PNDMScheduler.step takes no generator
+    first, again = (generate(pipe, square_mask, num_inference_steps=4, output_type="np").images for _ in range(2))
+    assert np.isfinite(first).all() and np.array_equal(first, again)
+
+
+def test_more_steps_than_dpm_solver_finds_distinct_timesteps_are_refused_before_sampling(tiny_pipeline, square_mask):
+    pipe = PolypDDPMPipeline(
+        unet=tiny_pipeline.unet, scheduler=make_sampler("dpmsolver", tiny_pipeline.scheduler.config)
+    )
+    with pytest.raises(ValueError, match="finds only 248 distinct timesteps on this model's schedule: use at most 248"):
+        pipe(square_mask, num_inference_steps=250)
+
+
+def test_a_unet_without_a_mask_input_is_refused_by_name(tiny_pipeline, tmp_path):
+    """An unconditional DDPM (3 in, 3 out) would run and ignore every mask."""
+    unconditional = UNet2DModel.from_config({**tiny_pipeline.unet.config, "in_channels": 3})
+    DDPMPipeline(unet=unconditional, scheduler=tiny_pipeline.scheduler).save_pretrained(tmp_path)
+    with pytest.raises(ModelKindError, match="a UNet with 3 input and 3 output channels.*would ignore the masks"):
+        PolypDDPMPipeline.from_pretrained(tmp_path)
 
 
 def test_scheduler_swaps_the_diffusers_way(tiny_pipeline, square_mask):
@@ -395,6 +421,12 @@ def _with_extra_value(mask, value):
             r"\{0, 127\}; expected two levels",
         ),
         (PIL.Image.fromarray(_binary_square(np.uint16, 1000)), r"^mask has values \{0, 1000\}; expected"),
+        (
+            np.maximum(_binary_square(np.uint8, 255), np.pad(np.ones((6, 32), np.uint8), ((0, 26), (0, 0)))),
+            r"^mask has three levels: 19% of its pixels are 1, neither background \(0\) nor polyp \(255\) \(a label "
+            r"map\?\); it has values \{0, 1, 255\}",
+        ),
+        (_binary_square(np.float32, 1 / 255), r"^mask has values \{0, 0.00392157\}; expected two levels"),
     ],
     ids=[
         "0-1-2",
@@ -406,6 +438,8 @@ def _with_extra_value(mask, value):
         "int64-300",
         "half-grey",
         "pil-I;16-1000",
+        "label-map-0-1-255",
+        "float-divided-by-255-twice",
     ],
 )
 def test_masks_that_are_not_two_levels_are_refused_with_their_values(masks, message):
