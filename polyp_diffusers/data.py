@@ -479,6 +479,25 @@ def write_dataset(
     return Path(output)
 
 
+# What `Dataset.save_to_disk` writes into a split's folder.
+SPLIT_FILE_PATTERNS = ("data-*.arrow", "dataset_info.json", "state.json")
+
+
+def unwritten_entries(folder: str | os.PathLike, extra_names: tuple[str, ...] = ()) -> list[str]:
+    """
+    What `folder` holds beyond what `write_dataset` writes there (splits, `dataset_dict.json`, card, report) and
+    `extra_names`: files that replacing the folder would delete although no command of ours wrote them.
+    """
+    written = {"dataset_dict.json", "README.md", REPORT_FILE, *extra_names}
+
+    def is_split(entry: Path) -> bool:
+        return entry.is_dir() and all(
+            any(part.match(pattern) for pattern in SPLIT_FILE_PATTERNS) for part in entry.iterdir()
+        )
+
+    return sorted(entry.name for entry in Path(folder).iterdir() if entry.name not in written and not is_split(entry))
+
+
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
     """`DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`."""
     dataset, separator, split = spec.rpartition(":")

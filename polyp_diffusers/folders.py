@@ -2,13 +2,17 @@
 
 Every command writes its output into a staging folder beside it (`.<name>.partial-<pid>`) and moves it into
 place once complete. A previous output is moved aside (`.<name>.previous`) first and deleted only once the new
-one is in place; a run killed between the two moves is repaired by the next run on the same output.
+one is in place; a run killed between the two moves is repaired by the next run on the same output. Commands
+that write into their output as they go hold an `OutputClaim` on it, so that a second one is refused.
 """
 
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 
 def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | None]) -> None:
@@ -128,3 +132,47 @@ def replace_folder(new: Path, output: str | os.PathLike) -> None:
             os.replace(previous, target)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+class OutputInUseError(OSError):
+    """Another running command is writing the same output."""
+
+
+class OutputClaim:
+    """
+    This process's claim on an output it writes into as it goes (checkpoints, batches of pairs, a study's steps):
+    a second command on the same output, such as a job submitted twice, is refused at once instead of the two
+    writing over, pruning or deleting each other's files. Held until `release` (or the end of a `with` block).
+
+    It is an OS file lock (`filelock`) on a hidden file beside the output, `.<name>.lock`, which stays there and
+    holds only the last holder's process id and host. The OS releases the lock when its process ends, however it
+    ends, so a killed run never blocks the next one; on a shared file system that supports locks it also holds
+    between the machines of a cluster.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        target = Path(output).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = target.parent / f".{target.name}.lock"
+        self._lock = FileLock(self.path, timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = self.path.read_text().strip()
+            except OSError:
+                holder = ""
+            raise OutputInUseError(
+                f"{output} is being written by another running command ({holder or 'its lock ' + str(self.path)}); "
+                "two at once would write over each other's files. Wait for it to end, or choose another output."
+            ) from None
+        self.path.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "OutputClaim":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.release()

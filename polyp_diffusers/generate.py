@@ -17,8 +17,15 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, write_dataset
-from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write, write_text_atomically
+from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, unwritten_entries, write_dataset
+from .folders import (
+    OutputClaim,
+    check_is_folder,
+    check_output_apart,
+    is_empty,
+    recover_interrupted_write,
+    write_text_atomically,
+)
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
@@ -38,6 +45,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Written beside a dataset of new masks: their statistics against the real masks they came from.
 MASK_STATISTICS_FILE = "mask_statistics.json"
 MASK_STATISTICS_PLOT = "mask_statistics.png"
+# What a generated dataset's folder holds besides `data.write_dataset`'s files (`mask_fidelity.json`: the CLI's).
+GENERATED_FILES = (SETTINGS_FILE, MASK_STATISTICS_FILE, MASK_STATISTICS_PLOT, "mask_fidelity.json")
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +147,11 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
         raise OtherRunError(
             f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
             "it, or choose another --output."
+        )
+    elif (output / SETTINGS_FILE).is_file() and (foreign := unwritten_entries(output, GENERATED_FILES)):
+        raise FileExistsError(
+            f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm generate` does not write: --overwrite would "
+            "delete them, so this folder is left alone. Move them out, or choose another --output."
         )
     elif not is_empty(output) and not (output / SETTINGS_FILE).is_file():
         raise FileExistsError(
@@ -240,150 +254,158 @@ def generate_dataset(
     output = Path(output)
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
-    recover_interrupted_write(output)
-    source = load_polyp_dataset(mask_dataset, split=split)
-    source_ids = list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
-    settings = {
-        "model": model,
-        "mask_dataset": mask_dataset,
-        "split": split,
-        "num_images_per_mask": num_images_per_mask,
-        "sampler": sampler,
-        "num_inference_steps": num_inference_steps,
-        "seed": seed,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "num_masks": len(source),
-        "noise_device": torch.device(device or default_device()).type,
-        "start_timestep": start_timestep,
-    }
-    if new_masks is not None and mask_model is None:
-        settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
-    elif new_masks is not None:
-        settings.update(new_masks=new_masks, mask_model=mask_model)
-    if insert:
-        settings.update(insert=True)
-    if _check_output(output, settings, overwrite):
-        print(f"{output} already holds this generation (same settings): nothing to do.")
-        return load_from_disk(str(output))
-    pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
-    pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
-    pipeline.check_model_and_steps(num_inference_steps)  # now, not at the first batch in mid-progress-bar
-    pipeline.to(device or default_device())
-    pipeline.set_progress_bar_config(disable=True)
-    if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet
-        pipeline.unet.compile(mode=compile_mode)
-    mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
-    num_masks = len(source) if new_masks is None else new_masks
-    if new_masks is not None:
-        real_masks = (row["mask"] for row in source.select_columns(["mask"]))
-        if mask_model is None:
-            augmenter = MaskAugmenter(real_masks, pipeline.sample_size, seed=seed, ids=source_ids)
-            masks_of = _new_masks(augmenter)
-            mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
-        else:
-            mask_pipeline = load_pipeline(
-                mask_model, DTYPES[dtype], PolypMaskPipeline, model_flags and model_flags[0]
-            ).to(pipeline.device)
-            mask_pipeline.set_progress_bar_config(disable=True)
-            if mask_pipeline.sample_size != pipeline.sample_size:
-                raise ValueError(
-                    f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
-                    f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
+    # One run writes in `output` at a time: a second would restart or replace the parts the first is writing.
+    with OutputClaim(output):
+        recover_interrupted_write(output)
+        source = load_polyp_dataset(mask_dataset, split=split)
+        source_ids = (
+            list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
+        )
+        settings = {
+            "model": model,
+            "mask_dataset": mask_dataset,
+            "split": split,
+            "num_images_per_mask": num_images_per_mask,
+            "sampler": sampler,
+            "num_inference_steps": num_inference_steps,
+            "seed": seed,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "num_masks": len(source),
+            "noise_device": torch.device(device or default_device()).type,
+            "start_timestep": start_timestep,
+        }
+        if new_masks is not None and mask_model is None:
+            settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
+        elif new_masks is not None:
+            settings.update(new_masks=new_masks, mask_model=mask_model)
+        if insert:
+            settings.update(insert=True)
+        if _check_output(output, settings, overwrite):
+            print(f"{output} already holds this generation (same settings): nothing to do.")
+            return load_from_disk(str(output))
+        pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
+        pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
+        pipeline.check_model_and_steps(num_inference_steps)  # now, not at the first batch in mid-progress-bar
+        pipeline.to(device or default_device())
+        pipeline.set_progress_bar_config(disable=True)
+        if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet
+            pipeline.unet.compile(mode=compile_mode)
+        mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
+        num_masks = len(source) if new_masks is None else new_masks
+        if new_masks is not None:
+            real_masks = (row["mask"] for row in source.select_columns(["mask"]))
+            if mask_model is None:
+                augmenter = MaskAugmenter(real_masks, pipeline.sample_size, seed=seed, ids=source_ids)
+                masks_of = _new_masks(augmenter)
+                mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
+            else:
+                mask_pipeline = load_pipeline(
+                    mask_model, DTYPES[dtype], PolypMaskPipeline, model_flags and model_flags[0]
+                ).to(pipeline.device)
+                mask_pipeline.set_progress_bar_config(disable=True)
+                if mask_pipeline.sample_size != pipeline.sample_size:
+                    raise ValueError(
+                        f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
+                        f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
+                    )
+                masks_of = _model_masks(
+                    mask_pipeline, _first_mask_seed(seed, num_masks, num_images_per_mask), batch_size
                 )
-            masks_of = _model_masks(mask_pipeline, _first_mask_seed(seed, num_masks, num_images_per_mask), batch_size)
-            real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
-            mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
-    else:
-        masks_of = _real_masks(source, source_ids)
-    inpaint = None
-    if insert:
-        inpaint = PolypInpaintPipeline.from_pipe(pipeline)
-        inpaint.set_progress_bar_config(disable=True)
-        # The mask statistics at the end take every new mask as drawn: the ones the batches drew are kept.
-        masks_of = _drawn_once(masks_of)
-
-    parts = output / PARTS_DIR
-    recorded = _read_settings(parts / SETTINGS_FILE) == settings
-    compiled_batch_size = None  # the batch the compiled UNet has seen in this run
-    requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
-    batches = even_batches(len(requests), batch_size)
-    part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
-    for span, part in tqdm(list(zip(batches, part_files)), desc="Generating", unit="batch"):
-        if part.exists():
-            if _is_whole_part(part, len(span)):
-                continue
-            logger.warning(
-                f"{part} is damaged (unreadable, or not its {len(span)} pairs): its batch is generated again."
-            )
-        start, batch = span.start, requests[span.start : span.stop]
-        seeds = [seed + start + offset for offset in range(len(batch))]
-        generators = seeded_generators(pipeline.device, seeds)
-        if inpaint is not None:
-            frames = source.select([row % len(source) for row, _ in batch])
-            rows = [row for row, _ in batch]
-            images, masks = _insert_polyps(inpaint, frames, rows, masks_of, num_masks, generators, num_inference_steps)
-            names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
+                real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
+                mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
         else:
-            by_index = masks_of(sorted({row for row, _ in batch}))
-            batch_masks = [by_index[row][0] for row, _ in batch]
-            if compiled_batch_size is not None and len(batch) < compiled_batch_size:
-                # The shape the UNet was compiled for: a smaller last batch would compile it again, for as long
-                # as the first time. The padding repeats a mask with seeds no image has, and is dropped.
-                padding = range(len(batch), compiled_batch_size)
-                batch_masks += batch_masks[-1:] * len(padding)
-                generators += seeded_generators(pipeline.device, [seed + start + i for i in padding])
-            if compile:
-                compiled_batch_size = len(batch_masks)
-            out = pipeline(
-                batch_masks,
-                num_inference_steps=num_inference_steps,
-                generator=generators,
-                batch_size=batch_size,
-                output_type="pil",
-                start_timestep=start_timestep,
-            )
-            images, masks = out.images[: len(batch)], out.masks[: len(batch)]
-            names = {row: by_index[row][1:] for row, _ in batch}
-        records = []
-        for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds):
-            source_id, name = names[row]
-            records.append(
-                {
-                    "image": png_cell(image),
-                    "mask": png_cell(mask),
-                    "id": f"{name}-syn{k}",
-                    "width": image.width,
-                    "height": image.height,
-                    "seed": image_seed,
-                    "model": model,
-                    "source_id": source_id,
-                }
-            )
-        # The run is recorded only once it produces, so a command that failed before its first image leaves
-        # nothing behind that a corrected command would trip over.
-        if not recorded:
-            _record_settings(parts, settings)
-            recorded = True
-        staging = part.with_suffix(".partial")
-        Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
-        os.replace(staging, part)
+            masks_of = _real_masks(source, source_ids)
+        inpaint = None
+        if insert:
+            inpaint = PolypInpaintPipeline.from_pipe(pipeline)
+            inpaint.set_progress_bar_config(disable=True)
+            # The mask statistics at the end take every new mask as drawn: the ones the batches drew are kept.
+            masks_of = _drawn_once(masks_of)
 
-    generated = _assemble(part_files)
-    dataset = DatasetDict({split: generated})
-    card = _card(settings, len(generated))
-    extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
-    if mask_statistics_of is not None:
-        if insert:  # the saved masks also hold the frames' polyps: the new ones as drawn, before redraws
-            new = [mask for mask, _, _ in masks_of(list(range(num_masks))).values()]
-        else:
-            new = generated.select(range(0, len(generated), num_images_per_mask))["mask"]
-        extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
-    # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
-    write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
-    if push_to_hub:
-        push_dataset(dataset, card, hub_dataset_id or output.name)
-    return dataset
+        parts = output / PARTS_DIR
+        recorded = _read_settings(parts / SETTINGS_FILE) == settings
+        compiled_batch_size = None  # the batch the compiled UNet has seen in this run
+        requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
+        batches = even_batches(len(requests), batch_size)
+        part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
+        for span, part in tqdm(list(zip(batches, part_files)), desc="Generating", unit="batch"):
+            if part.exists():
+                if _is_whole_part(part, len(span)):
+                    continue
+                logger.warning(
+                    f"{part} is damaged (unreadable, or not its {len(span)} pairs): its batch is generated again."
+                )
+            start, batch = span.start, requests[span.start : span.stop]
+            seeds = [seed + start + offset for offset in range(len(batch))]
+            generators = seeded_generators(pipeline.device, seeds)
+            if inpaint is not None:
+                frames = source.select([row % len(source) for row, _ in batch])
+                rows = [row for row, _ in batch]
+                images, masks = _insert_polyps(
+                    inpaint, frames, rows, masks_of, num_masks, generators, num_inference_steps
+                )
+                names = {row: (source_ids[row % len(source)], f"inserted-{row:05d}") for row, _ in batch}
+            else:
+                by_index = masks_of(sorted({row for row, _ in batch}))
+                batch_masks = [by_index[row][0] for row, _ in batch]
+                if compiled_batch_size is not None and len(batch) < compiled_batch_size:
+                    # The shape the UNet was compiled for: a smaller last batch would compile it again, for as long
+                    # as the first time. The padding repeats a mask with seeds no image has, and is dropped.
+                    padding = range(len(batch), compiled_batch_size)
+                    batch_masks += batch_masks[-1:] * len(padding)
+                    generators += seeded_generators(pipeline.device, [seed + start + i for i in padding])
+                if compile:
+                    compiled_batch_size = len(batch_masks)
+                out = pipeline(
+                    batch_masks,
+                    num_inference_steps=num_inference_steps,
+                    generator=generators,
+                    batch_size=batch_size,
+                    output_type="pil",
+                    start_timestep=start_timestep,
+                )
+                images, masks = out.images[: len(batch)], out.masks[: len(batch)]
+                names = {row: by_index[row][1:] for row, _ in batch}
+            records = []
+            for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds):
+                source_id, name = names[row]
+                records.append(
+                    {
+                        "image": png_cell(image),
+                        "mask": png_cell(mask),
+                        "id": f"{name}-syn{k}",
+                        "width": image.width,
+                        "height": image.height,
+                        "seed": image_seed,
+                        "model": model,
+                        "source_id": source_id,
+                    }
+                )
+            # The run is recorded only once it produces, so a command that failed before its first image leaves
+            # nothing behind that a corrected command would trip over.
+            if not recorded:
+                _record_settings(parts, settings)
+                recorded = True
+            staging = part.with_suffix(".partial")
+            Dataset.from_list(records, features=GENERATED_FEATURES).to_parquet(str(staging))
+            os.replace(staging, part)
+
+        generated = _assemble(part_files)
+        dataset = DatasetDict({split: generated})
+        card = _card(settings, len(generated))
+        extra_files = {SETTINGS_FILE: json.dumps(settings, indent=2)}
+        if mask_statistics_of is not None:
+            if insert:  # the saved masks also hold the frames' polyps: the new ones as drawn, before redraws
+                new = [mask for mask, _, _ in masks_of(list(range(num_masks))).values()]
+            else:
+                new = generated.select(range(0, len(generated), num_images_per_mask))["mask"]
+            extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
+        # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
+        write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
+        if push_to_hub:
+            push_dataset(dataset, card, hub_dataset_id or output.name)
+        return dataset
 
 
 def _assemble(part_files: list[Path]) -> Dataset:

@@ -5,7 +5,15 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
-from .data import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, REPORT_FILE, build_dataset, check_test_size, write_dataset
+from .data import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_SIZE,
+    REPORT_FILE,
+    build_dataset,
+    check_test_size,
+    unwritten_entries,
+    write_dataset,
+)
 from .demo import make_demo_dataset
 from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
 from .hub_card.cards import DEMO_NOTE, SOURCE_TERMS, UNKNOWN_TERMS, render_dataset_card
@@ -51,11 +59,17 @@ def prepare_dataset(
     check_is_folder(output)
     check_output_apart(output, {"source": source, "split file": split_file})
     recover_interrupted_write(output)
-    if overwrite and not is_empty(output) and not (Path(output) / REPORT_FILE).is_file():
-        raise FileExistsError(
-            f"{output} was not written by `polyp-ddpm prepare-data` (it has no {REPORT_FILE}); --overwrite replaces "
-            "only a prepared dataset, so this folder is left alone. Choose another --output."
-        )
+    if overwrite and not is_empty(output):
+        if not (Path(output) / REPORT_FILE).is_file():
+            raise FileExistsError(
+                f"{output} was not written by `polyp-ddpm prepare-data` (it has no {REPORT_FILE}); --overwrite "
+                "replaces only a prepared dataset, so this folder is left alone. Choose another --output."
+            )
+        if foreign := unwritten_entries(output):
+            raise FileExistsError(
+                f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm prepare-data` does not write: --overwrite "
+                "would delete them, so this folder is left alone. Move them out, or choose another --output."
+            )
     if source == DEMO_SOURCE:
         test_size = DEMO_TEST_SIZE if test_size is None else test_size
         dataset, problems = make_demo_dataset(demo_pairs, resolution or 64, test_size, seed), []

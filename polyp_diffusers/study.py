@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .data import load_polyp_dataset
-from .folders import check_is_folder, check_output_apart, write_text_atomically
+from .folders import OutputClaim, check_is_folder, check_output_apart, write_text_atomically
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
 from .modeling import default_device
@@ -282,122 +282,126 @@ def run_study(
         raise ValueError(f"--denoiser-args {denoiser_args!r} cannot be split into flags: {error}") from None
     _check_train_flags(_flags({**settings["denoiser"], **OBJECTIVES[objective]}), extra_train_flags)
     seeds = settings["seeds"] if seeds is None else seeds
-    study = Study(output)
-    arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
-                 "objective": objective}  # fmt: skip
-    # Only when asked for, so that studies made before these options still continue.
-    if new_masks:
-        arguments["new_masks"] = True
-    if inserted_polyps:
-        arguments["inserted_polyps"] = True
-    if extra_train_flags:
-        arguments["denoiser_args"] = extra_train_flags
-    previous = study.record("arguments")
-    if previous is not None and previous["result"] != arguments:
-        if not _adds_settings(previous["result"], arguments):
-            raise ValueError(
-                f"{output} holds a study with other arguments {previous['result']}; run the same command to "
-                "continue it (adding --new-masks or --inserted-polyps keeps what it has done), or choose another "
-                "--output."
-            )
-        added = sorted(set(study_settings(arguments)) - set(study_settings(previous["result"])))
-        _say(f"== arguments: the study gains the training sets {', '.join(added)}; what it has done is kept")
-        study.rerecord("arguments", arguments)
-    study.step("arguments", lambda: arguments)
-    _print_estimate(settings, seeds, len(study_settings(arguments)))
-    started = time.perf_counter()
+    # One study writes in `output` at a time: a second would run the same steps beside the first.
+    with OutputClaim(output):
+        study = Study(output)
+        arguments = {"data": data, "preset": preset, "split_file": split_file, "tests": tests or [], "seeds": seeds,
+                     "objective": objective}  # fmt: skip
+        # Only when asked for, so that studies made before these options still continue.
+        if new_masks:
+            arguments["new_masks"] = True
+        if inserted_polyps:
+            arguments["inserted_polyps"] = True
+        if extra_train_flags:
+            arguments["denoiser_args"] = extra_train_flags
+        previous = study.record("arguments")
+        if previous is not None and previous["result"] != arguments:
+            if not _adds_settings(previous["result"], arguments):
+                raise ValueError(
+                    f"{output} holds a study with other arguments {previous['result']}; run the same command to "
+                    "continue it (adding --new-masks or --inserted-polyps keeps what it has done), or choose another "
+                    "--output."
+                )
+            added = sorted(set(study_settings(arguments)) - set(study_settings(previous["result"])))
+            _say(f"== arguments: the study gains the training sets {', '.join(added)}; what it has done is kept")
+            study.rerecord("arguments", arguments)
+        study.step("arguments", lambda: arguments)
+        _print_estimate(settings, seeds, len(study_settings(arguments)))
+        started = time.perf_counter()
 
-    dataset = (
-        study.output / "data" / Path(data).resolve().stem if data != DEMO_SOURCE else study.output / "data" / "demo"
-    )
-    study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
-    denoiser = study.output / "denoiser"
-    train_command = [
-        *script_command("train.py", settings["mixed_precision"]),
-        *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
-        *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
-        *extra_train_flags,
-        "--resume_from_checkpoint", "latest",
-    ]  # fmt: skip
-    study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
-    synthetic = study.output / "synthetic"
-    generation = settings["generation"]
-    sampling = dict(
-        split="train", sampler=generation["sampler"], num_inference_steps=generation["num_inference_steps"],
-        batch_size=generation["batch_size"], dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
-    )  # fmt: skip
-    study.step("synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"]))
-    extra_pairs = {}  # setting: folder of its generated pairs
-    num_masks = study.record("data")["result"]["train"]
-    # Each extra set's seeds follow those of the sets before it in EXTRA_SETTINGS, asked for or not, so that a set
-    # continued in a study that has since gained another is drawn from the same seeds.
-    for rank, (setting, extra) in enumerate(EXTRA_SETTINGS.items(), start=1):
-        if setting not in study_settings(arguments):
-            continue
-        extra_pairs[setting] = study.output / extra.folder
-        study.step(
-            extra.folder,
-            lambda pairs=extra_pairs[setting], insert=extra.insert, rank=rank: len(
-                generate_dataset(
-                    str(denoiser), str(dataset), pairs, new_masks=num_masks, mask_augment=True, insert=insert,
-                    seed=rank * num_masks, **sampling,
-                )["train"]
-            ),
+        dataset = (
+            study.output / "data" / Path(data).resolve().stem if data != DEMO_SOURCE else study.output / "data" / "demo"
+        )
+        study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
+        denoiser = study.output / "denoiser"
+        train_command = [
+            *script_command("train.py", settings["mixed_precision"]),
+            *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
+            *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
+            *extra_train_flags,
+            "--resume_from_checkpoint", "latest",
+        ]  # fmt: skip
+        study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
+        synthetic = study.output / "synthetic"
+        generation = settings["generation"]
+        sampling = dict(
+            split="train", sampler=generation["sampler"], num_inference_steps=generation["num_inference_steps"],
+            batch_size=generation["batch_size"], dtype="bf16" if settings["mixed_precision"] == "bf16" else "fp32",
         )  # fmt: skip
-    weights = _inception_weights(inception_weights)
-    if weights is None:  # not recorded: a later run with the weights computes it
-        print(f"== realism: {REALISM_SKIPPED}", flush=True)
-    else:
-        study.step("realism", lambda: _realism(dataset, synthetic, weights))
+        study.step(
+            "synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"])
+        )
+        extra_pairs = {}  # setting: folder of its generated pairs
+        num_masks = study.record("data")["result"]["train"]
+        # Each extra set's seeds follow those of the sets before it in EXTRA_SETTINGS, asked for or not, so that a set
+        # continued in a study that has since gained another is drawn from the same seeds.
+        for rank, (setting, extra) in enumerate(EXTRA_SETTINGS.items(), start=1):
+            if setting not in study_settings(arguments):
+                continue
+            extra_pairs[setting] = study.output / extra.folder
+            study.step(
+                extra.folder,
+                lambda pairs=extra_pairs[setting], insert=extra.insert, rank=rank: len(
+                    generate_dataset(
+                        str(denoiser), str(dataset), pairs, new_masks=num_masks, mask_augment=True, insert=insert,
+                        seed=rank * num_masks, **sampling,
+                    )["train"]
+                ),
+            )  # fmt: skip
+        weights = _inception_weights(inception_weights)
+        if weights is None:  # not recorded: a later run with the weights computes it
+            print(f"== realism: {REALISM_SKIPPED}", flush=True)
+        else:
+            study.step("realism", lambda: _realism(dataset, synthetic, weights))
 
-    test_specs = [f"{dataset}:test", *(tests or [])]
-    jobs = segmentation_jobs or settings["segmentation_jobs"]
-    # Each segmenter's share of the cores this process may use (a scheduler's allocation, not the machine's).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // min(jobs, len(study_settings(arguments)) * seeds))
-    failed = threading.Event()
+        test_specs = [f"{dataset}:test", *(tests or [])]
+        jobs = segmentation_jobs or settings["segmentation_jobs"]
+        # Each segmenter's share of the cores this process may use (a scheduler's allocation, not the machine's).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // min(jobs, len(study_settings(arguments)) * seeds))
+        failed = threading.Event()
 
-    def segmentation_step(name, work):
-        """One segmenter; none starts once one has failed (those running finish and are recorded)."""
-        if failed.is_set():
-            return None
-        try:
-            return study.step(name, work)
-        except BaseException:
-            failed.set()
-            raise
+        def segmentation_step(name, work):
+            """One segmenter; none starts once one has failed (those running finish and are recorded)."""
+            if failed.is_set():
+                return None
+            try:
+                return study.step(name, work)
+            except BaseException:
+                failed.set()
+                raise
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        runs = []
-        for setting in study_settings(arguments):
-            # The extra sets train as train_segmentation.py's real+synthetic, with their own --synthetic.
-            train_set, pairs = (
-                ("real+synthetic", extra_pairs[setting]) if setting in extra_pairs else (setting, synthetic)
-            )
-            for seed in range(seeds):
-                run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
-                command = [
-                    *script_command("train_segmentation.py", settings["mixed_precision"]),
-                    *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
-                             "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
-                    *[flag for spec in test_specs for flag in ("--test", spec)],
-                    "--overwrite",  # a run the study has not recorded as done is the study's own stale one
-                ]  # fmt: skip
-                work = lambda command=command, run_dir=run_dir, setting=setting: {  # noqa: E731
-                    **(
-                        _run(command, study.logs / f"{run_dir.name}.log", threads)
-                        or json.loads((run_dir / "results.json").read_text())
-                    ),
-                    "train": setting,
-                }
-                runs.append(pool.submit(segmentation_step, f"segmentation-{run_dir.name}", work))
-    for run in runs:
-        run.result()  # the first failure
-    for pairs in extra_pairs.values():
-        study.step(f"fidelity-{pairs.name}", lambda pairs=pairs: _held_out_fidelity(study, dataset, pairs, seeds))
-    report = write_report(study, arguments, wall_s=time.perf_counter() - started)
-    print((study.output / "report.md").read_text())
-    return report
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            runs = []
+            for setting in study_settings(arguments):
+                # The extra sets train as train_segmentation.py's real+synthetic, with their own --synthetic.
+                train_set, pairs = (
+                    ("real+synthetic", extra_pairs[setting]) if setting in extra_pairs else (setting, synthetic)
+                )
+                for seed in range(seeds):
+                    run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
+                    command = [
+                        *script_command("train_segmentation.py", settings["mixed_precision"]),
+                        *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
+                                 "resolution": settings["resolution"], "seed": seed, **settings["segmentation"]}),
+                        *[flag for spec in test_specs for flag in ("--test", spec)],
+                        "--overwrite",  # a run the study has not recorded as done is the study's own stale one
+                    ]  # fmt: skip
+                    work = lambda command=command, run_dir=run_dir, setting=setting: {  # noqa: E731
+                        **(
+                            _run(command, study.logs / f"{run_dir.name}.log", threads)
+                            or json.loads((run_dir / "results.json").read_text())
+                        ),
+                        "train": setting,
+                    }
+                    runs.append(pool.submit(segmentation_step, f"segmentation-{run_dir.name}", work))
+        for run in runs:
+            run.result()  # the first failure
+        for pairs in extra_pairs.values():
+            study.step(f"fidelity-{pairs.name}", lambda pairs=pairs: _held_out_fidelity(study, dataset, pairs, seeds))
+        report = write_report(study, arguments, wall_s=time.perf_counter() - started)
+        print((study.output / "report.md").read_text())
+        return report
 
 
 def study_settings(arguments: dict) -> list[str]:

@@ -20,7 +20,7 @@ from polyp_diffusers import cli as cli_module
 from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
-from polyp_diffusers.folders import staging_folder, write_text_atomically
+from polyp_diffusers.folders import OutputClaim, OutputInUseError, staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
@@ -193,7 +193,29 @@ def test_overwrite_replaces_a_finished_generation_only_when_asked(
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, overwrite=True, **GENERATION)
     assert list(load_from_disk(str(output))["test"]["seed"]) == [1, 2, 3, 4]
     assert not (output / PARTS_DIR).exists()
-    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    hidden = [p.name for p in output.parent.iterdir() if p.name.startswith(".")]
+    assert hidden == [".synthetic.lock"]  # no staging left behind, only the (released) claim's lock file
+
+
+def test_a_second_generate_on_an_output_in_use_is_refused_and_touches_nothing(saved_pipeline_dir, demo_masks, tmp_path):
+    output = tmp_path / "synthetic"
+    (output / PARTS_DIR).mkdir(parents=True)  # the first run, before its first batch: a second would remove it
+    with OutputClaim(output):
+        with pytest.raises(OutputInUseError, match=f"{output} is being written by another running command"):
+            generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+        assert (output / PARTS_DIR).is_dir()
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)  # once the first has ended
+
+
+def test_overwrite_leaves_alone_a_generation_folder_holding_files_generate_does_not_write(
+    saved_pipeline_dir, demo_masks, tmp_path
+):
+    output = tmp_path / "synthetic"
+    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    (output / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds notes.md, which `polyp-ddpm generate` does not write"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=1, overwrite=True, **GENERATION)
+    assert (output / "notes.md").read_text() == "mine"
 
 
 def test_a_generate_that_fails_before_its_first_image_leaves_nothing(saved_pipeline_dir, demo_masks, tmp_path):
@@ -282,7 +304,7 @@ def test_a_write_killed_between_its_two_moves_loses_nothing(saved_pipeline_dir, 
     (tmp_path / ".synthetic.partial-999999999").mkdir()  # the staging folder of a process that no longer runs
     again = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)  # nothing to redo
     assert load_from_disk(str(output))["test"]["id"] == again["test"]["id"] == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".synthetic.lock", "synthetic"]  # and the claim's lock
 
 
 def test_a_staging_folder_of_a_running_writer_is_left_alone(tmp_path):

@@ -236,6 +236,22 @@ def test_existing_output_is_not_overwritten_by_default(good_folder, tmp_path):
     assert len(load_from_disk(str(output))["test"]) == 3
 
 
+def test_overwrite_leaves_alone_a_folder_holding_files_prepare_data_does_not_write(good_folder, tmp_path):
+    prepared, other = tmp_path / "prepared", tmp_path / "other"
+    prepare_dataset(str(good_folder), prepared, test_size=2)
+    (prepared / "notes.md").write_text("mine")
+    other.mkdir()  # a report alone does not make a prepared dataset
+    (other / "thesis.tex").write_text("mine")
+    (other / "validation_report.json").write_text("{}")
+    for output, held in ((prepared, "notes.md"), (other, "thesis.tex")):
+        with pytest.raises(FileExistsError, match=f"holds {held}, which `polyp-ddpm prepare-data` does not write"):
+            prepare_dataset(str(good_folder), output, test_size=3, overwrite=True)
+        assert (output / held).read_text() == "mine"
+    (prepared / "notes.md").unlink()
+    prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
+    assert len(load_from_disk(str(prepared))["test"]) == 3
+
+
 def test_a_prepared_folder_is_itself_a_source(good_folder, tmp_path):
     first = prepare_dataset(str(good_folder), tmp_path / "first", test_size=2)
     second = prepare_dataset(str(tmp_path / "first"), tmp_path / "second")

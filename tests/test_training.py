@@ -17,6 +17,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
+from polyp_diffusers.folders import OutputClaim
 from polyp_diffusers.generate import load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
@@ -489,28 +490,29 @@ def test_tensor_batches_index_the_pairs_from_a_given_batch_on():
     assert all(batch["masks"].dtype == torch.float32 for batch in got)
 
 
-def test_an_output_folder_inside_the_dataset_or_holding_other_files_is_refused_untouched(
+def test_an_output_folder_inside_the_dataset_holding_other_files_or_in_use_is_refused_untouched(
     demo_dataset, finished_run, tmp_path
 ):
     notes = tmp_path / "other" / "notes.txt"
     notes.parent.mkdir()
     notes.write_text("mine")
     finished = {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")}
+    running = partial_path(tmp_path / "running", 4)  # a run writing its checkpoint, which a new run would remove
+    running.mkdir(parents=True)
     refusals = {
         demo_dataset / "run": "lies inside the dataset",
         notes.parent: "already holds notes.txt: train.py writes no new run over files it did not make",
         finished_run: "already holds README.md, card.json, checkpoint-12",  # finished: resume it, or write elsewhere
+        running.parent: f"is being written by another running command (process {os.getpid()} on",
     }
-    for output, reason in refusals.items():
-        result = subprocess.run(
-            [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert reason in result.stderr.strip().splitlines()[-1]
-    assert not (demo_dataset / "run").exists() and notes.read_text() == "mine"
+    with OutputClaim(running.parent):
+        for output, reason in refusals.items():
+            command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(output)]
+            command += [*TINY_RUN, *(["--resume_from_checkpoint", "latest"] if output == running.parent else [])]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+            assert reason in result.stderr.strip().splitlines()[-1]
+    assert not (demo_dataset / "run").exists() and notes.read_text() == "mine" and running.is_dir()
     assert {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")} == finished
 
 

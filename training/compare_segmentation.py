@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
-from polyp_diffusers.folders import write_text_atomically
+from polyp_diffusers.folders import OutputClaim, write_text_atomically
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
@@ -48,61 +48,63 @@ def parse_args(argv=None):
 def main(argv=None):
     args, segmentation_flags = parse_args(argv)
     output_dir = Path(args.output_dir)
-    synthetic = args.synthetic
-    if synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
-        synthetic = str(output_dir / "synthetic")
-        try:
-            generate_dataset(
-                args.model,
+    # One comparison writes in output_dir at a time (its settings' runs hold their own folders).
+    with OutputClaim(output_dir):
+        synthetic = args.synthetic
+        if synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
+            synthetic = str(output_dir / "synthetic")
+            try:
+                generate_dataset(
+                    args.model,
+                    args.real,
+                    synthetic,
+                    split="train",
+                    sampler=args.sampler,
+                    num_inference_steps=args.steps,
+                    batch_size=args.generation_batch_size,
+                )
+            except OtherRunError as error:
+                raise ValueError(
+                    f"{synthetic} holds synthetic pairs generated with other settings ({error}). For this command: "
+                    "delete that folder to generate them again, or choose another --output_dir."
+                ) from None
+        comparison_files = {suffix: output_dir / f"comparison.{suffix}" for suffix in ("json", "md")}
+
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        if args.accelerate_config:
+            launch += ["--config_file", args.accelerate_config]
+        runs = {}
+        for setting in args.settings:
+            run_dir = output_dir / f"seg-{setting.replace('+', '-')}"
+            command = [
+                *launch,
+                str(HERE / "train_segmentation.py"),
+                "--train",
+                setting,
+                "--real",
                 args.real,
+                "--synthetic",
                 synthetic,
-                split="train",
-                sampler=args.sampler,
-                num_inference_steps=args.steps,
-                batch_size=args.generation_batch_size,
-            )
-        except OtherRunError as error:
-            raise ValueError(
-                f"{synthetic} holds synthetic pairs generated with other settings ({error}). For this command: "
-                "delete that folder to generate them again, or choose another --output_dir."
-            ) from None
-    comparison_files = {suffix: output_dir / f"comparison.{suffix}" for suffix in ("json", "md")}
+                "--output_dir",
+                str(run_dir),
+                "--overwrite",  # each setting is trained anew by each run of this command
+                *segmentation_flags,
+            ]
+            for test in args.test:
+                command += ["--test", test]
+            print(f"== {setting}: {' '.join(command)}", flush=True)
+            if subprocess.run(command).returncode:
+                raise RuntimeError(f"the {setting} setting failed (its error is above); nothing was compared.")
+            if not runs:  # a run of the earlier comparison is replaced now: the comparison must not outlive it
+                for path in comparison_files.values():
+                    path.unlink(missing_ok=True)
+            runs[setting] = json.loads((run_dir / "results.json").read_text())
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if args.accelerate_config:
-        launch += ["--config_file", args.accelerate_config]
-    runs = {}
-    for setting in args.settings:
-        run_dir = output_dir / f"seg-{setting.replace('+', '-')}"
-        command = [
-            *launch,
-            str(HERE / "train_segmentation.py"),
-            "--train",
-            setting,
-            "--real",
-            args.real,
-            "--synthetic",
-            synthetic,
-            "--output_dir",
-            str(run_dir),
-            "--overwrite",  # each setting is trained anew by each run of this command
-            *segmentation_flags,
-        ]
-        for test in args.test:
-            command += ["--test", test]
-        print(f"== {setting}: {' '.join(command)}", flush=True)
-        if subprocess.run(command).returncode:
-            raise RuntimeError(f"the {setting} setting failed (its error is above); nothing was compared.")
-        if not runs:  # a run of the earlier comparison is replaced now: the comparison must not outlive it
-            for path in comparison_files.values():
-                path.unlink(missing_ok=True)
-        runs[setting] = json.loads((run_dir / "results.json").read_text())
-
-    comparison = segmentation_results(list(runs.values()))
-    comparison["runs"] = runs
-    write_text_atomically(comparison_files["json"], json.dumps(comparison, indent=2) + "\n")
-    write_text_atomically(comparison_files["md"], comparison["markdown"] + "\n")
-    print(comparison["markdown"])
+        comparison = segmentation_results(list(runs.values()))
+        comparison["runs"] = runs
+        write_text_atomically(comparison_files["json"], json.dumps(comparison, indent=2) + "\n")
+        write_text_atomically(comparison_files["md"], comparison["markdown"] + "\n")
+        print(comparison["markdown"])
 
 
 if __name__ == "__main__":

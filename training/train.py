@@ -41,7 +41,7 @@ from polyp_diffusers import (
 )
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.folders import check_output_apart
+from polyp_diffusers.folders import OutputClaim, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
 from polyp_diffusers.modeling import (
@@ -427,6 +427,8 @@ def main(argv=None):
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    # One run writes in output_dir at a time: a second (a job submitted twice) would prune or resume mid-checkpoint.
+    output_claim = OutputClaim(output_dir) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
@@ -710,6 +712,7 @@ def main(argv=None):
                 commit_message="Polyp-DDPM training run",
             )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+        output_claim.release()
     accelerator.end_training()
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
-from polyp_diffusers.folders import check_output_apart, write_text_atomically
+from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -190,6 +190,8 @@ def main(argv=None):
         mixed_precision=args.mixed_precision, kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
     )
     start_up_phases = {"imports": IMPORTED_AFTER_S, "accelerator": seconds_since_process_start()}
+    # One run writes in output_dir at a time.
+    output_claim = OutputClaim(output_dir) if accelerator.is_main_process else None
     cuda_graphs = use_cuda_graphs(
         args.cuda_graphs, accelerator.device, accelerator.mixed_precision, accelerator.num_processes
     )
@@ -316,6 +318,7 @@ def main(argv=None):
         os.replace(running_weights, output_dir / "best.safetensors")
         write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info(json.dumps(results["test"], indent=2))
+        output_claim.release()
     accelerator.end_training()
 
 
