@@ -16,7 +16,7 @@ from polyp_diffusers import (
     make_polyp_scheduler,
     make_polyp_unet_from_preset,
 )
-from polyp_diffusers.pipelines.pipeline_polyp_ddpm import PIPELINE_MODULE_NAME, repaint_path
+from polyp_diffusers.pipelines.pipeline_polyp_ddpm import PIPELINE_MODULE_NAME, blend_weights, dilate, repaint_path
 
 STEPS = 3
 
@@ -77,6 +77,14 @@ def test_a_frame_of_another_size_is_restored_and_only_its_edit_region_changes(in
     outside = ~disk_dilation(mask > 0, 6)
     np.testing.assert_array_equal(out.images[0][outside], frame[outside].astype(np.float32) / 255)
     assert np.abs(out.images[0][mask > 0] - frame[mask > 0] / 255).max() > 0.1
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 7, 40])
+def test_blend_weights_are_the_mean_of_the_mask_dilated_by_every_radius_up_to_the_margin(radius):
+    masks = (torch.rand(3, 1, 24, 37, generator=torch.Generator().manual_seed(radius)) > 0.97).float()
+    masks[0] = 0  # an empty mask: no edit region
+    dilated = [dilate(masks, r) for r in range(radius + 1)]
+    assert torch.equal(blend_weights(masks, radius), sum(dilated) / (radius + 1))
 
 
 def test_inpainting_is_deterministic_for_a_seed_and_independent_of_batching(inpaint):
