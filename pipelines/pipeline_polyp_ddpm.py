@@ -331,7 +331,7 @@ def _check_start(start_timestep, start_color, num_train_timesteps: int):
     """A start inside the trained chain, from an RGB colour in [0, 1]."""
     if (
         isinstance(start_timestep, bool)
-        or not isinstance(start_timestep, int)
+        or not isinstance(start_timestep, numbers.Integral)
         or not 0 < start_timestep < num_train_timesteps
     ):
         raise ValueError(

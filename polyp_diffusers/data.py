@@ -9,6 +9,7 @@ upload) is `prepare_data.py`.
 import io
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
 from .folders import check_is_folder, is_empty, replace_folder, staging_folder
-from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, prepare_masks
+from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_positive_int, prepare_masks
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ def _load_hub_dataset(dataset_id: str) -> DatasetDict:
 
 def check_test_size(test_size) -> None:
     """A test split is a whole count of pairs (at least 1) or a fraction of them (between 0 and 1)."""
-    is_number = isinstance(test_size, (int, float)) and not isinstance(test_size, bool)
+    is_number = isinstance(test_size, numbers.Real) and not isinstance(test_size, bool)  # numpy's numbers too
     is_count = is_number and test_size >= 1 and float(test_size).is_integer()
     if not (is_count or (is_number and 0 < test_size < 1)):
         raise ValueError(f"test size is {test_size!r}; expected a whole count (>= 1) or a fraction in (0, 1).")
@@ -338,7 +339,7 @@ def check_test_size(test_size) -> None:
 
 def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, list[str]]:
     """A seeded random train/test split; `test_size` is a count or a fraction."""
-    count = round(test_size * len(ids)) if isinstance(test_size, float) and test_size < 1 else int(test_size)
+    count = round(test_size * len(ids)) if test_size < 1 else int(test_size)
     if not 0 < count < len(ids):
         raise ValueError(f"test_size {test_size} leaves no train or no test pair out of {len(ids)}.")
     order = np.random.default_rng(seed).permutation(len(ids))
@@ -404,7 +405,10 @@ def build_dataset(
     a dataset that has splits keeps them. With `skip_invalid=False` any problem raises `DataValidationError`
     listing all of them; otherwise the valid pairs are kept and the problems returned.
     """
-    split_file_lists = read_split_file(split_file) if split_file is not None else None  # fail before validating
+    check_test_size(test_size)  # and the rest before validating a single pair
+    if resolution is not None:
+        check_positive_int(resolution, "resolution")
+    split_file_lists = read_split_file(split_file) if split_file is not None else None
     rows: dict[str, dict] = {}
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="polyp-data-") as scratch:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import Image, load_from_disk
 
+from polyp_diffusers import data as data_module
 from polyp_diffusers.data import (
     FEATURES,
     REPORT_FILE,
@@ -125,6 +126,28 @@ def test_split_is_seeded_and_deterministic():
     assert len(split_ids(ids, 0.2, seed=0)["test"]) == 10
     with pytest.raises(ValueError, match="leaves no train or no test"):
         split_ids(ids, 50, seed=0)
+
+
+def test_numpy_numbers_split_like_python_ones():
+    ids = [f"id{i}" for i in range(50)]
+    assert split_ids(ids, np.int64(10), seed=3) == split_ids(ids, 10, seed=3)
+    assert split_ids(ids, np.float32(0.2), seed=3) == split_ids(ids, 0.2, seed=3)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(test_size=1.5), "test size is 1.5; expected a whole count"),
+        (dict(test_size=True), "test size is True"),
+        (dict(test_size=float("nan")), "test size is nan"),
+        (dict(resolution=0), "resolution is 0 \\(int\\); expected an int of at least 1"),
+        (dict(resolution=32.5), "resolution is 32.5 \\(float\\)"),
+    ],
+)
+def test_build_dataset_refuses_bad_arguments_before_reading_a_pair(good_folder, arguments, message, monkeypatch):
+    monkeypatch.setattr(data_module, "read_pairs", pytest.fail)
+    with pytest.raises(ValueError, match=message):
+        build_dataset(str(good_folder), **arguments)
 
 
 def test_a_split_file_decides_the_splits(good_folder, tmp_path):
