@@ -501,6 +501,17 @@ class PolypPipelineMixin:
         It also refuses a model of the other kind (`ModelKindError`) and weights that are missing or hold NaN or inf.
         """
         kwargs.setdefault("use_safetensors", True)
+        unet_folder = os.path.join(pretrained_model_name_or_path, "unet")
+        if kwargs["use_safetensors"] and os.path.isdir(unet_folder):
+            names = os.listdir(unet_folder)
+            if not any(name.endswith(".safetensors") for name in names) and any(
+                name.endswith(".bin") for name in names
+            ):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds only pickled .bin weights, which can run code when loaded, "
+                    f"so they are refused. If you trust the file, convert it once: {cls.__name__}.from_pretrained("
+                    "folder, use_safetensors=False).save_pretrained(new_folder)."
+                )
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipeline.check_model_kind()
         if kwargs.get("device_map") is None:  # offloaded weights stay on the `meta` device until used

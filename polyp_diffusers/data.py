@@ -516,7 +516,8 @@ def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | D
     if Path(path_or_id).exists():
         try:
             loaded = load_from_disk(path_or_id)
-        except (ValueError, OSError) as error:  # not a saved dataset, or a damaged one (truncated Arrow, bad JSON)
+        # Not a saved dataset, or a damaged one: truncated Arrow, bad JSON, JSON of another shape ([] or {}).
+        except (ValueError, OSError, TypeError, KeyError) as error:
             raise ValueError(f"{path_or_id} cannot be read as a prepared dataset: {error}") from error
     else:
         loaded = _load_hub_dataset(path_or_id)

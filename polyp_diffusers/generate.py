@@ -81,12 +81,6 @@ def load_pipeline(
                 "training/train.py ... --resume_from_checkpoint latest."
             )
         raise ValueError(f"{model} is not a saved {pipeline_class.__name__}: it has no model_index.json.")
-    if path.is_dir() and not list(path.glob("unet/*.safetensors")) and list(path.glob("unet/*.bin")):
-        raise ValueError(
-            f"{model} holds only pickled .bin weights, which can run code when loaded, so they are refused. If you "
-            "trust the file, convert it once in Python: PolypDDPMPipeline.from_pretrained(folder, "
-            "use_safetensors=False).save_pretrained(new_folder)."
-        )
     if not path.exists():
         check_hub_repo(model, "model")
     try:

@@ -76,9 +76,13 @@ def test_folder_pairs_become_the_project_schema(good_folder):
     assert ids == [f"case{i:02d}" for i in range(10)]
 
 
-def test_a_damaged_prepared_dataset_is_named_when_loaded(tmp_path):
+@pytest.mark.parametrize(
+    ("damaged", "content"),
+    [("dataset_dict.json", '{"splits": '), ("dataset_dict.json", "[]"), ("train/state.json", "{}")],
+)
+def test_a_damaged_prepared_dataset_is_named_when_loaded(tmp_path, damaged, content):
     prepare_dataset("demo", tmp_path / "demo", demo_pairs=8, resolution=32)
-    (tmp_path / "demo" / "dataset_dict.json").write_text('{"splits": ')
+    (tmp_path / "demo" / damaged).write_text(content)
     with pytest.raises(ValueError, match=f"{tmp_path / 'demo'} cannot be read as a prepared dataset"):
         load_polyp_dataset(str(tmp_path / "demo"), split="train")
 
