@@ -483,7 +483,13 @@ class PolypPipelineMixin:
             raise ValueError(
                 f"num_inference_steps is {num_inference_steps}; the model's schedule has {trained_steps} steps, no more."
             )
-        self.scheduler.set_timesteps(num_inference_steps)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+        except (ValueError, IndexError) as error:  # PNDM below 4 steps: a numpy broadcasting error
+            raise ValueError(
+                f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} cannot take that "
+                f"many steps on this model's schedule ({error})."
+            ) from error
         timesteps = self.scheduler.timesteps
         distinct = len(torch.unique(timesteps))
         # One timestep a step, some of them repeated (second-order schedulers such as Heun repeat theirs by design).

@@ -53,7 +53,9 @@ def _add_prepare_data(subparsers):
     )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the random train/test split.")
     parser.add_argument(
-        "--split-file", help="JSON {split: [ids]} to use instead of a random split (e.g. the official 880/120)."
+        "--split-file",
+        help="JSON {split: [ids]} to use instead of a random split, or kvasir-seg-paper: the paper's 900/100 split "
+        "of Kvasir-SEG, shipped with the package.",
     )
     parser.add_argument(
         "--skip-invalid", action="store_true", help="Write the valid pairs and a report instead of failing."
@@ -461,7 +463,9 @@ def _add_reproduce(subparsers):
     parser.add_argument(
         "--preset", choices=("smoke", "quick-64", "paper"), default="quick-64", help="Sizes and budgets."
     )
-    parser.add_argument("--split-file", help="JSON {split: [ids]}, e.g. the paper's split of Kvasir-SEG.")
+    parser.add_argument(
+        "--split-file", help="JSON {split: [ids]}, or kvasir-seg-paper: the paper's split of Kvasir-SEG (shipped)."
+    )
     parser.add_argument(
         "--test", action="append", metavar="DATASET[:SPLIT]", help="Extra prepared test sets to score (repeatable)."
     )

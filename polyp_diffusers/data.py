@@ -347,12 +347,23 @@ def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, li
     return {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}
 
 
+# Published splits shipped with the package, by the name `--split-file` takes instead of a path.
+SHIPPED_SPLITS = {"kvasir-seg-paper": Path(__file__).parent / "splits" / "kvasir-seg-paper.json"}
+
+
+def split_file_path(name_or_path: str | os.PathLike) -> Path:
+    """A shipped split's file (`SHIPPED_SPLITS`), or the path itself."""
+    return SHIPPED_SPLITS.get(str(name_or_path), Path(name_or_path))
+
+
 def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
     """
-    A JSON object whose list-valued keys are split names and their ids (other keys are ignored). An id listed
-    twice is refused, whatever `skip_invalid` says: in two splits it leaks test pairs into training (scores that
-    look better than they are), and dropping it instead would silently change a published split's counts.
+    A JSON object whose list-valued keys are split names and their ids (other keys are ignored); `path` may also
+    name a shipped split (`SHIPPED_SPLITS`). An id listed twice is refused, whatever `skip_invalid` says: in two
+    splits it leaks test pairs into training (scores that look better than they are), and dropping it instead
+    would silently change a published split's counts.
     """
+    path = split_file_path(path)
     expected = 'expected an object of split names and their ids, e.g. {"train": [ids], "test": [ids]}'
     try:
         content = json.loads(Path(path).read_text())
@@ -483,14 +494,15 @@ def write_dataset(
     return Path(output)
 
 
-# What `Dataset.save_to_disk` writes into a split's folder.
-SPLIT_FILE_PATTERNS = ("data-*.arrow", "dataset_info.json", "state.json")
+# What `Dataset.save_to_disk` writes into a split's folder, and what datasets caches beside it.
+SPLIT_FILE_PATTERNS = ("data-*.arrow", "dataset_info.json", "state.json", "cache-*.arrow")
 
 
-def unwritten_entries(folder: str | os.PathLike, extra_names: tuple[str, ...] = ()) -> list[str]:
+def check_only_written_by(output: str | os.PathLike, command: str, extra_names: tuple[str, ...] = ()) -> None:
     """
-    What `folder` holds beyond what `write_dataset` writes there (splits, `dataset_dict.json`, card, report) and
-    `extra_names`: files that replacing the folder would delete although no command of ours wrote them.
+    Refuses to replace `output` while it holds files that `write_dataset` (and `command`, its `extra_names`) does
+    not write there: replacing the folder would delete them. Hidden entries (file browsers' clutter, claims) do
+    not count.
     """
     written = {"dataset_dict.json", "README.md", REPORT_FILE, *extra_names}
 
@@ -499,7 +511,16 @@ def unwritten_entries(folder: str | os.PathLike, extra_names: tuple[str, ...] = 
             any(part.match(pattern) for pattern in SPLIT_FILE_PATTERNS) for part in entry.iterdir()
         )
 
-    return sorted(entry.name for entry in Path(folder).iterdir() if entry.name not in written and not is_split(entry))
+    foreign = sorted(
+        entry.name
+        for entry in Path(output).iterdir()
+        if not entry.name.startswith(".") and entry.name not in written and not is_split(entry)
+    )
+    if foreign:
+        raise FileExistsError(
+            f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm {command}` does not write: --overwrite would "
+            "delete them, so this folder is left alone. Move them out, or choose another --output."
+        )
 
 
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:

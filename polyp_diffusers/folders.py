@@ -7,12 +7,18 @@ that write into their output as they go hold an `OutputClaim` on it, so that a s
 """
 
 import json
+import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are written unclaimed (OutputClaim)
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | None]) -> None:
@@ -142,34 +148,46 @@ class OutputClaim:
     """
     This process's claim on an output it writes into as it goes (checkpoints, batches of pairs, a study's steps):
     a second command on the same output, such as a job submitted twice, is refused at once instead of the two
-    writing over, pruning or deleting each other's files. Held until `release` (or the end of a `with` block).
+    writing over, pruning or deleting each other's files. Held until `release` (or the end of a `with` block, or
+    of the process).
 
-    It is an OS file lock (`filelock`) on a hidden file beside the output, `.<name>.lock`, which stays there and
-    holds only the last holder's process id and host. The OS releases the lock when its process ends, however it
-    ends, so a killed run never blocks the next one; on a shared file system that supports locks it also holds
-    between the machines of a cluster.
+    An OS lock (`flock`) on a hidden file that names its holder's process id and host: `OUTPUT/.lock` inside the
+    output (created if missing), or `.NAME.lock` beside it with `beside=True`, for a command that replaces the
+    whole folder. The file stays; the OS releases the lock when its process ends, however it ends, so a killed run
+    never blocks the next one. On a shared file system that supports locks it also holds between the machines of
+    a cluster; where there are no locks (Windows, some network file systems) the output is written unclaimed, with
+    a warning.
     """
 
-    def __init__(self, output: str | os.PathLike):
-        target = Path(output).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = target.parent / f".{target.name}.lock"
-        self._lock = FileLock(self.path, timeout=0)
+    def __init__(self, output: str | os.PathLike, beside: bool = False):
+        target = Path(output)
+        folder = target.parent if beside else target
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / (f".{target.resolve().name}.lock" if beside else ".lock")
+        self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            logger.warning(f"{output} is written without a claim: this system has no file locks.")
+            return
         try:
-            self._lock.acquire()
-        except Timeout:
-            try:
-                holder = self.path.read_text().strip()
-            except OSError:
-                holder = ""
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._descriptor, 200).decode(errors="replace").strip()
+            os.close(self._descriptor)
             raise OutputInUseError(
                 f"{output} is being written by another running command ({holder or 'its lock ' + str(self.path)}); "
                 "two at once would write over each other's files. Wait for it to end, or choose another output."
             ) from None
-        self.path.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+        except OSError as error:  # a file system without locks
+            logger.warning(f"{output} is written without a claim: its file system has no locks ({error}).")
+        else:
+            os.ftruncate(self._descriptor, 0)
+            os.write(self._descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
 
     def release(self) -> None:
-        self._lock.release()
+        """Ends the claim (closing the file releases its lock); a second call does nothing."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
     def __enter__(self) -> "OutputClaim":
         return self

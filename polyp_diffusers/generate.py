@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from .data import FEATURES, check_hub_repo, load_polyp_dataset, png_cell, unwritten_entries, write_dataset
+from .data import FEATURES, check_hub_repo, check_only_written_by, load_polyp_dataset, png_cell, write_dataset
 from .folders import (
     OutputClaim,
     check_is_folder,
@@ -142,11 +142,8 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
             "it, or choose another --output."
         )
-    elif (output / SETTINGS_FILE).is_file() and (foreign := unwritten_entries(output, GENERATED_FILES)):
-        raise FileExistsError(
-            f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm generate` does not write: --overwrite would "
-            "delete them, so this folder is left alone. Move them out, or choose another --output."
-        )
+    elif (output / SETTINGS_FILE).is_file():  # replaced with --overwrite, unless it holds files of others
+        check_only_written_by(output, "generate", GENERATED_FILES)
     elif not is_empty(output) and not (output / SETTINGS_FILE).is_file():
         raise FileExistsError(
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
@@ -248,10 +245,11 @@ def generate_dataset(
     output = Path(output)
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
+    source = load_polyp_dataset(mask_dataset, split=split)
     # One run writes in `output` at a time: a second would restart or replace the parts the first is writing.
-    with OutputClaim(output):
+    # The claim lies beside the output, which is replaced whole at the end.
+    with OutputClaim(output, beside=True):
         recover_interrupted_write(output)
-        source = load_polyp_dataset(mask_dataset, split=split)
         source_ids = (
             list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
         )

@@ -114,6 +114,8 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> nn.Mod
             ) from error
 
 
+# The features of the standard FID and KID; on any other, the scores are Fréchet and kernel distances of those.
+INCEPTION_FEATURES = "inception-v3-compat pool3 (2048)"
 DINOV2_WEIGHTS = "facebook/dinov2-large"  # ViT-L/14, the features of Stein et al. (NeurIPS 2023)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,7 +230,7 @@ def fid_kid(
         "num_generated": len(generated),
         "kid_subset_size": subset_size,
         "kid_subsets": kid_subsets,
-        "features": "inception-v3-compat pool3 (2048)"
+        "features": INCEPTION_FEATURES
         if standard
         else getattr(shared.extractor, "description", type(shared.extractor).__name__),
     }

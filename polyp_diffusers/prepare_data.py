@@ -10,8 +10,8 @@ from .data import (
     DEFAULT_TEST_SIZE,
     REPORT_FILE,
     build_dataset,
+    check_only_written_by,
     check_test_size,
-    unwritten_entries,
     write_dataset,
 )
 from .demo import make_demo_dataset
@@ -65,11 +65,7 @@ def prepare_dataset(
                 f"{output} was not written by `polyp-ddpm prepare-data` (it has no {REPORT_FILE}); --overwrite "
                 "replaces only a prepared dataset, so this folder is left alone. Choose another --output."
             )
-        if foreign := unwritten_entries(output):
-            raise FileExistsError(
-                f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm prepare-data` does not write: --overwrite "
-                "would delete them, so this folder is left alone. Move them out, or choose another --output."
-            )
+        check_only_written_by(output, "prepare-data")
     if source == DEMO_SOURCE:
         test_size = DEMO_TEST_SIZE if test_size is None else test_size
         dataset, problems = make_demo_dataset(demo_pairs, resolution or 64, test_size, seed), []

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import parse_dataset_spec
+from .metrics import INCEPTION_FEATURES
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
 
@@ -16,18 +17,25 @@ METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
 def fid_results(scores: dict) -> dict:
     """FID/KID scores (from `polyp_diffusers.metrics.fid_kid`) as a card section and model-index entries."""
     dataset = Path(parse_dataset_spec(scores["real"])[0]).name
+    # FID and KID are defined on Inception features: on others (DINOv2, a plug-in) the same distances are named
+    # by their features, so that no other score is published as FID.
+    if scores["features"] == INCEPTION_FEATURES:
+        (fid_type, fid_name), (kid_type, kid_name) = ("fid", "FID"), ("kid", "KID")
+    else:
+        fid_type, kid_type = "fd", "kd"
+        fid_name, kid_name = f"FD ({scores['features']})", f"KD ({scores['features']})"
     markdown = (
         f"### Image realism ({scores['num_generated']} generated vs {scores['num_real']} real images of "
         f"`{scores['real']}`, {scores['features']})\n"
-        "| FID | KID (mean ± std) |\n| --- | --- |\n"
+        f"| {fid_name} | {kid_name} (mean ± std) |\n| --- | --- |\n"
         f"| {scores['fid']:.2f} | {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} |"
     )
     common = dict(task_type="image-to-image", dataset_type=dataset, dataset_name=dataset)
     return {
         "markdown": markdown,
         "eval_results": [
-            dict(common, metric_type="fid", metric_name="FID", metric_value=round(scores["fid"], 3)),
-            dict(common, metric_type="kid", metric_name="KID", metric_value=round(scores["kid_mean"], 5)),
+            dict(common, metric_type=fid_type, metric_name=fid_name, metric_value=round(scores["fid"], 3)),
+            dict(common, metric_type=kid_type, metric_name=kid_name, metric_value=round(scores["kid_mean"], 5)),
         ],
     }
 

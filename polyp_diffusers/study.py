@@ -31,7 +31,7 @@ import diffusers
 import numpy as np
 import torch
 
-from .data import load_polyp_dataset
+from .data import load_polyp_dataset, split_file_path
 from .folders import OutputClaim, check_is_folder, check_output_apart, write_text_atomically
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
@@ -262,11 +262,12 @@ def run_study(
         raise ValueError(f"objective {objective!r}; expected one of {sorted(OBJECTIVES)}.")
     if not (TRAINING_SCRIPTS / "train.py").is_file():
         raise FileNotFoundError(
-            f"`reproduce` runs the scripts in training/ of a polyp-diffusers checkout; {TRAINING_SCRIPTS} has none."
+            f"`reproduce` runs the scripts in training/ of a polyp-diffusers checkout, installed editable (pip install "
+            f"-e .); {TRAINING_SCRIPTS} has none."
         )
     if data != DEMO_SOURCE and not Path(data).exists():
         raise FileNotFoundError(f"the data {data} does not exist.")
-    if split_file is not None and not Path(split_file).is_file():
+    if split_file is not None and not split_file_path(split_file).is_file():
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
     check_is_folder(output)
     check_output_apart(output, {"data": data if data != DEMO_SOURCE else None})

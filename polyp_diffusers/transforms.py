@@ -77,7 +77,8 @@ def pair_transform(
     """
     A batch transform for `Dataset.with_transform`: PIL pairs to `images` `(B, 3, R, R)` in `[-1, 1]` and
     `masks` `(B, 1, R, R)` in {0, 1}, optionally augmented (seeded by `seed`). Without images (what a model of
-    masks trains on), `images` are `(B, 0, R, R)`: no image is decoded.
+    masks trains on), `images` are `(B, 0, R, R)` and the image column is not used (`transformed_pairs` also
+    drops it, so that datasets does not decode it for nothing).
     """
     image_processor = VaeImageProcessor(vae_scale_factor=1, resample="bicubic", do_normalize=True)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -26,7 +26,8 @@ from polyp_diffusers import PolypDDPMPipeline
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches, generate_dataset
-from polyp_diffusers.metrics import dinov2_extractor, fid_kid, inception_extractor
+from polyp_diffusers.metrics import INCEPTION_FEATURES, dinov2_extractor, fid_kid, inception_extractor
+from polyp_diffusers.results import fid_results
 from polyp_diffusers.segmentation import (
     build_segmenter,
     held_out_ids,
@@ -348,7 +349,18 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     assert result.returncode == 0, result.stderr
     scores = json.loads(output.read_text())
     assert scores["scores"]["num_real"] == 4 and scores["scores"]["num_generated"] == 12
-    assert "| FID |" in scores["markdown"] and scores["eval_results"][0]["metric_type"] == "fid"
+    # Not Inception's features: the distances are published under their features' name, never as FID.
+    name = f"FD ({scores['scores']['features']})"
+    assert f"| {name} |" in scores["markdown"] and "FID" not in scores["markdown"]
+    assert [(entry["metric_type"], entry["metric_name"]) for entry in scores["eval_results"]][0] == ("fd", name)
+
+
+def test_only_scores_on_inception_features_are_published_as_fid_and_kid():
+    scores = dict(real="data/kvasir-seg:test", num_real=100, num_generated=898, fid=41.5, kid_mean=0.02, kid_std=0.001)
+    standard = fid_results({**scores, "features": INCEPTION_FEATURES})["eval_results"]
+    assert [(entry["metric_type"], entry["metric_name"]) for entry in standard] == [("fid", "FID"), ("kid", "KID")]
+    dinov2 = fid_results({**scores, "features": "DINOv2 ViT-L/14"})["eval_results"]
+    assert [entry["metric_type"] for entry in dinov2] == ["fd", "kd"] and "DINOv2" in dinov2[0]["metric_name"]
 
 
 def test_a_result_file_is_refused_before_any_work_where_writing_would_destroy_something(tmp_path, capsys):

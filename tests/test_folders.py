@@ -24,14 +24,15 @@ def test_an_output_over_above_or_inside_an_input_is_refused_and_one_beside_it_is
     check_output_apart(tmp_path / "user" / "polyp-ddpm", inputs)
 
 
-def test_a_second_claim_on_an_output_is_refused_until_the_first_is_released(tmp_path):
+@pytest.mark.parametrize("beside", [False, True])
+def test_a_second_claim_on_an_output_is_refused_until_the_first_is_released(tmp_path, beside):
     output = tmp_path / "run"
-    with OutputClaim(output) as claim:
-        assert claim.path == tmp_path / ".run.lock" and not output.exists()
+    with OutputClaim(output, beside=beside) as claim:
+        assert claim.path == (tmp_path / ".run.lock" if beside else output / ".lock")
         with pytest.raises(OutputInUseError, match=rf"{output} is being written by .*process {os.getpid()} on"):
-            OutputClaim(output)
-        OutputClaim(tmp_path / "other").release()  # other outputs are free
-    OutputClaim(output).release()
+            OutputClaim(output, beside=beside)
+        OutputClaim(tmp_path / "other", beside=beside).release()  # other outputs are free
+    OutputClaim(output, beside=beside).release()
 
 
 def test_a_claim_dies_with_its_process_even_killed(tmp_path):

@@ -231,6 +231,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_a_run_stopped_while_saving_its_pipeline_is_no_pipeline_until_resumed(finished_run, demo_dataset, tmp_path):
     run = tmp_path / "stopped-while-saving"
     shutil.copytree(finished_run, run)
+    (run / "training_config.json").unlink()  # not the pipeline of its last step: the resumed run saves it again
     resume = ("--dataset", str(demo_dataset), "--output_dir", str(run), *TINY_RUN, "--resume_from_checkpoint", "latest")
     stopped = subprocess.run(
         [sys.executable, "-c", STOPPED_WHILE_SAVING, str(TRAIN_SCRIPT), *resume], capture_output=True, text=True
@@ -244,6 +245,20 @@ def test_a_run_stopped_while_saving_its_pipeline_is_no_pipeline_until_resumed(fi
     resumed, uninterrupted = unet_weights(run), unet_weights(finished_run)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in uninterrupted.items())
+
+
+def test_a_finished_run_resumed_keeps_its_pipeline_and_the_results_added_to_its_card(
+    finished_run, demo_dataset, tmp_path
+):
+    run = tmp_path / "finished"
+    shutil.copytree(finished_run, run)
+    card = (run / "README.md").read_text() + "\n## Downstream\nIoU 0.62 (added by polyp-ddpm card)\n"
+    (run / "README.md").write_text(card)
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(run), *TINY_RUN, "--resume_from_checkpoint", "latest"
+    )
+    assert f"The pipeline of step {STEPS} is in {run} already: kept" in result.stdout + result.stderr
+    assert (run / "README.md").read_text() == card
 
 
 def test_a_time_budget_stops_at_a_logging_step_with_a_checkpoint_and_the_pipeline(demo_dataset, tmp_path):

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
-from polyp_diffusers.folders import OutputClaim, write_text_atomically
+from polyp_diffusers.data import parse_dataset_spec
+from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
@@ -48,6 +49,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args, segmentation_flags = parse_args(argv)
     output_dir = Path(args.output_dir)
+    inputs = {"real dataset": args.real, "synthetic dataset": args.synthetic, "model": args.model}
+    inputs.update({f"test set {spec}": parse_dataset_spec(spec)[0] for spec in args.test})
+    check_output_apart(output_dir, inputs)  # before the claim below creates output_dir
     # One comparison writes in output_dir at a time (its settings' runs hold their own folders).
     with OutputClaim(output_dir):
         synthetic = args.synthetic

@@ -324,6 +324,15 @@ def validation_grid(pipeline, batch, args):
     return make_image_grid(cells, rows=3, cols=len(real))
 
 
+def pipeline_is_saved(output_dir: Path, step: int) -> bool:
+    """Whether `output_dir` holds the whole pipeline of `step` (its model_index.json is written last)."""
+    try:
+        saved_step = json.loads((output_dir / "training_config.json").read_text())["trained_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return saved_step == step and (output_dir / "model_index.json").is_file()
+
+
 def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir):
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
     pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
@@ -701,8 +710,11 @@ def main(argv=None):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
-        logger.info(f"Saved the pipeline to {output_dir}")
+        if pipeline_is_saved(output_dir, global_step):  # a finished run resumed: its card may hold results since
+            logger.info(f"The pipeline of step {global_step} is in {output_dir} already: kept, with its card.")
+        else:
+            save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
+            logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
             repo_id = push_folder(
                 output_dir,
@@ -712,8 +724,9 @@ def main(argv=None):
                 commit_message="Polyp-DDPM training run",
             )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()  # the trackers' last writes into output_dir
+    if output_claim is not None:
         output_claim.release()
-    accelerator.end_training()
 
 
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):

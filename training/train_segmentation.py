@@ -318,8 +318,9 @@ def main(argv=None):
         os.replace(running_weights, output_dir / "best.safetensors")
         write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info(json.dumps(results["test"], indent=2))
-        output_claim.release()
     accelerator.end_training()
+    if output_claim is not None:
+        output_claim.release()
 
 
 if __name__ == "__main__":
