@@ -188,9 +188,10 @@ def _mask_array(mask, name: str) -> np.ndarray:
 
 
 def _describe_values(values: np.ndarray) -> str:
+    """`values {0, 1, 2}`, or `255 distinct values in [0, 255]`: what follows "has" in an error."""
     distinct = np.unique(values)
     if len(distinct) <= 6:
-        return "{" + ", ".join(f"{value:g}" for value in distinct) + "}"
+        return "values {" + ", ".join(f"{value:g}" for value in distinct) + "}"
     return f"{len(distinct)} distinct values in [{distinct[0]:g}, {distinct[-1]:g}]"
 
 
@@ -213,25 +214,25 @@ def _binarize(array: np.ndarray, name: str) -> np.ndarray:
     overshoot = 0.0 if is_integer else FLOAT_OVERSHOOT
     scale = next((scale for scale in scales if values.max() <= scale * (1 + overshoot)), None)
     if scale is None or values.min() < -overshoot * scale:
-        raise ValueError(f"{name} has values {_describe_values(values)}; {expected}.")
+        raise ValueError(f"{name} has {_describe_values(values)}; {expected}.")
     for index, single in enumerate(values):
         where = name if len(values) == 1 else f"{name}[{index}]"
         grey = ((single > GREY_BAND[0] * scale) & (single < GREY_BAND[1] * scale)).mean()
         if grey > MAX_GREY_FRACTION:
             raise ValueError(
                 f"{where} is not a binary mask: {grey:.0%} of its pixels lie between {GREY_BAND[0]:g} and "
-                f"{GREY_BAND[1]:g} of its range (a JPEG mask has under {MAX_GREY_FRACTION:.0%}); it has values "
+                f"{GREY_BAND[1]:g} of its range (a JPEG mask has under {MAX_GREY_FRACTION:.0%}); it has "
                 f"{_describe_values(single)}; {expected}."
             )
         peak = single.max()
         if (0 if is_integer else FLOAT_EMPTY_PEAK * scale) < peak < GREY_BAND[1] * scale:  # neither empty nor a polyp
-            raise ValueError(f"{where} has values {_describe_values(single)}; {expected}.")
+            raise ValueError(f"{where} has {_describe_values(single)}; {expected}.")
         third_level = _third_level(array[index] if is_integer else single, scale * overshoot, scale)
         if third_level is not None:
             value, fraction = third_level
             raise ValueError(
                 f"{where} has three levels: {fraction:.0%} of its pixels are {value:g}, neither background (0) nor "
-                f"polyp ({scale}) (a label map?); it has values {_describe_values(single)}; {expected}."
+                f"polyp ({scale}) (a label map?); it has {_describe_values(single)}; {expected}."
             )
     return values >= scale / 2
 

@@ -516,7 +516,7 @@ def test_an_output_folder_inside_the_dataset_holding_other_files_or_in_use_is_re
     running.mkdir(parents=True)
     refusals = {
         demo_dataset / "run": "lies inside the dataset",
-        notes.parent: "already holds notes.txt: train.py writes no new run over files it did not make",
+        notes.parent: "already holds notes.txt: train.py starts no new run over an earlier run's files or files",
         finished_run: "already holds README.md, card.json, checkpoint-12",  # finished: resume it, or write elsewhere
         running.parent: f"is being written by another running command (process {os.getpid()} on",
     }

@@ -417,9 +417,9 @@ def main(argv=None):
     if named_checkpoint is None:
         if unexpected := unexpected_entries(output_dir, args.logging_dir):
             raise ValueError(
-                f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py writes no new run "
-                "over files it did not make. To continue the run there, pass --resume_from_checkpoint latest; to "
-                "train anew, choose an empty or new folder."
+                f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py starts no new run "
+                "over an earlier run's files or files it did not make. To continue the run there, pass "
+                "--resume_from_checkpoint latest; to train anew, choose an empty or new folder."
             )
     train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
     validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
