@@ -210,7 +210,8 @@ def generate_dataset(
     instead (`PolypInpaintPipeline`): into frame `j` modulo the split's size goes new mask `j`, or, if its edit
     region would touch the frame's own polyp, the first of masks `j + N`, `j + 2N`, ... that does not (up to
     `INSERT_TRIES`; none: the frame is left as it is). The pair's mask holds both polyps, and `source_id` names
-    the frame. With a mask model, mask seeds follow the image seeds. `model_flags`: the calling command's names
+    the frame. With a mask model, mask seeds follow the image seeds, and the masks are sampled with the images'
+    sampler and steps. `model_flags`: the calling command's names
     for `model` and `mask_model`, for the error that a model was given as the other kind.
     """
     if sampler not in SAMPLERS:
@@ -301,9 +302,11 @@ def generate_dataset(
                         f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
                         f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
                     )
-                masks_of = _model_masks(
-                    mask_pipeline, _first_mask_seed(seed, num_masks, num_images_per_mask), batch_size
-                )
+                # Sampled like the images: the same sampler and steps (`--sampler`, `--steps`).
+                mask_pipeline.scheduler = make_sampler(sampler, mask_pipeline.scheduler.config)
+                mask_pipeline.check_model_and_steps(num_inference_steps)
+                first_seed = _first_mask_seed(seed, num_masks, num_images_per_mask)
+                masks_of = _model_masks(mask_pipeline, first_seed, batch_size, num_inference_steps)
                 real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
                 mask_statistics_of = (mask_statistics(real), {"mask_model": mask_model})
         else:
@@ -565,15 +568,20 @@ def seeded_generators(device: torch.device, seeds: list[int]) -> list[torch.Gene
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
-def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int):
+def _model_masks(mask_pipeline: PolypMaskPipeline, seed: int, batch_size: int, num_inference_steps: int):
     """
     For indices of new masks: `{index: (mask, source_id, id stem)}`, mask `j` drawn by the mask model with seed
-    `seed + j`, `batch_size` at once.
+    `seed + j`, `batch_size` at once, in `num_inference_steps` of its scheduler.
     """
 
     def masks_of(indices: list[int]) -> dict:
         generators = seeded_generators(mask_pipeline.device, [seed + index for index in indices])
-        masks = mask_pipeline(num_masks=len(indices), generator=generators, batch_size=batch_size).masks
+        masks = mask_pipeline(
+            num_masks=len(indices),
+            generator=generators,
+            batch_size=batch_size,
+            num_inference_steps=num_inference_steps,
+        ).masks
         return {index: (mask, "mask-model", f"newmask-{index:05d}") for index, mask in zip(indices, masks)}
 
     return masks_of

@@ -258,14 +258,23 @@ def test_the_mask_pipeline_draws_binary_masks_independent_of_batching(mask_pipel
 
 
 def test_generate_draws_new_masks_from_a_mask_model(
-    capsys, saved_pipeline_dir, demo_masks, mask_pipeline_dir, tmp_path
+    capsys, saved_pipeline_dir, demo_masks, mask_pipeline_dir, tmp_path, monkeypatch
 ):
     output = tmp_path / "from-model"
+    sampled = []  # the mask model's sampler and steps: the command's
+    original_call = PolypMaskPipeline.__call__
+
+    def recorded_call(pipe, **kwargs):
+        sampled.append((type(pipe.scheduler).__name__, kwargs["num_inference_steps"]))
+        return original_call(pipe, **kwargs)
+
+    monkeypatch.setattr(PolypMaskPipeline, "__call__", recorded_call)
     code, out, err = run_generate(
         capsys, saved_pipeline_dir, demo_masks, output, "--new-masks", "3", "--mask-model", mask_pipeline_dir,
         *GENERATION,
     )  # fmt: skip
     assert code == 0, err
+    assert set(sampled) == {("DDIMScheduler", 2)}  # GENERATION's --sampler ddim --steps 2, as for the images
     pairs = load_from_disk(str(output))["train"]
     assert len(pairs) == 6 and set(pairs["source_id"]) == {"mask-model"}
     assert all(set(np.unique(np.asarray(mask)).tolist()) <= {0, 255} for mask in pairs["mask"])
