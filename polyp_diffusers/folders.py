@@ -172,7 +172,7 @@ class OutputClaim:
             fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(self._descriptor, 200).decode(errors="replace").strip()
-            os.close(self._descriptor)
+            self.release()
             raise OutputInUseError(
                 f"{output} is being written by another running command ({holder or 'its lock ' + str(self.path)}); "
                 "two at once would write over each other's files. Wait for it to end, or choose another output."
@@ -188,6 +188,10 @@ class OutputClaim:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+    def __del__(self):  # a claim dropped without `release` (an error in a caller) ends with the object
+        if getattr(self, "_descriptor", None) is not None:
+            self.release()
 
     def __enter__(self) -> "OutputClaim":
         return self

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -538,7 +539,7 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     assert 0 < phases[0] and phases == sorted(phases) and phases[-1] <= timing["start_up_s"]
 
 
-def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_line(demo_masks, tmp_path):
+def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_line(demo_masks, tmp_path, capsys):
     def command(output, *flags):
         return [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real", "--real",
                 str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output), "--resolution", "32",
@@ -558,12 +559,17 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
         (demo_masks / "run",): "lies inside the real dataset",
         (other, "--overwrite"): "holds notes.txt, which this script does not write",
         (tmp_path / "new", "--test", f"{demo_masks}:nope"): "nope",
-        (tmp_path / "new", "--validation_size", "0"): "argument --validation_size: 0 is neither a whole count",
     }
+    main = load_training_script("train_segmentation").main  # in this process: no start-up for each refusal
     for (output, *flags), reason in refusals.items():
-        result = train(output, *flags)
-        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert reason in result.stderr.strip().splitlines()[-1]
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            main(command(output, *flags)[2:])
+    with pytest.raises(SystemExit):
+        main(command(tmp_path / "new", "--validation_size", "0")[2:])
+    assert "argument --validation_size: 0 is neither a whole count" in capsys.readouterr().err
+    result = train(finished)  # on the command line: one line, no traceback
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert refusals[(finished,)] in result.stderr.strip().splitlines()[-1]
     assert (finished / "results.json").read_text() == results and (other / "notes.txt").read_text() == "mine"
     assert not (demo_masks / "run").exists()
     # A replacing run that stops once its inputs have loaded (an encoder that cannot be found): the finished run

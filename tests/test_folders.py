@@ -50,6 +50,11 @@ def test_a_claim_dies_with_its_process_even_killed(tmp_path):
     OutputClaim(output).release()
 
 
+def test_a_claim_dropped_without_its_release_ends_with_it(tmp_path):
+    OutputClaim(tmp_path / "run")  # as when a caller fails between claiming and releasing
+    OutputClaim(tmp_path / "run").release()
+
+
 CLAIM_AND_WAIT = """
 import sys
 from polyp_diffusers.folders import OutputClaim
