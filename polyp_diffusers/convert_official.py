@@ -312,8 +312,9 @@ def write_converted_pipeline(
         )
         provenance = (
             f"These weights were **converted, not trained here**: the {description['weights'].upper()} weights of the "
-            f"authors' released checkpoint `{Path(description['source']).name}`{step}, trained on Kvasir-SEG at 256 px "
-            f"with their code ({AUTHORS_REPOSITORY}, MIT License), mapped tensor by tensor onto a "
+            f"checkpoint `{Path(description['source']).name}`{step}, a model of "
+            f"{pipeline.unet.config.sample_size} px images trained with the authors' code ({AUTHORS_REPOSITORY}, MIT "
+            "License; their released weights: Kvasir-SEG at 256 px), mapped tensor by tensor onto a "
             f"`UNet2DModel` by `polyp-ddpm convert-official`; {mask_note}. The scheduler reproduces their sampler "
             f"({description['num_train_timesteps']} steps, cosine schedule, x0 clipped to [-1, 1], their posterior "
             "variance). Credit for the model belongs to Dorjsembe, Pao and Xiao; check the license terms of their "

@@ -133,6 +133,7 @@ def test_converted_folder_is_a_normal_pipeline_with_a_card(official_checkpoint, 
     assert (output / "pipeline_polyp_ddpm.py").exists()
     card = (output / "README.md").read_text()
     assert "converted, not trained here" in card and "mobaidoctor/polyp-ddpm" in card and "model.pt" in card
+    assert f"a model of {SIZE} px images" in card  # the checkpoint's size, not the authors' release's
     pipe = PolypDDPMPipeline.from_pretrained(output)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(np.ones((SIZE, SIZE), np.uint8), num_inference_steps=2, output_type="np").images
