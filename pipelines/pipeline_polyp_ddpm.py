@@ -395,7 +395,7 @@ def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
 
 def step_kwargs(scheduler: SchedulerMixin, generator) -> dict:
     """The `generator` for a scheduler step that draws noise (DDPM); schedulers that draw none (PNDM) take no such
-    argument (as diffusers' pipelines do it, by the step's signature)."""
+    argument (as diffusers' pipelines do it, by the step's signature, once per batch rather than per step)."""
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
@@ -666,6 +666,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator
                 mask_input = mask_model_input(batch_masks, self.mask_channels)
+                extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
                 image = randn_tensor(shape, generator=batch_generator, device=device, dtype=dtype)
                 timesteps = reset_timesteps()
@@ -676,9 +677,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                     image = self.scheduler.add_noise(color.expand_as(image), image, timesteps[:1])
                 for t in timesteps:
                     noise_pred = predict_noise(self.unet, self.scheduler, image, mask_input, t)
-                    image = self.scheduler.step(
-                        noise_pred, t, image, **step_kwargs(self.scheduler, batch_generator)
-                    ).prev_sample
+                    image = self.scheduler.step(noise_pred, t, image, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 images.append(image.float().cpu())
 
@@ -760,15 +759,14 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
             for start in range(0, num_masks, batch_size):
                 count = min(batch_size, num_masks - start)
                 batch_generator = generator[start : start + count] if isinstance(generator, list) else generator
+                extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (count, self.unet.config.out_channels, *self.sample_size)
                 sample = randn_tensor(shape, generator=batch_generator, device=device, dtype=self.unet.dtype)
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 sample = sample * self.scheduler.init_noise_sigma
                 for t in self.scheduler.timesteps:
                     noise_pred = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
-                    sample = self.scheduler.step(
-                        noise_pred, t, sample, **step_kwargs(self.scheduler, batch_generator)
-                    ).prev_sample
+                    sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 masks.append((sample.float() > 0).float().cpu())
         self.maybe_free_model_hooks()
@@ -1098,6 +1096,7 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                 known = model_frames[batch].to(device=device, dtype=dtype)
                 edit = blend[batch].to(device) > 0
                 mask_input = mask_model_input(model_masks[batch].to(device=device, dtype=dtype), self.mask_channels)
+                extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 sample = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
                 sample = sample * self.scheduler.init_noise_sigma
                 for position, next_position in zip(path, path[1:]):
@@ -1110,9 +1109,7 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                     noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
                     sample = torch.where(edit, sample, self.scheduler.add_noise(known, noise, t))
                     noise_pred = predict_noise(self.unet, self.scheduler, sample, mask_input, t)
-                    sample = self.scheduler.step(
-                        noise_pred, t, sample, **step_kwargs(self.scheduler, batch_generator)
-                    ).prev_sample
+                    sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 samples.append(torch.where(edit, sample, known).float().cpu())
         self.maybe_free_model_hooks()

@@ -144,7 +144,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
         )
     elif (output / SETTINGS_FILE).is_file():  # replaced with --overwrite, unless it holds files of others
         check_only_written_by(output, "generate", GENERATED_FILES)
-    elif not is_empty(output) and not (output / SETTINGS_FILE).is_file():
+    elif not is_empty(output):  # the branches above took every folder holding SETTINGS_FILE
         raise FileExistsError(
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
             "alone. Choose another --output."

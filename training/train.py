@@ -437,9 +437,9 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     # One run writes in output_dir at a time: a second (a job submitted twice) would prune or resume mid-checkpoint.
+    # The claim creates output_dir.
     output_claim = OutputClaim(output_dir) if accelerator.is_main_process else None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
 
     # Data: decoded and resized once into the device's memory when it fits, else by CPU workers at every step;
