@@ -167,7 +167,8 @@ def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict
         if not isinstance(result, dict) or not {"markdown", "eval_results"} <= set(result):
             raise ValueError(
                 f"{source} holds {sorted(result) if isinstance(result, dict) else type(result).__name__}; expected 'markdown' and 'eval_results' "
-                "(the JSON of `polyp-ddpm fid --output` or training/compare_segmentation.py)."
+                "(the JSON of `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity --output` or "
+                "training/compare_segmentation.py)."
             )
     context_path = folder / CARD_CONTEXT_FILE
     try:

@@ -20,7 +20,7 @@ from .hub_card.cards import SOURCE_TERMS, updated_model_card_files
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import fid_results
+from .results import fid_results, mask_fidelity_results
 
 # Images per batch when a segmenter scores generated pairs (mask fidelity).
 FIDELITY_BATCH_SIZE = 32
@@ -361,11 +361,12 @@ def _run_mask_fidelity(args):
 
 def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
     """Scores `dataset` with a loaded segmenter (model, config) and prints the result."""
-    from .segmentation import mask_fidelity  # the [eval] extra (MONAI, transformers)
+    from .segmentation import SEGMENTER_FAMILIES, mask_fidelity  # the [eval] extra (MONAI, transformers)
 
     model, config = segmenter
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
+    scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
     print(
         f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
         f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"
@@ -386,7 +387,8 @@ def _add_card(subparsers):
         "--results",
         action="append",
         required=True,
-        help="JSON from `polyp-ddpm fid --output` or training/compare_segmentation.py; repeatable.",
+        help="JSON from `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity --output` (or the mask_fidelity.json "
+        "of `generate --fidelity-segmenter`) or training/compare_segmentation.py; repeatable.",
     )
     parser.set_defaults(run=_run_card)
 

@@ -293,18 +293,9 @@ def generate_dataset(
                 masks_of = _new_masks(augmenter)
                 mask_statistics_of = (augmenter.statistics, {"mask_augment": augmenter.config})
             else:
-                mask_pipeline = load_pipeline(
-                    mask_model, DTYPES[dtype], PolypMaskPipeline, model_flags and model_flags[0]
-                ).to(pipeline.device)
-                mask_pipeline.set_progress_bar_config(disable=True)
-                if mask_pipeline.sample_size != pipeline.sample_size:
-                    raise ValueError(
-                        f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
-                        f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
-                    )
-                # Sampled like the images: the same sampler and steps (`--sampler`, `--steps`).
-                mask_pipeline.scheduler = make_sampler(sampler, mask_pipeline.scheduler.config)
-                mask_pipeline.check_model_and_steps(num_inference_steps)
+                mask_pipeline = _load_mask_model(
+                    mask_model, pipeline, model, dtype, sampler, num_inference_steps, model_flags and model_flags[0]
+                )
                 first_seed = _first_mask_seed(seed, num_masks, num_images_per_mask)
                 masks_of = _model_masks(mask_pipeline, first_seed, batch_size, num_inference_steps)
                 real = prepare_masks(list(real_masks), pipeline.sample_size)[:, 0].numpy()
@@ -362,21 +353,10 @@ def generate_dataset(
                 )
                 images, masks = out.images[: len(batch)], out.masks[: len(batch)]
                 names = {row: by_index[row][1:] for row, _ in batch}
-            records = []
-            for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds):
-                source_id, name = names[row]
-                records.append(
-                    {
-                        "image": png_cell(image),
-                        "mask": png_cell(mask),
-                        "id": f"{name}-syn{k}",
-                        "width": image.width,
-                        "height": image.height,
-                        "seed": image_seed,
-                        "model": model,
-                        "source_id": source_id,
-                    }
-                )
+            records = [
+                _pair_record(image, mask, image_seed, names[row], k, model)
+                for (row, k), image, mask, image_seed in zip(batch, images, masks, seeds)
+            ]
             # The run is recorded only once it produces, so a command that failed before its first image leaves
             # nothing behind that a corrected command would trip over.
             if not recorded:
@@ -401,6 +381,40 @@ def generate_dataset(
         if push_to_hub:
             push_dataset(dataset, card, hub_dataset_id or output.name)
         return dataset
+
+
+def _load_mask_model(
+    mask_model: str, pipeline, model: str, dtype: str, sampler: str, num_inference_steps: int, other_kind_flag
+) -> PolypMaskPipeline:
+    """
+    The mask model on the image model's device, sampling like it (the same sampler and steps: `--sampler`,
+    `--steps`); refused unless it makes masks of the images' size.
+    """
+    mask_pipeline = load_pipeline(mask_model, DTYPES[dtype], PolypMaskPipeline, other_kind_flag).to(pipeline.device)
+    mask_pipeline.set_progress_bar_config(disable=True)
+    if mask_pipeline.sample_size != pipeline.sample_size:
+        raise ValueError(
+            f"the mask model {mask_model} makes {mask_pipeline.sample_size} masks and the model {model} "
+            f"{pipeline.sample_size} images: train the mask model at the image model's size (--resolution)."
+        )
+    mask_pipeline.scheduler = make_sampler(sampler, mask_pipeline.scheduler.config)
+    mask_pipeline.check_model_and_steps(num_inference_steps)
+    return mask_pipeline
+
+
+def _pair_record(image, mask, seed: int, names: tuple[str, str], k: int, model: str) -> dict:
+    """One generated pair in `GENERATED_FEATURES`: image `k` of the mask named by `names` (source id, id stem)."""
+    source_id, name = names
+    return {
+        "image": png_cell(image),
+        "mask": png_cell(mask),
+        "id": f"{name}-syn{k}",
+        "width": image.width,
+        "height": image.height,
+        "seed": seed,
+        "model": model,
+        "source_id": source_id,
+    }
 
 
 def _assemble(part_files: list[Path]) -> Dataset:

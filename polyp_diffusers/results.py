@@ -40,6 +40,34 @@ def fid_results(scores: dict) -> dict:
     }
 
 
+def mask_fidelity_results(scores: dict, segmenter_family: str) -> dict:
+    """
+    Mask fidelity (`segmentation.mask_fidelity` on generated pairs, with the `dataset` and `segmenter_trained_on`
+    that `polyp-ddpm mask-fidelity` adds) as a card section and model-index entries.
+    """
+    dataset = Path(parse_dataset_spec(scores["dataset"])[0]).name
+    trained_on = scores["segmenter_trained_on"]
+    markdown = (
+        f"### Mask fidelity ({scores['num_images']} generated pairs of `{scores['dataset']}`, scored by a "
+        f"{segmenter_family} trained on {trained_on} pairs against the masks the images were generated from)\n"
+        "| IoU | Dice | precision | recall |\n| --- | --- | --- | --- |\n"
+        f"| {scores['iou']:.4f} | {scores['dice']:.4f} | {scores['precision']:.4f} | {scores['recall']:.4f} |"
+    )
+    common = dict(task_type="image-to-image", dataset_type=dataset, dataset_name=dataset)
+    return {
+        "markdown": markdown,
+        "eval_results": [
+            dict(
+                common,
+                metric_type=metric,
+                metric_name=f"mask fidelity {METRIC_NAMES[metric]} ({segmenter_family} trained on {trained_on})",
+                metric_value=round(scores[metric], 4),
+            )
+            for metric in ("iou", "dice")
+        ],
+    }
+
+
 def summarize_scores(scores: list[dict]) -> dict:
     """IoU and Dice of several seeds' scores: mean, standard deviation (0 for one seed) and the number of seeds."""
     summary = {}

@@ -648,6 +648,16 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     again = json.loads(output.read_text())
     assert written["num_images"] == 6 and written["dataset"] == f"{made}:train"
     assert written["iou"] == pytest.approx(again["iou"]) and written["dice"] == pytest.approx(again["dice"])
+    # Either file puts its scores into a model card.
+    model = tmp_path / "model"
+    PolypDDPMPipeline.from_pretrained(saved_pipeline_dir).save_pretrained(model)
+    assert polyp_ddpm(["card", str(model), "--results", str(made / "mask_fidelity.json")]) == 0
+    card = (model / "README.md").read_text()
+    assert (
+        "### Mask fidelity (6 generated pairs of" in card
+        and f"| {written['iou']:.4f} | {written['dice']:.4f} |" in card
+    )
+    assert "mask fidelity IoU (UNet++ trained on real)" in card and f"value: {round(written['iou'], 4)}" in card
 
 
 def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fidelity_set():
