@@ -779,13 +779,18 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
 # Inpainting ------------------------------------------------------------------------------------------------------
 
 
+def check_frame_mode(frame: PIL.Image.Image, name: str) -> None:
+    """Refuses 16-bit, 32-bit and float frames: PIL's RGB conversion clips them to 8 bits (white or black frames)."""
+    if frame.mode.startswith(("I", "F")):
+        raise ValueError(
+            f"{name} has mode {frame.mode} (16-bit, 32-bit or float pixels); convert it to 8-bit RGB first."
+        )
+
+
 def _frame_tensor(frame, name: str) -> torch.Tensor:
     """One frame input as a `(B, 3, H, W)` float32 tensor in `[0, 1]`, validating type, shape and range."""
     if isinstance(frame, PIL.Image.Image):
-        if frame.mode.startswith(("I", "F")):  # PIL's RGB conversion clips these to 8 bits: bright or black frames
-            raise ValueError(
-                f"{name} is a {frame.mode} image (16-bit, 32-bit or float); convert it to 8-bit RGB first."
-            )
+        check_frame_mode(frame, name)
         values = torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.uint8).copy())[None].permute(0, 3, 1, 2)
         layout = "(H, W, 3)"
     elif isinstance(frame, np.ndarray):

@@ -39,8 +39,9 @@ def _add_prepare_data(subparsers):
         formatter_class=HelpFormatter,
         help="Validate image/mask pairs and write them as a datasets DatasetDict (train/test) with a card.",
         description=(
-            "SOURCE: a folder with images/ and masks/ (Kvasir-SEG layout, matched by file stem), its zip, a "
-            f"save_to_disk folder, a Hub dataset id, or '{DEMO_SOURCE}' for the built-in synthetic smoke-test set."
+            "SOURCE: a folder with images/ and masks/ (Kvasir-SEG layout, matched by file stem; or train/, test/ "
+            "and val/ folders that each hold them, read as splits), its zip, a save_to_disk folder, a Hub dataset "
+            f"id, or '{DEMO_SOURCE}' for the built-in synthetic smoke-test set."
         ),
     )
     parser.add_argument("source")
@@ -49,7 +50,8 @@ def _add_prepare_data(subparsers):
         "--test-size",
         type=count_or_fraction,
         default=None,
-        help="Test pairs: a count or a fraction (default: 100, as in the paper; demo: 0.1).",
+        help="Test pairs: a count or a fraction (default: 100, as in the paper, or 0.1 of a source under 1000 pairs "
+        "and of the demo set). A source with splits of its own keeps them.",
     )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the random train/test split.")
     parser.add_argument(

@@ -18,6 +18,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -25,16 +26,24 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_f
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .folders import check_is_folder, is_empty, replace_folder, staging_folder
-from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_positive_int, prepare_masks
+from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_frame_mode, check_positive_int, prepare_masks
 
 logger = logging.getLogger(__name__)
 
 # One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 HUB_ID_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp")
+# Files that file browsers leave in image folders (hidden ones, starting with ".", are skipped too).
+CLUTTER_FILES = {"thumbs.db", "desktop.ini"}
+# Folders one level below a source that hold its own splits (train/images, test/images, ...), and their split names.
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train", "test": "test", "testing": "test",
+    "val": "validation", "valid": "validation", "validation": "validation",
+}  # fmt: skip
 
 FEATURES = Features(
     {
@@ -46,7 +55,12 @@ FEATURES = Features(
     }
 )
 REPORT_FILE = "validation_report.json"
-DEFAULT_TEST_SIZE = 100  # the paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing
+# The paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing; 10% of a source under 1000 pairs.
+DEFAULT_TEST_SIZE = 100
+DEFAULT_TEST_FRACTION = 0.1
+# Masks whose polyp covers more than this share of the frame, in the middle mask of a source: likely inverted
+# (Kvasir-SEG's middle mask: 11%).
+INVERTED_MEDIAN_FRACTION = 0.5
 DEFAULT_SPLIT_SEED = 42
 # EXIF orientation tag values and the transposition that shows the picture upright.
 EXIF_ORIENTATION = 0x0112
@@ -132,15 +146,25 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
     """
     try:
         image = _open_fully(pair.image)
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"unreadable image: {error}") from error
     try:
         mask = _open_fully(pair.mask)
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"unreadable mask: {error}") from error
-    if image.size != mask.size:
-        raise ValueError(f"size mismatch: image is {image.width}x{image.height}, mask is {mask.width}x{mask.height}")
+    check_frame_mode(image, "the image")
     orientation, mask_orientation = _orientation(image), _orientation(mask)
+    if image.size != mask.size:
+        turned = orientation in (5, 6, 7, 8) and mask_orientation == 1 and image.size == mask.size[::-1]
+        hint = (
+            f" (the image's EXIF orientation {orientation} shows it upright as {image.height}x{image.width}, the "
+            "mask's size: masks must be drawn on the image as stored; turn the mask back, or drop the image's tag)"
+            if turned
+            else ""
+        )
+        raise ValueError(
+            f"size mismatch: image is {image.width}x{image.height}, mask is {mask.width}x{mask.height}{hint}"
+        )
     if mask_orientation not in (1, orientation):
         raise ValueError(f"EXIF orientation {orientation} of the image and {mask_orientation} of the mask disagree")
     try:
@@ -156,7 +180,7 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
             "(white should be the polyp, black the background)?"
         )
     if orientation in ORIENTATION_TRANSPOSE:
-        image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
+        image = image.convert("RGB").transpose(ORIENTATION_TRANSPOSE[orientation])
         binary = binary.transpose(ORIENTATION_TRANSPOSE[orientation])
     width, height = image.size
     keep_image_bytes = resolution is None and orientation == 1
@@ -174,9 +198,19 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
 
 
 def _files_by_stem(folder: Path, kind: str, problems: list[Problem]) -> dict[str, Path]:
+    """The image files of a folder by stem; a subfolder or a file of another type is a problem, not a silent skip."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.name.startswith(".") or path.name.lower() in CLUTTER_FILES:
+            continue
+        if path.is_dir():
+            problems.append(
+                Problem(path.name, f"{kind} subfolder not read", f"{path}: pairs are read from {folder} itself")
+            )
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            supported = ", ".join(extension[1:] for extension in IMAGE_EXTENSIONS)
+            problems.append(Problem(path.stem, f"not an image file ({kind})", f"{path} (read: {supported})"))
             continue
         if path.stem in files:
             problems.append(Problem(path.stem, f"duplicate {kind}", f"{files[path.stem].name} and {path.name}"))
@@ -185,13 +219,35 @@ def _files_by_stem(folder: Path, kind: str, problems: list[Problem]) -> dict[str
     return files
 
 
-def _find_pair_folder(root: Path, image_dir: str, mask_dir: str) -> Path:
-    """The folder holding `image_dir` and `mask_dir`: the root itself or one level below (as in the zip)."""
-    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-    for folder in candidates:
-        if (folder / image_dir).is_dir() and (folder / mask_dir).is_dir():
-            return folder
-    for folder in candidates:
+def _find_pair_folders(root: Path, image_dir: str, mask_dir: str) -> dict[str, Path]:
+    """
+    The folder holding `image_dir` and `mask_dir`, as `{"all": folder}`: the root itself or one level below (as
+    in the Kvasir-SEG zip). Several such folders one level below are the source's own splits when they are named
+    as splits (`train/`, `test/`, `val/`, ...), and refused otherwise.
+    """
+    if (root / image_dir).resolve() == (root / mask_dir).resolve():
+        raise ValueError(
+            f"--image-dir and --mask-dir both name {root / image_dir}: images and masks must be in two folders, "
+            "matched by file name."
+        )
+    if (root / image_dir).is_dir() and (root / mask_dir).is_dir():
+        return {"all": root}
+    below = sorted(p for p in root.iterdir() if p.is_dir())
+    holding = [folder for folder in below if (folder / image_dir).is_dir() and (folder / mask_dir).is_dir()]
+    if len(holding) == 1:
+        return {"all": holding[0]}
+    if holding:
+        splits = {SPLIT_FOLDERS.get(folder.name.lower()): folder for folder in holding}
+        if None not in splits and len(splits) == len(holding):
+            return splits
+        first = holding[0].name
+        raise ValueError(
+            f"{root} holds '{image_dir}/' and '{mask_dir}/' in {len(holding)} folders "
+            f"({', '.join(folder.name for folder in holding)}), which are not named as splits (train, test, val); "
+            f"read one with --image-dir {first}/{image_dir} --mask-dir {first}/{mask_dir}, or put all pairs in one "
+            "pair of folders."
+        )
+    for folder in [root, *below]:
         missing = [name for name in (image_dir, mask_dir) if not (folder / name).is_dir()]
         if len(missing) == 1:
             option = "--image-dir" if missing[0] == image_dir else "--mask-dir"
@@ -199,34 +255,51 @@ def _find_pair_folder(root: Path, image_dir: str, mask_dir: str) -> Path:
                 f"{folder} has no '{missing[0]}/' folder; name the folder that holds the "
                 f"{'images' if option == '--image-dir' else 'masks'} with {option}."
             )
+    present = ", ".join(f"'{folder.name}/'" for folder in below[:8]) or "no folder"
     raise FileNotFoundError(
-        f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below); "
-        "name them with --image-dir and --mask-dir."
+        f"{root} has no '{image_dir}/' and '{mask_dir}/' folders (nor one level below; it holds {present}); "
+        "name them with --image-dir and --mask-dir (paths inside the source, names match case)."
     )
 
 
 def pairs_from_folder(
     root: Path, image_dir: str = "images", mask_dir: str = "masks"
-) -> tuple[list[RawPair], list[Problem]]:
-    """Pairs images and masks by file stem; orphans on either side are problems."""
-    folder = _find_pair_folder(root, image_dir, mask_dir)
+) -> tuple[dict[str, list[RawPair]], list[Problem]]:
+    """
+    Pairs images and masks by file stem, per split (`{"all": pairs}` unless the source has split folders, see
+    `_find_pair_folders`); orphans on either side are problems.
+    """
     problems: list[Problem] = []
-    images = _files_by_stem(folder / image_dir, "image", problems)
-    masks = _files_by_stem(folder / mask_dir, "mask", problems)
-    for stem in sorted(images.keys() - masks.keys()):
-        problems.append(Problem(stem, "image without mask", str(images[stem])))
-    for stem in sorted(masks.keys() - images.keys()):
-        problems.append(Problem(stem, "mask without image", str(masks[stem])))
-    pairs = [RawPair(stem, str(images[stem]), str(masks[stem])) for stem in sorted(images.keys() & masks.keys())]
-    return pairs, problems
+    by_split = {}
+    for split, folder in _find_pair_folders(root, image_dir, mask_dir).items():
+        images = _files_by_stem(folder / image_dir, "image", problems)
+        masks = _files_by_stem(folder / mask_dir, "mask", problems)
+        orphan_masks = masks.keys() - images.keys()
+        for stem in sorted(images.keys() - masks.keys()):
+            problems.append(Problem(stem, "image without mask", str(images[stem]) + _named_alike(stem, orphan_masks)))
+        for stem in sorted(orphan_masks):
+            problems.append(Problem(stem, "mask without image", str(masks[stem])))
+        by_split[split] = [
+            RawPair(stem, str(images[stem]), str(masks[stem])) for stem in sorted(images.keys() & masks.keys())
+        ]
+    return by_split, problems
+
+
+def _named_alike(stem: str, orphan_masks: set[str]) -> str:
+    """A hint for an image without a mask when an orphan mask's name holds the image's (`a` and `a_mask`)."""
+    alike = sorted(mask for mask in orphan_masks if stem in mask and len(mask) - len(stem) <= 8)
+    if not alike:
+        return ""
+    return f" (the mask {alike[0]!r} is there: an image and its mask must have the same file name, apart from the extension)"
 
 
 def _check_pair_columns(splits: DatasetDict, source: str) -> None:
     for split, dataset in splits.items():
         if not {"image", "mask"} <= set(dataset.column_names):
             raise ValueError(
-                f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and "
-                "'mask' (make it with `polyp-ddpm prepare-data`)."
+                f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and 'mask': rename "
+                "its columns first (`DatasetDict.rename_columns({'pixel_values': 'image', 'label': 'mask'})`, with "
+                "its own names), and save it with `save_to_disk`."
             )
 
 
@@ -265,18 +338,27 @@ def read_pairs(
     path = Path(source)
     if path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)):
         _extract_zip(path, scratch)
-        pairs, problems = pairs_from_folder(Path(scratch), image_dir, mask_dir)
-        return {"all": pairs}, problems
+        try:
+            by_split, problems = pairs_from_folder(Path(scratch), image_dir, mask_dir)
+        except (OSError, ValueError) as error:  # named by the zip, not by the scratch folder that is gone after
+            raise type(error)(_in_zip(str(error), scratch, path)) from None
+        for problem in problems:
+            problem.detail = _in_zip(problem.detail, scratch, path)
+        return by_split, problems
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             loaded = load_from_disk(str(path))
             splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"all": loaded})
             return _pairs_from_datasets(splits, source), []
-        pairs, problems = pairs_from_folder(path, image_dir, mask_dir)
-        return {"all": pairs}, problems
+        return pairs_from_folder(path, image_dir, mask_dir)
     if path.exists():
         raise ValueError(f"{source} is neither a folder nor a zip file.")
     return _pairs_from_datasets(_load_hub_dataset(source), source), []
+
+
+def _in_zip(text: str, scratch: str | os.PathLike, archive: Path) -> str:
+    """A message about extracted files, naming them inside the zip (`data.zip:folder/file.png`)."""
+    return text.replace(f"{Path(scratch)}{os.sep}", f"{archive}:").replace(str(Path(scratch)), f"{archive}")
 
 
 def _extract_zip(path: Path, folder: str | os.PathLike) -> None:
@@ -366,11 +448,14 @@ def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
     path = split_file_path(path)
     expected = 'expected an object of split names and their ids, e.g. {"train": [ids], "test": [ids]}'
     try:
-        content = json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # Windows editors may write a BOM
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON ({error}); {expected}.") from error
     if not isinstance(content, dict):
         raise ValueError(f"{path} holds a JSON {type(content).__name__}; {expected}.")
+    misshapen = [name for name, ids in content.items() if name.lower() in SPLIT_FOLDERS and not isinstance(ids, list)]
+    if misshapen:
+        raise ValueError(f"{path}: {', '.join(map(repr, misshapen))} is not a list of ids; {expected}.")
     splits = {name: [str(i) for i in ids] for name, ids in content.items() if isinstance(ids, list)}
     if not splits:
         raise ValueError(f"{path} has no list of ids; {expected}.")
@@ -386,37 +471,58 @@ def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
     return splits
 
 
-def _assign_splits(ids: list[str], split_lists: dict[str, list[str]], problems: list[Problem]) -> dict[str, list[str]]:
+def _assign_splits(
+    ids: list[str], valid: set[str], split_lists: dict[str, list[str]], problems: list[Problem]
+) -> dict[str, list[str]]:
+    """The valid ids of each split of a split file; ids of the file and of the source that the other lacks are problems."""
     known = set(ids)
     assigned = {i for members in split_lists.values() for i in members}
     for split, members in split_lists.items():
         for i in members:
             if i not in known:
-                problems.append(Problem(i, "id in split file but not in source", split))
+                stem = Path(i).stem
+                hint = f" (ids are file names without extension: {stem!r} is)" if stem != i and stem in known else ""
+                problems.append(Problem(i, "id in split file but not in source", split + hint))
     for i in ids:
         if i not in assigned:
             problems.append(Problem(i, "id in source but in no split", "add it to the split file"))
-    return {split: [i for i in members if i in known] for split, members in split_lists.items()}
+    return {split: [i for i in members if i in valid] for split, members in split_lists.items()}
+
+
+class BuiltDataset(NamedTuple):
+    dataset: DatasetDict
+    problems: list[Problem]
+    split_description: str  # how the pairs were split, for the dataset card
+
+
+def default_test_size(num_pairs: int) -> int | float:
+    """The paper's 100 test pairs of Kvasir-SEG's 1000, or 10% of a source with fewer pairs."""
+    return DEFAULT_TEST_SIZE if num_pairs >= DEFAULT_TEST_SIZE / DEFAULT_TEST_FRACTION else DEFAULT_TEST_FRACTION
 
 
 def build_dataset(
     source: str,
-    test_size: int | float = DEFAULT_TEST_SIZE,
+    test_size: int | float | None = None,
     seed: int = DEFAULT_SPLIT_SEED,
     split_file: str | None = None,
     skip_invalid: bool = False,
     resolution: int | None = None,
     image_dir: str = "images",
     mask_dir: str = "masks",
-) -> tuple[DatasetDict, list[Problem]]:
+) -> BuiltDataset:
     """
-    Reads, validates and splits a source into a `DatasetDict` with `FEATURES`.
+    Reads, validates and splits a source into a `DatasetDict` with `FEATURES`; returns it with the problems found
+    and a description of its split.
 
-    A source without splits is split into train/test (`split_file` ids, or a seeded random `test_size`);
-    a dataset that has splits keeps them. With `skip_invalid=False` any problem raises `DataValidationError`
-    listing all of them; otherwise the valid pairs are kept and the problems returned.
+    A source without splits is split into train/test (`split_file` ids, or a seeded random `test_size`: by default
+    `default_test_size`); a dataset that has splits (or folders named as splits) keeps them, and `test_size` is
+    refused for it unless it has a single split, which is then split. With `skip_invalid=False` any problem
+    raises `DataValidationError` listing all of them; otherwise the valid pairs are kept and the problems returned.
     """
-    check_test_size(test_size)  # and the rest before validating a single pair
+    if test_size is not None:
+        check_test_size(test_size)  # and the rest before validating a single pair
+        if split_file is not None:
+            raise ValueError("a split file and a test size both say how to split the pairs: give one of them.")
     if resolution is not None:
         check_positive_int(resolution, "resolution")
     split_file_lists = read_split_file(split_file) if split_file is not None else None
@@ -424,27 +530,52 @@ def build_dataset(
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="polyp-data-") as scratch:
         raw_splits, problems = read_pairs(source, scratch, image_dir, mask_dir)
-        for split, pairs in raw_splits.items():
-            for pair in tqdm(pairs, desc=f"Validating {split} pairs", unit="pair"):
-                if pair.id in split_of:
-                    problems.append(Problem(pair.id, "duplicate id", f"in {split_of[pair.id]} and {split}"))
-                    continue
-                try:
-                    rows[pair.id] = validate_pair(pair, resolution)
-                    split_of[pair.id] = split
-                except ValueError as error:
-                    problems.append(Problem(pair.id, "invalid pair", str(error)))
+        own_splits = sorted(set(raw_splits) - {"all"})
+        if len(own_splits) > 1 and test_size is not None:
+            raise ValueError(
+                f"{source} has splits of its own ({', '.join(own_splits)}), which are kept; a test size splits only "
+                "a source without them (or with one): leave it out, or give a split file."
+            )
+        with logging_redirect_tqdm():  # a pair's warning on a line of its own, not inside the progress bar
+            for split, pairs in raw_splits.items():
+                for pair in tqdm(pairs, desc=f"Validating {split} pairs", unit="pair"):
+                    if pair.id in split_of:
+                        problems.append(Problem(pair.id, "duplicate id", f"in {split_of[pair.id]} and {split}"))
+                        continue
+                    try:
+                        rows[pair.id] = validate_pair(pair, resolution)
+                        split_of[pair.id] = split
+                    except ValueError as error:
+                        problems.append(Problem(pair.id, "invalid pair", str(error)))
+    _warn_if_inverted(rows, source)
 
     if split_file is not None:
-        split_lists = _assign_splits(sorted(rows), split_file_lists, problems)
+        source_ids = sorted({pair.id for pairs in raw_splits.values() for pair in pairs})
+        split_lists = _assign_splits(source_ids, set(rows), split_file_lists, problems)
+        description = f"the ids listed in `{Path(split_file).name}`."
     if problems and not skip_invalid:
         raise DataValidationError(problems)
     if not rows:
         raise ValueError(f"{source} has no valid image/mask pair.")
-    if split_file is None and set(raw_splits) == {"all"}:
-        split_lists = split_ids(sorted(rows), test_size, seed)
+    if split_file is None and (not own_splits or (len(raw_splits) == 1 and test_size is not None)):
+        is_default = test_size is None
+        test_size = default_test_size(len(rows)) if is_default else test_size
+        default = "100 pairs, or 10% of a source under 1000 pairs"
+        try:
+            split_lists = split_ids(sorted(rows), test_size, seed)
+        except ValueError as error:
+            if not is_default:
+                raise
+            raise ValueError(f"{error} That is the default test size ({default}): give one that leaves both.") from None
+        description = f"seeded random split (seed {seed}, test size {test_size}{f'; the default: {default}' if is_default else ''})."
     elif split_file is None:
         split_lists = {split: [i for i, s in split_of.items() if s == split] for split in raw_splits}
+        description = f"the source's own splits ({', '.join(own_splits)})."
+        if "test" not in split_lists:
+            logger.warning(
+                f"{source} has no test split (only {', '.join(own_splits)}), and its splits are kept: pass a test "
+                "size (--test-size) to split a source with one split."
+            )
     # A missing split breaks whatever reads it later (`--split test`), so it is an error, not a smaller dataset.
     empty = [split for split, ids in split_lists.items() if not ids]
     if empty:
@@ -455,7 +586,23 @@ def build_dataset(
     dataset = DatasetDict(
         {split: Dataset.from_list([rows[i] for i in ids], features=FEATURES) for split, ids in split_lists.items()}
     )
-    return dataset, problems
+    return BuiltDataset(dataset, problems, description)
+
+
+def _warn_if_inverted(rows: dict[str, dict], source: str) -> None:
+    """
+    A warning when the polyp covers most of the frame in the middle mask of a source: masks drawn black on white
+    (each pair's own warning catches only masks above `MAX_POLYP_FRACTION`).
+    """
+    if not rows:
+        return
+    fractions = [np.asarray(PIL.Image.open(io.BytesIO(row["mask"]["bytes"]))).mean() / 255 for row in rows.values()]
+    median = float(np.median(fractions))
+    if median > INVERTED_MEDIAN_FRACTION:
+        logger.warning(
+            f"the polyp covers {median:.0%} of the middle mask of {source} (Kvasir-SEG's: 11%): are its masks inverted? "
+            "White (or 1) must be the polyp, black (0) the background."
+        )
 
 
 def write_dataset(

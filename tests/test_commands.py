@@ -549,7 +549,7 @@ def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
              "mask": [{"bytes": mask_bytes.getvalue(), "path": None}] * 2, "id": ["a", "b"]}  # fmt: skip
     features = Features({"image": ImageFeature(), "mask": ImageFeature(), "id": Value("string")})
     Dataset.from_dict(cells, features=features).save_to_disk(str(tmp_path / "saved"))
-    dataset, problems = build_dataset(str(tmp_path / "saved"), test_size=1)
+    dataset, problems, _ = build_dataset(str(tmp_path / "saved"), test_size=1)
     row = dataset["train"][0]
     assert problems == [] and row["image"].size == row["mask"].size == (32, 48)
     np.testing.assert_array_equal(np.asarray(row["mask"]) > 127, np.rot90(np.asarray(mask) > 127, k=-1))

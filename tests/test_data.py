@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from datasets import Image, load_from_disk
@@ -67,7 +68,7 @@ def good_folder(tmp_path):
 
 
 def test_folder_pairs_become_the_project_schema(good_folder):
-    dataset, problems = build_dataset(str(good_folder), test_size=2, seed=0)
+    dataset, problems, _ = build_dataset(str(good_folder), test_size=2, seed=0)
     assert problems == []
     assert {name: len(part) for name, part in dataset.items()} == {"train": 8, "test": 2}
     train = dataset["train"]
@@ -92,14 +93,14 @@ def test_a_damaged_prepared_dataset_is_named_when_loaded(tmp_path, damaged, cont
 
 
 def test_original_image_files_are_kept_byte_for_byte(good_folder):
-    dataset, _ = build_dataset(str(good_folder), test_size=2, seed=0)
+    dataset, *_ = build_dataset(str(good_folder), test_size=2, seed=0)
     stored = dataset["train"].cast_column("image", FEATURES["image"].__class__(decode=False))[0]
     source = next((good_folder / "images").glob(f"{dataset['train'][0]['id']}.*"))
     assert stored["image"]["bytes"] == source.read_bytes()
 
 
 def test_resolution_resizes_images_and_masks(good_folder):
-    dataset, _ = build_dataset(str(good_folder), test_size=2, seed=0, resolution=32)
+    dataset, *_ = build_dataset(str(good_folder), test_size=2, seed=0, resolution=32)
     row = dataset["test"][0]
     assert row["image"].size == row["mask"].size == (32, 32)
     assert set(np.unique(np.asarray(row["mask"]))) <= {0, 255}
@@ -117,7 +118,7 @@ def good_zip(good_folder, tmp_path):
 
 
 def test_a_zip_as_downloaded_is_read(good_zip):
-    dataset, problems = build_dataset(str(good_zip), test_size=2, seed=0)
+    dataset, problems, _ = build_dataset(str(good_zip), test_size=2, seed=0)
     assert problems == [] and len(dataset["train"]) == 8
 
 
@@ -165,7 +166,7 @@ def test_a_split_file_decides_the_splits(good_folder, tmp_path):
             {"source": "hand-made", "train": [f"case{i:02d}" for i in range(7)], "test": ["case07", "case08", "case09"]}
         )
     )
-    dataset, _ = build_dataset(str(good_folder), split_file=str(split_file))
+    dataset, *_ = build_dataset(str(good_folder), split_file=str(split_file))
     assert sorted(dataset["test"]["id"]) == ["case07", "case08", "case09"]
 
 
@@ -448,7 +449,7 @@ def test_the_shipped_paper_split_is_the_shared_copys_split_plus_the_two_pairs_it
 
 
 def test_real_kvasir_seg_loads_whole_with_the_paper_split(kvasir_dir, tmp_path):
-    dataset, problems = build_dataset(str(kvasir_dir), split_file=str(kvasir_dir / "paper_split.json"))
+    dataset, problems, _ = build_dataset(str(kvasir_dir), split_file=str(kvasir_dir / "paper_split.json"))
     assert problems == []
     assert {name: len(part) for name, part in dataset.items()} == {"train": 898, "test": 100}
     assert dataset["train"].features == FEATURES
@@ -465,7 +466,7 @@ def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
     requested = []
     monkeypatch.setattr(data.HfApi, "repo_exists", lambda self, repo_id, repo_type: repo_type == "dataset")
     monkeypatch.setattr(data, "load_dataset", lambda dataset_id: requested.append(dataset_id) or hub)
-    dataset, problems = build_dataset("someone/polyps")
+    dataset, problems, _ = build_dataset("someone/polyps")
     assert requested == ["someone/polyps"]
     assert problems == [] and {name: len(part) for name, part in dataset.items()} == {"train": 4, "test": 2}
     assert dataset["train"][0]["id"] == "train-00000" and dataset["train"].features == FEATURES
@@ -501,7 +502,7 @@ def test_a_folder_with_16_bit_png_masks_prepares_without_problems(tmp_path):
     for index in range(4):
         image, mask = polyp_pair(seed=index)
         pairs[f"case{index}"] = (image, PIL.Image.fromarray(np.asarray(mask).astype(np.uint16) * 257), ".png", ".png")
-    dataset, problems = build_dataset(str(write_folder(tmp_path / "sixteen-bit", pairs)), test_size=1)
+    dataset, problems, _ = build_dataset(str(write_folder(tmp_path / "sixteen-bit", pairs)), test_size=1)
     assert problems == []
     for row in dataset["train"]:
         assert row["mask"].mode == "L" and set(np.unique(np.asarray(row["mask"]))) == {0, 255}
@@ -525,3 +526,150 @@ def test_a_mask_with_three_levels_is_refused_naming_its_values():
     values[0, :4] = 2
     with pytest.raises(ValueError, match=r"has values \{0, 1, 2\}; expected two levels: \{0, 1\} or \{0, 255\}"):
         binarize_mask(PIL.Image.fromarray(values))
+
+
+# A researcher's own dataset (a probe of layouts and formats other than Kvasir-SEG's) ---------------------------
+
+
+def _pairs(count, seed=0, **sizes):
+    return {f"p{seed + i}": (*polyp_pair(seed=seed + i, **sizes), ".png", ".png") for i in range(count)}
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_frames_of_16_bits_or_floats_are_refused_not_clipped_to_white_or_black(tmp_path, mode):
+    pairs = _pairs(3)
+    image, mask, _, _ = pairs["p0"]
+    grey = np.asarray(image.convert("L"))
+    deep = grey.astype(np.uint16) * 257 if mode == "I;16" else grey.astype(np.float32) / 255
+    pairs["p0"] = (PIL.Image.fromarray(deep), mask, ".png" if mode == "I;16" else ".tif", ".png")
+    with pytest.raises(
+        DataValidationError,
+        match=rf"p0: invalid pair: the image has mode {mode} \(16-bit, 32-bit or float pixels\); convert it",
+    ):
+        build_dataset(str(write_folder(tmp_path / "deep", pairs)), test_size=1)
+
+
+def test_train_and_test_folders_are_read_as_the_sources_splits(tmp_path):
+    write_folder(tmp_path / "polyps" / "train", _pairs(6))
+    write_folder(tmp_path / "polyps" / "Test", _pairs(2, seed=10))
+    dataset, problems, description = build_dataset(str(tmp_path / "polyps"))
+    assert problems == [] and description == "the source's own splits (test, train)."
+    assert sorted(dataset["train"]["id"]) == [f"p{i}" for i in range(6)] and dataset["test"]["id"] == ["p10", "p11"]
+    with pytest.raises(ValueError, match="has splits of its own \\(test, train\\), which are kept"):
+        build_dataset(str(tmp_path / "polyps"), test_size=1)
+    write_folder(tmp_path / "cases" / "case1", _pairs(2))
+    write_folder(tmp_path / "cases" / "case2", _pairs(2, seed=5))
+    with pytest.raises(ValueError, match="in 2 folders \\(case1, case2\\), which are not named as splits"):
+        build_dataset(str(tmp_path / "cases"))
+
+
+def test_one_folder_for_images_and_masks_is_refused(tmp_path):
+    write_folder(tmp_path / "source", _pairs(2))
+    with pytest.raises(ValueError, match="--image-dir and --mask-dir both name"):
+        build_dataset(str(tmp_path / "source"), image_dir="images", mask_dir="images/")
+
+
+def test_subfolders_and_files_of_other_types_are_problems_not_silent_skips(tmp_path):
+    source = write_folder(tmp_path / "source", _pairs(3))
+    write_folder(tmp_path / "nested", _pairs(1, seed=7))
+    (tmp_path / "nested" / "images").rename(source / "images" / "patient7")
+    (source / "images" / "notes.txt").write_text("taken 2024")
+    (source / "images" / "Thumbs.db").write_bytes(b"clutter")  # file browsers' clutter is ignored
+    image, mask = polyp_pair(seed=9)
+    image.save(source / "images" / "p9.webp", lossless=True)  # WebP is read
+    mask.save(source / "masks" / "p9.webp", lossless=True)
+    with pytest.raises(DataValidationError) as refused:
+        build_dataset(str(source), test_size=1)
+    assert [(problem.id, problem.kind) for problem in refused.value.problems] == [
+        ("notes", "not an image file (image)"),
+        ("patient7", "image subfolder not read"),
+    ]
+    dataset, problems, _ = build_dataset(str(source), test_size=1, skip_invalid=True)
+    assert len(problems) == 2 and sorted([*dataset["train"]["id"], *dataset["test"]["id"]]) == ["p0", "p1", "p2", "p9"]
+
+
+def test_the_default_test_size_is_10_percent_of_a_source_under_1000_pairs(tmp_path):
+    dataset, _, description = build_dataset(str(write_folder(tmp_path / "source", _pairs(20))))
+    assert (len(dataset["train"]), len(dataset["test"])) == (18, 2)
+    assert "test size 0.1; the default: 100 pairs, or 10% of a source under 1000 pairs)" in description
+    with pytest.raises(ValueError, match="out of 4. That is the default test size \\(100 pairs, or 10%"):
+        build_dataset(str(write_folder(tmp_path / "tiny", _pairs(4))))
+
+
+def test_a_source_with_one_split_is_split_by_an_explicit_test_size_and_kept_without(tmp_path, caplog):
+    from datasets import Dataset, DatasetDict
+
+    images, masks = zip(*(polyp_pair(seed=i) for i in range(5)))
+    DatasetDict({"train": Dataset.from_dict({"image": images, "mask": masks})}).save_to_disk(tmp_path / "hub")
+    dataset, *_ = build_dataset(str(tmp_path / "hub"), test_size=0.2)
+    assert (len(dataset["train"]), len(dataset["test"])) == (4, 1)
+    dataset, *_ = build_dataset(str(tmp_path / "hub"))
+    assert list(dataset) == ["train"] and "has no test split (only train)" in caplog.text
+
+
+def test_a_decompression_bomb_and_a_turned_cmyk_frame_are_pairs_not_crashes(tmp_path, monkeypatch):
+    pairs = _pairs(3)
+    image, mask, _, _ = pairs["p1"]
+    cmyk = image.convert("CMYK")
+    exif = cmyk.getexif()
+    exif[0x0112] = 3  # upside down: turned, so decoded and stored as PNG
+    source = write_folder(tmp_path / "source", {k: v for k, v in pairs.items() if k != "p1"})
+    cmyk.save(source / "images" / "p1.jpg", exif=exif)
+    mask.save(source / "masks" / "p1.png")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 40 * 48 // 3)  # every pair is a "bomb" of twice that size
+    with pytest.raises(DataValidationError, match="p0: invalid pair: unreadable image: Image size .* exceeds limit"):
+        build_dataset(str(source), test_size=1)
+    monkeypatch.undo()
+    dataset, *_ = build_dataset(str(source), test_size=1)
+    turned = next(row for split in dataset.values() for row in split if row["id"] == "p1")
+    assert turned["image"].mode == "RGB"
+    upright = np.asarray(cmyk.convert("RGB").transpose(PIL.Image.Transpose.ROTATE_180), dtype=float)
+    assert np.abs(np.asarray(turned["image"], dtype=float) - upright).mean() < 8  # the JPEG's loss alone
+
+
+def test_split_file_mistakes_are_named_with_their_cause(tmp_path):
+    pairs = _pairs(4)
+    pairs["p3"] = (pairs["p3"][0], PIL.Image.new("L", (48, 40)), ".png", ".png")  # an empty mask
+    source = write_folder(tmp_path / "source", pairs)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["p0", "p1.png", "p2"], "test": ["p3"]}), encoding="utf-8-sig")
+    with pytest.raises(DataValidationError) as refused:
+        build_dataset(str(source), split_file=str(split))
+    assert sorted(str(problem) for problem in refused.value.problems) == [
+        "p1.png: id in split file but not in source: train (ids are file names without extension: 'p1' is)",
+        "p1: id in source but in no split: add it to the split file",
+        "p3: invalid pair: empty mask: no polyp pixel",  # and not also "not in source"
+    ]
+    split.write_text(json.dumps({"train": "p0,p1,p2", "test": ["p3"]}))
+    with pytest.raises(ValueError, match="'train' is not a list of ids"):
+        build_dataset(str(source), split_file=str(split))
+    with pytest.raises(ValueError, match="a split file and a test size both say how to split"):
+        build_dataset(str(source), split_file=str(split), test_size=1)
+
+
+def test_zip_problems_name_files_inside_the_zip_and_renamed_masks_get_a_hint(tmp_path):
+    pairs = _pairs(3)
+    pairs["p2"] = (pairs["p2"][0], None, ".png", ".png")
+    source = write_folder(tmp_path / "download" / "MyPolyps", pairs)
+    polyp_pair(seed=2)[1].save(source / "masks" / "p2_mask.png")
+    archive = tmp_path / "polyps.zip"
+    with zipfile.ZipFile(archive, "w") as written:
+        for path in sorted((tmp_path / "download").rglob("*.png")):
+            written.write(path, path.relative_to(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{archive} has no 'images/' and 'masks/' folders .*'download/'"):
+        build_dataset(str(archive))
+    with pytest.raises(DataValidationError) as refused:
+        build_dataset(
+            str(archive), test_size=1, image_dir="download/MyPolyps/images", mask_dir="download/MyPolyps/masks"
+        )
+    problems = {problem.id: problem.detail for problem in refused.value.problems}
+    assert problems["p2"] == (
+        f"{archive}:download/MyPolyps/images/p2.png (the mask 'p2_mask' is there: an image and its mask must have "
+        "the same file name, apart from the extension)"
+    )
+
+
+def test_masks_that_look_inverted_are_warned_about_once_for_the_source(tmp_path, caplog):
+    pairs = {stem: (image, PIL.ImageOps.invert(mask), ".png", ".png") for stem, (image, mask, *_) in _pairs(4).items()}
+    build_dataset(str(write_folder(tmp_path / "source", pairs)), test_size=1)
+    assert "the polyp covers 8" in caplog.text and "are its masks inverted?" in caplog.text
