@@ -110,6 +110,23 @@ def training_seconds(checkpoint: str | os.PathLike | None) -> float:
     return json.loads(clock.read_text())["training_seconds"] if clock is not None and clock.is_file() else 0.0
 
 
+TRAINING_SETTINGS = "training_settings.json"
+
+
+def write_training_settings(checkpoint: str | os.PathLike, settings: dict) -> None:
+    """Records in a checkpoint the settings that define its run: a resumed run is held to them."""
+    (Path(checkpoint) / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def training_settings(checkpoint: str | os.PathLike) -> dict | None:
+    """The settings a checkpoint's run recorded (None for a checkpoint older than the record)."""
+    path = Path(checkpoint) / TRAINING_SETTINGS
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError as error:
+        raise ValueError(f"{path} is damaged ({error}); resume from the checkpoint before it.") from error
+
+
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
     """Leftovers of a run killed while writing a checkpoint."""
     for path in Path(output_dir).glob(f"checkpoint-*{PARTIAL_SUFFIX}"):

@@ -1,5 +1,6 @@
 """training/train.py launched with `accelerate launch` on the demo data, with a tiny model, on the CPU."""
 
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
+from polyp_diffusers.arguments import exit_code_of
 from polyp_diffusers.folders import OutputClaim
 from polyp_diffusers.generate import load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
@@ -343,7 +345,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name_and_nothing_is_saved(d
         "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
     )
     assert f"checkpoint {output / 'checkpoint-16'} has NaN or inf in 1 weight tensors (first: {name})" in log
-    assert f"Resume from {output / 'checkpoint-12'} instead" in log
+    assert f"Move it out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
     assert not (output / "model_index.json").exists()
 
 
@@ -384,7 +386,7 @@ def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the
         str(output / "checkpoint-16"),
     )
     assert f"checkpoint {output / 'checkpoint-16'} cannot be read" in log
-    assert f"resume from {output / 'checkpoint-12'} instead" in log
+    assert f"move it out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
     assert not (output / "model_index.json").exists()
 
 
@@ -569,3 +571,68 @@ def test_min_snr_weighting_outside_what_it_was_derived_for_is_refused_before_any
     assert "divides by the SNR, which --zero_terminal_snr makes 0" in message and not output.exists()
     message = launch_expecting_failure("--dataset", "no-such-data", "--output_dir", str(output), "--snr_gamma", "5")
     assert "use --snr_gamma with --loss l2" in message and not output.exists()
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refusal(capsys, *argv) -> str:
+    """The one line of error with which train.py, run in this process, refuses `argv` before any work."""
+    assert exit_code_of(lambda: load_train_script().main(list(argv))) == 1
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_resume_that_would_write_over_checkpoints_or_files_is_refused_before_any_work(
+    demo_dataset, finished_run, tmp_path, capsys
+):
+    output = tmp_path / "rewind"
+    copy_checkpoints(finished_run, output)
+    run = ["--dataset", str(demo_dataset), *TINY_RUN]
+    line = refusal(capsys, *run, "--output_dir", str(output), "--resume_from_checkpoint", "checkpoint-12")
+    assert f"{output} holds checkpoint-16, newer than checkpoint-12: resuming from it would write over them" in line
+    line = refusal(
+        capsys, *run, "--output_dir", str(output), "--max_train_steps", "8", "--resume_from_checkpoint", "latest"
+    )
+    assert f"{output / 'checkpoint-16'} is at step 16, past --max_train_steps 8" in line
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my thesis")
+    checkpoint = str(finished_run / "checkpoint-12")
+    line = refusal(capsys, *run, "--output_dir", str(notes), "--resume_from_checkpoint", checkpoint)
+    assert f"already holds README.md: resuming {checkpoint} there would mix two runs" in line
+    assert (notes / "README.md").read_text() == "my thesis" and list_checkpoints(output)[-1].name == "checkpoint-16"
+    line = refusal(capsys, *run, "--output_dir", str(notes), "--resume_from_checkpoint", "latest")
+    assert "holds no checkpoint to resume from" in line
+
+
+def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
+    demo_dataset, finished_run, tmp_path, capsys
+):
+    output = tmp_path / "resumed"
+    copy_checkpoints(finished_run, output)
+    shutil.rmtree(output / "checkpoint-16")
+    run = ["--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"]
+    line = refusal(capsys, *run, "--loss", "l2", "--seed", "3")
+    assert f"{output / 'checkpoint-12'} was trained with other settings: --loss 'l1' there, 'l2' now; --seed 0 " in line
+    assert list_checkpoints(output) == [output / "checkpoint-12"]
+    result = launch(*run, "--learning_rate", "2e-3")
+    assert "The learning rate goes from 0.001 to 0.002 at step 12." in result.stdout + result.stderr
+    optimizer = torch.load(output / "checkpoint-16" / "optimizer.bin", weights_only=True)
+    assert optimizer["param_groups"][0]["initial_lr"] == 2e-3
+    config = json.loads((output / "training_config.json").read_text())
+    assert config["learning_rate"] == 2e-3
+    assert config["learning_rate_changes"] == [{"step": 12, "from": 1e-3, "to": 2e-3}]
+
+
+@pytest.mark.parametrize(
+    "flag", ["--checkpointing_steps", "--validation_steps", "--train_batch_size", "--gradient_accumulation_steps",
+             "--num_train_timesteps", "--checkpoints_total_limit", "--validation_inference_steps"]
+)  # fmt: skip
+def test_counts_below_one_are_refused_by_the_argument_parser(flag, capsys):
+    with pytest.raises(SystemExit):
+        load_train_script().parse_args(["--dataset", "d", "--output_dir", "o", flag, "0"])
+    assert f"{flag}: 0 is not a whole number of at least 1" in capsys.readouterr().err

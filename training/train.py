@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -41,7 +47,7 @@ from polyp_diffusers import (
 )
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.folders import OutputClaim, check_output_apart
+from polyp_diffusers.folders import OutputClaim, check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import push_folder
 from polyp_diffusers.modeling import (
@@ -56,6 +62,7 @@ from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for
 from polyp_diffusers.training_utils import (
     checkpoint_step,
     ema_weights,
+    list_checkpoints,
     non_finite_weights,
     partial_path,
     previous_checkpoint,
@@ -64,8 +71,10 @@ from polyp_diffusers.training_utils import (
     resolve_checkpoint,
     step_generators,
     training_seconds,
+    training_settings,
     unexpected_entries,
     write_training_seconds,
+    write_training_settings,
 )
 from polyp_diffusers.transforms import (
     JointAugment,
@@ -109,6 +118,17 @@ PIPELINE_FILES = (
     "training_config.json",
     "model_index.json",
 )
+# What a resumed run may change: how long it goes on, how often it saves, logs and validates, where and how fast it
+# runs, and its learning rate (the remedy for a run that diverged; the change is recorded). Every other setting
+# defines the model, its data or its training, which a resumed run continues: it must stay as it was.
+RESUMABLE_CHANGES = {
+    "recipe", "dataset", "validation_split", "max_preload_gb", "dataloader_num_workers", "max_train_steps",
+    "max_train_minutes", "learning_rate", "learning_rate_changes", "compile", "compile_mode", "allow_tf32",
+    "mixed_precision", "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "validation_steps", "num_validation_masks", "validation_sampler",
+    "validation_inference_steps", "save_pipeline_steps", "logger", "logging_dir", "push_to_hub", "hub_model_id",
+    "hub_private_repo",
+}  # fmt: skip
 # What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
@@ -153,7 +173,9 @@ def parse_args(argv=None):
         default="paper",
         help="Denoiser size (polyp_diffusers.UNET_PRESETS).",
     )
-    model.add_argument("--num_train_timesteps", type=int, default=250, help="Diffusion steps of the cosine schedule.")
+    model.add_argument(
+        "--num_train_timesteps", type=positive_int, default=250, help="Diffusion steps of the cosine schedule."
+    )
     model.add_argument(
         "--prediction_type",
         choices=PREDICTION_TYPES,
@@ -172,10 +194,10 @@ def parse_args(argv=None):
     )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
+    optim.add_argument("--train_batch_size", type=positive_int, default=32, help="Per device.")
     optim.add_argument(
         "--gradient_accumulation_steps",
-        type=int,
+        type=positive_int,
         default=2,
         help="Micro-batches per optimizer step (the paper: 2 of 32, so 64 images per step).",
     )
@@ -242,16 +264,25 @@ def parse_args(argv=None):
         default=20,
         help="Log the mean loss and images/s every N steps: the training loop's only wait for the GPU.",
     )
-    run.add_argument("--checkpointing_steps", type=int, default=1000, help="Save a resumable checkpoint every N steps.")
-    run.add_argument("--checkpoints_total_limit", type=int, default=5, help="Keep only the newest N checkpoints.")
-    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    run.add_argument("--validation_steps", type=int, default=1000, help="Sample the validation masks every N steps.")
     run.add_argument(
-        "--num_validation_masks", type=int, default=8, help="Masks (first of the validation split) in the grid."
+        "--checkpointing_steps", type=positive_int, default=1000, help="Save a resumable checkpoint every N steps."
+    )
+    run.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=5, help="Keep only the newest N checkpoints (N >= 1)."
+    )
+    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    run.add_argument(
+        "--validation_steps", type=positive_int, default=1000, help="Sample the validation masks every N steps."
+    )
+    run.add_argument(
+        "--num_validation_masks",
+        type=positive_int,
+        default=8,
+        help="Masks (first of the validation split) in the grid.",
     )
     run.add_argument("--validation_sampler", choices=SAMPLERS, default="ddim", help="Sampler for the validation grid.")
     run.add_argument(
-        "--validation_inference_steps", type=int, default=50, help="Sampling steps for the validation grid."
+        "--validation_inference_steps", type=positive_int, default=50, help="Sampling steps for the validation grid."
     )
     run.add_argument(
         "--save_pipeline_steps",
@@ -282,6 +313,15 @@ def parse_args(argv=None):
         args.resolution = UNET_PRESETS[args.model_preset]["image_size"]
     if args.logging_steps < 1:
         parser.error(f"--logging_steps must be at least 1; got {args.logging_steps}.")
+    if args.validation_inference_steps > args.num_train_timesteps:
+        parser.error(
+            f"--validation_inference_steps {args.validation_inference_steps} is more than the "
+            f"{args.num_train_timesteps} steps of the schedule (--num_train_timesteps)."
+        )
+    if args.logger == "wandb" and not is_wandb_available():
+        parser.error("--logger wandb needs the wandb package: pip install wandb (or use --logger tensorboard).")
+    if args.logger == "tensorboard" and not is_tensorboard_available():
+        parser.error("--logger tensorboard needs the tensorboard package: pip install tensorboard.")
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         parser.error(f"--max_train_minutes must be positive; got {args.max_train_minutes}.")
     try:
@@ -395,7 +435,11 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
             problem = f"checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error})"
             earlier = previous_checkpoint(checkpoint)
             if resume_from != "latest":
-                hint = f"resume from {earlier} instead" if earlier else "no earlier checkpoint is beside it"
+                hint = (
+                    f"move it out of {Path(checkpoint).parent} and resume from latest, which is then {earlier}"
+                    if earlier
+                    else "no earlier checkpoint is beside it"
+                )
                 raise ValueError(f"{problem}; {hint}.") from error
             if earlier is None:
                 raise ValueError(
@@ -407,22 +451,98 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
     return None
 
 
+def check_where_the_run_goes_on(output_dir: Path, checkpoint: Path | None, args) -> None:
+    """
+    Refuses, before any work, an output a run would write over: one holding files of another run or of nobody (a
+    new run, or a run resumed from another folder's checkpoint), checkpoints newer than the one resumed (another
+    continuation of the run, which its checkpoints would replace), or a checkpoint past --max_train_steps.
+    """
+    own = list_checkpoints(output_dir)
+    elsewhere = checkpoint is not None and checkpoint.resolve().parent != output_dir.resolve()
+    if checkpoint is None or elsewhere:
+        if unexpected := unexpected_entries(output_dir, args.logging_dir):
+            where = (
+                f"resuming {checkpoint} there would mix two runs"
+                if elsewhere
+                else "train.py starts no new run over an earlier run's files or files it did not make"
+            )
+            hint = (
+                f"resume with --resume_from_checkpoint latest to continue the run in {output_dir}"
+                if own
+                else f"{output_dir} holds no checkpoint to resume from"
+            )
+            raise ValueError(
+                f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: {where}; {hint}, or choose an "
+                "empty or new folder."
+            )
+        return
+    step = checkpoint_step(checkpoint)
+    if newer := [path.name for path in own if checkpoint_step(path) > step]:
+        raise ValueError(
+            f"{output_dir} holds {', '.join(newer)}, newer than {checkpoint.name}: resuming from it would write over "
+            f"them. Move them out of {output_dir} first (to keep that continuation), or resume from latest."
+        )
+    if step > args.max_train_steps:
+        raise ValueError(
+            f"{checkpoint} is at step {step}, past --max_train_steps {args.max_train_steps}: resume from an earlier "
+            "checkpoint, or give more steps."
+        )
+
+
+def run_settings(args, train_dataset) -> dict:
+    """
+    The settings that define a run, as a checkpoint records them: every argument but `RESUMABLE_CHANGES`, and the
+    training pairs themselves (their count and `datasets` fingerprint: a copy of the data in another place is the
+    same data).
+    """
+    settings = {key: value for key, value in vars(args).items() if key not in RESUMABLE_CHANGES}
+    settings["training pairs"] = f"{len(train_dataset)} pairs, fingerprint {train_dataset._fingerprint}"
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
+    """Refuses to resume `checkpoint` with settings that define another run (see `RESUMABLE_CHANGES`)."""
+    names = [name for name in {**recorded, **settings} if name not in RESUMABLE_CHANGES]
+    changed = [
+        f"{name if ' ' in name else '--' + name} {recorded.get(name)!r} there, {settings.get(name)!r} now"
+        for name in names
+        if recorded.get(name) != settings.get(name)
+    ]
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was trained with other settings: {'; '.join(changed)}. A resumed run continues the same "
+            "training, so these must stay as they were (its length, saving, logging, validation and learning rate "
+            "may change); to train with them, start a new run in another --output_dir."
+        )
+
+
+def set_learning_rate(lr_scheduler, learning_rate: float) -> None:
+    """
+    A resumed run's new peak learning rate: the loaded optimizer and scheduler hold the checkpoint's. The schedule
+    (warm-up, decay) goes on from the step reached, scaled to the new peak.
+    """
+    scheduler = lr_scheduler.scheduler  # accelerate's wrapper around the `get_scheduler` LambdaLR
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     # The output folder (instant), then the data (maybe a download): a wrong one is one line of error, before
     # anything is written.
+    check_is_folder(output_dir)
     check_output_apart(output_dir, {"dataset": args.dataset})
     named_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if named_checkpoint is None:
-        if unexpected := unexpected_entries(output_dir, args.logging_dir):
-            raise ValueError(
-                f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: train.py starts no new run "
-                "over an earlier run's files or files it did not make. To continue the run there, pass "
-                "--resume_from_checkpoint latest; to train anew, choose an empty or new folder."
-            )
+    check_where_the_run_goes_on(output_dir, named_checkpoint, args)
     train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
     validation_dataset = load_polyp_dataset(args.dataset, split=args.validation_split)
+    settings = run_settings(args, train_dataset)
+    recorded = training_settings(named_checkpoint) if named_checkpoint is not None else None
+    if recorded is not None:
+        check_same_run(recorded, settings, named_checkpoint)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -542,7 +662,11 @@ def main(argv=None):
             raise ValueError(
                 f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
                 f"the run had diverged or the files are damaged. "
-                + (f"Resume from {earlier} instead." if earlier else "There is no earlier checkpoint beside it.")
+                + (
+                    f"Move it out of {Path(folder).parent} and resume from latest, which is then {earlier}."
+                    if earlier
+                    else "There is no earlier checkpoint beside it."
+                )
             )
         if ema_model is not None:
             # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
@@ -585,6 +709,15 @@ def main(argv=None):
         steps_per_epoch = math.ceil(steps_per_epoch)
     checkpoint = resume(accelerator, named_checkpoint, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    first_step = global_step
+    # A new learning rate is the one setting of a run that a resume changes: recorded with the step it took effect.
+    checkpoint_settings = (training_settings(checkpoint) if checkpoint is not None else None) or {}
+    args.learning_rate_changes = checkpoint_settings.get("learning_rate_changes", [])
+    if checkpoint_settings and checkpoint_settings["learning_rate"] != args.learning_rate:
+        set_learning_rate(lr_scheduler, args.learning_rate)
+        change = {"step": global_step, "from": checkpoint_settings["learning_rate"], "to": args.learning_rate}
+        args.learning_rate_changes = [*args.learning_rate_changes, change]
+        logger.info(f"The learning rate goes from {change['from']:g} to {change['to']:g} at step {global_step}.")
 
     if accelerator.is_main_process:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -688,6 +821,14 @@ def main(argv=None):
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     write_training_seconds(partial_path(output_dir, global_step), clock)
+                    write_training_settings(
+                        partial_path(output_dir, global_step),
+                        {
+                            **settings,
+                            "learning_rate": args.learning_rate,
+                            "learning_rate_changes": args.learning_rate_changes,
+                        },
+                    )
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
                     logger.info(f"Saved {saved}")
             if accelerator.is_main_process and validation_due:
@@ -710,7 +851,8 @@ def main(argv=None):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if pipeline_is_saved(output_dir, global_step):  # a finished run resumed: its card may hold results since
+        # A finished run resumed (it trained no step): its card may hold results added since.
+        if global_step == first_step and pipeline_is_saved(output_dir, global_step):
             logger.info(f"The pipeline of step {global_step} is in {output_dir} already: kept, with its card.")
         else:
             save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
