@@ -94,7 +94,8 @@ def pair_transform(
         )
         if augment is not None:
             images, masks = augment(images, masks, generator)
-        return {"images": images, "masks": masks, "id": batch["id"]}
+        ids = {"id": batch["id"]} if "id" in batch else {}  # a dataset made elsewhere may have none
+        return {"images": images, "masks": masks, **ids}
 
     return transform
 

@@ -553,3 +553,11 @@ def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
     row = dataset["train"][0]
     assert problems == [] and row["image"].size == row["mask"].size == (32, 48)
     np.testing.assert_array_equal(np.asarray(row["mask"]) > 127, np.rot90(np.asarray(mask) > 127, k=-1))
+
+
+def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_upload_them(tmp_path):
+    from polyp_diffusers.hub_card.publish import UploadError, push_folder
+
+    # Offline here (no network, or HF_HUB_OFFLINE): the Hub cannot be reached, and that is the failure tested.
+    with pytest.raises(UploadError, match=f"the files are saved locally: upload them with `hf upload me/x {tmp_path}`"):
+        push_folder(tmp_path, "me/x")

@@ -673,3 +673,11 @@ def test_masks_that_look_inverted_are_warned_about_once_for_the_source(tmp_path,
     pairs = {stem: (image, PIL.ImageOps.invert(mask), ".png", ".png") for stem, (image, mask, *_) in _pairs(4).items()}
     build_dataset(str(write_folder(tmp_path / "source", pairs)), test_size=1)
     assert "the polyp covers 8" in caplog.text and "are its masks inverted?" in caplog.text
+
+
+def test_pairs_of_a_dataset_without_ids_are_transformed_for_training():
+    from datasets import Dataset
+
+    images, masks = zip(*(polyp_pair(seed=i) for i in range(2)))
+    pairs = Dataset.from_dict({"image": images, "mask": masks}).with_transform(pair_transform(32))
+    assert pairs[0:2]["images"].shape == (2, 3, 32, 32) and "id" not in pairs[0:2]
