@@ -22,6 +22,7 @@ from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import OutputClaim, OutputInUseError, staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
+from polyp_diffusers.hub_card.publish import UploadError, push_folder
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
 
@@ -556,8 +557,6 @@ def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
 
 
 def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_upload_them(tmp_path):
-    from polyp_diffusers.hub_card.publish import UploadError, push_folder
-
     # Offline here (no network, or HF_HUB_OFFLINE): the Hub cannot be reached, and that is the failure tested.
     with pytest.raises(UploadError, match=f"the files are saved locally: upload them with `hf upload me/x {tmp_path}`"):
         push_folder(tmp_path, "me/x")

@@ -11,7 +11,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from datasets import Image, load_from_disk
+from datasets import Dataset, DatasetDict, Image, load_from_disk
 
 from polyp_diffusers import data as data_module
 from polyp_diffusers.data import (
@@ -597,8 +597,6 @@ def test_the_default_test_size_is_10_percent_of_a_source_under_1000_pairs(tmp_pa
 
 
 def test_a_source_with_one_split_is_split_by_an_explicit_test_size_and_kept_without(tmp_path, caplog):
-    from datasets import Dataset, DatasetDict
-
     images, masks = zip(*(polyp_pair(seed=i) for i in range(5)))
     DatasetDict({"train": Dataset.from_dict({"image": images, "mask": masks})}).save_to_disk(tmp_path / "hub")
     dataset, *_ = build_dataset(str(tmp_path / "hub"), test_size=0.2)
@@ -676,8 +674,6 @@ def test_masks_that_look_inverted_are_warned_about_once_for_the_source(tmp_path,
 
 
 def test_pairs_of_a_dataset_without_ids_are_transformed_for_training():
-    from datasets import Dataset
-
     images, masks = zip(*(polyp_pair(seed=i) for i in range(2)))
     pairs = Dataset.from_dict({"image": images, "mask": masks}).with_transform(pair_transform(32))
     assert pairs[0:2]["images"].shape == (2, 3, 32, 32) and "id" not in pairs[0:2]
