@@ -55,6 +55,9 @@ FEATURES = Features(
     }
 )
 REPORT_FILE = "validation_report.json"
+# What `polyp-ddpm generate` records beside its pairs: how they were made, from which dataset's masks
+# (`mask_dataset`, `split`). The segmentation benchmark reads it to keep the test pairs out of training.
+GENERATION_SETTINGS_FILE = "generation.json"
 # The paper: 900 of Kvasir-SEG's 1000 pairs for training, 100 for testing; 10% of a source under 1000 pairs.
 DEFAULT_TEST_SIZE = 100
 DEFAULT_TEST_FRACTION = 0.1

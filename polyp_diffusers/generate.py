@@ -17,7 +17,15 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from .data import FEATURES, check_hub_repo, check_only_written_by, load_polyp_dataset, png_cell, write_dataset
+from .data import (
+    FEATURES,
+    GENERATION_SETTINGS_FILE,
+    check_hub_repo,
+    check_only_written_by,
+    load_polyp_dataset,
+    png_cell,
+    write_dataset,
+)
 from .folders import (
     OutputClaim,
     check_is_folder,
@@ -40,7 +48,7 @@ GENERATED_FEATURES = Features(
 PARTS_DIR = ".parts"
 # The settings of a run: in PARTS_DIR while it is unfinished, at the top of the output once it is done. Its
 # presence is what marks a folder as written by this command (and so as one that --overwrite may replace).
-SETTINGS_FILE = "generation.json"
+SETTINGS_FILE = GENERATION_SETTINGS_FILE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Written beside a dataset of new masks: their statistics against the real masks they came from.
 MASK_STATISTICS_FILE = "mask_statistics.json"

@@ -5,6 +5,7 @@ synthetic or both) and their scores.
 runs all three.
 """
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from monai.networks.nets import BasicUNetPlusPlus
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import load_polyp_dataset, parse_dataset_spec, split_ids
+from .data import GENERATION_SETTINGS_FILE, load_polyp_dataset, parse_dataset_spec, split_ids
 from .transforms import pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
@@ -31,6 +32,13 @@ SEGFORMER_SIZES = {
     "b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], decoder_hidden_size=256),
     "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
 }
+# The package each optional architecture imports, and the extra that installs it.
+ARCHITECTURE_EXTRAS = {"smp": ("segmentation_models_pytorch", "smp"), "segformer": ("transformers", "eval")}
+# The smallest size each segmenter runs at (found by running each at every size up to 69 px): MONAI's UNet++ needs
+# more than one pixel for its instance norm after four halvings; SegFormer's first stage (a quarter of the size)
+# must cover its 8-pixel attention reduction. smp's ResNet-34 UNet++ needs a multiple of its output stride, 32.
+SMALLEST_RESOLUTION = {"monai": 32, "smp": 32, "segformer": 29}
+RESOLUTION_MULTIPLE = {"monai": 1, "smp": 32, "segformer": 1}
 
 
 def segmentation_scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,6 +94,7 @@ def build_segmenter(
     if architecture == "monai":
         return BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=1)
     if architecture == "segformer":
+        import_extra(architecture)  # missing: one line that names the extra
         from transformers import SegformerConfig, SegformerForSemanticSegmentation  # only this architecture's
 
         if segformer_config is not None:
@@ -103,11 +112,32 @@ def build_segmenter(
         return FullResolutionLogits(segformer)
     if architecture != "smp":
         raise ValueError(f"architecture {architecture!r}; expected one of {ARCHITECTURES}.")
-    try:
-        import segmentation_models_pytorch as smp
-    except ImportError as error:
-        raise ImportError("--architecture smp needs the [smp] extra: pip install 'polyp-diffusers[smp]'.") from error
+    smp = import_extra(architecture)
     return smp.UnetPlusPlus(encoder_name="resnet34", encoder_weights=encoder_weights, in_channels=3, classes=1)
+
+
+def import_extra(architecture: str):
+    """
+    The optional package an architecture needs (`ARCHITECTURE_EXTRAS`), imported only for it; missing, an
+    `ImportError` of one line that names the extra to install. `None` for an architecture that needs none.
+    """
+    if architecture not in ARCHITECTURE_EXTRAS:
+        return None
+    module, extra = ARCHITECTURE_EXTRAS[architecture]
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"--architecture {architecture} needs the [{extra}] extra ({error}): pip install 'polyp-diffusers[{extra}]'."
+        ) from error
+
+
+def check_resolution(architecture: str, resolution: int) -> None:
+    """Refuses, before any work, a size the segmenter cannot run at (it would fail deep in its first step)."""
+    smallest, multiple = SMALLEST_RESOLUTION[architecture], RESOLUTION_MULTIPLE[architecture]
+    if resolution < smallest or resolution % multiple:
+        needed = f"a multiple of {multiple}" if multiple > 1 else f"at least {smallest}"
+        raise ValueError(f"--resolution {resolution}: --architecture {architecture} needs {needed} pixels.")
 
 
 def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
@@ -238,6 +268,69 @@ def training_pairs(
         parts.append(synthetic.select(kept))
     columns = ["image", "mask", "id"]
     return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
+
+
+def dataset_identity(path_or_id: str) -> str:
+    """What names one dataset however it is written: an existing folder's resolved path, else the Hub id."""
+    path = Path(path_or_id)
+    return str(path.resolve()) if path.exists() else path_or_id
+
+
+def _pair_ids(dataset: Dataset, split: str) -> set[str]:
+    """A split's pair ids (`SPLIT-00000`... for a dataset without an `id` column, as `data` and `generate` name them)."""
+    if "id" in dataset.column_names:
+        return set(dataset["id"])
+    return {f"{split}-{i:05d}" for i in range(len(dataset))}
+
+
+def _generation_source(synthetic: str) -> tuple[str, str] | None:
+    """`(mask_dataset, split)` from a generated folder's `generation.json`: where its masks (or frames) came from."""
+    settings_file = Path(synthetic) / GENERATION_SETTINGS_FILE
+    if not settings_file.is_file():
+        return None
+    try:
+        settings = json.loads(settings_file.read_text())
+        return settings["mask_dataset"], settings["split"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{settings_file} is damaged ({type(error).__name__}: {error}): the real pairs that --synthetic was made "
+            "from cannot be told apart from the test pairs."
+        ) from error
+
+
+def check_tests_apart(
+    real: str, real_split: str, tests: list[str], synthetic: str | None = None, synthetic_split: str = "train"
+) -> None:
+    """
+    Refuses test sets (`DATASET[:SPLIT]` specs) that hold pairs the segmenter learns from, before any training: the
+    real pairs it trains and selects its checkpoint on, the synthetic pairs it trains on, or the real pairs whose
+    masks (or frames, `generate --insert`) made them (their `source_id`s in the dataset that `generation.json`
+    names; a relative folder there is read from the current one, as `generate` read it). Ids are compared within
+    one dataset only (the same folder or Hub id): CVC-ClinicDB and ETIS, for one, both name their frames by number.
+    """
+    learned = [
+        (f"--real {real} (split {real_split})", real, _pair_ids(load_polyp_dataset(real, real_split), real_split))
+    ]
+    if synthetic is not None:
+        pairs = load_polyp_dataset(synthetic, split=synthetic_split)
+        learned.append(
+            (f"--synthetic {synthetic} (split {synthetic_split})", synthetic, _pair_ids(pairs, synthetic_split))
+        )
+        if (source := _generation_source(synthetic)) is not None and "source_id" in pairs.column_names:
+            mask_dataset, split = source
+            sources = set().union(*_sources_of(pairs))
+            what = f"the real pairs whose masks made --synthetic {synthetic} ({mask_dataset}, split {split})"
+            learned.append((what, mask_dataset, sources))
+    for spec in tests:
+        path, split = parse_dataset_spec(spec)
+        test_ids = _pair_ids(load_polyp_dataset(path, split=split), split)
+        for what, dataset, ids in learned:
+            if dataset_identity(dataset) == dataset_identity(path) and (shared := ids & test_ids):
+                raise ValueError(
+                    f"test set {spec} shares {len(shared)} of its {len(test_ids)} pairs with {what}, which the "
+                    "segmenter learns from: its scores would not be a test. Test on pairs it never sees (another "
+                    "split or dataset)."
+                )
 
 
 def load_test_sets(specs: list[str]) -> dict[str, Dataset]:

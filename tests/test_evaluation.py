@@ -4,6 +4,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,9 +31,14 @@ from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches
 from polyp_diffusers.metrics import INCEPTION_FEATURES, dinov2_extractor, fid_kid, inception_extractor
 from polyp_diffusers.results import fid_results
 from polyp_diffusers.segmentation import (
+    ARCHITECTURES,
+    SMALLEST_RESOLUTION,
     build_segmenter,
+    check_resolution,
+    check_tests_apart,
     held_out_ids,
     held_out_synthetic,
+    import_extra,
     load_trained_segmenter,
     logits_of,
     make_training_step,
@@ -585,6 +591,122 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
     assert not (finished / ".running.safetensors").exists() and (finished / "best.safetensors").read_bytes() != weights
 
 
+def generated_from(output, mask_dataset, split, source_ids):
+    """A dataset as `polyp-ddpm generate` leaves it: pairs named after the real pairs they came from, and its settings."""
+    real = load_from_disk(str(mask_dataset))[split].select(range(len(source_ids)))
+    pairs = real.map(lambda pair, i: {"id": f"syn{i}", "source_id": source_ids[i]}, with_indices=True)
+    DatasetDict({"train": pairs}).save_to_disk(str(output))
+    (output / "generation.json").write_text(json.dumps({"mask_dataset": str(mask_dataset), "split": split}))
+    return output
+
+
+def test_test_sets_holding_pairs_the_segmenter_learns_from_are_refused_before_training(demo_masks, tmp_path):
+    test_ids = list(load_from_disk(str(demo_masks))["test"]["id"])
+    from_test_masks = generated_from(tmp_path / "from-test", demo_masks, "test", [f"{test_ids[0]}+{test_ids[1]}"])
+    # The same ids in another dataset (CVC-ClinicDB and ETIS both number their frames) are other pairs.
+    other_dataset = tmp_path / "other"
+    shutil.copytree(demo_masks, other_dataset)
+
+    def flags(train, *more):
+        return ["--train", train, "--real", str(demo_masks), "--output_dir", str(tmp_path / "run"), "--resolution",
+                "32", "--max_train_steps", "2", "--validation_steps", "2", "--train_batch_size", "2",
+                "--validation_size", "2", *more]  # fmt: skip
+
+    refusals = {
+        ("real", "--test", f"{demo_masks}:train"): (
+            f"test set {demo_masks}:train shares 6 of its 6 pairs with --real {demo_masks} (split train)"
+        ),
+        ("synthetic", "--synthetic", str(from_test_masks), "--test", f"{other_dataset}:test", "--test",
+         f"{demo_masks}:test"): (
+            f"test set {demo_masks}:test shares 2 of its 4 pairs with the real pairs whose masks made --synthetic "
+            f"{from_test_masks} ({demo_masks}, split test)"
+        ),
+        ("real+synthetic", "--synthetic", str(demo_masks), "--synthetic_split", "test", "--test",
+         f"{demo_masks}:test"): (
+            f"test set {demo_masks}:test shares 4 of its 4 pairs with --synthetic {demo_masks} (split test)"
+        ),
+    }  # fmt: skip
+    main = load_training_script("train_segmentation").main
+    for (train, *more), reason in refusals.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            main(flags(train, *more))
+    assert not (tmp_path / "run").exists()
+    # Refused once for all settings, before any work: no run folder, no generated pairs.
+    compare = load_training_script("compare_segmentation").main
+    comparison = tmp_path / "comparison"
+    with pytest.raises(ValueError, match=re.escape(refusals[next(iter(refusals))])):
+        compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:train",
+                 "--output_dir", str(comparison)])  # fmt: skip
+    with pytest.raises(ValueError, match="whose masks made --synthetic"):
+        compare(["--real", str(demo_masks), "--synthetic", str(from_test_masks), "--test", f"{demo_masks}:test",
+                 "--output_dir", str(comparison)])  # fmt: skip
+    assert not comparison.exists()
+    # Not refused: other datasets with the same ids, pairs made from the training masks, and synthetic pairs
+    # that a --train real run only scores (mask fidelity).
+    check_tests_apart(str(demo_masks), "train", [f"{other_dataset}:train", f"{other_dataset}:test"])
+    from_training_masks = generated_from(tmp_path / "from-train", demo_masks, "train", ["train-a", "x+y"])
+    check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(from_training_masks))
+    train_segmentation = load_training_script("train_segmentation")
+    only_scored = flags("real", "--synthetic", str(from_test_masks), "--test", f"{demo_masks}:test")
+    train_segmentation.check_inputs(train_segmentation.parse_args(only_scored))
+
+
+def test_flags_that_would_fail_mid_run_are_refused_before_any_work(demo_masks, tmp_path, capsys):
+    def command(*flags):
+        return ["--train", "real", "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir",
+                str(tmp_path / "run"), "--resolution", "32", *flags]  # fmt: skip
+
+    refusals = {
+        ("--eval_batch_size", "0"): "argument --eval_batch_size: 0 is not a whole number of at least 1",
+        ("--validation_steps", "0"): "argument --validation_steps: 0 is not a whole number of at least 1",
+        ("--resolution", "30"): "--resolution 30: --architecture monai needs at least 32 pixels",
+        ("--resolution", "48", "--architecture", "smp"): "--resolution 48: --architecture smp needs a multiple of 32",
+    }
+    train_segmentation = load_training_script("train_segmentation")
+    for flags, reason in refusals.items():
+        with pytest.raises(SystemExit):
+            train_segmentation.main(command(*flags))
+        assert reason in capsys.readouterr().err
+    # The benchmark refuses its settings' flags before generating pairs for them.
+    compare = load_training_script("compare_segmentation").main
+    with pytest.raises(SystemExit):
+        compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
+                 "--output_dir", str(tmp_path / "comparison"), "--eval_batch_size", "0"])  # fmt: skip
+    assert "argument --eval_batch_size: 0 is not a whole number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "comparison").exists()
+
+
+@pytest.mark.parametrize("architecture", ["monai", "segformer"])
+def test_each_segmenter_runs_at_its_smallest_resolution_and_not_below(architecture):
+    smallest = SMALLEST_RESOLUTION[architecture]
+    torch.manual_seed(0)
+    model = build_segmenter(architecture).train()
+    assert logits_of(model, torch.zeros(2, 3, smallest, smallest)).shape == (2, 1, smallest, smallest)
+    with pytest.raises((ValueError, RuntimeError)):  # the model's own late error that check_resolution forestalls
+        logits_of(model, torch.zeros(2, 3, smallest - 1, smallest - 1))
+    with pytest.raises(ValueError, match=f"needs at least {smallest} pixels"):
+        check_resolution(architecture, smallest - 1)
+    assert set(SMALLEST_RESOLUTION) == set(ARCHITECTURES)
+
+
+def test_a_missing_optional_extra_is_one_line_that_names_it(demo_masks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)  # its import now raises ImportError
+    script = REPO_ROOT / "training" / "train_segmentation.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--train", "real", "--real", str(demo_masks), "--test",
+                                      f"{demo_masks}:test", "--output_dir", str(tmp_path / "run"), "--architecture",
+                                      "smp"])  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")  # as on the command line, in this process
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and "Traceback" not in error and len(error.splitlines()) == 1
+    assert error.startswith("error: --architecture smp needs the [smp] extra")
+    assert error.endswith("pip install 'polyp-diffusers[smp]'.")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=re.escape("pip install 'polyp-diffusers[eval]'")):
+        import_extra("segformer")
+
+
 def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_masks, tmp_path):
     # A local folder stands in for a Hub id such as nvidia/mit-b0; once trained, the run needs it no more.
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
@@ -690,10 +812,13 @@ def test_the_benchmark_command_says_in_one_line_what_failed(demo_masks, saved_pi
     earlier.parent.mkdir()
     earlier.write_text("{}")  # kept: a setting that fails replaces none of the runs it compares
     generation = ("--model", str(saved_pipeline_dir), "--sampler", "ddim", "--generation_batch_size", "8")
-    failed_setting = compare(*generation, "--steps", "2", "--settings", "real", "--max_train_steps", "0")
+    missing = tmp_path / "no-encoder"  # found missing by the setting's run, once its data has loaded
+    failed_setting = compare(
+        *generation, "--steps", "2", "--settings", "real", "--architecture", "segformer", "--encoder_weights", missing
+    )
     assert earlier.read_text() == "{}"
     # The setting's own error and the launcher's traceback come before this command's line.
-    assert failed_setting.returncode == 1 and "--max_train_steps: 0 is not a whole number" in failed_setting.stderr
+    assert failed_setting.returncode == 1 and str(missing) in failed_setting.stderr
     assert failed_setting.stderr.strip().splitlines()[-1] == (
         "error: the real setting failed (its error is above); nothing was compared."
     )

@@ -12,6 +12,7 @@ removed as soon as the first of its runs is replaced.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import segmentation_results
-from polyp_diffusers.segmentation import TRAIN_SETS
+from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,17 +47,54 @@ def parse_args(argv=None):
     return parser.parse_known_args(argv)
 
 
+def run_folder(output_dir: str | Path, setting: str) -> Path:
+    """Where a setting's run writes: a folder of its own inside the comparison's."""
+    return Path(output_dir) / f"seg-{setting.replace('+', '-')}"
+
+
+def setting_arguments(args, segmentation_flags: list[str], synthetic: str) -> dict[str, list[str]]:
+    """The arguments of `train_segmentation.py` for each setting: the same flags and data for all."""
+    arguments = {}
+    for setting in args.settings:
+        arguments[setting] = ["--train", setting, "--real", args.real, "--synthetic", synthetic]
+        arguments[setting] += ["--output_dir", str(run_folder(args.output_dir, setting))]
+        arguments[setting] += ["--overwrite", *segmentation_flags]  # each setting is trained anew by each run
+        for test in args.test:
+            arguments[setting] += ["--test", test]
+    return arguments
+
+
+def check_settings(args, arguments: dict[str, list[str]]) -> None:
+    """
+    Refuses, once and before any work (generation, or the first setting's training), what a setting would refuse:
+    its flags (`train_segmentation.py`'s own parser), a missing optional extra, and test sets holding pairs that a
+    setting learns from (`segmentation.check_tests_apart`, as each setting checks itself).
+    """
+    spec = importlib.util.spec_from_file_location("train_segmentation", HERE / "train_segmentation.py")
+    train_segmentation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_segmentation)
+    settings = [train_segmentation.parse_args(setting_flags) for setting_flags in arguments.values()]
+    first = settings[0]
+    import_extra(first.architecture)
+    trains_on_synthetic = any(setting.train != "real" for setting in settings)
+    synthetic = args.synthetic if trains_on_synthetic else None
+    check_tests_apart(args.real, first.real_split, args.test, synthetic, first.synthetic_split)
+    if trains_on_synthetic and args.synthetic is None and first.real_split != "train":
+        check_tests_apart(args.real, "train", args.test)  # the masks of the pairs still to be generated
+
+
 def main(argv=None):
     args, segmentation_flags = parse_args(argv)
     output_dir = Path(args.output_dir)
     inputs = {"real dataset": args.real, "synthetic dataset": args.synthetic, "model": args.model}
     inputs.update({f"test set {spec}": parse_dataset_spec(spec)[0] for spec in args.test})
     check_output_apart(output_dir, inputs)  # before the claim below creates output_dir
+    synthetic = args.synthetic or str(output_dir / "synthetic")
+    arguments = setting_arguments(args, segmentation_flags, synthetic)
+    check_settings(args, arguments)
     # One comparison writes in output_dir at a time (its settings' runs hold their own folders).
     with OutputClaim(output_dir):
-        synthetic = args.synthetic
-        if synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
-            synthetic = str(output_dir / "synthetic")
+        if args.synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
             try:
                 generate_dataset(
                     args.model,
@@ -78,24 +116,9 @@ def main(argv=None):
         if args.accelerate_config:
             launch += ["--config_file", args.accelerate_config]
         runs = {}
-        for setting in args.settings:
-            run_dir = output_dir / f"seg-{setting.replace('+', '-')}"
-            command = [
-                *launch,
-                str(HERE / "train_segmentation.py"),
-                "--train",
-                setting,
-                "--real",
-                args.real,
-                "--synthetic",
-                synthetic,
-                "--output_dir",
-                str(run_dir),
-                "--overwrite",  # each setting is trained anew by each run of this command
-                *segmentation_flags,
-            ]
-            for test in args.test:
-                command += ["--test", test]
+        for setting, setting_flags in arguments.items():
+            run_dir = run_folder(output_dir, setting)
+            command = [*launch, str(HERE / "train_segmentation.py"), *setting_flags]
             print(f"== {setting}: {' '.join(command)}", flush=True)
             if subprocess.run(command).returncode:
                 raise RuntimeError(f"the {setting} setting failed (its error is above); nothing was compared.")
@@ -112,5 +135,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Bad input, damaged files or a failed setting: what is wrong, in one line.
-    sys.exit(exit_code_of(main, (ValueError, OSError, RuntimeError)))
+    # Bad input, damaged files, a missing optional extra or a failed setting: what is wrong, in one line.
+    sys.exit(exit_code_of(main, (ValueError, OSError, RuntimeError, ImportError)))

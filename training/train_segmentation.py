@@ -37,9 +37,12 @@ from polyp_diffusers.segmentation import (
     SEGMENTER_FAMILIES,
     TRAIN_SETS,
     build_segmenter,
+    check_resolution,
+    check_tests_apart,
     describe_segmenter,
     evaluate,
     held_out_synthetic,
+    import_extra,
     load_test_sets,
     make_training_step,
     mask_fidelity,
@@ -102,7 +105,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--segformer_size", choices=sorted(SEGFORMER_SIZES), default="b0", help="MiT encoder size without weights."
     )
-    parser.add_argument("--resolution", type=positive_int, default=256, help="Training and test size.")
+    parser.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=256,
+        help="Training and test size: at least 32 (SegFormer: 29), a multiple of 32 for smp.",
+    )
     parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Per device.")
     parser.add_argument(
         "--max_train_steps",
@@ -111,9 +119,13 @@ def parse_args(argv=None):
         help="Same for every setting (100 epochs of 900 real pairs at batch 8).",
     )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
-    parser.add_argument("--validation_steps", type=int, default=500, help="Validate (and keep the best) every N steps.")
+    parser.add_argument(
+        "--validation_steps", type=positive_int, default=500, help="Validate (and keep the best) every N steps."
+    )
     parser.add_argument("--augment_degrees", type=float, default=45.0, help="Joint random rotation, +-degrees.")
-    parser.add_argument("--eval_batch_size", type=int, default=16, help="Batch size for validation and testing.")
+    parser.add_argument(
+        "--eval_batch_size", type=positive_int, default=16, help="Batch size for validation and testing."
+    )
     parser.add_argument(
         "--max_preload_gb",
         type=float,
@@ -144,6 +156,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.train != "real" and not args.synthetic:
         parser.error(f"--train {args.train} needs --synthetic")
+    try:
+        check_resolution(args.architecture, args.resolution)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -181,9 +197,20 @@ def use_cuda_graphs(requested: bool | None, device: torch.device, mixed_precisio
     return possible if requested is None else requested
 
 
+def check_inputs(args) -> None:
+    """
+    Refuses, before any work, a segmenter whose optional extra is missing and test sets that hold pairs this run
+    learns from (`compare_segmentation.py` checks each of its settings with this too).
+    """
+    import_extra(args.architecture)
+    synthetic = args.synthetic if args.train != "real" else None  # with --train real, only scored (mask fidelity)
+    check_tests_apart(args.real, args.real_split, args.test, synthetic, args.synthetic_split)
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = check_output_dir(args)
+    check_inputs(args)
     # No autocast cache of cast weights: each weight is cast once a step anyway, and the cache must not outlive
     # a captured graph's memory.
     accelerator = Accelerator(
@@ -324,7 +351,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if exit_code := exit_code_of(main):  # bad input or damaged files: what is wrong, in one line
+    # Bad input, damaged files or a missing optional extra: what is wrong, in one line.
+    if exit_code := exit_code_of(main, (ValueError, OSError, ImportError)):
         sys.exit(exit_code)
     # All is written (results.json atomically; the logs and output streams flushed here): the interpreter's
     # teardown of torch, MONAI and diffusers is skipped, 1.5 s of a short run on 2 CPU cores.
