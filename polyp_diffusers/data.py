@@ -673,6 +673,15 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
         )
 
 
+def generating_model(dataset: str | os.PathLike) -> str | None:
+    """The model that generated a dataset, as its `generation.json` names it (None for any other dataset)."""
+    try:
+        model = json.loads((Path(dataset) / GENERATION_SETTINGS_FILE).read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
     """`DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`."""
     dataset, separator, split = spec.rpartition(":")
