@@ -10,33 +10,42 @@ def push_folder(
     ignore_patterns: list[str] | None = None,
     commit_message: str = "Upload Polyp-DDPM pipeline",
 ) -> str:
-    """Creates the Hub model repo if needed and uploads a saved pipeline folder with its card; returns the repo id."""
+    """
+    Creates the Hub model repo if needed and uploads a saved pipeline folder with its card; returns the repo id. A
+    failure is an `UploadError` that gives the `hf upload` command doing the same (the same files left out, as
+    private).
+    """
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=private).repo_id
         upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
         )
     except Exception as error:  # no network, not logged in, no rights: errors of httpx and of the Hub alike
-        raise UploadError(
-            f"uploading {folder} to the Hub repo {repo_id} failed", error, f"`hf upload {repo_id} {folder}`"
-        ) from error
+        excluded = "".join(f" --exclude '{pattern}'" for pattern in ignore_patterns or ())
+        retry = f"`hf upload {repo_id} {folder} .{excluded}{' --private' if private else ''}`"
+        raise upload_error(f"uploading {folder} to the Hub repo {repo_id}", error, retry) from error
     return repo_id
 
 
 def push_dataset(dataset, card: str, repo_id: str, private: bool = False) -> None:
-    """Uploads a DatasetDict and its card to a Hub dataset repo."""
+    """Uploads a DatasetDict and its card to a Hub dataset repo; a failure is an `UploadError`, as in `push_folder`."""
     try:
         dataset.push_to_hub(repo_id, private=private)
         DatasetCard(card).push_to_hub(repo_id)
     except Exception as error:  # as in push_folder
-        retry = f"`datasets.load_from_disk(FOLDER).push_to_hub({repo_id!r})` and its card, FOLDER/README.md"
-        raise UploadError(f"uploading the dataset to the Hub repo {repo_id} failed", error, retry) from error
+        push = f"push_to_hub({repo_id!r}{', private=True' if private else ''})"
+        retry = (
+            f"`datasets.load_from_disk(FOLDER).{push}` and `huggingface_hub.DatasetCard.load(FOLDER/README.md).{push}`"
+        )
+        raise upload_error(f"uploading the dataset to the Hub repo {repo_id}", error, retry) from error
 
 
 class UploadError(OSError):
-    """An upload that failed after the files were written locally: what failed, why, and how to upload them later."""
+    """An upload that failed after the files were written locally."""
 
-    def __init__(self, what: str, cause: Exception, retry: str):
-        super().__init__(
-            f"{what} ({type(cause).__name__}: {cause}); the files are saved locally: upload them with {retry}."
-        )
+
+def upload_error(what: str, cause: Exception, retry: str) -> UploadError:
+    """What failed, why, and how to upload the files later."""
+    return UploadError(
+        f"{what} failed ({type(cause).__name__}: {cause}); the files are saved locally: upload them with {retry}."
+    )

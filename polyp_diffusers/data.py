@@ -6,6 +6,7 @@ written; problems are reported, never silently dropped. The `prepare-data` comma
 upload) is `prepare_data.py`.
 """
 
+import hashlib
 import io
 import json
 import logging
@@ -301,8 +302,8 @@ def _check_pair_columns(splits: DatasetDict, source: str) -> None:
         if not {"image", "mask"} <= set(dataset.column_names):
             raise ValueError(
                 f"{source} (split {split!r}) has columns {dataset.column_names}; expected 'image' and 'mask': rename "
-                "its columns first (`DatasetDict.rename_columns({'pixel_values': 'image', 'label': 'mask'})`, with "
-                "its own names), and save it with `save_to_disk`."
+                "its columns (`DatasetDict.rename_columns({'pixel_values': 'image', 'label': 'mask'})`, with its "
+                "own names), save it with `save_to_disk`, and make it a dataset with `polyp-ddpm prepare-data`."
             )
 
 
@@ -342,7 +343,7 @@ def read_pairs(
     if path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)):
         _extract_zip(path, scratch)
         try:
-            by_split, problems = pairs_from_folder(Path(scratch), image_dir, mask_dir)
+            by_split, problems = pairs_from_folder(_zipped_folder(Path(scratch), image_dir), image_dir, mask_dir)
         except (OSError, ValueError) as error:  # named by the zip, not by the scratch folder that is gone after
             raise type(error)(_in_zip(str(error), scratch, path)) from None
         for problem in problems:
@@ -357,6 +358,17 @@ def read_pairs(
     if path.exists():
         raise ValueError(f"{source} is neither a folder nor a zip file.")
     return _pairs_from_datasets(_load_hub_dataset(source), source), []
+
+
+def _zipped_folder(root: Path, image_dir: str) -> Path:
+    """
+    Where an extracted zip's pairs begin: the one folder it holds when it holds nothing else (a zipped folder, whose
+    pair folders, or split folders, are then one level further down), else its root.
+    """
+    entries = [entry for entry in root.iterdir() if not entry.name.startswith(".") and entry.name != "__MACOSX"]
+    if len(entries) == 1 and entries[0].is_dir() and not (root / image_dir).is_dir():
+        return entries[0]
+    return root
 
 
 def _in_zip(text: str, scratch: str | os.PathLike, archive: Path) -> str:
@@ -549,7 +561,7 @@ def build_dataset(
                         rows[pair.id] = validate_pair(pair, resolution)
                         split_of[pair.id] = split
                     except ValueError as error:
-                        problems.append(Problem(pair.id, "invalid pair", str(error)))
+                        problems.append(Problem(pair.id, "invalid pair", _in_zip(str(error), scratch, Path(source))))
     _warn_if_inverted(rows, source)
 
     if split_file is not None:
@@ -575,9 +587,11 @@ def build_dataset(
         split_lists = {split: [i for i, s in split_of.items() if s == split] for split in raw_splits}
         description = f"the source's own splits ({', '.join(own_splits)})."
         if "test" not in split_lists:
+            split_it = (
+                "a test size (--test-size) to split it" if len(own_splits) == 1 else "a split file (--split-file)"
+            )
             logger.warning(
-                f"{source} has no test split (only {', '.join(own_splits)}), and its splits are kept: pass a test "
-                "size (--test-size) to split a source with one split."
+                f"{source} has no test split (only {', '.join(own_splits)}), and its splits are kept: give {split_it}."
             )
     # A missing split breaks whatever reads it later (`--split test`), so it is an error, not a smaller dataset.
     empty = [split for split, ids in split_lists.items() if not ids]
@@ -671,6 +685,28 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
             f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm {command}` does not write: --overwrite would "
             "delete them, so this folder is left alone. Move them out, or choose another --output."
         )
+
+
+def pairs_digest(dataset: Dataset) -> str:
+    """
+    The SHA-256 of a split's pairs as stored (ids, image and mask files): the same for the same data however it is
+    loaded (a copy elsewhere, a Hub repo at another commit), unlike a `datasets` fingerprint.
+    """
+    digest = hashlib.sha256()
+    columns = [name for name in ("id", "image", "mask") if name in dataset.column_names]
+    stored = dataset.select_columns(columns)
+    for name in ("image", "mask"):
+        stored = stored.cast_column(name, ImageFeature(decode=False))
+    for batch in stored.iter(batch_size=256):
+        for name in columns:
+            for value in batch[name]:
+                digest.update(str(value).encode() if name == "id" else _encoded_bytes(value))
+    return digest.hexdigest()
+
+
+def _encoded_bytes(cell: dict) -> bytes:
+    """An undecoded image cell's file bytes (read from its file when the cell holds only a path)."""
+    return _file_bytes(_encoded(cell))
 
 
 def generating_model(dataset: str | os.PathLike) -> str | None:

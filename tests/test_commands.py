@@ -558,5 +558,7 @@ def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
 
 def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_upload_them(tmp_path):
     # Offline here (no network, or HF_HUB_OFFLINE): the Hub cannot be reached, and that is the failure tested.
-    with pytest.raises(UploadError, match=f"the files are saved locally: upload them with `hf upload me/x {tmp_path}`"):
+    with pytest.raises(
+        UploadError, match=f"the files are saved locally: upload them with `hf upload me/x {tmp_path} .`"
+    ):
         push_folder(tmp_path, "me/x")

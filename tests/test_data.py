@@ -650,17 +650,15 @@ def test_zip_problems_name_files_inside_the_zip_and_renamed_masks_get_a_hint(tmp
     pairs["p2"] = (pairs["p2"][0], None, ".png", ".png")
     source = write_folder(tmp_path / "download" / "MyPolyps", pairs)
     polyp_pair(seed=2)[1].save(source / "masks" / "p2_mask.png")
+    (source / "masks" / "p1.png").write_bytes(b"not a png")
     archive = tmp_path / "polyps.zip"
     with zipfile.ZipFile(archive, "w") as written:
         for path in sorted((tmp_path / "download").rglob("*.png")):
             written.write(path, path.relative_to(tmp_path))
-    with pytest.raises(FileNotFoundError, match=f"{archive} has no 'images/' and 'masks/' folders .*'download/'"):
-        build_dataset(str(archive))
-    with pytest.raises(DataValidationError) as refused:
-        build_dataset(
-            str(archive), test_size=1, image_dir="download/MyPolyps/images", mask_dir="download/MyPolyps/masks"
-        )
+    with pytest.raises(DataValidationError) as refused:  # the zipped folder download/ holds MyPolyps/images
+        build_dataset(str(archive), test_size=1)
     problems = {problem.id: problem.detail for problem in refused.value.problems}
+    assert problems["p1"] == f"unreadable mask: cannot identify image file '{archive}:download/MyPolyps/masks/p1.png'"
     assert problems["p2"] == (
         f"{archive}:download/MyPolyps/images/p2.png (the mask 'p2_mask' is there: an image and its mask must have "
         "the same file name, apart from the extension)"
@@ -677,3 +675,15 @@ def test_pairs_of_a_dataset_without_ids_are_transformed_for_training():
     images, masks = zip(*(polyp_pair(seed=i) for i in range(2)))
     pairs = Dataset.from_dict({"image": images, "mask": masks}).with_transform(pair_transform(32))
     assert pairs[0:2]["images"].shape == (2, 3, 32, 32) and "id" not in pairs[0:2]
+
+
+def test_a_zipped_folder_of_split_folders_is_read_as_its_splits(tmp_path):
+    write_folder(tmp_path / "MyPolyps" / "train", _pairs(3))
+    write_folder(tmp_path / "MyPolyps" / "test", _pairs(1, seed=5))
+    archive = tmp_path / "polyps.zip"
+    with zipfile.ZipFile(archive, "w") as written:
+        for path in sorted((tmp_path / "MyPolyps").rglob("*.png")):
+            written.write(path, path.relative_to(tmp_path))
+        written.writestr("__MACOSX/MyPolyps/._train", b"")
+    dataset, problems, _ = build_dataset(str(archive))
+    assert problems == [] and (len(dataset["train"]), len(dataset["test"])) == (3, 1)

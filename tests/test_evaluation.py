@@ -789,6 +789,9 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     shutil.copy(output, tmp_path / "again.json")
     assert polyp_ddpm(["card", str(model), "--results", str(output), "--results", str(tmp_path / "again.json")]) == 1
     assert f"--results {tmp_path / 'again.json'} holds the same results as {output}" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[]")
+    assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "list.json")]) == 1
+    assert "holds list; expected 'markdown' and 'eval_results'" in capsys.readouterr().err
     assert (model / "README.md").read_text() == card
 
 

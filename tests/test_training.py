@@ -619,6 +619,8 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
     line = refusal(capsys, *run, "--loss", "l2", "--seed", "3")
     assert f"{output / 'checkpoint-12'} was trained with other settings: --loss 'l1' there, 'l2' now; --seed 0 " in line
     assert list_checkpoints(output) == [output / "checkpoint-12"]
+    # A checkpoint older than its settings record takes a new rate too: the rate it holds is read from its state.
+    (output / "checkpoint-12" / "training_settings.json").unlink()
     result = launch(*run, "--learning_rate", "2e-3")
     assert "The learning rate goes from 0.001 to 0.002 at step 12." in result.stdout + result.stderr
     optimizer = torch.load(output / "checkpoint-16" / "optimizer.bin", weights_only=True)

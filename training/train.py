@@ -46,10 +46,10 @@ from polyp_diffusers import (
     make_sampler,
 )
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
-from polyp_diffusers.data import load_polyp_dataset
+from polyp_diffusers.data import load_polyp_dataset, pairs_digest
 from polyp_diffusers.folders import OutputClaim, check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
-from polyp_diffusers.hub_card.publish import push_folder
+from polyp_diffusers.hub_card.publish import UploadError, push_folder
 from polyp_diffusers.modeling import (
     COMPILE_MODES,
     PREDICTION_TYPES,
@@ -129,6 +129,8 @@ RESUMABLE_CHANGES = {
     "validation_inference_steps", "save_pipeline_steps", "logger", "logging_dir", "push_to_hub", "hub_model_id",
     "hub_private_repo",
 }  # fmt: skip
+# How a refused resume names settings that are not flags of their own.
+SETTING_NAMES = {"use_ema": "EMA (--no_ema)", "training pairs": "the training pairs"}
 # What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
@@ -268,7 +270,10 @@ def parse_args(argv=None):
         "--checkpointing_steps", type=positive_int, default=1000, help="Save a resumable checkpoint every N steps."
     )
     run.add_argument(
-        "--checkpoints_total_limit", type=positive_int, default=5, help="Keep only the newest N checkpoints (N >= 1)."
+        "--checkpoints_total_limit",
+        type=positive_int,
+        default=5,
+        help="Keep only the newest N checkpoints (N >= 1; a large N keeps them all).",
     )
     run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     run.add_argument(
@@ -321,7 +326,7 @@ def parse_args(argv=None):
     if args.logger == "wandb" and not is_wandb_available():
         parser.error("--logger wandb needs the wandb package: pip install wandb (or use --logger tensorboard).")
     if args.logger == "tensorboard" and not is_tensorboard_available():
-        parser.error("--logger tensorboard needs the tensorboard package: pip install tensorboard.")
+        parser.error("--logger tensorboard needs the [train] extra: pip install 'polyp-diffusers[train]'.")
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         parser.error(f"--max_train_minutes must be positive; got {args.max_train_minutes}.")
     try:
@@ -492,21 +497,22 @@ def check_where_the_run_goes_on(output_dir: Path, checkpoint: Path | None, args)
 def run_settings(args, train_dataset) -> dict:
     """
     The settings that define a run, as a checkpoint records them: every argument but `RESUMABLE_CHANGES`, and the
-    training pairs themselves (their count and `datasets` fingerprint: a copy of the data in another place is the
-    same data).
+    training pairs themselves (their count and content digest: a copy of the data in another place is the same
+    data).
     """
     settings = {key: value for key, value in vars(args).items() if key not in RESUMABLE_CHANGES}
-    settings["training pairs"] = f"{len(train_dataset)} pairs, fingerprint {train_dataset._fingerprint}"
+    settings["training pairs"] = f"{len(train_dataset)} pairs, SHA-256 {pairs_digest(train_dataset)[:16]}"
     return json.loads(json.dumps(settings, default=str))
 
 
 def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
     """Refuses to resume `checkpoint` with settings that define another run (see `RESUMABLE_CHANGES`)."""
-    names = [name for name in {**recorded, **settings} if name not in RESUMABLE_CHANGES]
+    # Settings of one version only (a flag added since) are not compared: a checkpoint stays resumable after an update.
+    names = [name for name in recorded if name in settings and name not in RESUMABLE_CHANGES]
     changed = [
-        f"{name if ' ' in name else '--' + name} {recorded.get(name)!r} there, {settings.get(name)!r} now"
+        f"{SETTING_NAMES.get(name, '--' + name)} {recorded[name]!r} there, {settings[name]!r} now"
         for name in names
-        if recorded.get(name) != settings.get(name)
+        if recorded[name] != settings[name]
     ]
     if changed:
         raise ValueError(
@@ -713,9 +719,10 @@ def main(argv=None):
     # A new learning rate is the one setting of a run that a resume changes: recorded with the step it took effect.
     checkpoint_settings = (training_settings(checkpoint) if checkpoint is not None else None) or {}
     args.learning_rate_changes = checkpoint_settings.get("learning_rate_changes", [])
-    if checkpoint_settings and checkpoint_settings["learning_rate"] != args.learning_rate:
+    loaded_learning_rate = lr_scheduler.scheduler.base_lrs[0]  # the checkpoint's, whatever its records say
+    if checkpoint is not None and loaded_learning_rate != args.learning_rate:
         set_learning_rate(lr_scheduler, args.learning_rate)
-        change = {"step": global_step, "from": checkpoint_settings["learning_rate"], "to": args.learning_rate}
+        change = {"step": global_step, "from": loaded_learning_rate, "to": args.learning_rate}
         args.learning_rate_changes = [*args.learning_rate_changes, change]
         logger.info(f"The learning rate goes from {change['from']:g} to {change['to']:g} at step {global_step}.")
 
@@ -858,13 +865,19 @@ def main(argv=None):
             save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
             logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
-            repo_id = push_folder(
-                output_dir,
-                args.hub_model_id or Path(output_dir).name,
-                args.hub_private_repo,
-                ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
-                commit_message="Polyp-DDPM training run",
-            )
+            try:
+                repo_id = push_folder(
+                    output_dir,
+                    args.hub_model_id or Path(output_dir).name,
+                    args.hub_private_repo,
+                    ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
+                    commit_message="Polyp-DDPM training run",
+                )
+            except UploadError as error:
+                raise UploadError(
+                    f"{error} Or run this command again with --resume_from_checkpoint latest: it trains no step and "
+                    "pushes the saved pipeline."
+                ) from error
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()  # the trackers' last writes into output_dir
     if output_claim is not None:
