@@ -101,6 +101,23 @@ def load_pipeline(
         raise OSError(f"could not load the pipeline {model}: {error}") from error
 
 
+def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -> None:
+    """
+    Refuses, before anything is loaded, more steps than a local model's schedule has; the loaded pipeline checks
+    the steps again with the sampler (`check_model_and_steps`), also for a Hub id.
+    """
+    try:
+        config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
+        trained_steps = config["num_train_timesteps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a Hub id, no model, or no readable config: loading says what is wrong
+    if num_inference_steps > trained_steps:
+        raise ValueError(
+            f"--steps (num_inference_steps) is {num_inference_steps}; the schedule of {model} has {trained_steps} "
+            "steps, no more."
+        )
+
+
 def _read_settings(path: Path) -> dict | None:
     """The settings a run recorded, or None when the file is missing or damaged (a run killed while writing it)."""
     try:
@@ -254,6 +271,8 @@ def generate_dataset(
     output = Path(output)
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
+    for path in (model, mask_model):
+        _check_steps_fit_the_schedule(path, num_inference_steps)
     source = load_polyp_dataset(mask_dataset, split=split)
     # One run writes in `output` at a time: a second would restart or replace the parts the first is writing.
     # The claim lies beside the output, which is replaced whole at the end.
