@@ -709,11 +709,28 @@ def _encoded_bytes(cell: dict) -> bytes:
     return _file_bytes(_encoded(cell))
 
 
+def generation_settings(dataset: str | os.PathLike) -> dict | None:
+    """
+    The settings `polyp-ddpm generate` recorded beside a dataset it made (`generation.json`), None for any other
+    dataset; a file that is not a JSON object is a ValueError naming it.
+    """
+    path = Path(dataset) / GENERATION_SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is damaged ({type(error).__name__}: {error})") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(settings).__name__}, not an object)")
+    return settings
+
+
 def generating_model(dataset: str | os.PathLike) -> str | None:
     """The model that generated a dataset, as its `generation.json` names it (None for any other dataset)."""
     try:
-        model = json.loads((Path(dataset) / GENERATION_SETTINGS_FILE).read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+        model = (generation_settings(dataset) or {}).get("model")
+    except ValueError:  # damaged: no model to name
         return None
     return model if isinstance(model, str) else None
 

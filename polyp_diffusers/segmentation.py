@@ -19,7 +19,7 @@ from monai.networks.nets import BasicUNetPlusPlus
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import GENERATION_SETTINGS_FILE, load_polyp_dataset, parse_dataset_spec, split_ids
+from .data import GENERATION_SETTINGS_FILE, generation_settings, load_polyp_dataset, parse_dataset_spec, split_ids
 from .transforms import pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
@@ -285,16 +285,14 @@ def _pair_ids(dataset: Dataset, split: str) -> set[str]:
 
 def _generation_source(synthetic: str) -> tuple[str, str] | None:
     """`(mask_dataset, split)` from a generated folder's `generation.json`: where its masks (or frames) came from."""
-    settings_file = Path(synthetic) / GENERATION_SETTINGS_FILE
-    if not settings_file.is_file():
-        return None
     try:
-        settings = json.loads(settings_file.read_text())
-        return settings["mask_dataset"], settings["split"]
-    except (ValueError, KeyError, TypeError) as error:
+        settings = generation_settings(synthetic)
+        return None if settings is None else (settings["mask_dataset"], settings["split"])
+    except (ValueError, KeyError) as error:
+        where = Path(synthetic) / GENERATION_SETTINGS_FILE
         raise ValueError(
-            f"{settings_file} is damaged ({type(error).__name__}: {error}): the real pairs that --synthetic was made "
-            "from cannot be told apart from the test pairs."
+            f"{where} is damaged ({type(error).__name__}: {error}): the real pairs that --synthetic was made from "
+            "cannot be told apart from the test pairs."
         ) from error
 
 

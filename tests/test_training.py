@@ -631,7 +631,7 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
 
 
 @pytest.mark.parametrize(
-    "flag", ["--checkpointing_steps", "--validation_steps", "--train_batch_size", "--gradient_accumulation_steps",
+    "flag", ["--logging_steps", "--checkpointing_steps", "--validation_steps", "--train_batch_size", "--gradient_accumulation_steps",
              "--num_train_timesteps", "--checkpoints_total_limit", "--validation_inference_steps"]
 )  # fmt: skip
 def test_counts_below_one_are_refused_by_the_argument_parser(flag, capsys):

@@ -262,7 +262,7 @@ def parse_args(argv=None):
     )
     run.add_argument(
         "--logging_steps",
-        type=int,
+        type=positive_int,
         default=20,
         help="Log the mean loss and images/s every N steps: the training loop's only wait for the GPU.",
     )
@@ -316,8 +316,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resolution is None:
         args.resolution = UNET_PRESETS[args.model_preset]["image_size"]
-    if args.logging_steps < 1:
-        parser.error(f"--logging_steps must be at least 1; got {args.logging_steps}.")
     if args.validation_inference_steps > args.num_train_timesteps:
         parser.error(
             f"--validation_inference_steps {args.validation_inference_steps} is more than the "
