@@ -1,5 +1,6 @@
 """training/train.py launched with `accelerate launch` on the demo data, with a tiny model, on the CPU."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -529,6 +530,12 @@ def test_an_output_folder_inside_the_dataset_holding_other_files_or_in_use_is_re
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
             assert reason in result.stderr.strip().splitlines()[-1]
+        # On two processes (as a multi-GPU job runs), the refusal stops both, said once.
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+        result = subprocess.run([*torchrun, *command[1:]], capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode != 0 and "[rank1]:" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.count(refusals[running.parent]) == 1, result.stderr[-3000:]
     assert not (demo_dataset / "run").exists() and notes.read_text() == "mine" and running.is_dir()
     assert {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")} == finished
 
@@ -628,6 +635,76 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
     config = json.loads((output / "training_config.json").read_text())
     assert config["learning_rate"] == 2e-3
     assert config["learning_rate_changes"] == [{"step": 12, "from": 1e-3, "to": 2e-3}]
+
+
+def test_a_resume_on_another_number_of_processes_goes_on_from_the_same_step_and_is_recorded(
+    demo_dataset, finished_run, tmp_path
+):
+    # A checkpoint as two processes write it: accelerate steps the schedule once per process.
+    output = tmp_path / "fewer-processes"
+    copy_checkpoints(finished_run, output)
+    shutil.rmtree(output / "checkpoint-16")
+    settings_file = output / "checkpoint-12" / "training_settings.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "num_processes": 2}))
+    schedule = torch.load(output / "checkpoint-12" / "scheduler.bin", weights_only=True)
+    torch.save({**schedule, "last_epoch": 24, "_step_count": 25}, output / "checkpoint-12" / "scheduler.bin")
+    result = launch(
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
+    )  # fmt: skip
+    assert "trained on 2 process(es) up to step 12 and goes on with 1: a step now takes 16 images instead of 32." in (
+        result.stdout + result.stderr
+    )
+    assert torch.load(output / "checkpoint-16" / "scheduler.bin", weights_only=True)["last_epoch"] == 16
+    config = json.loads((output / "training_config.json").read_text())
+    assert config["num_processes_changes"] == [{"step": 12, "from": 2, "to": 1}]
+    assert json.loads((output / "checkpoint-16" / "training_settings.json").read_text())["num_processes"] == 1
+
+
+def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a_jump(caplog):
+    from accelerate import PartialState
+    from diffusers.optimization import get_scheduler
+
+    PartialState()  # accelerate's logger logs once the state is made
+    train = load_train_script()
+
+    def schedule_at(step, max_train_steps, num_processes):
+        """A linear schedule as accelerate steps it on `num_processes` processes, `step` optimizer steps in."""
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = get_scheduler(
+            "linear", optimizer, num_warmup_steps=0, num_training_steps=max_train_steps * num_processes
+        )
+        for _ in range(step * num_processes):
+            optimizer.step()
+            scheduler.step()
+        return scheduler
+
+    def resumed(checkpoint_schedule, max_train_steps, num_processes):
+        args = argparse.Namespace(
+            learning_rate=1e-3, learning_rate_changes=[], num_processes_changes=[], train_batch_size=4,
+            gradient_accumulation_steps=1, max_train_steps=max_train_steps, lr_scheduler="linear",
+        )  # fmt: skip
+        lr_scheduler = argparse.Namespace(scheduler=schedule_at(0, max_train_steps, num_processes))
+        lr_scheduler.scheduler.load_state_dict(checkpoint_schedule.state_dict())
+        train.continue_schedule(lr_scheduler, {"num_processes": 2}, args, num_processes, step=4)
+        return lr_scheduler.scheduler, args
+
+    on_two = schedule_at(4, max_train_steps=8, num_processes=2)
+    assert on_two.get_last_lr() == [5e-4]
+    caplog.clear()
+    for num_processes in (1, 2, 4):
+        scheduler, args = resumed(on_two, max_train_steps=8, num_processes=num_processes)
+        assert scheduler.get_last_lr() == pytest.approx([5e-4]) and scheduler.last_epoch == 4 * num_processes
+        assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+        assert args.num_processes_changes == (
+            [] if num_processes == 2 else [{"step": 4, "from": 2, "to": num_processes}]
+        )
+    assert "jumps" not in caplog.text
+    scheduler, _ = resumed(on_two, max_train_steps=16, num_processes=1)
+    assert scheduler.get_last_lr() == pytest.approx([7.5e-4])
+    assert (
+        "The learning rate at step 4 is 0.00075 on this run's linear schedule and was 0.0005 on the checkpoint's"
+        in (caplog.text)
+    )
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
+    broadcast_object_list,
     is_tensorboard_available,
     is_wandb_available,
     set_seed,
@@ -47,7 +48,7 @@ from polyp_diffusers import (
 )
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, pairs_digest
-from polyp_diffusers.folders import OutputClaim, check_is_folder, check_output_apart
+from polyp_diffusers.folders import OutputClaim, OutputInUseError, check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, push_folder
 from polyp_diffusers.modeling import (
@@ -119,12 +120,13 @@ PIPELINE_FILES = (
     "model_index.json",
 )
 # What a resumed run may change: how long it goes on, how often it saves, logs and validates, where and how fast it
-# runs, and its learning rate (the remedy for a run that diverged; the change is recorded). Every other setting
-# defines the model, its data or its training, which a resumed run continues: it must stay as it was.
+# runs (on how many processes, a preempted job's move; recorded), and its learning rate (the remedy for a run that
+# diverged; recorded). Every other setting defines the model, its data or its training, which a resumed run
+# continues: it must stay as it was.
 RESUMABLE_CHANGES = {
     "recipe", "dataset", "validation_split", "max_preload_gb", "dataloader_num_workers", "max_train_steps",
-    "max_train_minutes", "learning_rate", "learning_rate_changes", "compile", "compile_mode", "allow_tf32",
-    "mixed_precision", "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "max_train_minutes", "learning_rate", "learning_rate_changes", "num_processes_changes", "compile", "compile_mode",
+    "allow_tf32", "mixed_precision", "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "validation_steps", "num_validation_masks", "validation_sampler",
     "validation_inference_steps", "save_pipeline_steps", "logger", "logging_dir", "push_to_hub", "hub_model_id",
     "hub_private_repo",
@@ -454,6 +456,27 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
     return None
 
 
+def claim_output(accelerator, output_dir: Path) -> OutputClaim | None:
+    """
+    The main process's claim on `output_dir` (which it creates): one run writes there at a time, since a second (a
+    job submitted twice) would prune or resume mid-checkpoint. A refusal stops every process: the others would
+    otherwise wait for the main one in their first collective operation until the launcher killed them.
+    """
+    claim, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            claim = OutputClaim(output_dir)
+        except OutputInUseError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        if not accelerator.is_main_process:
+            raise SystemExit(1)  # the main process says why, once
+        raise OutputInUseError(refusal)
+    return claim
+
+
 def check_where_the_run_goes_on(output_dir: Path, checkpoint: Path | None, args) -> None:
     """
     Refuses, before any work, an output a run would write over: one holding files of another run or of nobody (a
@@ -520,16 +543,55 @@ def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
         )
 
 
-def set_learning_rate(lr_scheduler, learning_rate: float) -> None:
+def place_schedule(lr_scheduler, learning_rate: float, position: int) -> None:
     """
-    A resumed run's new peak learning rate: the loaded optimizer and scheduler hold the checkpoint's. The schedule
-    (warm-up, decay) goes on from the step reached, scaled to the new peak.
+    Puts a resumed run's learning-rate schedule at `position` (scheduler steps) with the peak `learning_rate`. The
+    loaded scheduler holds the checkpoint's peak and position: a new --learning_rate scales the schedule from there
+    on, and another number of processes moves the position (accelerate steps the schedule once per process).
     """
     scheduler = lr_scheduler.scheduler  # accelerate's wrapper around the `get_scheduler` LambdaLR
     scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    scheduler.last_epoch = position
     for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = learning_rate
-        group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
+        group["lr"] = learning_rate * lr_lambda(position)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def continue_schedule(lr_scheduler, checkpoint_settings: dict, args, num_processes: int, step: int) -> None:
+    """
+    Carries a resumed run's learning-rate schedule over from its checkpoint, recording in `args` what changed
+    there (a new peak rate, another number of processes) and warning of a rate that jumps (a run made longer
+    or shorter on a schedule that decays).
+    """
+    scheduler = lr_scheduler.scheduler
+    loaded_learning_rate = scheduler.base_lrs[0]  # the checkpoint's, whatever its records say
+    rate_there = scheduler.get_last_lr()[0] * args.learning_rate / loaded_learning_rate
+    if loaded_learning_rate != args.learning_rate:
+        change = {"step": step, "from": loaded_learning_rate, "to": args.learning_rate}
+        args.learning_rate_changes = [*args.learning_rate_changes, change]
+        logger.info(f"The learning rate goes from {change['from']:g} to {change['to']:g} at step {step}.")
+    # A checkpoint older than the record is taken to have run on as many processes as now.
+    recorded_processes = checkpoint_settings.get("num_processes", num_processes)
+    if recorded_processes != num_processes:
+        args.num_processes_changes = [
+            *args.num_processes_changes,
+            {"step": step, "from": recorded_processes, "to": num_processes},
+        ]
+        images = args.train_batch_size * args.gradient_accumulation_steps
+        logger.warning(
+            f"The run trained on {recorded_processes} process(es) up to step {step} and goes on with {num_processes}: "
+            f"a step now takes {images * num_processes} images instead of {images * recorded_processes}. The "
+            f"learning-rate schedule goes on from step {step} of {args.max_train_steps}."
+        )
+    place_schedule(lr_scheduler, args.learning_rate, round(scheduler.last_epoch * num_processes / recorded_processes))
+    rate_here = scheduler.get_last_lr()[0]
+    if not math.isclose(rate_here, rate_there, rel_tol=1e-6, abs_tol=1e-15):
+        logger.warning(
+            f"The learning rate at step {step} is {rate_here:g} on this run's {args.lr_scheduler} schedule and was "
+            f"{rate_there:g} on the checkpoint's: --max_train_steps {args.max_train_steps} made the schedule longer "
+            "or shorter, so the rate jumps here."
+        )
 
 
 def main(argv=None):
@@ -560,9 +622,7 @@ def main(argv=None):
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    # One run writes in output_dir at a time: a second (a job submitted twice) would prune or resume mid-checkpoint.
-    # The claim creates output_dir.
-    output_claim = OutputClaim(output_dir) if accelerator.is_main_process else None
+    output_claim = claim_output(accelerator, output_dir)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
 
@@ -714,15 +774,13 @@ def main(argv=None):
     checkpoint = resume(accelerator, named_checkpoint, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
     first_step = global_step
-    # A new learning rate is the one setting of a run that a resume changes: recorded with the step it took effect.
+    # A new learning rate and another number of processes are the changes a resume makes to the training itself:
+    # each is recorded with the step it took effect.
     checkpoint_settings = (training_settings(checkpoint) if checkpoint is not None else None) or {}
     args.learning_rate_changes = checkpoint_settings.get("learning_rate_changes", [])
-    loaded_learning_rate = lr_scheduler.scheduler.base_lrs[0]  # the checkpoint's, whatever its records say
-    if checkpoint is not None and loaded_learning_rate != args.learning_rate:
-        set_learning_rate(lr_scheduler, args.learning_rate)
-        change = {"step": global_step, "from": loaded_learning_rate, "to": args.learning_rate}
-        args.learning_rate_changes = [*args.learning_rate_changes, change]
-        logger.info(f"The learning rate goes from {change['from']:g} to {change['to']:g} at step {global_step}.")
+    args.num_processes_changes = checkpoint_settings.get("num_processes_changes", [])
+    if checkpoint is not None:
+        continue_schedule(lr_scheduler, checkpoint_settings, args, accelerator.num_processes, global_step)
 
     if accelerator.is_main_process:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -832,6 +890,8 @@ def main(argv=None):
                             **settings,
                             "learning_rate": args.learning_rate,
                             "learning_rate_changes": args.learning_rate_changes,
+                            "num_processes": accelerator.num_processes,
+                            "num_processes_changes": args.num_processes_changes,
                         },
                     )
                     saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
