@@ -27,7 +27,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
-    broadcast_object_list,
     is_tensorboard_available,
     is_wandb_available,
     set_seed,
@@ -48,7 +47,7 @@ from polyp_diffusers import (
 )
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, pairs_digest
-from polyp_diffusers.folders import OutputClaim, OutputInUseError, check_is_folder, check_output_apart
+from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, push_folder
 from polyp_diffusers.modeling import (
@@ -62,6 +61,7 @@ from polyp_diffusers.modeling import (
 from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
 from polyp_diffusers.training_utils import (
     checkpoint_step,
+    claim_output,
     ema_weights,
     list_checkpoints,
     non_finite_weights,
@@ -454,27 +454,6 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
             logger.warning(f"{problem}; falling back to {earlier}.")
             checkpoint = earlier
     return None
-
-
-def claim_output(accelerator, output_dir: Path) -> OutputClaim | None:
-    """
-    The main process's claim on `output_dir` (which it creates): one run writes there at a time, since a second (a
-    job submitted twice) would prune or resume mid-checkpoint. A refusal stops every process: the others would
-    otherwise wait for the main one in their first collective operation until the launcher killed them.
-    """
-    claim, refusal = None, None
-    if accelerator.is_main_process:
-        try:
-            claim = OutputClaim(output_dir)
-        except OutputInUseError as error:
-            refusal = str(error)
-    if accelerator.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        if not accelerator.is_main_process:
-            raise SystemExit(1)  # the main process says why, once
-        raise OutputInUseError(refusal)
-    return claim
 
 
 def check_where_the_run_goes_on(output_dir: Path, checkpoint: Path | None, args) -> None:

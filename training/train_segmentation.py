@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import AutocastKwargs, set_seed
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
-from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
+from polyp_diffusers.folders import check_output_apart, write_text_atomically
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -48,7 +48,7 @@ from polyp_diffusers.segmentation import (
     mask_fidelity,
     training_pairs,
 )
-from polyp_diffusers.training_utils import GraphedStep, seconds_since_process_start, visible_entries
+from polyp_diffusers.training_utils import GraphedStep, claim_output, seconds_since_process_start, visible_entries
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
@@ -212,13 +212,17 @@ def main(argv=None):
     output_dir = check_output_dir(args)
     check_inputs(args)
     # No autocast cache of cast weights: each weight is cast once a step anyway, and the cache must not outlive
-    # a captured graph's memory.
+    # a captured graph's memory. On several processes, MONAI's UNet++ has weights no step uses (its deep-supervision
+    # heads, built though unused), which DDP must be told of.
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=[
+            AutocastKwargs(cache_enabled=False),
+            DistributedDataParallelKwargs(find_unused_parameters=args.architecture == "monai"),
+        ],
     )
     start_up_phases = {"imports": IMPORTED_AFTER_S, "accelerator": seconds_since_process_start()}
-    # One run writes in output_dir at a time.
-    output_claim = OutputClaim(output_dir) if accelerator.is_main_process else None
+    output_claim = claim_output(accelerator, output_dir)
     cuda_graphs = use_cuda_graphs(
         args.cuda_graphs, accelerator.device, accelerator.mixed_precision, accelerator.num_processes
     )
@@ -305,7 +309,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        model.load_state_dict(load_file(str(running_weights), device=str(accelerator.device)))
+        model.load_state_dict(load_file(str(running_weights)))  # copied onto the model's device
         testing_start = time.perf_counter()
         test_scores = {name: evaluate(model, *pairs, args.eval_batch_size) for name, pairs in test_pairs.items()}
         fidelity = (
