@@ -13,14 +13,14 @@ from datasets import DatasetDict
 
 from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
-from .data import generating_model, load_polyp_dataset, parse_dataset_spec
+from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline
 from .hub_card.cards import SOURCE_TERMS, updated_model_card_files
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import check_results_of, fid_results, mask_fidelity_results
+from .results import check_results_of, fid_results, mask_fidelity_results, provenance
 
 # Images per batch when a segmenter scores generated pairs (mask fidelity).
 FIDELITY_BATCH_SIZE = 32
@@ -324,7 +324,7 @@ def _run_fid(args):
         f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
     )
     if args.output:
-        result = {**fid_results(scores), "scores": scores, "generated_by": generating_model(args.generated)}
+        result = {**fid_results(scores), "scores": scores, **provenance(args.generated)}
         write_text_atomically(Path(args.output), json.dumps(result, indent=2))
 
 
@@ -370,7 +370,7 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
     scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
-    scores["generated_by"] = generating_model(parse_dataset_spec(name)[0])
+    scores.update(provenance(parse_dataset_spec(name)[0]))
     print(
         f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
         f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"

@@ -709,6 +709,15 @@ def _encoded_bytes(cell: dict) -> bytes:
     return _file_bytes(_encoded(cell))
 
 
+def local_path_or_id(path_or_id: str) -> str:
+    """
+    What names one dataset or model however it is written, from any folder: an existing path resolved, else the
+    Hub id as it is.
+    """
+    path = Path(path_or_id)
+    return str(path.resolve()) if path.exists() else path_or_id
+
+
 def generation_settings(dataset: str | os.PathLike) -> dict | None:
     """
     The settings `polyp-ddpm generate` recorded beside a dataset it made (`generation.json`), None for any other

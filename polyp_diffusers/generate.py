@@ -23,6 +23,7 @@ from .data import (
     check_hub_repo,
     check_only_written_by,
     load_polyp_dataset,
+    local_path_or_id,
     png_cell,
     write_dataset,
 )
@@ -118,12 +119,23 @@ def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -
         )
 
 
+# The settings that name a model or dataset, recorded as `local_path_or_id` gives them.
+PATH_SETTINGS = ("model", "mask_dataset", "mask_model")
+
+
 def _read_settings(path: Path) -> dict | None:
-    """The settings a run recorded, or None when the file is missing or damaged (a run killed while writing it)."""
+    """
+    The settings a run recorded, or None when the file is missing or damaged (a run killed while writing it). Paths
+    recorded as typed (before they were resolved) are read from this folder, as the run that wrote them was.
+    """
     try:
-        return json.loads(path.read_text())
+        settings = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(settings, dict):
+        return None
+    return {key: local_path_or_id(value) if key in PATH_SETTINGS and isinstance(value, str) else value
+            for key, value in settings.items()}  # fmt: skip
 
 
 class OtherRunError(ValueError):
@@ -281,9 +293,11 @@ def generate_dataset(
         source_ids = (
             list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
         )
+        # Paths resolved: what reads them later (the card's model check, the segmenter's leakage check) runs
+        # from other folders.
         settings = {
-            "model": model,
-            "mask_dataset": mask_dataset,
+            "model": local_path_or_id(model),
+            "mask_dataset": local_path_or_id(mask_dataset),
             "split": split,
             "num_images_per_mask": num_images_per_mask,
             "sampler": sampler,
@@ -298,7 +312,7 @@ def generate_dataset(
         if new_masks is not None and mask_model is None:
             settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
         elif new_masks is not None:
-            settings.update(new_masks=new_masks, mask_model=mask_model)
+            settings.update(new_masks=new_masks, mask_model=local_path_or_id(mask_model))
         if insert:
             settings.update(insert=True)
         if _check_output(output, settings, overwrite):

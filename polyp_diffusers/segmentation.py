@@ -19,7 +19,14 @@ from monai.networks.nets import BasicUNetPlusPlus
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import GENERATION_SETTINGS_FILE, generation_settings, load_polyp_dataset, parse_dataset_spec, split_ids
+from .data import (
+    GENERATION_SETTINGS_FILE,
+    generation_settings,
+    load_polyp_dataset,
+    local_path_or_id,
+    parse_dataset_spec,
+    split_ids,
+)
 from .transforms import pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
@@ -270,12 +277,6 @@ def training_pairs(
     return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
 
 
-def dataset_identity(path_or_id: str) -> str:
-    """What names one dataset however it is written: an existing folder's resolved path, else the Hub id."""
-    path = Path(path_or_id)
-    return str(path.resolve()) if path.exists() else path_or_id
-
-
 def _pair_ids(dataset: Dataset, split: str) -> set[str]:
     """A split's pair ids (`SPLIT-00000`... for a dataset without an `id` column, as `data` and `generate` name them)."""
     if "id" in dataset.column_names:
@@ -323,7 +324,7 @@ def check_tests_apart(
         path, split = parse_dataset_spec(spec)
         test_ids = _pair_ids(load_polyp_dataset(path, split=split), split)
         for what, dataset, ids in learned:
-            if dataset_identity(dataset) == dataset_identity(path) and (shared := ids & test_ids):
+            if local_path_or_id(dataset) == local_path_or_id(path) and (shared := ids & test_ids):
                 raise ValueError(
                     f"test set {spec} shares {len(shared)} of its {len(test_ids)} pairs with {what}, which the "
                     "segmenter learns from: its scores would not be a test. Test on pairs it never sees (another "
@@ -331,10 +332,31 @@ def check_tests_apart(
                 )
 
 
+def test_set_names(specs: list[str]) -> list[str]:
+    """
+    A name for each `DATASET[:SPLIT]` test set, its folder's name and split (`kvasir-seg:test`), with as many parent
+    folders as tell apart sets whose folders share a name (`a/data:test`, `b/data:test`). The same set twice is
+    refused: it would be scored once, under one name.
+    """
+    places = [parse_dataset_spec(spec) for spec in specs]
+    parts = [(Path(path).resolve() if Path(path).exists() else Path(path)).parts for path, _ in places]
+    depths = [1] * len(specs)
+    while True:
+        names = [f"{Path(*part[-depth:]).as_posix()}:{split}" for part, depth, (_, split) in zip(parts, depths, places)]
+        clashes = [i for i, name in enumerate(names) if names.count(name) > 1]
+        if not clashes:
+            return names
+        longer = [i for i in clashes if depths[i] < len(parts[i])]
+        if not longer:
+            first, second = [specs[i] for i in clashes if names[i] == names[clashes[0]]][:2]
+            raise ValueError(f"--test {first} and --test {second} are the same test set: name it once.")
+        for i in longer:
+            depths[i] += 1
+
+
 def load_test_sets(specs: list[str]) -> dict[str, Dataset]:
-    """`DATASET[:SPLIT]` specs (split default: test) as datasets named `folder-name:split`."""
-    sets = {}
-    for spec in specs:
-        path, split = parse_dataset_spec(spec)
-        sets[f"{path.rstrip('/').rsplit('/', 1)[-1]}:{split}"] = load_polyp_dataset(path, split=split)
-    return sets
+    """`DATASET[:SPLIT]` specs (split default: test) as datasets, named by `test_set_names`."""
+    return {
+        name: load_polyp_dataset(path, split=split)
+        for name, (path, split) in zip(test_set_names(specs), map(parse_dataset_spec, specs))
+    }

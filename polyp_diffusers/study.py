@@ -37,8 +37,15 @@ from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
 from .modeling import default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import fid_results, segmentation_results, summarize_scores
-from .segmentation import TRAIN_SETS, held_out_synthetic, load_test_sets, load_trained_segmenter, mask_fidelity
+from .results import fid_results, provenance, segmentation_results, summarize_scores
+from .segmentation import (
+    TRAIN_SETS,
+    held_out_synthetic,
+    load_test_sets,
+    load_trained_segmenter,
+    mask_fidelity,
+    test_set_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +282,10 @@ def run_study(
         if not Path(inception_weights).is_file():
             raise FileNotFoundError(f"the Inception weights {inception_weights} do not exist.")
         load_inception_state_dict(inception_weights)
+    # Where the study prepares its data; its test split is scored beside each --test.
+    dataset = Path(output) / "data" / (Path(data).resolve().stem if data != DEMO_SOURCE else "demo")
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
+    test_set_names([f"{dataset}:test", *(tests or [])])
     settings = STUDY_PRESETS[preset]
     try:
         extra_train_flags = shlex.split(denoiser_args or "")
@@ -310,9 +320,6 @@ def run_study(
         _print_estimate(settings, seeds, len(study_settings(arguments)))
         started = time.perf_counter()
 
-        dataset = (
-            study.output / "data" / Path(data).resolve().stem if data != DEMO_SOURCE else study.output / "data" / "demo"
-        )
         study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
         denoiser = study.output / "denoiser"
         train_command = [
@@ -647,6 +654,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "mask_fidelity_extra": extra_fidelity,
         "figures": figures,
         **results,
+        **provenance(study.output / "synthetic"),  # for `polyp-ddpm card`: the denoiser whose results these are
     }  # fmt: skip
     lines = [
         f"# Polyp-DDPM study: preset `{arguments['preset']}`, objective `{arguments['objective']}`"

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
-from polyp_diffusers.data import generating_model, parse_dataset_spec
+from polyp_diffusers.data import parse_dataset_spec
 from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
-from polyp_diffusers.results import segmentation_results
+from polyp_diffusers.results import provenance, segmentation_results
 from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra
 
 HERE = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ def main(argv=None):
 
         comparison = segmentation_results(list(runs.values()))
         comparison["runs"] = runs
-        comparison["generated_by"] = generating_model(synthetic)  # for `polyp-ddpm card`: whose images these are
+        comparison.update(provenance(synthetic))  # for `polyp-ddpm card`: whose images these are
         write_text_atomically(comparison_files["json"], json.dumps(comparison, indent=2) + "\n")
         write_text_atomically(comparison_files["md"], comparison["markdown"] + "\n")
         print(comparison["markdown"])
