@@ -73,6 +73,15 @@ def is_empty(folder: str | os.PathLike) -> bool:
     return not Path(folder).exists() or not any(Path(folder).iterdir())
 
 
+def visible_entries(folder: str | os.PathLike) -> list[str]:
+    """
+    The names in `folder` (none if it is missing), leaving out hidden ones: the clutter of file browsers and editors
+    (`.DS_Store`, `.ipynb_checkpoints`) and our own staging, never what a run must not write over.
+    """
+    folder = Path(folder)
+    return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
+
+
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Writes a small file so that a kill leaves the old content or the new one, never half of it."""
     path = Path(path)

@@ -32,7 +32,14 @@ import numpy as np
 import torch
 
 from .data import load_polyp_dataset, split_file_path
-from .folders import OutputClaim, check_is_folder, check_output_apart, write_text_atomically
+from .folders import (
+    OutputClaim,
+    check_is_folder,
+    check_output_apart,
+    is_empty,
+    visible_entries,
+    write_text_atomically,
+)
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
 from .modeling import default_device
@@ -217,6 +224,10 @@ class Study:
         write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
         return record
 
+    def has_begun(self) -> bool:
+        """Whether any step beyond recording the arguments is done."""
+        return any(path.name != "arguments.json" for path in self.steps.glob("*.json"))
+
     def rerecord(self, name: str, result) -> None:
         """Replaces the result of a recorded step, keeping its wall time and its place in the steps' order (mtime)."""
         path = self.steps / f"{name}.json"
@@ -278,6 +289,7 @@ def run_study(
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
     check_is_folder(output)
     check_output_apart(output, {"data": data if data != DEMO_SOURCE else None})
+    _check_output_holds_no_other_files(Path(output))
     if inception_weights is not None:  # damaged, or pickled code: refused now, not after hours of training
         if not Path(inception_weights).is_file():
             raise FileNotFoundError(f"the Inception weights {inception_weights} do not exist.")
@@ -306,7 +318,10 @@ def run_study(
         if extra_train_flags:
             arguments["denoiser_args"] = extra_train_flags
         previous = study.record("arguments")
-        if previous is not None and previous["result"] != arguments:
+        if previous is not None and previous["result"] != arguments and not study.has_begun():
+            _say("== arguments: the study had done nothing with its earlier ones (its data failed): replaced")
+            study.rerecord("arguments", arguments)
+        elif previous is not None and previous["result"] != arguments:
             if not _adds_settings(previous["result"], arguments):
                 raise ValueError(
                     f"{output} holds a study with other arguments {previous['result']}; run the same command to "
@@ -474,8 +489,30 @@ def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
 
 def _prepare(data: str, dataset: Path, resolution: int, split_file: str | None) -> dict:
     demo = {"demo_pairs": 40} if data == DEMO_SOURCE else {}
-    prepared = prepare_dataset(data, dataset, split_file=split_file, resolution=resolution, overwrite=True, **demo)
+    try:
+        prepared = prepare_dataset(data, dataset, split_file=split_file, resolution=resolution, overwrite=True, **demo)
+    except (ValueError, OSError) as error:  # its advice may name prepare-data's flags, which reproduce has not
+        raise type(error)(
+            f"{error} (`reproduce` prepares the data as `polyp-ddpm prepare-data` does with its defaults; for its "
+            f"other flags, run `polyp-ddpm prepare-data {shlex.quote(str(data))} --output FOLDER ...` and pass "
+            "FOLDER as --data.)"
+        ) from error
     return {name: len(part) for name, part in prepared.items()}
+
+
+def _check_output_holds_no_other_files(output: Path) -> None:
+    """
+    A study writes into a new or empty folder, or continues its own: it replaces `report.md`, `report.json`, its
+    figures and `data/` as it goes, which must not be someone else's files.
+    """
+    if (output / "steps" / "arguments.json").is_file():
+        return
+    others = [name for name in visible_entries(output) if name not in ("steps", "logs") or not is_empty(output / name)]
+    if others:
+        raise FileExistsError(
+            f"--output {output} already holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''} and no "
+            "study: `reproduce` writes its report, figures and data there. Choose a new or empty folder."
+        )
 
 
 def _realism(dataset: Path, synthetic: Path, inception_weights: str) -> dict:

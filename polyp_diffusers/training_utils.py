@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .folders import OutputClaim, OutputInUseError
+from .folders import OutputClaim, OutputInUseError, visible_entries
 from .pipelines import non_finite_names
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -53,15 +53,6 @@ def resolve_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     checkpoint_step(path)
     return path
-
-
-def visible_entries(folder: str | os.PathLike) -> list[str]:
-    """
-    The names in `folder` (none if it is missing), leaving out hidden ones: the clutter of file browsers and editors
-    (`.DS_Store`, `.ipynb_checkpoints`) and our own staging, never what a run must not write over.
-    """
-    folder = Path(folder)
-    return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
 
 
 def unexpected_entries(output_dir: str | os.PathLike, logging_dir: str) -> list[str]:

@@ -161,6 +161,31 @@ def test_a_wrong_test_set_is_refused_before_anything_is_recorded(tmp_path):
     assert not (tmp_path / "study" / "steps").exists()
 
 
+def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "report.md").write_text("# my own report")
+    with pytest.raises(FileExistsError, match=f"--output {output} already holds report.md and no study"):
+        run_study("demo", output, preset="smoke")
+    assert [path.name for path in output.iterdir()] == ["report.md"]
+    assert (output / "report.md").read_text() == "# my own report"
+
+
+def test_data_that_fails_advises_prepare_data_and_leaves_the_folder_to_the_corrected_command(tmp_path):
+    no_masks, other = tmp_path / "no-masks", tmp_path / "other"
+    (no_masks / "images").mkdir(parents=True)
+    (other / "images").mkdir(parents=True)
+    output = tmp_path / "study"
+    with pytest.raises(
+        FileNotFoundError, match="with its defaults; for its other flags, run `polyp-ddpm prepare-data "
+    ):
+        run_study(str(no_masks), output, preset="smoke")
+    # The study had recorded its arguments, and nothing else: other data is taken (here, it fails in its turn).
+    with pytest.raises(FileNotFoundError, match=f"{other} has no 'masks/' folder"):
+        run_study(str(other), output, preset="smoke")
+    assert json.loads((output / "steps" / "arguments.json").read_text())["result"]["data"] == str(other)
+
+
 def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_first(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused by train.py: .*--no_such_flag"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--no_such_flag 1")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
-from polyp_diffusers.folders import check_output_apart, write_text_atomically
+from polyp_diffusers.folders import check_output_apart, visible_entries, write_text_atomically
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -48,7 +48,7 @@ from polyp_diffusers.segmentation import (
     mask_fidelity,
     training_pairs,
 )
-from polyp_diffusers.training_utils import GraphedStep, claim_output, seconds_since_process_start, visible_entries
+from polyp_diffusers.training_utils import GraphedStep, claim_output, seconds_since_process_start
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
