@@ -693,6 +693,11 @@ def test_flags_that_would_fail_mid_run_are_refused_before_any_work(demo_masks, t
         compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
                  "--output_dir", str(tmp_path / "comparison"), "--eval_batch_size", "0"])  # fmt: skip
     assert "argument --eval_batch_size: 0 is not a whole number" in capsys.readouterr().err
+    # A passed-on --train made every setting train on the same pairs (a table of one setting three times).
+    for flag in (["--train", "real"], ["--train=synthetic"]):
+        with pytest.raises(ValueError, match="compare_segmentation.py sets --train of train_segmentation.py itself"):
+            compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
+                     "--output_dir", str(tmp_path / "comparison"), *flag])  # fmt: skip
     assert not (tmp_path / "run").exists() and not (tmp_path / "comparison").exists()
 
 

@@ -47,24 +47,34 @@ def parse_args(argv=None):
     return parser.parse_known_args(argv)
 
 
+# What `owned_arguments` sets, by its name in train_segmentation.py's arguments.
+OWNED = ("train", "real", "synthetic", "output_dir", "test")
+
+
 def run_folder(output_dir: str | Path, setting: str) -> Path:
     """Where a setting's run writes: a folder of its own inside the comparison's."""
     return Path(output_dir) / f"seg-{setting.replace('+', '-')}"
 
 
-def setting_arguments(args, segmentation_flags: list[str], synthetic: str) -> dict[str, list[str]]:
-    """The arguments of `train_segmentation.py` for each setting: the same flags and data for all."""
-    arguments = {}
-    for setting in args.settings:
-        arguments[setting] = ["--train", setting, "--real", args.real, "--synthetic", synthetic]
-        arguments[setting] += ["--output_dir", str(run_folder(args.output_dir, setting))]
-        arguments[setting] += ["--overwrite", *segmentation_flags]  # each setting is trained anew by each run
-        for test in args.test:
-            arguments[setting] += ["--test", test]
+def owned_arguments(args, setting: str, synthetic: str) -> list[str]:
+    """The arguments of `train_segmentation.py` that the comparison sets for a setting: its data, tests and folder."""
+    arguments = ["--train", setting, "--real", args.real, "--synthetic", synthetic]
+    arguments += ["--output_dir", str(run_folder(args.output_dir, setting))]
+    for test in args.test:
+        arguments += ["--test", test]
     return arguments
 
 
-def check_settings(args, arguments: dict[str, list[str]]) -> None:
+def setting_arguments(args, segmentation_flags: list[str], synthetic: str) -> dict[str, list[str]]:
+    """The arguments of `train_segmentation.py` for each setting: the same flags and data for all."""
+    # Each setting is trained anew by each run (--overwrite).
+    return {
+        setting: [*owned_arguments(args, setting, synthetic), "--overwrite", *segmentation_flags]
+        for setting in args.settings
+    }
+
+
+def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> None:
     """
     Refuses, once and before any work (generation, or the first setting's training), what a setting would refuse:
     its flags (`train_segmentation.py`'s own parser), a missing optional extra, and test sets holding pairs that a
@@ -74,11 +84,21 @@ def check_settings(args, arguments: dict[str, list[str]]) -> None:
     train_segmentation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_segmentation)
     settings = [train_segmentation.parse_args(setting_flags) for setting_flags in arguments.values()]
+    # A passed-on flag (even abbreviated) that changes what the comparison sets would make its settings alike.
+    changed = set()
+    for setting, parsed in zip(arguments, settings):
+        owned = train_segmentation.parse_args(owned_arguments(args, setting, synthetic))
+        changed.update(f"--{name}" for name in OWNED if getattr(parsed, name) != getattr(owned, name))
+    if changed:
+        raise ValueError(
+            f"compare_segmentation.py sets {', '.join(sorted(changed))} of train_segmentation.py itself (--settings, "
+            "--real, --synthetic, --test and --output_dir choose them): leave them out of the flags it passes on."
+        )
     first = settings[0]
     import_extra(first.architecture)
     trains_on_synthetic = any(setting.train != "real" for setting in settings)
-    synthetic = args.synthetic if trains_on_synthetic else None
-    check_tests_apart(args.real, first.real_split, args.test, synthetic, first.synthetic_split)
+    learned_synthetic = args.synthetic if trains_on_synthetic else None
+    check_tests_apart(args.real, first.real_split, args.test, learned_synthetic, first.synthetic_split)
     if trains_on_synthetic and args.synthetic is None and first.real_split != "train":
         check_tests_apart(args.real, "train", args.test)  # the masks of the pairs still to be generated
 
@@ -91,7 +111,7 @@ def main(argv=None):
     check_output_apart(output_dir, inputs)  # before the claim below creates output_dir
     synthetic = args.synthetic or str(output_dir / "synthetic")
     arguments = setting_arguments(args, segmentation_flags, synthetic)
-    check_settings(args, arguments)
+    check_settings(args, arguments, synthetic)
     # One comparison writes in output_dir at a time (its settings' runs hold their own folders).
     with OutputClaim(output_dir):
         if args.synthetic is None:  # continued if interrupted, kept if made with these settings, else refused by name
