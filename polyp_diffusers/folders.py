@@ -6,6 +6,7 @@ one is in place; a run killed between the two moves is repaired by the next run 
 that write into their output as they go hold an `OutputClaim` on it, so that a second one is refused.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,15 @@ def visible_entries(folder: str | os.PathLike) -> list[str]:
     """
     folder = Path(folder)
     return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time (weights files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):  # hashlib.file_digest is Python 3.11+
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

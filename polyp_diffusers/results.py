@@ -4,12 +4,12 @@ Every evaluation command writes `{"markdown": ..., "eval_results": [...]}` (plus
 `polyp-ddpm card` puts into a saved pipeline's card.
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from .data import generating_model, parse_dataset_spec
+from .folders import file_sha256
 from .metrics import INCEPTION_FEATURES
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
@@ -107,14 +107,10 @@ def provenance(generated: str) -> dict:
 
 def _weights_digest(model_dir: str | Path) -> str | None:
     """The SHA-256 of a local saved pipeline's UNet weights (None where there is none to read: a Hub id)."""
-    digest = hashlib.sha256()
     try:
-        with open(Path(model_dir) / UNET_WEIGHTS, "rb") as weights:
-            for chunk in iter(lambda: weights.read(2**20), b""):  # hashlib.file_digest is Python 3.11+
-                digest.update(chunk)
+        return file_sha256(Path(model_dir) / UNET_WEIGHTS)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def summarize_scores(scores: list[dict]) -> dict:

@@ -36,6 +36,7 @@ from .folders import (
     OutputClaim,
     check_is_folder,
     check_output_apart,
+    file_sha256,
     is_empty,
     visible_entries,
     write_text_atomically,
@@ -224,6 +225,10 @@ class Study:
         write_text_atomically(self.steps / f"{name}.json", json.dumps(record, indent=2))
         return record
 
+    def forget(self, name: str) -> None:
+        """Drops a step's record, so that the step runs again."""
+        (self.steps / f"{name}.json").unlink(missing_ok=True)
+
     def has_begun(self) -> bool:
         """Whether any step beyond recording the arguments is done."""
         return any(path.name != "arguments.json" for path in self.steps.glob("*.json"))
@@ -375,7 +380,12 @@ def run_study(
         if weights is None:  # not recorded: a later run with the weights computes it
             print(f"== realism: {REALISM_SKIPPED}", flush=True)
         else:
-            study.step("realism", lambda: _realism(dataset, synthetic, weights))
+            digest = file_sha256(weights)
+            measured = study.record("realism")
+            if measured is not None and measured["result"].get("inception_weights_sha256") != digest:
+                _say(f"== realism: measured earlier with other Inception weights than {weights}; measured again")
+                study.forget("realism")
+            study.step("realism", lambda: {**_realism(dataset, synthetic, weights), "inception_weights_sha256": digest})
 
         test_specs = [f"{dataset}:test", *(tests or [])]
         jobs = segmentation_jobs or settings["segmentation_jobs"]
