@@ -1,6 +1,26 @@
 """Uploads to the Hugging Face Hub: a saved pipeline folder, or a dataset with its card."""
 
+import shlex
+from pathlib import Path
+
 from huggingface_hub import DatasetCard, create_repo, upload_folder
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+
+def hub_repo_id(repo_id: str | None, folder, flag: str) -> str:
+    """
+    The repo an upload goes to (`repo_id`, or the folder's name), checked before any work: the Hub refuses spaces,
+    accents and more, which the default, a folder's name, may hold.
+    """
+    chosen = repo_id or Path(folder).resolve().name
+    try:
+        validate_repo_id(chosen)
+    except HFValidationError as error:
+        where = "" if repo_id else f" (the default, the name of {folder})"
+        raise ValueError(
+            f"{chosen!r}{where} cannot be a Hub repo id: {error} Name one with {flag} USER/NAME."
+        ) from None
+    return chosen
 
 
 def push_folder(
@@ -21,21 +41,26 @@ def push_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
         )
     except Exception as error:  # no network, not logged in, no rights: errors of httpx and of the Hub alike
-        excluded = "".join(f" --exclude '{pattern}'" for pattern in ignore_patterns or ())
-        retry = f"`hf upload {repo_id} {folder} .{excluded}{' --private' if private else ''}`"
+        excluded = "".join(f" --exclude {shlex.quote(pattern)}" for pattern in ignore_patterns or ())
+        retry = f"`hf upload {repo_id} {shlex.quote(str(folder))} .{excluded}{' --private' if private else ''}`"
         raise upload_error(f"uploading {folder} to the Hub repo {repo_id}", error, retry) from error
     return repo_id
 
 
-def push_dataset(dataset, card: str, repo_id: str, private: bool = False) -> None:
-    """Uploads a DatasetDict and its card to a Hub dataset repo; a failure is an `UploadError`, as in `push_folder`."""
+def push_dataset(dataset, card: str, repo_id: str, folder, private: bool = False) -> None:
+    """
+    Uploads a DatasetDict and its card (both saved in `folder`) to a Hub dataset repo; a failure is an
+    `UploadError`, as in `push_folder`.
+    """
     try:
         dataset.push_to_hub(repo_id, private=private)
         DatasetCard(card).push_to_hub(repo_id)
     except Exception as error:  # as in push_folder
         push = f"push_to_hub({repo_id!r}{', private=True' if private else ''})"
+        folder = str(folder)
         retry = (
-            f"`datasets.load_from_disk(FOLDER).{push}` and `huggingface_hub.DatasetCard.load(FOLDER/README.md).{push}`"
+            f"`datasets.load_from_disk({folder!r}).{push}` and "
+            f"`huggingface_hub.DatasetCard.load({str(Path(folder) / 'README.md')!r}).{push}`"
         )
         raise upload_error(f"uploading the dataset to the Hub repo {repo_id}", error, retry) from error
 

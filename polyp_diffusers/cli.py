@@ -15,8 +15,9 @@ from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
-from .generate import DTYPES, generate_dataset, load_pipeline
+from .generate import DTYPES, generate_dataset, load_pipeline, push_generated
 from .hub_card.cards import SOURCE_TERMS, updated_model_card_files
+from .hub_card.publish import hub_repo_id
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
@@ -214,6 +215,7 @@ def _add_generate(subparsers):
 
 
 def _run_generate(args):
+    repo_id = hub_repo_id(args.hub_id, args.output, "--hub-id") if args.push_to_hub else None
     segmenter = None
     if args.fidelity_segmenter:  # loaded first: a wrong folder fails before the sampling, not after it
         from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
@@ -232,8 +234,6 @@ def _run_generate(args):
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
-        hub_dataset_id=args.hub_id,
         new_masks=args.new_masks,
         mask_augment=args.mask_augment,
         start_timestep=args.start_timestep,
@@ -251,6 +251,8 @@ def _run_generate(args):
             FIDELITY_BATCH_SIZE, args.device,
         )  # fmt: skip
         write_text_atomically(Path(args.output) / "mask_fidelity.json", json.dumps(scores, indent=2) + "\n")
+    if repo_id is not None:  # last: a failed upload loses no score, and the same command uploads again
+        push_generated(args.output, repo_id)
 
 
 def _add_fid(subparsers):

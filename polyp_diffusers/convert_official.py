@@ -16,7 +16,7 @@ import torch
 
 from .folders import check_is_folder, check_output_apart, is_empty, replace_folder, staging_folder
 from .hub_card.cards import write_model_card
-from .hub_card.publish import push_folder
+from .hub_card.publish import hub_repo_id, push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
 from .pipelines import PolypDDPMPipeline
 from .safe_loading import torch_load_safely
@@ -299,7 +299,7 @@ def write_converted_pipeline(
     check_output_apart(output, {"checkpoint": description["source"]})
     if not is_empty(output):
         raise FileExistsError(f"{output} is not empty; choose a new folder for the converted pipeline.")
-    repo_id = hub_model_id or output.resolve().name
+    repo_id = hub_repo_id(hub_model_id, output, "--hub-id") if push_to_hub else hub_model_id or output.resolve().name
     staging = staging_folder(output)
     try:
         pipeline.save_pretrained(staging)

@@ -36,7 +36,7 @@ from .folders import (
     write_text_atomically,
 )
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
-from .hub_card.publish import push_dataset
+from .hub_card.publish import hub_repo_id, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
@@ -281,6 +281,7 @@ def generate_dataset(
             "solvers cannot), and no start_timestep."
         )
     output = Path(output)
+    repo_id = hub_repo_id(hub_dataset_id, output, "--hub-id") if push_to_hub else None
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
     for path in (model, mask_model):
@@ -317,6 +318,8 @@ def generate_dataset(
             settings.update(insert=True)
         if _check_output(output, settings, overwrite):
             print(f"{output} already holds this generation (same settings): nothing to do.")
+            if push_to_hub:  # what an upload that failed last time left to do
+                push_generated(output, repo_id)
             return load_from_disk(str(output))
         pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
         pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
@@ -420,8 +423,13 @@ def generate_dataset(
         # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
         write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
         if push_to_hub:
-            push_dataset(dataset, card, hub_dataset_id or output.name)
+            push_dataset(dataset, card, repo_id, output)
         return dataset
+
+
+def push_generated(output: str | os.PathLike, repo_id: str) -> None:
+    """Uploads a generated dataset as `generate` saved it, with its card, to a Hub dataset repo."""
+    push_dataset(load_from_disk(str(output)), (Path(output) / "README.md").read_text(), repo_id, output)
 
 
 def _load_mask_model(

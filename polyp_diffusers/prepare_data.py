@@ -17,7 +17,7 @@ from .data import (
 from .demo import make_demo_dataset
 from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
 from .hub_card.cards import DEMO_NOTE, SOURCE_TERMS, UNKNOWN_TERMS, render_dataset_card
-from .hub_card.publish import push_dataset
+from .hub_card.publish import hub_repo_id, push_dataset
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
 
 DEMO_SOURCE = "demo"
@@ -58,6 +58,7 @@ def prepare_dataset(
         raise ValueError("the demo set is split at random (--test-size, --seed); a --split-file cannot name its ids.")
     check_is_folder(output)
     check_output_apart(output, {"source": source, "split file": split_file})
+    repo_id = hub_repo_id(hub_dataset_id, output, "--hub-id") if push_to_hub else None
     recover_interrupted_write(output)
     if overwrite and not is_empty(output):
         if not (Path(output) / REPORT_FILE).is_file():
@@ -93,5 +94,5 @@ def prepare_dataset(
     )
     write_dataset(dataset, output, card, problems, overwrite)
     if push_to_hub:
-        push_dataset(dataset, card, hub_dataset_id or Path(output).name)
+        push_dataset(dataset, card, repo_id, output)
     return dataset

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
-from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file, save_file
 
@@ -22,7 +22,7 @@ from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import OutputClaim, OutputInUseError, staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
-from polyp_diffusers.hub_card.publish import UploadError, push_folder
+from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_dataset, push_folder
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
 
@@ -563,3 +563,25 @@ def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_u
         UploadError, match=f"the files are saved locally: upload them with `hf upload me/x {tmp_path} .`"
     ):
         push_folder(tmp_path, "me/x")
+    # The command pastes as it is: a folder with a space is quoted (before, `hf upload` took `my run` as two).
+    with pytest.raises(UploadError) as error:
+        push_folder(tmp_path / "my run", "me/x", ignore_patterns=["checkpoint-*"])
+    assert f"`hf upload me/x '{tmp_path}/my run' . --exclude 'checkpoint-*'`" in str(error.value)
+    with pytest.raises(UploadError) as error:
+        push_dataset(DatasetDict(), "card", "me/x", tmp_path / "my set")
+    assert f"`datasets.load_from_disk('{tmp_path}/my set').push_to_hub('me/x')`" in str(error.value)
+
+
+def test_a_repo_id_the_hub_would_refuse_is_refused_before_any_work(tmp_path, capsys):
+    assert hub_repo_id("me/polyp-ddpm", tmp_path / "gen ü", "--hub-id") == "me/polyp-ddpm"
+    assert hub_repo_id(None, tmp_path / "polyp-ddpm", "--hub-id") == "polyp-ddpm"
+    with pytest.raises(ValueError, match=f"'gen ü' \\(the default, the name of {tmp_path}/gen ü\\) cannot be a Hub"):
+        hub_repo_id(None, tmp_path / "gen ü", "--hub-id")
+    # As the commands call it: before any sampling (or training, or preparing), naming the flag to set.
+    output = tmp_path / "gen ü"
+    assert polyp_ddpm(["generate", "--model", "never-loaded", "--mask-dataset", "demo", "--output", str(output),
+                       "--push-to-hub", "--hub-id", "bad id"]) == 1  # fmt: skip
+    error = capsys.readouterr().err
+    assert "'bad id' cannot be a Hub repo id: Repo id must use alphanumeric" in error
+    assert "Name one with --hub-id USER/NAME." in error
+    assert not output.exists()

@@ -788,7 +788,13 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     assert polyp_ddpm([*generate, "--output", str(tmp_path / "never"), "--fidelity-segmenter", str(tmp_path)]) == 1
     assert not (tmp_path / "never").exists()
     made = tmp_path / "made"
-    assert polyp_ddpm([*generate, "--output", str(made), "--fidelity-segmenter", str(segmenter)]) == 0
+    # An upload (offline here, so it fails) comes last: the score is written before it, and the same command,
+    # which has nothing more to generate, tries the upload again.
+    upload = ["--push-to-hub", "--hub-id", "me/made"]
+    for _ in range(2):
+        assert polyp_ddpm([*generate, "--output", str(made), "--fidelity-segmenter", str(segmenter), *upload]) == 1
+        assert "uploading the dataset to the Hub repo me/made failed" in capsys.readouterr().err
+        assert (made / "mask_fidelity.json").is_file()
     written = json.loads((made / "mask_fidelity.json").read_text())
     assert (
         polyp_ddpm(["mask-fidelity", "--segmenter", str(segmenter), "--dataset", str(made), "--output", str(output)])

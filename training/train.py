@@ -49,7 +49,7 @@ from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
-from polyp_diffusers.hub_card.publish import UploadError, push_folder
+from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_folder
 from polyp_diffusers.modeling import (
     COMPILE_MODES,
     PREDICTION_TYPES,
@@ -580,6 +580,7 @@ def main(argv=None):
     # anything is written.
     check_is_folder(output_dir)
     check_output_apart(output_dir, {"dataset": args.dataset})
+    repo_id = hub_repo_id(args.hub_model_id, output_dir, "--hub_model_id") if args.push_to_hub else None
     named_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     check_where_the_run_goes_on(output_dir, named_checkpoint, args)
     train_dataset = load_polyp_dataset(args.dataset, split=args.train_split)
@@ -905,7 +906,7 @@ def main(argv=None):
             try:
                 repo_id = push_folder(
                     output_dir,
-                    args.hub_model_id or Path(output_dir).name,
+                    repo_id,
                     args.hub_private_repo,
                     ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
                     commit_message="Polyp-DDPM training run",
