@@ -6,6 +6,7 @@ uploading is `publish.py`'s job.
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
@@ -156,6 +157,29 @@ def _damaged_card_inputs(path: Path, problem) -> ValueError:
     )
 
 
+def check_results_file(source: str, result) -> None:
+    """
+    Refuses, in one line naming what is wrong, a results file that is not as the evaluation commands write it
+    (one edited by hand): it would fail deep in the card's metadata, or publish a metric that is not a number.
+    """
+    if not isinstance(result, dict) or not {"markdown", "eval_results"} <= set(result):
+        raise ValueError(
+            f"{source} holds {sorted(result) if isinstance(result, dict) else type(result).__name__}; expected "
+            "'markdown' and 'eval_results' (the JSON of `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity "
+            "--output`, training/compare_segmentation.py or `polyp-ddpm reproduce`'s report.json)."
+        )
+    if not isinstance(result["markdown"], str) or not isinstance(result["eval_results"], list):
+        raise ValueError(f"{source}: 'markdown' must be text and 'eval_results' a list of model-index entries.")
+    for index, entry in enumerate(result["eval_results"]):
+        try:
+            EvalResult(**entry)
+        except (TypeError, ValueError) as error:  # not a mapping, a missing field, an unknown one
+            raise ValueError(f"{source}: eval_results[{index}] is not a model-index entry ({error}).") from None
+        value = entry["metric_value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{source}: eval_results[{index}] has metric_value {value!r}, not a finite number.")
+
+
 def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:
     """
     A saved pipeline's `model_card_files` re-rendered with measured results, keyed by where each came from: each a
@@ -164,12 +188,7 @@ def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict
     """
     folder = Path(folder)
     for source, result in results.items():
-        if not isinstance(result, dict) or not {"markdown", "eval_results"} <= set(result):
-            raise ValueError(
-                f"{source} holds {sorted(result) if isinstance(result, dict) else type(result).__name__}; expected 'markdown' and 'eval_results' "
-                "(the JSON of `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity --output` or "
-                "training/compare_segmentation.py)."
-            )
+        check_results_file(source, result)
     context_path = folder / CARD_CONTEXT_FILE
     try:
         context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}

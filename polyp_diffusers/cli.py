@@ -16,7 +16,7 @@ from .convert_official import convert_official_checkpoint, write_converted_pipel
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
 from .generate import DTYPES, generate_dataset, load_pipeline, push_generated
-from .hub_card.cards import SOURCE_TERMS, updated_model_card_files
+from .hub_card.cards import SOURCE_TERMS, check_results_file, updated_model_card_files
 from .hub_card.publish import hub_repo_id
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
@@ -406,6 +406,8 @@ def _run_card(args):
             results[path] = json.loads(Path(path).read_text())
         except ValueError as error:
             raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
+    for path, result in results.items():
+        check_results_file(f"--results {path}", result)
     check_results_of(args.model_dir, results)
     # Results are for image models: a model of masks alone is refused by load_pipeline.
     for path, text in updated_model_card_files(load_pipeline(args.model_dir), args.model_dir, results).items():

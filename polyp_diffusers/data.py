@@ -434,11 +434,11 @@ def check_test_size(test_size) -> None:
         raise ValueError(f"test size is {test_size!r}; expected a whole count (>= 1) or a fraction in (0, 1).")
 
 
-def split_ids(ids: list[str], test_size: int | float, seed: int) -> dict[str, list[str]]:
-    """A seeded random train/test split; `test_size` is a count or a fraction."""
+def split_ids(ids: list[str], test_size: int | float, seed: int, name: str = "test_size") -> dict[str, list[str]]:
+    """A seeded random train/test split; `test_size` (the option `name`) is a count or a fraction."""
     count = round(test_size * len(ids)) if test_size < 1 else int(test_size)
     if not 0 < count < len(ids):
-        raise ValueError(f"test_size {test_size} leaves no train or no test pair out of {len(ids)}.")
+        raise ValueError(f"{name} {test_size} leaves no train or no test pair out of {len(ids)}.")
     order = np.random.default_rng(seed).permutation(len(ids))
     test = {ids[i] for i in order[:count]}
     return {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}
@@ -761,6 +761,10 @@ def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | D
         # Not a saved dataset, or a damaged one: truncated Arrow, bad JSON, JSON of another shape ([] or {}).
         except (ValueError, OSError, TypeError, KeyError) as error:
             raise ValueError(f"{path_or_id} cannot be read as a prepared dataset: {error}") from error
+        except IndexError as error:  # what `datasets` raises for a split saved with no pairs
+            raise ValueError(
+                f"{path_or_id} cannot be read as a prepared dataset: a split of it holds no pairs."
+            ) from error
     else:
         loaded = _load_hub_dataset(path_or_id)
     _check_pair_columns(loaded if isinstance(loaded, DatasetDict) else {"dataset": loaded}, path_or_id)

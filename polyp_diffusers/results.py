@@ -86,6 +86,8 @@ def check_results_of(model_dir: str | Path, results: dict[str, dict]) -> None:
         if (earlier := tables.setdefault(result["markdown"], source)) != source:
             raise ValueError(f"--results {source} holds the same results as {earlier}: name each once.")
         generated_by = result.get("generated_by")
+        if generated_by is not None and not isinstance(generated_by, str):
+            raise ValueError(f"--results {source}: 'generated_by' is {generated_by!r}, not the path or id of a model.")
         # The weights when the images were scored; files older than that record name only the model.
         weights = result.get("generated_by_weights") or (_weights_digest(generated_by) if generated_by else None)
         if weights not in (None, own_weights):

@@ -31,6 +31,8 @@ from .transforms import pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 ARCHITECTURES = ("monai", "smp", "segformer")
+# What a trained segmenter's `results.json` config must hold to be loaded and scored with (`load_trained_segmenter`).
+SAVED_SETTINGS = ("architecture", "resolution", "seed", "train", "validation_size")
 # What results call each architecture's segmenter (tables, model-index entries, progress bars).
 SEGMENTER_FAMILIES = {"monai": "UNet++", "smp": "UNet++", "segformer": "SegFormer"}
 # SegFormer's MiT encoder sizes (Xie et al. 2021), as in the configs of nvidia/mit-b0, -b1 and -b2.
@@ -159,14 +161,29 @@ def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(
             f"{run_dir} is not a train_segmentation.py output folder: it needs results.json and best.safetensors."
         )
-    saved = json.loads(results.read_text())
-    config = saved["config"]
+    try:
+        saved = json.loads(results.read_text())
+        config = saved["config"]
+    except (ValueError, KeyError, TypeError) as error:  # bad JSON, a list, no config
+        raise ValueError(
+            f"{results} is damaged ({type(error).__name__}: {error}); train the segmenter again."
+        ) from None
+    missing = [key for key in SAVED_SETTINGS if key not in config] if isinstance(config, dict) else list(SAVED_SETTINGS)
+    if missing or config["architecture"] not in ARCHITECTURES:
+        problem = f"no {', '.join(missing)} in its config" if missing else f"architecture {config['architecture']!r}"
+        raise ValueError(f"{results} is damaged ({problem}); train the segmenter again.")
     architecture = config["architecture"]
     encoder_weights = config.get("encoder_weights") if architecture == "segformer" else None
     # A SegFormer's saved configuration rebuilds it offline; runs older than it name the pretrained weights.
     segformer_config = saved.get("segformer_config")
     model = build_segmenter(architecture, encoder_weights, config.get("segformer_size", "b0"), segformer_config)
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as error:  # weights of another architecture or size: hundreds of names, said in one line
+        first_line = str(error).splitlines()[0]
+        raise ValueError(
+            f"{weights} does not fit the {architecture} segmenter {results} describes ({first_line})"
+        ) from None
     return model.eval(), config
 
 
@@ -240,7 +257,7 @@ def _sources_of(synthetic: Dataset) -> list[set[str]]:
 
 def held_out_ids(real: Dataset, validation_size: int | float, seed: int) -> set[str]:
     """The ids of the real training pairs held out for checkpoint selection: a seeded part, the same in every setting."""
-    return set(split_ids(sorted(real["id"]), validation_size, seed)["test"])
+    return set(split_ids(sorted(real["id"]), validation_size, seed, name="--validation_size")["test"])
 
 
 def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int | float, seed: int) -> Dataset:

@@ -92,6 +92,14 @@ def test_a_damaged_prepared_dataset_is_named_when_loaded(tmp_path, damaged, cont
         load_polyp_dataset(str(tmp_path / "demo"), split="train")
 
 
+def test_a_saved_dataset_with_an_empty_split_is_one_clear_error(tmp_path):
+    prepare_dataset("demo", tmp_path / "demo", demo_pairs=8, resolution=32)
+    dataset = load_from_disk(str(tmp_path / "demo"))
+    DatasetDict({"train": dataset["train"], "test": dataset["test"].select([])}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} cannot be read as a prepared dataset: a split of it"):
+        load_polyp_dataset(str(tmp_path / "empty"), split="train")
+
+
 def test_original_image_files_are_kept_byte_for_byte(good_folder):
     dataset, *_ = build_dataset(str(good_folder), test_size=2, seed=0)
     stored = dataset["train"].cast_column("image", FEATURES["image"].__class__(decode=False))[0]

@@ -585,6 +585,7 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
         (demo_masks / "run",): "lies inside the real dataset",
         (other, "--overwrite"): "holds notes.txt, which this script does not write",
         (tmp_path / "new", "--test", f"{demo_masks}:nope"): "nope",
+        (tmp_path / "new", "--validation_size", "1000"): "--validation_size 1000 leaves no train or no test pair",
     }
     main = load_training_script("train_segmentation").main  # in this process: no start-up for each refusal
     for (output, *flags), reason in refusals.items():
@@ -782,6 +783,23 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
+    # A damaged or edited results.json, or weights of another segmenter, is one line naming the file (not a
+    # traceback, or hundreds of weight names).
+    damaged = tmp_path / "damaged-segmenter"
+    shutil.copytree(segmenter, damaged)
+    saved = json.loads((segmenter / "results.json").read_text())
+    for text, problem in [
+        ("{bad", "is damaged (JSONDecodeError"),
+        ("[]", "is damaged (TypeError"),
+        (json.dumps({**saved, "config": {k: v for k, v in saved["config"].items() if k != "resolution"}}),
+         "is damaged (no resolution in its config)"),
+        (json.dumps({**saved, "config": {**saved["config"], "architecture": "segformer"}}), "does not fit the segformer"),
+    ]:  # fmt: skip
+        (damaged / "results.json").write_text(text)
+        assert polyp_ddpm(["mask-fidelity", "--segmenter", str(damaged), "--dataset", str(generated)]) == 1
+        error = capsys.readouterr().err
+        assert f"{damaged / 'results.json'} " in error or f"{damaged / 'best.safetensors'} " in error, error
+        assert problem in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
     # generate scores its own pairs with the same segmenter when asked, and a wrong folder fails before sampling.
     generate = ["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--sampler",
                 "ddim", "--steps", "2", "--batch-size", "4"]  # fmt: skip
@@ -830,6 +848,20 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     (tmp_path / "list.json").write_text("[]")
     assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "list.json")]) == 1
     assert "holds list; expected 'markdown' and 'eval_results'" in capsys.readouterr().err
+    # Edited by hand: one line naming what is wrong (before: tracebacks, or "n/a" published as a metric).
+    entry = written["eval_results"][0]
+    for edit, problem in [
+        ({"eval_results": [{"metric_type": "iou", "metric_value": 1.0}]}, "eval_results[0] is not a model-index entry"),
+        ({"eval_results": "oops"}, "'eval_results' a list of model-index entries"),
+        ({"markdown": 5}, "'markdown' must be text"),
+        ({"eval_results": [{**entry, "extra_key": 1}]}, "eval_results[0] is not a model-index entry"),
+        ({"eval_results": [{**entry, "metric_value": "n/a"}]}, "has metric_value 'n/a', not a finite number"),
+        ({"generated_by": 5}, "'generated_by' is 5, not the path or id of a model"),
+    ]:  # fmt: skip
+        (tmp_path / "edited.json").write_text(json.dumps({**written, **edit}))
+        assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "edited.json")]) == 1
+        error = capsys.readouterr().err
+        assert problem in error and len(error.strip().splitlines()) == 1, error
     assert (model / "README.md").read_text() == card
 
 
