@@ -21,7 +21,7 @@ from .hub_card.publish import hub_repo_id
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import check_results_of, fid_results, mask_fidelity_results, provenance
+from .results import check_results_of, few_images_note, fid_results, mask_fidelity_results, provenance
 
 # Images per batch when a segmenter scores generated pairs (mask fidelity).
 FIDELITY_BATCH_SIZE = 32
@@ -325,6 +325,8 @@ def _run_fid(args):
         f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
         f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
     )
+    if few := few_images_note(scores):
+        print(f"warning: {few}", file=sys.stderr)
     if args.output:
         result = {**fid_results(scores), "scores": scores, **provenance(args.generated)}
         write_text_atomically(Path(args.output), json.dumps(result, indent=2))

@@ -228,6 +228,7 @@ def fid_kid(
         "kid_std": float(kid_std),
         "num_real": len(real),
         "num_generated": len(generated),
+        "num_features": fid.real_features_sum.numel(),
         "kid_subset_size": subset_size,
         "kid_subsets": kid_subsets,
         "features": INCEPTION_FEATURES

@@ -15,6 +15,20 @@ from .metrics import INCEPTION_FEATURES
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
 
 
+def few_images_note(scores: dict) -> str | None:
+    """
+    What to know of a Fréchet distance (FID, FD) from fewer images than features (its covariances cannot be full
+    rank): it is biased upward, comparable only at as many images. None for enough images, or scores without a count.
+    """
+    fewest, features = min(scores["num_real"], scores["num_generated"]), scores.get("num_features")
+    if features is None or fewest >= features:
+        return None
+    return (
+        f"{fewest} images are fewer than the {features} features, so this Fréchet distance is biased upward; "
+        "compare it only with distances of as many images (the paper compares 1,000 generated with 1,000 real)."
+    )
+
+
 def fid_results(scores: dict) -> dict:
     """FID/KID scores (from `polyp_diffusers.metrics.fid_kid`) as a card section and model-index entries."""
     dataset = Path(parse_dataset_spec(scores["real"])[0]).name
@@ -31,6 +45,8 @@ def fid_results(scores: dict) -> dict:
         f"| {fid_name} | {kid_name} (mean ± std) |\n| --- | --- |\n"
         f"| {scores['fid']:.2f} | {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} |"
     )
+    if few := few_images_note(scores):
+        markdown += f"\n\nNote: {few}"
     common = dict(task_type="image-to-image", dataset_type=dataset, dataset_name=dataset)
     return {
         "markdown": markdown,

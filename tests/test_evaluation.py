@@ -361,6 +361,10 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     assert result.returncode == 0, result.stderr
     scores = json.loads(output.read_text())
     assert scores["scores"]["num_real"] == 4 and scores["scores"]["num_generated"] == 12
+    # 4 real images for 8 features: said where it is printed and where it is published.
+    few = "4 images are fewer than the 8 features, so this Fréchet distance is biased upward; compare it only with"
+    assert scores["scores"]["num_features"] == 8 and f"Note: {few}" in scores["markdown"]
+    assert f"warning: {few}" in result.stderr
     # Not Inception's features: the distances are published under their features' name, never as FID.
     name = f"FD ({scores['scores']['features']})"
     assert f"| {name} |" in scores["markdown"] and "FID" not in scores["markdown"]
