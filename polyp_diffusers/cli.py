@@ -373,14 +373,19 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     model, config = segmenter
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
-    scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
     scores.update(provenance(parse_dataset_spec(name)[0]))
+    scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
     print(
         f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
         f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"
     )
     if config["train"] != "real":
         print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
+    if scores["generated_by"] is None:
+        print(
+            f"Note: {name} has no generation.json, the record `polyp-ddpm generate` keeps: if these are real pairs, "
+            "this is the segmenter's test score, not a model's mask fidelity."
+        )
     return scores
 
 
@@ -539,8 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Bad input or environment: said in one line.
-    return exit_code_of(lambda: args.run(args), (ValueError, OSError, RuntimeError, ImportError))
+    try:
+        # Bad input or environment: said in one line.
+        return exit_code_of(lambda: args.run(args), (ValueError, OSError, RuntimeError, ImportError))
+    except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
+        print(
+            "polyp-ddpm: interrupted. What was written whole is kept; the same command again goes on (generate and "
+            "reproduce from where they stopped).",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

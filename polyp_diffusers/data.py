@@ -745,9 +745,12 @@ def generating_model(dataset: str | os.PathLike) -> str | None:
 
 
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
-    """`DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`."""
+    """
+    `DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`. A folder whose own
+    name holds a colon (`runs/12:30`) is a dataset without a split.
+    """
     dataset, separator, split = spec.rpartition(":")
-    return (dataset, split) if separator and dataset else (spec, default_split)
+    return (dataset, split) if separator and dataset and not Path(spec).exists() else (spec, default_split)
 
 
 def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | DatasetDict:

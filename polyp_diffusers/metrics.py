@@ -172,12 +172,18 @@ def load_extractor(spec: str) -> nn.Module:
     return extractor
 
 
-def _uint8_batches(dataset, batch_size: int, size: int | None):
+def _uint8_batches(dataset, batch_size: int, size: int | None, name: str):
     """Images of a dataset as uint8 `(B, 3, H, W)` tensors, optionally resized so that one batch stacks."""
     for start in range(0, len(dataset), batch_size):
         images = dataset[start : start + batch_size]["image"]
         if size is not None:
             images = [image.convert("RGB").resize((size, size), resample=3) for image in images]
+        sizes = sorted({image.size for image in images})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the {name} images are of several sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); pass "
+                "--image-size N (image_size=N) to resize them all to N x N."
+            )
         yield torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
 
 
@@ -213,7 +219,7 @@ def fid_kid(
     for dataset, is_real in ((real, True), (generated, False)):
         name = "real" if is_real else "generated"
         for images in tqdm(
-            _uint8_batches(dataset, batch_size, image_size),
+            _uint8_batches(dataset, batch_size, image_size, name),
             desc=f"Features of {name} images",
             total=-(-len(dataset) // batch_size),
             unit="batch",

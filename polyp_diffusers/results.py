@@ -59,13 +59,15 @@ def fid_results(scores: dict) -> dict:
 
 def mask_fidelity_results(scores: dict, segmenter_family: str) -> dict:
     """
-    Mask fidelity (`segmentation.mask_fidelity` on generated pairs, with the `dataset` and `segmenter_trained_on`
-    that `polyp-ddpm mask-fidelity` adds) as a card section and model-index entries.
+    Mask fidelity (`segmentation.mask_fidelity` on generated pairs, with the `dataset`, `segmenter_trained_on` and
+    `generated_by` that `polyp-ddpm mask-fidelity` adds) as a card section and model-index entries.
     """
     dataset = Path(parse_dataset_spec(scores["dataset"])[0]).name
     trained_on = scores["segmenter_trained_on"]
+    # Pairs without the record of a model that made them (a set moved without its generation.json, or real pairs).
+    pairs = "generated pairs" if scores.get("generated_by") else "pairs (no record of the model that made them)"
     markdown = (
-        f"### Mask fidelity ({scores['num_images']} generated pairs of `{scores['dataset']}`, scored by a "
+        f"### Mask fidelity ({scores['num_images']} {pairs} of `{scores['dataset']}`, scored by a "
         f"{segmenter_family} trained on {trained_on} pairs against the masks the images were generated from)\n"
         "| IoU | Dice | precision | recall |\n| --- | --- | --- | --- |\n"
         f"| {scores['iou']:.4f} | {scores['dice']:.4f} | {scores['precision']:.4f} | {scores['recall']:.4f} |"

@@ -694,7 +694,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         "command": " ".join(["polyp-ddpm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "polyp-ddpm" else None,
         "wall_s": {name: record["wall_s"] for name, record in records.items()},
         "this_run_s": round(wall_s, 1),
-        "data": records["data"]["result"],
+        "pairs": records["data"]["result"],  # per split of the prepared data; "data" is the source, as given
         "denoiser_training": _denoiser_training(study),
         "realism": realism,
         "mask_fidelity": summarize_scores(fidelity) if fidelity else None,
@@ -708,7 +708,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         + (f", denoiser flags `{' '.join(arguments['denoiser_args'])}`" if arguments.get("denoiser_args") else ""),
         "",
         f"Device: {report['device']}; torch {torch.__version__}, diffusers {diffusers.__version__}.",
-        f"Data: `{arguments['data']}` ({', '.join(f'{k}: {v}' for k, v in report['data'].items())} pairs).",
+        f"Data: `{arguments['data']}` ({', '.join(f'{k}: {v}' for k, v in report['pairs'].items())} pairs).",
         _describe_training(report["denoiser_training"]),
         "",
         results["markdown"],

@@ -557,6 +557,18 @@ def test_exif_rotated_images_of_a_saved_dataset_turn_their_masks_too(tmp_path):
     np.testing.assert_array_equal(np.asarray(row["mask"]) > 127, np.rot90(np.asarray(mask) > 127, k=-1))
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import polyp_diffusers.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "prepare_dataset", interrupted)  # as if Ctrl-C came while it worked
+    assert polyp_ddpm(["prepare-data", "demo", "--output", str(tmp_path / "demo")]) == 130
+    error = capsys.readouterr().err
+    assert error.startswith("polyp-ddpm: interrupted.") and len(error.strip().splitlines()) == 1
+
+
 def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_upload_them(tmp_path):
     # Offline here (no network, or HF_HUB_OFFLINE): the Hub cannot be reached, and that is the failure tested.
     with pytest.raises(

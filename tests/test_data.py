@@ -20,6 +20,7 @@ from polyp_diffusers.data import (
     DataValidationError,
     build_dataset,
     load_polyp_dataset,
+    parse_dataset_spec,
     read_split_file,
     split_ids,
 )
@@ -98,6 +99,16 @@ def test_a_saved_dataset_with_an_empty_split_is_one_clear_error(tmp_path):
     DatasetDict({"train": dataset["train"], "test": dataset["test"].select([])}).save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} cannot be read as a prepared dataset: a split of it"):
         load_polyp_dataset(str(tmp_path / "empty"), split="train")
+
+
+def test_a_dataset_spec_splits_at_its_last_colon_unless_the_whole_is_a_folder(tmp_path):
+    assert parse_dataset_spec("data/kvasir-seg") == ("data/kvasir-seg", "test")
+    assert parse_dataset_spec("data/kvasir-seg:train") == ("data/kvasir-seg", "train")
+    assert parse_dataset_spec("USER/kvasir:validation", "train") == ("USER/kvasir", "validation")
+    timestamped = tmp_path / "runs-12:30"  # before: "runs-12" with the split "30"
+    timestamped.mkdir()
+    assert parse_dataset_spec(str(timestamped)) == (str(timestamped), "test")
+    assert parse_dataset_spec(f"{timestamped}:train") == (str(timestamped), "train")
 
 
 def test_original_image_files_are_kept_byte_for_byte(good_folder):

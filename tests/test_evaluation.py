@@ -16,7 +16,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, Features, load_from_disk
+from datasets import Image as ImageFeature
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -369,6 +370,16 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     name = f"FD ({scores['scores']['features']})"
     assert f"| {name} |" in scores["markdown"] and "FID" not in scores["markdown"]
     assert [(entry["metric_type"], entry["metric_name"]) for entry in scores["eval_results"]][0] == ("fd", name)
+
+
+def test_images_of_several_sizes_name_the_option_that_resizes_them():
+    images = [PIL.Image.new("RGB", (size, size)) for size in (32, 48, 32)]
+    mixed = Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()}))
+    with pytest.raises(
+        ValueError, match="the generated images are of several sizes \\(32x32, 48x48\\); pass --image-size"
+    ):
+        fid_kid(mixed.select([0, 2]), mixed, extractor=ColourStatistics())
+    assert fid_kid(mixed.select([0, 2]), mixed, extractor=ColourStatistics(), image_size=32)["num_generated"] == 3
 
 
 def test_only_scores_on_inception_features_are_published_as_fid_and_kid():
@@ -787,6 +798,13 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
+    # Real pairs (no generation.json): said, and not published as a model's generated pairs.
+    capsys.readouterr()
+    real_scores = tmp_path / "real-fidelity.json"
+    arguments = ["--segmenter", str(segmenter), "--dataset", f"{demo_masks}:test", "--output", str(real_scores)]
+    assert polyp_ddpm(["mask-fidelity", *arguments]) == 0
+    assert f"Note: {demo_masks}:test has no generation.json" in capsys.readouterr().out
+    assert "pairs (no record of the model that made them) of" in json.loads(real_scores.read_text())["markdown"]
     # A damaged or edited results.json, or weights of another segmenter, is one line naming the file (not a
     # traceback, or hundreds of weight names).
     damaged = tmp_path / "damaged-segmenter"

@@ -116,7 +116,8 @@ def test_the_report_has_every_setting_over_seeds_and_its_figures(finished_study)
         scores = report["mask_fidelity_extra"][setting]
         assert scores["seeds"] == 2 and 0 <= scores["iou_mean"] <= scores["dice_mean"] <= 1
         assert f"- and the {setting} pairs made from the held-out pairs: IoU" in markdown
-    assert json.loads((output / "report.json").read_text())["preset"] == "smoke"
+    written = json.loads((output / "report.json").read_text())
+    assert written["preset"] == "smoke" and written["data"] == "demo" and written["pairs"] == {"train": 36, "test": 4}
 
 
 def test_the_report_goes_into_the_model_card_and_not_into_another_models(finished_study, tmp_path, capsys):
