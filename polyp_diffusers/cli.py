@@ -122,8 +122,9 @@ def _add_convert_official(subparsers):
 
 
 def _run_convert_official(args):
+    repo_id = hub_repo_id(args.hub_id, args.output, "--hub-id") if args.push_to_hub else args.hub_id
     pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
-    write_converted_pipeline(pipeline, description, args.output, args.push_to_hub, args.hub_id)
+    write_converted_pipeline(pipeline, description, args.output, args.push_to_hub, repo_id)
     config = description["config"]
     print(
         f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
@@ -413,7 +414,7 @@ def _run_card(args):
             results[path] = json.loads(Path(path).read_text())
         except ValueError as error:
             raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
-    for path, result in results.items():
+    for path, result in results.items():  # their shape, before whose model they score (and before loading it)
         check_results_file(f"--results {path}", result)
     check_results_of(args.model_dir, results)
     # Results are for image models: a model of masks alone is refused by load_pipeline.

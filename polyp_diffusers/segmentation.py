@@ -7,6 +7,7 @@ runs all three.
 
 import importlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -349,14 +350,20 @@ def check_tests_apart(
                 )
 
 
-def test_set_names(specs: list[str]) -> list[str]:
+def name_test_sets(specs: list[str]) -> list[str]:
     """
     A name for each `DATASET[:SPLIT]` test set, its folder's name and split (`kvasir-seg:test`), with as many parent
-    folders as tell apart sets whose folders share a name (`a/data:test`, `b/data:test`). The same set twice is
-    refused: it would be scored once, under one name.
+    folders as tell apart sets whose folders share a name (`a/data:test`, `b/data:test`). The same set twice (by
+    its resolved path) is refused: it would be scored once, under one name.
     """
     places = [parse_dataset_spec(spec) for spec in specs]
-    parts = [(Path(path).resolve() if Path(path).exists() else Path(path)).parts for path, _ in places]
+    seen = {}
+    for spec, (path, split) in zip(specs, places):
+        if (place := (local_path_or_id(path), split)) in seen:
+            raise ValueError(f"--test {seen[place]} and --test {spec} are the same test set: name it once.")
+        seen[place] = spec
+    # Named as written (a symlink keeps its own name), made absolute so that parents can tell sets apart.
+    parts = [Path(os.path.abspath(path) if Path(path).exists() else path).parts for path, _ in places]
     depths = [1] * len(specs)
     while True:
         names = [f"{Path(*part[-depth:]).as_posix()}:{split}" for part, depth, (_, split) in zip(parts, depths, places)]
@@ -364,16 +371,15 @@ def test_set_names(specs: list[str]) -> list[str]:
         if not clashes:
             return names
         longer = [i for i in clashes if depths[i] < len(parts[i])]
-        if not longer:
-            first, second = [specs[i] for i in clashes if names[i] == names[clashes[0]]][:2]
-            raise ValueError(f"--test {first} and --test {second} are the same test set: name it once.")
+        if not longer:  # distinct sets whose whole paths read alike (a Hub id and a folder of that name)
+            raise ValueError(f"--test {specs[clashes[0]]} and --test {specs[clashes[1]]} cannot be told apart.")
         for i in longer:
             depths[i] += 1
 
 
 def load_test_sets(specs: list[str]) -> dict[str, Dataset]:
-    """`DATASET[:SPLIT]` specs (split default: test) as datasets, named by `test_set_names`."""
+    """`DATASET[:SPLIT]` specs (split default: test) as datasets, named by `name_test_sets`."""
     return {
         name: load_polyp_dataset(path, split=split)
-        for name, (path, split) in zip(test_set_names(specs), map(parse_dataset_spec, specs))
+        for name, (path, split) in zip(name_test_sets(specs), map(parse_dataset_spec, specs))
     }

@@ -52,7 +52,7 @@ from .segmentation import (
     load_test_sets,
     load_trained_segmenter,
     mask_fidelity,
-    test_set_names,
+    name_test_sets,
 )
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def run_study(
     # Where the study prepares its data; its test split is scored beside each --test.
     dataset = Path(output) / "data" / (Path(data).resolve().stem if data != DEMO_SOURCE else "demo")
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
-    test_set_names([f"{dataset}:test", *(tests or [])])
+    name_test_sets([f"{dataset}:test", *(tests or [])])
     settings = STUDY_PRESETS[preset]
     try:
         extra_train_flags = shlex.split(denoiser_args or "")
@@ -382,8 +382,10 @@ def run_study(
         else:
             digest = file_sha256(weights)
             measured = study.record("realism")
-            if measured is not None and measured["result"].get("inception_weights_sha256") != digest:
-                _say(f"== realism: measured earlier with other Inception weights than {weights}; measured again")
+            measured_with = measured["result"].get("inception_weights_sha256") if measured is not None else digest
+            if measured_with != digest:
+                earlier = "other Inception weights" if measured_with else "Inception weights it has no record of"
+                _say(f"== realism: measured earlier with {earlier}; measured again with {weights}")
                 study.forget("realism")
             study.step("realism", lambda: {**_realism(dataset, synthetic, weights), "inception_weights_sha256": digest})
 
@@ -501,8 +503,8 @@ def _prepare(data: str, dataset: Path, resolution: int, split_file: str | None) 
     demo = {"demo_pairs": 40} if data == DEMO_SOURCE else {}
     try:
         prepared = prepare_dataset(data, dataset, split_file=split_file, resolution=resolution, overwrite=True, **demo)
-    except (ValueError, OSError) as error:  # its advice may name prepare-data's flags, which reproduce has not
-        raise type(error)(
+    except (ValueError, FileNotFoundError) as error:  # its advice may name prepare-data's flags, not reproduce's
+        raise (ValueError if isinstance(error, ValueError) else FileNotFoundError)(
             f"{error} (`reproduce` prepares the data as `polyp-ddpm prepare-data` does with its defaults; for its "
             f"other flags, run `polyp-ddpm prepare-data {shlex.quote(str(data))} --output FOLDER ...` and pass "
             "FOLDER as --data.)"

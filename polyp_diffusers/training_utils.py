@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .folders import OutputClaim, OutputInUseError, visible_entries
+from .folders import OutputClaim, visible_entries
 from .pipelines import non_finite_names
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -240,22 +240,24 @@ def seconds_since_process_start() -> float:
 def claim_output(accelerator, output_dir: str | os.PathLike) -> OutputClaim | None:
     """
     The main process's claim on a training script's `output_dir` (which it creates): one run writes there at a
-    time, since a second (a job submitted twice) would prune, overwrite or resume mid-checkpoint. A refusal stops
-    every process: the others would otherwise wait for the main one in their first collective operation until the
-    launcher killed them.
+    time, since a second (a job submitted twice) would prune, overwrite or resume mid-checkpoint. A claim that fails
+    (in use, or a folder that cannot be written) stops every process: the others would otherwise wait for the main
+    one in their first collective operation until the launcher killed them.
     """
-    claim, refusal = None, None
+    claim, failure = None, None
     if accelerator.is_main_process:
         try:
             claim = OutputClaim(output_dir)
-        except OutputInUseError as error:
-            refusal = str(error)
+        except Exception as error:  # whatever it is, the other processes must hear of it
+            failure = error
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list  # here: `generate` imports this module, not accelerate
 
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        if not accelerator.is_main_process:
-            raise SystemExit(1)  # the main process says why, once
-        raise OutputInUseError(refusal)
+        failed = broadcast_object_list([failure is not None])[0]
+        if failed and not accelerator.is_main_process:
+            # Quietly, and without failing: a launcher stops every process as soon as one fails, which could
+            # stop the main one before it says why.
+            raise SystemExit(0)
+    if failure is not None:
+        raise failure
     return claim

@@ -44,8 +44,8 @@ from polyp_diffusers.segmentation import (
     load_trained_segmenter,
     logits_of,
     make_training_step,
+    name_test_sets,
     segmentation_scores,
-    test_set_names,
     training_pairs,
 )
 from polyp_diffusers.transforms import pair_transform
@@ -455,15 +455,15 @@ def test_test_sets_whose_folders_share_a_name_are_told_apart_and_one_given_twice
     for folder in ("study/data/demo", "other/demo"):
         (tmp_path / folder).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert test_set_names(["data/kvasir-seg", "USER/cvc:validation"]) == ["kvasir-seg:test", "cvc:validation"]
+    assert name_test_sets(["data/kvasir-seg", "USER/cvc:validation"]) == ["kvasir-seg:test", "cvc:validation"]
     # Before, the second replaced the first, and one set was scored under the name of both.
-    assert test_set_names(["study/data/demo:test", f"{tmp_path}/other/demo:test", "other/demo:train"]) == [
+    assert name_test_sets(["study/data/demo:test", f"{tmp_path}/other/demo:test", "other/demo:train"]) == [
         "data/demo:test",
         "other/demo:test",
         "demo:train",
     ]
     with pytest.raises(ValueError, match=f"--test ./other/demo:test and --test {tmp_path}/other/demo are the same"):
-        test_set_names(["./other/demo:test", f"{tmp_path}/other/demo"])
+        name_test_sets(["./other/demo:test", f"{tmp_path}/other/demo"])
 
 
 def test_segmentation_scores_match_hand_computed_values():
@@ -772,11 +772,11 @@ def test_a_segformer_started_from_pretrained_weights_reloads_without_them(demo_m
     assert logits_of(model, torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
-def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(
-    demo_masks, generated, saved_pipeline_dir, tmp_path, capsys
-):
-    segmenter = tmp_path / "real-segmenter"
-    # Trained on two processes, as `accelerate launch` runs it on two GPUs (DDP, here over gloo on the CPU).
+@pytest.fixture(scope="module")
+def real_segmenter(demo_masks, tmp_path_factory):
+    """A segmenter trained on real pairs, on two processes as `accelerate launch` runs it on two GPUs (DDP, here
+    over gloo on the CPU)."""
+    segmenter = tmp_path_factory.mktemp("segmenter") / "real"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
@@ -786,30 +786,33 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
         capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return segmenter
+
+
+def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_ones(
+    real_segmenter, demo_masks, generated, tmp_path, capsys
+):
     output = tmp_path / "fidelity.json"
-    assert (
-        polyp_ddpm(
-            ["mask-fidelity", "--segmenter", str(segmenter), "--dataset", str(generated), "--output", str(output)]
-        )
-        == 0
-    )
+    arguments = ["--segmenter", str(real_segmenter), "--dataset", str(generated), "--output", str(output)]
+    assert polyp_ddpm(["mask-fidelity", *arguments]) == 0
     scores = json.loads(output.read_text())
     assert scores["num_images"] == 12 and 0 <= scores["iou"] <= scores["dice"] <= 1
     assert scores["dataset"] == f"{generated}:train" and scores["segmenter_trained_on"] == "real"
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
     # Real pairs (no generation.json): said, and not published as a model's generated pairs.
-    capsys.readouterr()
     real_scores = tmp_path / "real-fidelity.json"
-    arguments = ["--segmenter", str(segmenter), "--dataset", f"{demo_masks}:test", "--output", str(real_scores)]
+    arguments = ["--segmenter", str(real_segmenter), "--dataset", f"{demo_masks}:test", "--output", str(real_scores)]
     assert polyp_ddpm(["mask-fidelity", *arguments]) == 0
     assert f"Note: {demo_masks}:test has no generation.json" in capsys.readouterr().out
     assert "pairs (no record of the model that made them) of" in json.loads(real_scores.read_text())["markdown"]
-    # A damaged or edited results.json, or weights of another segmenter, is one line naming the file (not a
-    # traceback, or hundreds of weight names).
+
+
+def test_a_damaged_segmenter_folder_is_one_line_that_names_the_file(real_segmenter, generated, tmp_path, capsys):
+    # Before: tracebacks, or hundreds of weight names for weights of another segmenter.
     damaged = tmp_path / "damaged-segmenter"
-    shutil.copytree(segmenter, damaged)
-    saved = json.loads((segmenter / "results.json").read_text())
+    shutil.copytree(real_segmenter, damaged)
+    saved = json.loads((real_segmenter / "results.json").read_text())
     for text, problem in [
         ("{bad", "is damaged (JSONDecodeError"),
         ("[]", "is damaged (TypeError"),
@@ -822,55 +825,88 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
         error = capsys.readouterr().err
         assert f"{damaged / 'results.json'} " in error or f"{damaged / 'best.safetensors'} " in error, error
         assert problem in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
-    # generate scores its own pairs with the same segmenter when asked, and a wrong folder fails before sampling.
+
+
+@pytest.fixture(scope="module")
+def scored_generation(real_segmenter, demo_masks, saved_pipeline_dir, tmp_path_factory):
+    """Pairs that `generate --fidelity-segmenter` made and scored: its folder and the scores it wrote."""
+    made = tmp_path_factory.mktemp("scored") / "made"
+    arguments = ["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--sampler",
+                 "ddim", "--steps", "2", "--batch-size", "4", "--output", str(made), "--fidelity-segmenter",
+                 str(real_segmenter)]  # fmt: skip
+    assert polyp_ddpm(arguments) == 0
+    return made, json.loads((made / "mask_fidelity.json").read_text())
+
+
+def test_generate_scores_its_pairs_as_mask_fidelity_does_and_uploads_last(
+    real_segmenter, scored_generation, demo_masks, saved_pipeline_dir, tmp_path, capsys
+):
+    made, written = scored_generation
+    output = tmp_path / "fidelity.json"
+    arguments = ["--segmenter", str(real_segmenter), "--dataset", str(made), "--output", str(output)]
+    assert polyp_ddpm(["mask-fidelity", *arguments]) == 0
+    again = json.loads(output.read_text())
+    assert written["num_images"] == 6 and written["dataset"] == f"{made}:train"
+    assert written["iou"] == pytest.approx(again["iou"]) and written["dice"] == pytest.approx(again["dice"])
+    # A wrong segmenter folder fails before sampling.
     generate = ["generate", "--model", str(saved_pipeline_dir), "--mask-dataset", str(demo_masks), "--sampler",
                 "ddim", "--steps", "2", "--batch-size", "4"]  # fmt: skip
     assert polyp_ddpm([*generate, "--output", str(tmp_path / "never"), "--fidelity-segmenter", str(tmp_path)]) == 1
     assert not (tmp_path / "never").exists()
-    made = tmp_path / "made"
     # An upload (offline here, so it fails) comes last: the score is written before it, and the same command,
-    # which has nothing more to generate, tries the upload again.
-    upload = ["--push-to-hub", "--hub-id", "me/made"]
+    # which has nothing more to generate, tries the upload again (before: "nothing to do").
+    uploaded = tmp_path / "uploaded"
+    upload = ["--push-to-hub", "--hub-id", "me/made", "--fidelity-segmenter", str(real_segmenter)]
     for _ in range(2):
-        assert polyp_ddpm([*generate, "--output", str(made), "--fidelity-segmenter", str(segmenter), *upload]) == 1
+        assert polyp_ddpm([*generate, "--output", str(uploaded), *upload]) == 1
         assert "uploading the dataset to the Hub repo me/made failed" in capsys.readouterr().err
-        assert (made / "mask_fidelity.json").is_file()
-    written = json.loads((made / "mask_fidelity.json").read_text())
-    assert (
-        polyp_ddpm(["mask-fidelity", "--segmenter", str(segmenter), "--dataset", str(made), "--output", str(output)])
-        == 0
-    )
-    again = json.loads(output.read_text())
-    assert written["num_images"] == 6 and written["dataset"] == f"{made}:train"
-    assert written["iou"] == pytest.approx(again["iou"]) and written["dice"] == pytest.approx(again["dice"])
-    # Either file puts its scores into a model card.
+        assert (uploaded / "mask_fidelity.json").is_file()
+
+
+@pytest.fixture
+def card_model(saved_pipeline_dir, tmp_path):
+    """A copy of the saved pipeline, whose card the test may change."""
     model = tmp_path / "model"
     PolypDDPMPipeline.from_pretrained(saved_pipeline_dir).save_pretrained(model)
-    assert polyp_ddpm(["card", str(model), "--results", str(made / "mask_fidelity.json")]) == 0
-    card = (model / "README.md").read_text()
+    return model
+
+
+def test_mask_fidelity_goes_into_its_models_card_once_and_not_into_another_models(
+    scored_generation, card_model, saved_pipeline_dir, tmp_path, capsys
+):
+    made, written = scored_generation
+    scores = made / "mask_fidelity.json"
+    assert polyp_ddpm(["card", str(card_model), "--results", str(scores)]) == 0
+    card = (card_model / "README.md").read_text()
     assert (
         "### Mask fidelity (6 generated pairs of" in card
         and f"| {written['iou']:.4f} | {written['dice']:.4f} |" in card
     )
     assert "mask fidelity IoU (UNet++ trained on real)" in card and f"value: {round(written['iou'], 4)}" in card
-    # But not into the card of another model, and not twice.
     other = PolypDDPMPipeline.from_pretrained(saved_pipeline_dir)
     torch.nn.init.zeros_(next(other.unet.parameters()))
     other.save_pretrained(tmp_path / "other")
-    assert polyp_ddpm(["card", str(tmp_path / "other"), "--results", str(output)]) == 1
+    assert polyp_ddpm(["card", str(tmp_path / "other"), "--results", str(scores)]) == 1
     assert f"scores images generated by {saved_pipeline_dir}, whose weights are not those of" in capsys.readouterr().err
-    # The record holds the weights as they were: a model folder moved away (or trained again) is still told apart.
-    moved = {**json.loads(output.read_text()), "generated_by": str(tmp_path / "moved-away")}
+    # The record holds the weights as they were when scored: a model folder moved away is still told apart.
+    moved = {**written, "generated_by": str(tmp_path / "moved-away")}
     (tmp_path / "moved.json").write_text(json.dumps(moved))
     assert polyp_ddpm(["card", str(tmp_path / "other"), "--results", str(tmp_path / "moved.json")]) == 1
     assert f"generated by {tmp_path / 'moved-away'}, whose weights are not those of" in capsys.readouterr().err
-    shutil.copy(output, tmp_path / "again.json")
-    assert polyp_ddpm(["card", str(model), "--results", str(output), "--results", str(tmp_path / "again.json")]) == 1
-    assert f"--results {tmp_path / 'again.json'} holds the same results as {output}" in capsys.readouterr().err
+    shutil.copy(scores, tmp_path / "again.json")
+    assert (
+        polyp_ddpm(["card", str(card_model), "--results", str(scores), "--results", str(tmp_path / "again.json")]) == 1
+    )
+    assert f"--results {tmp_path / 'again.json'} holds the same results as {scores}" in capsys.readouterr().err
+    assert (card_model / "README.md").read_text() == card
+
+
+def test_results_files_edited_out_of_shape_are_one_line_each(scored_generation, card_model, tmp_path, capsys):
+    _, written = scored_generation
     (tmp_path / "list.json").write_text("[]")
-    assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "list.json")]) == 1
+    assert polyp_ddpm(["card", str(card_model), "--results", str(tmp_path / "list.json")]) == 1
     assert "holds list; expected 'markdown' and 'eval_results'" in capsys.readouterr().err
-    # Edited by hand: one line naming what is wrong (before: tracebacks, or "n/a" published as a metric).
+    # Before: tracebacks, or "n/a" published as a metric.
     entry = written["eval_results"][0]
     for edit, problem in [
         ({"eval_results": [{"metric_type": "iou", "metric_value": 1.0}]}, "eval_results[0] is not a model-index entry"),
@@ -881,10 +917,10 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
         ({"generated_by": 5}, "'generated_by' is 5, not the path or id of a model"),
     ]:  # fmt: skip
         (tmp_path / "edited.json").write_text(json.dumps({**written, **edit}))
-        assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "edited.json")]) == 1
+        assert polyp_ddpm(["card", str(card_model), "--results", str(tmp_path / "edited.json")]) == 1
         error = capsys.readouterr().err
         assert problem in error and len(error.strip().splitlines()) == 1, error
-    assert (model / "README.md").read_text() == card
+    assert not (card_model / "README.md").exists()  # no card was written
 
 
 def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fidelity_set():

@@ -678,14 +678,14 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
             scheduler.step()
         return scheduler
 
-    def resumed(checkpoint_schedule, max_train_steps, num_processes):
+    def resumed(checkpoint_schedule, max_train_steps, num_processes, recorded=None):
         args = argparse.Namespace(
             learning_rate=1e-3, learning_rate_changes=[], num_processes_changes=[], train_batch_size=4,
             gradient_accumulation_steps=1, max_train_steps=max_train_steps, lr_scheduler="linear",
         )  # fmt: skip
         lr_scheduler = argparse.Namespace(scheduler=schedule_at(0, max_train_steps, num_processes))
         lr_scheduler.scheduler.load_state_dict(checkpoint_schedule.state_dict())
-        train.continue_schedule(lr_scheduler, {"num_processes": 2}, args, num_processes, step=4)
+        train.continue_schedule(lr_scheduler, recorded or {"num_processes": 2}, args, num_processes, step=4)
         return lr_scheduler.scheduler, args
 
     on_two = schedule_at(4, max_train_steps=8, num_processes=2)
@@ -699,6 +699,9 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
             [] if num_processes == 2 else [{"step": 4, "from": 2, "to": num_processes}]
         )
     assert "jumps" not in caplog.text
+    # A checkpoint older than the record of its processes: its schedule's place tells.
+    scheduler, args = resumed(on_two, max_train_steps=8, num_processes=1, recorded={"learning_rate": 1e-3})
+    assert scheduler.last_epoch == 4 and args.num_processes_changes == [{"step": 4, "from": 2, "to": 1}]
     scheduler, _ = resumed(on_two, max_train_steps=16, num_processes=1)
     assert scheduler.get_last_lr() == pytest.approx([7.5e-4])
     assert (

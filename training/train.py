@@ -397,7 +397,7 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
     write_model_card(
         pipeline,
         staging,
-        repo_id=args.hub_model_id or Path(output_dir).name,
+        repo_id=args.hub_model_id or Path(output_dir).resolve().name,
         training_config=config,
         dataset=args.dataset if not os.path.exists(args.dataset) else None,
     )
@@ -550,8 +550,9 @@ def continue_schedule(lr_scheduler, checkpoint_settings: dict, args, num_process
         change = {"step": step, "from": loaded_learning_rate, "to": args.learning_rate}
         args.learning_rate_changes = [*args.learning_rate_changes, change]
         logger.info(f"The learning rate goes from {change['from']:g} to {change['to']:g} at step {step}.")
-    # A checkpoint older than the record is taken to have run on as many processes as now.
-    recorded_processes = checkpoint_settings.get("num_processes", num_processes)
+    recorded_processes = checkpoint_settings.get("num_processes")
+    if recorded_processes is None:  # a checkpoint older than the record: its schedule went on step x processes
+        recorded_processes = max(1, round(scheduler.last_epoch / step)) if step else num_processes
     if recorded_processes != num_processes:
         args.num_processes_changes = [
             *args.num_processes_changes,
