@@ -509,35 +509,38 @@ def test_tensor_batches_index_the_pairs_from_a_given_batch_on():
 
 
 def test_an_output_folder_inside_the_dataset_holding_other_files_or_in_use_is_refused_untouched(
-    demo_dataset, finished_run, tmp_path
+    demo_dataset, finished_run, tmp_path, capsys
 ):
     notes = tmp_path / "other" / "notes.txt"
     notes.parent.mkdir()
     notes.write_text("mine")
     finished = {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")}
-    running = partial_path(tmp_path / "running", 4)  # a run writing its checkpoint, which a new run would remove
-    running.mkdir(parents=True)
     refusals = {
         demo_dataset / "run": "lies inside the dataset",
         notes.parent: "already holds notes.txt: train.py starts no new run over an earlier run's files or files",
         finished_run: "already holds README.md, card.json, checkpoint-12",  # finished: resume it, or write elsewhere
-        running.parent: f"is being written by another running command (process {os.getpid()} on",
     }
+    for output, reason in refusals.items():  # in this process: refused before accelerate starts
+        assert reason in refusal(capsys, "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN)
+    assert not (demo_dataset / "run").exists() and notes.read_text() == "mine"
+    assert {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")} == finished
+    # A folder another run is writing, its checkpoint half written (which a new run would remove).
+    running = partial_path(tmp_path / "running", 4)
+    running.mkdir(parents=True)
+    in_use = f"is being written by another running command (process {os.getpid()} on"
+    command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(running.parent)]
+    command += [*TINY_RUN, "--resume_from_checkpoint", "latest"]
     with OutputClaim(running.parent):
-        for output, reason in refusals.items():
-            command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(output)]
-            command += [*TINY_RUN, *(["--resume_from_checkpoint", "latest"] if output == running.parent else [])]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-            assert reason in result.stderr.strip().splitlines()[-1]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert in_use in result.stderr.strip().splitlines()[-1]
         # On two processes (as a multi-GPU job runs), the refusal stops both, said once.
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
         result = subprocess.run([*torchrun, *command[1:]], capture_output=True, text=True, timeout=300, env=environment)
         assert result.returncode != 0 and "[rank1]:" not in result.stderr, result.stderr[-3000:]
-        assert result.stderr.count(refusals[running.parent]) == 1, result.stderr[-3000:]
-    assert not (demo_dataset / "run").exists() and notes.read_text() == "mine" and running.is_dir()
-    assert {path: path.stat().st_mtime_ns for path in finished_run.rglob("*")} == finished
+        assert result.stderr.count(in_use) == 1, result.stderr[-3000:]
+    assert running.is_dir()
 
 
 def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path):
