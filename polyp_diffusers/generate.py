@@ -38,7 +38,7 @@ from .folders import (
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import hub_repo_id, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
-from .modeling import SAMPLERS, default_device, make_sampler
+from .modeling import SAMPLERS, default_device, make_sampler, unet_weights_digest
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
 from .training_utils import CHECKPOINT_PATTERN
@@ -123,19 +123,21 @@ def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -
 PATH_SETTINGS = ("model", "mask_dataset", "mask_model")
 
 
-def _read_settings(path: Path) -> dict | None:
+def _read_settings(path: Path, settings: dict) -> dict | None:
     """
-    The settings a run recorded, or None when the file is missing or damaged (a run killed while writing it). Paths
-    recorded as typed (before they were resolved) are read from this folder, as the run that wrote them was.
+    The settings a run recorded, to compare with this run's `settings`, or None when the file is missing or damaged
+    (a run killed while writing it). Paths recorded as typed (before they were resolved) are read from this folder,
+    as the run that wrote them was; a record older than the weights' digest is taken to be of these weights.
     """
     try:
-        settings = json.loads(path.read_text())
+        recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(settings, dict):
+    if not isinstance(recorded, dict):
         return None
-    return {key: local_path_or_id(value) if key in PATH_SETTINGS and isinstance(value, str) else value
-            for key, value in settings.items()}  # fmt: skip
+    recorded = {key: local_path_or_id(value) if key in PATH_SETTINGS and isinstance(value, str) else value
+                for key, value in recorded.items()}  # fmt: skip
+    return {"model_weights_sha256": settings["model_weights_sha256"], **recorded}
 
 
 class OtherRunError(ValueError):
@@ -153,7 +155,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     if parts.is_dir() and not any(parts.glob("part-*.parquet")):
         shutil.rmtree(parts)  # a run killed before its first batch was written: nothing to continue or to lose
     if parts.is_dir():
-        previous = _read_settings(parts / SETTINGS_FILE)
+        previous = _read_settings(parts / SETTINGS_FILE, settings)
         if previous == settings:
             return False
         if not overwrite:
@@ -173,7 +175,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             )
         shutil.rmtree(parts)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
-        if _read_settings(output / SETTINGS_FILE) == settings:
+        if _read_settings(output / SETTINGS_FILE, settings) == settings:
             return True
         raise OtherRunError(
             f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
@@ -298,6 +300,8 @@ def generate_dataset(
         # from other folders.
         settings = {
             "model": local_path_or_id(model),
+            # The weights themselves: a model trained again in its folder makes another generation.
+            "model_weights_sha256": unet_weights_digest(model),
             "mask_dataset": local_path_or_id(mask_dataset),
             "split": split,
             "num_images_per_mask": num_images_per_mask,
@@ -354,7 +358,7 @@ def generate_dataset(
             masks_of = _drawn_once(masks_of)
 
         parts = output / PARTS_DIR
-        recorded = _read_settings(parts / SETTINGS_FILE) == settings
+        recorded = _read_settings(parts / SETTINGS_FILE, settings) == settings
         compiled_batch_size = None  # the batch the compiled UNet has seen in this run
         requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
         batches = even_batches(len(requests), batch_size)

@@ -2,11 +2,13 @@
 objective and its samplers."""
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
 
+from .folders import file_sha256
 from .pipelines.pipeline_polyp_ddpm import mask_model_input
 
 # The paper's channel multipliers per image size (the guided-diffusion defaults its code uses).
@@ -207,3 +209,15 @@ def make_sampler(name: str, config) -> SchedulerMixin:
 def default_device() -> str:
     """Where the commands run models unless told otherwise: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# The weights that say which model a saved pipeline folder holds.
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def unet_weights_digest(model_dir: str | Path) -> str | None:
+    """The SHA-256 of a local saved pipeline's UNet weights (None where there is none to read: a Hub id)."""
+    try:
+        return file_sha256(Path(model_dir) / UNET_WEIGHTS)
+    except OSError:
+        return None

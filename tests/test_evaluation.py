@@ -31,7 +31,8 @@ from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches, generate_dataset
 from polyp_diffusers.metrics import INCEPTION_FEATURES, dinov2_extractor, fid_kid, inception_extractor
-from polyp_diffusers.results import fid_results
+from polyp_diffusers.modeling import unet_weights_digest
+from polyp_diffusers.results import fid_results, provenance
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SMALLEST_RESOLUTION,
@@ -167,6 +168,22 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
     (output / PARTS_DIR / "part-000000-000016.parquet").write_bytes(b"pairs of those settings")
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+
+
+def test_a_model_trained_again_in_its_folder_makes_another_generation(saved_pipeline_dir, demo_masks, tmp_path):
+    model, output = tmp_path / "model", tmp_path / "synthetic"
+    pipeline = PolypDDPMPipeline.from_pretrained(saved_pipeline_dir)
+    pipeline.save_pretrained(model)
+    settings = {**GENERATION, "split": "test", "num_images_per_mask": 1}
+    generate_dataset(str(model), str(demo_masks), output, **settings)
+    made_by = provenance(str(output))
+    torch.nn.init.zeros_(next(pipeline.unet.parameters()))  # trained again, into the same folder
+    pipeline.save_pretrained(model)
+    # Before, the same command said "nothing to do" and kept the old model's pairs.
+    with pytest.raises(ValueError, match="already holds a dataset generated with other settings"):
+        generate_dataset(str(model), str(demo_masks), output, **settings)
+    # Whose images they are stays as generated: the new weights are not those that made them.
+    assert provenance(str(output)) == made_by and made_by["generated_by_weights"] != unet_weights_digest(model)
 
 
 def test_generation_can_start_from_the_models_mean_colour(tiny_pipeline, saved_pipeline_dir, demo_masks, tmp_path):
