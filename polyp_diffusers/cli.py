@@ -6,12 +6,13 @@ Each subcommand only parses its arguments and calls the function that holds its 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from datasets import DatasetDict
 
-from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
+from .arguments import TRACEBACK_VARIABLE, HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
@@ -548,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Bad input or environment: said in one line.
         return exit_code_of(lambda: args.run(args), (ValueError, OSError, RuntimeError, ImportError))
-    except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
+    except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash, unless one is asked for
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
         print(
             "polyp-ddpm: interrupted. What was written whole is kept; the same command again goes on (generate and "
             "reproduce from where they stopped).",

@@ -567,6 +567,9 @@ def test_ctrl_c_is_one_line_and_exit_code_130_not_a_traceback(tmp_path, monkeypa
     assert polyp_ddpm(["prepare-data", "demo", "--output", str(tmp_path / "demo")]) == 130
     error = capsys.readouterr().err
     assert error.startswith("polyp-ddpm: interrupted.") and len(error.strip().splitlines()) == 1
+    monkeypatch.setenv("POLYP_DDPM_TRACEBACK", "1")  # for a bug report: the traceback
+    with pytest.raises(KeyboardInterrupt):
+        polyp_ddpm(["prepare-data", "demo", "--output", str(tmp_path / "demo")])
 
 
 def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_upload_them(tmp_path):

@@ -670,23 +670,23 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
     PartialState()  # accelerate's logger logs once the state is made
     train = load_train_script()
 
-    def schedule_at(step, max_train_steps, num_processes):
-        """A linear schedule as accelerate steps it on `num_processes` processes, `step` optimizer steps in."""
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    def schedule_at(step, max_train_steps, num_processes, name="linear", learning_rate=1e-3):
+        """A schedule as accelerate steps it on `num_processes` processes, `step` optimizer steps in."""
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
         scheduler = get_scheduler(
-            "linear", optimizer, num_warmup_steps=0, num_training_steps=max_train_steps * num_processes
+            name, optimizer, num_warmup_steps=0, num_training_steps=max_train_steps * num_processes
         )
         for _ in range(step * num_processes):
             optimizer.step()
             scheduler.step()
         return scheduler
 
-    def resumed(checkpoint_schedule, max_train_steps, num_processes, recorded=None):
+    def resumed(checkpoint_schedule, max_train_steps, num_processes, recorded=None, name="linear", learning_rate=1e-3):
         args = argparse.Namespace(
-            learning_rate=1e-3, learning_rate_changes=[], num_processes_changes=[], train_batch_size=4,
-            gradient_accumulation_steps=1, max_train_steps=max_train_steps, lr_scheduler="linear",
+            learning_rate=learning_rate, learning_rate_changes=[], num_processes_changes=[], train_batch_size=4,
+            gradient_accumulation_steps=1, max_train_steps=max_train_steps, lr_scheduler=name,
         )  # fmt: skip
-        lr_scheduler = argparse.Namespace(scheduler=schedule_at(0, max_train_steps, num_processes))
+        lr_scheduler = argparse.Namespace(scheduler=schedule_at(0, max_train_steps, num_processes, name, learning_rate))
         lr_scheduler.scheduler.load_state_dict(checkpoint_schedule.state_dict())
         train.continue_schedule(lr_scheduler, recorded or {"num_processes": 2}, args, num_processes, step=4)
         return lr_scheduler.scheduler, args
@@ -701,6 +701,10 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
         assert args.num_processes_changes == (
             [] if num_processes == 2 else [{"step": 4, "from": 2, "to": num_processes}]
         )
+    # A new peak rate alone is no jump, also where the schedule does not scale with it (polynomial's fixed end).
+    resumed(
+        schedule_at(4, 8, 2, "polynomial"), max_train_steps=8, num_processes=2, name="polynomial", learning_rate=5e-4
+    )
     assert "jumps" not in caplog.text
     # A checkpoint older than the record of its processes: its schedule's place tells.
     scheduler, args = resumed(on_two, max_train_steps=8, num_processes=1, recorded={"learning_rate": 1e-3})

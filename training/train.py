@@ -545,7 +545,7 @@ def continue_schedule(lr_scheduler, checkpoint_settings: dict, args, num_process
     """
     scheduler = lr_scheduler.scheduler
     loaded_learning_rate = scheduler.base_lrs[0]  # the checkpoint's, whatever its records say
-    rate_there = scheduler.get_last_lr()[0] * args.learning_rate / loaded_learning_rate
+    rate_there = scheduler.get_last_lr()[0]  # the checkpoint's schedule at its step
     if loaded_learning_rate != args.learning_rate:
         change = {"step": step, "from": loaded_learning_rate, "to": args.learning_rate}
         args.learning_rate_changes = [*args.learning_rate_changes, change]
@@ -566,7 +566,10 @@ def continue_schedule(lr_scheduler, checkpoint_settings: dict, args, num_process
         )
     place_schedule(lr_scheduler, args.learning_rate, round(scheduler.last_epoch * num_processes / recorded_processes))
     rate_here = scheduler.get_last_lr()[0]
-    if not math.isclose(rate_here, rate_there, rel_tol=1e-6, abs_tol=1e-15):
+    # With a new peak rate, that change is said above (and the `polynomial` schedule's fixed end rate would not
+    # scale with it): a jump is told only of the schedule's length.
+    same_peak = loaded_learning_rate == args.learning_rate
+    if same_peak and not math.isclose(rate_here, rate_there, rel_tol=1e-6, abs_tol=1e-15):
         logger.warning(
             f"The learning rate at step {step} is {rate_here:g} on this run's {args.lr_scheduler} schedule and was "
             f"{rate_there:g} on the checkpoint's: --max_train_steps {args.max_train_steps} made the schedule longer "
