@@ -16,7 +16,7 @@ def hub_repo_id(repo_id: str | None, folder, flag: str) -> str:
     try:
         validate_repo_id(chosen)
     except HFValidationError as error:
-        where = "" if repo_id else f" (the default, the name of {folder})"
+        where = "" if repo_id else " (by default the output folder's name)"
         raise ValueError(
             f"{chosen!r}{where} cannot be a Hub repo id: {error} Name one with {flag} USER/NAME."
         ) from None

@@ -36,7 +36,7 @@ from .folders import (
     write_text_atomically,
 )
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
-from .hub_card.publish import hub_repo_id, push_dataset
+from .hub_card.publish import UploadError, hub_repo_id, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import SAMPLERS, default_device, make_sampler, unet_weights_digest
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
@@ -427,13 +427,18 @@ def generate_dataset(
         # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
         write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
         if push_to_hub:
-            push_dataset(dataset, card, repo_id, output)
+            push_generated(output, repo_id)
         return dataset
 
 
 def push_generated(output: str | os.PathLike, repo_id: str) -> None:
     """Uploads a generated dataset as `generate` saved it, with its card, to a Hub dataset repo."""
-    push_dataset(load_from_disk(str(output)), (Path(output) / "README.md").read_text(), repo_id, output)
+    try:
+        push_dataset(load_from_disk(str(output)), (Path(output) / "README.md").read_text(), repo_id, output)
+    except UploadError as error:
+        raise UploadError(
+            f"{error} Or run the same generate command again: it finds the pairs made and uploads them."
+        ) from error
 
 
 def _load_mask_model(

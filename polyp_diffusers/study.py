@@ -301,8 +301,9 @@ def run_study(
         load_inception_state_dict(inception_weights)
     # Where the study prepares its data; its test split is scored beside each --test.
     dataset = Path(output) / "data" / (Path(data).resolve().stem if data != DEMO_SOURCE else "demo")
+    test_specs = [f"{dataset}:test", *(tests or [])]
     load_test_sets(tests or [])  # a wrong --test fails now, not after hours of training
-    name_test_sets([f"{dataset}:test", *(tests or [])])
+    name_test_sets(test_specs)  # and a set named twice
     settings = STUDY_PRESETS[preset]
     try:
         extra_train_flags = shlex.split(denoiser_args or "")
@@ -389,7 +390,6 @@ def run_study(
                 study.forget("realism")
             study.step("realism", lambda: {**_realism(dataset, synthetic, weights), "inception_weights_sha256": digest})
 
-        test_specs = [f"{dataset}:test", *(tests or [])]
         jobs = segmentation_jobs or settings["segmentation_jobs"]
         # Each segmenter's share of the cores this process may use (a scheduler's allocation, not the machine's).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

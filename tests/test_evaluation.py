@@ -170,7 +170,7 @@ def test_a_rerun_with_other_settings_is_refused(saved_pipeline_dir, demo_masks, 
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
 
 
-def test_a_model_trained_again_in_its_folder_makes_another_generation(saved_pipeline_dir, demo_masks, tmp_path):
+def test_a_model_trained_again_in_its_folder_makes_another_generation(saved_pipeline_dir, demo_masks, tmp_path, capsys):
     model, output = tmp_path / "model", tmp_path / "synthetic"
     pipeline = PolypDDPMPipeline.from_pretrained(saved_pipeline_dir)
     pipeline.save_pretrained(model)
@@ -182,8 +182,11 @@ def test_a_model_trained_again_in_its_folder_makes_another_generation(saved_pipe
     # Before, the same command said "nothing to do" and kept the old model's pairs.
     with pytest.raises(ValueError, match="already holds a dataset generated with other settings"):
         generate_dataset(str(model), str(demo_masks), output, **settings)
-    # Whose images they are stays as generated: the new weights are not those that made them.
+    # Whose images they are stays as generated: the new weights are not those that made them, and the card says so.
     assert provenance(str(output)) == made_by and made_by["generated_by_weights"] != unet_weights_digest(model)
+    (tmp_path / "scores.json").write_text(json.dumps({"markdown": "### Scores", "eval_results": [], **made_by}))
+    assert polyp_ddpm(["card", str(model), "--results", str(tmp_path / "scores.json")]) == 1
+    assert f"scores images that {model} generated before it was trained again (UNet SHA-256 " in capsys.readouterr().err
 
 
 def test_generation_can_start_from_the_models_mean_colour(tiny_pipeline, saved_pipeline_dir, demo_masks, tmp_path):
@@ -876,7 +879,9 @@ def test_generate_scores_its_pairs_as_mask_fidelity_does_and_uploads_last(
     upload = ["--push-to-hub", "--hub-id", "me/made", "--fidelity-segmenter", str(real_segmenter)]
     for _ in range(2):
         assert polyp_ddpm([*generate, "--output", str(uploaded), *upload]) == 1
-        assert "uploading the dataset to the Hub repo me/made failed" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert "uploading the dataset to the Hub repo me/made failed" in error
+        assert "Or run the same generate command again: it finds the pairs made and uploads them." in error
         assert (uploaded / "mask_fidelity.json").is_file()
 
 

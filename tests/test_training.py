@@ -720,7 +720,7 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
 def test_a_hub_repo_id_the_hub_would_refuse_is_refused_before_training(demo_dataset, tmp_path, capsys):
     output = tmp_path / "my run"  # the default id, the folder's name, has a space
     line = refusal(capsys, "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--push_to_hub")
-    assert f"'my run' (the default, the name of {output}) cannot be a Hub repo id" in line
+    assert "'my run' (by default the output folder's name) cannot be a Hub repo id" in line
     assert "Name one with --hub_model_id USER/NAME." in line and not output.exists()
 
 
