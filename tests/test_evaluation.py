@@ -621,6 +621,7 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
         (other, "--overwrite"): "holds notes.txt, which this script does not write",
         (tmp_path / "new", "--test", f"{demo_masks}:nope"): "nope",
         (tmp_path / "new", "--validation_size", "1000"): "--validation_size 1000 leaves no train or no test pair",
+        (tmp_path / "twice", "--test", f"{demo_masks}:test"): "are the same test set: name it once",
     }
     main = load_training_script("train_segmentation").main  # in this process: no start-up for each refusal
     for (output, *flags), reason in refusals.items():
@@ -633,7 +634,7 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert refusals[(finished,)] in result.stderr.strip().splitlines()[-1]
     assert (finished / "results.json").read_text() == results and (other / "notes.txt").read_text() == "mine"
-    assert not (demo_masks / "run").exists()
+    assert not (demo_masks / "run").exists() and not (tmp_path / "twice").exists()
     # A replacing run that stops once its inputs have loaded (an encoder that cannot be found): the finished run
     # it would replace is whole.
     weights = (finished / "best.safetensors").read_bytes()

@@ -46,6 +46,7 @@ from polyp_diffusers.segmentation import (
     load_test_sets,
     make_training_step,
     mask_fidelity,
+    name_test_sets,
     training_pairs,
 )
 from polyp_diffusers.training_utils import GraphedStep, claim_output, seconds_since_process_start
@@ -203,6 +204,7 @@ def check_inputs(args) -> None:
     learns from (`compare_segmentation.py` checks each of its settings with this too).
     """
     import_extra(args.architecture)
+    name_test_sets(args.test)  # one named twice
     synthetic = args.synthetic if args.train != "real" else None  # with --train real, only scored (mask fidelity)
     check_tests_apart(args.real, args.real_split, args.test, synthetic, args.synthetic_split)
 
