@@ -735,15 +735,6 @@ def generation_settings(dataset: str | os.PathLike) -> dict | None:
     return settings
 
 
-def generating_model(dataset: str | os.PathLike) -> str | None:
-    """The model that generated a dataset, as its `generation.json` names it (None for any other dataset)."""
-    try:
-        model = (generation_settings(dataset) or {}).get("model")
-    except ValueError:  # damaged: no model to name
-        return None
-    return model if isinstance(model, str) else None
-
-
 def parse_dataset_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
     """
     `DATASET[:SPLIT]` (a folder or Hub id, then an optional split name) as `(dataset, split)`. A folder whose own

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import generating_model, generation_settings, local_path_or_id, parse_dataset_spec
+from .data import generation_settings, local_path_or_id, parse_dataset_spec
 from .metrics import INCEPTION_FEATURES
 from .modeling import unet_weights_digest
 
@@ -121,12 +121,18 @@ def provenance(generated: str) -> dict:
     (its `generation.json`) and the SHA-256 of that model's UNet weights when it generated them, so that the record
     still holds once the model folder is moved or trained again. None for a dataset of real pairs.
     """
-    model = generating_model(generated)
-    if model is None:
+    try:
+        settings = generation_settings(generated) or {}
+    except ValueError:  # damaged: no model to name
+        settings = {}
+    model = settings.get("model")
+    if not isinstance(model, str):
         return {"generated_by": None, "generated_by_weights": None}
     # As generate recorded them (sets made before that record: as they are now).
-    recorded = generation_settings(generated).get("model_weights_sha256")
-    return {"generated_by": model, "generated_by_weights": recorded or unet_weights_digest(model)}
+    return {
+        "generated_by": model,
+        "generated_by_weights": settings.get("model_weights_sha256") or unet_weights_digest(model),
+    }
 
 
 def summarize_scores(scores: list[dict]) -> dict:

@@ -200,8 +200,9 @@ def use_cuda_graphs(requested: bool | None, device: torch.device, mixed_precisio
 
 def check_inputs(args) -> None:
     """
-    Refuses, before any work, a segmenter whose optional extra is missing and test sets that hold pairs this run
-    learns from (`compare_segmentation.py` checks each of its settings with this too).
+    Refuses, before any work, a segmenter whose optional extra is missing, a test set named twice, and test sets
+    that hold pairs this run learns from (`compare_segmentation.check_settings` makes the extra and leakage checks
+    once for all its settings, the synthetic pairs it has yet to generate included).
     """
     import_extra(args.architecture)
     name_test_sets(args.test)  # one named twice
