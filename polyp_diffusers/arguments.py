@@ -5,6 +5,7 @@ error is reported.
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -45,16 +46,35 @@ def count_or_fraction(value: str) -> int | float:
 TRACEBACK_VARIABLE = "POLYP_DDPM_TRACEBACK"
 
 
-def exit_code_of(command: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+class Stopped(Exception):
+    """A command that a signal stopped after it kept its work: said in one line, exit status 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_code_of(
+    command: Callable[[], object],
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+    interrupted: str = "interrupted: what was written whole is kept.",
+) -> int:
     """
-    Runs `command`; one of `errors` (bad input, damaged files) is printed as one line, `error: ...`, without a
-    traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit status.
+    Runs `command`; one of `errors` (bad input, damaged files) is printed as one line, `error: ...`, a Ctrl-C as
+    `interrupted` and a `Stopped` as its message, without a traceback, unless the environment sets
+    `POLYP_DDPM_TRACEBACK=1`. Returns the exit status: 1 for an error, 128 + the signal for a stop, as a shell says.
     """
     try:
         command()
-    except errors as error:
+    except (*errors, KeyboardInterrupt, Stopped) as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
+        if isinstance(error, KeyboardInterrupt):
+            error = Stopped(interrupted, signal.SIGINT)
+        if isinstance(error, Stopped):
+            if str(error):  # a process of several that is not the one to say it is stopped quietly
+                print(error, file=sys.stderr)
+            return 128 + error.signum
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

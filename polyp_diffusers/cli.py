@@ -6,13 +6,12 @@ Each subcommand only parses its arguments and calls the function that holds its 
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from datasets import DatasetDict
 
-from .arguments import TRACEBACK_VARIABLE, HelpFormatter, count_or_fraction, exit_code_of, positive_int
+from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from .convert_official import convert_official_checkpoint, write_converted_pipeline
 from .data import load_polyp_dataset, parse_dataset_spec
 from .folders import check_result_file, write_text_atomically
@@ -546,18 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        # Bad input or environment: said in one line.
-        return exit_code_of(lambda: args.run(args), (ValueError, OSError, RuntimeError, ImportError))
-    except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash, unless one is asked for
-        if os.environ.get(TRACEBACK_VARIABLE) == "1":
-            raise
-        print(
-            "polyp-ddpm: interrupted. What was written whole is kept; the same command again goes on (generate and "
-            "reproduce from where they stopped).",
-            file=sys.stderr,
-        )
-        return 130
+    # Bad input or environment, and Ctrl-C: said in one line.
+    return exit_code_of(
+        lambda: args.run(args),
+        (ValueError, OSError, RuntimeError, ImportError),
+        interrupted="polyp-ddpm: interrupted. What was written whole is kept; the same command again goes on "
+        "(generate and reproduce from where they stopped).",
+    )
 
 
 if __name__ == "__main__":

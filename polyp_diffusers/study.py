@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -190,12 +191,21 @@ def _run(command: list[str], log: Path, threads: int | None = None) -> None:
     if not torch.cuda.is_available():  # as `accelerate launch --cpu`: the study's own steps run on the CPU there
         environment.setdefault("ACCELERATE_USE_CPU", "true")
     with log.open("a") as file:
-        result = subprocess.run(
+        process = subprocess.Popen(
             _dying_with_this_process(command), stdout=file, stderr=subprocess.STDOUT, env=environment
         )
-    if result.returncode != 0:
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            # Passed on (a terminal's Ctrl-C reaches the step too, as the same request) and waited for: the denoiser's
+            # training saves a checkpoint before it stops, which the study run again resumes from.
+            _say("Interrupted: the step is stopping (the denoiser's training saves a checkpoint first) ...")
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            raise
+    if returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"the step logged in {log} failed (exit code {result.returncode}):\n{tail}")
+        raise RuntimeError(f"the step logged in {log} failed (exit code {returncode}):\n{tail}")
 
 
 class Study:

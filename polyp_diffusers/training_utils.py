@@ -1,10 +1,12 @@
 """Pieces of the training scripts that deserve their own tests: checkpoints, per-step randomness, EMA weights,
-CUDA-graphed steps."""
+CUDA-graphed steps, stops on a signal."""
 
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -261,3 +263,46 @@ def claim_output(accelerator, output_dir: str | os.PathLike) -> OutputClaim | No
     if failure is not None:
         raise failure
     return claim
+
+
+class StopRequest:
+    """
+    While entered, SIGINT (Ctrl-C) and SIGTERM (a job scheduler's notice before it kills a job, a preemption)
+    set `signum` instead of stopping the process, so that the training loop can save a checkpoint at its next step
+    and stop, instead of losing the steps since the last checkpoint. Another of them `force_after` seconds later
+    stops at once (KeyboardInterrupt); sooner, it is the same request: a terminal's Ctrl-C reaches `torchrun` and its
+    workers, and `torchrun` passes it on.
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM), force_after: float = 2.0):
+        self.signals, self.force_after = tuple(signals), force_after
+        self.signum: int | None = None
+        self._received_at = 0.0
+        self._previous_handlers = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for signum in self.signals:
+                self._previous_handlers[signum] = signal.signal(signum, self._request)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _request(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum, self._received_at = signum, time.monotonic()
+        elif time.monotonic() - self._received_at > self.force_after:
+            raise KeyboardInterrupt
+
+
+def leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """
+    A DataLoader `worker_init_fn`: the worker ignores Ctrl-C, which a terminal sends to every process of the job.
+    A worker that it ended would fail the training process on its next batch (its DataLoader raises) before
+    `StopRequest`'s checkpoint; the DataLoader ends its workers itself. SIGTERM still ends a worker: it is what
+    ends workers left over when the training process exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -5,6 +5,7 @@ import os
 import pickle
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -276,3 +277,26 @@ def test_a_step_script_dies_with_a_killed_study_instead_of_writing_on(tmp_path):
     study.kill()
     study.wait()
     assert select.select([step_ended], [], [], 10)[0], "the step runs on without its study"
+
+
+def test_an_interrupted_study_lets_its_step_save_before_it_stops(tmp_path):
+    """Ctrl-C: the denoiser's training saves a checkpoint first, which a study killed at once would cut short."""
+    started, saved = tmp_path / "step.pid", tmp_path / "saved"
+    os.mkfifo(started)
+    step = (
+        "import os, signal, time\n"
+        f"def save(*_): time.sleep(1); open({str(saved)!r}, 'w').write('saved'); os._exit(130)\n"
+        "signal.signal(signal.SIGINT, save)\n"
+        f"open({str(started)!r}, 'w').write(str(os.getpid()))\n"
+        "signal.pause()"
+    )
+    study = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from pathlib import Path; from polyp_diffusers.study import _run; "
+         f"_run([sys.executable, '-c', {step!r}], Path({str(tmp_path / 'step.log')!r}))"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reader = os.open(started, os.O_RDONLY | os.O_NONBLOCK)
+    assert select.select([reader], [], [], 120)[0], "the step did not start"
+    study.send_signal(signal.SIGINT)  # to the study alone: it passes the request on
+    assert "the step is stopping" in study.communicate(timeout=60)[0]
+    assert saved.read_text() == "saved"

@@ -19,11 +19,13 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
-from polyp_diffusers.arguments import exit_code_of
+from polyp_diffusers.arguments import Stopped, exit_code_of
 from polyp_diffusers.folders import OutputClaim
 from polyp_diffusers.generate import load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
 from polyp_diffusers.training_utils import (
+    StopRequest,
+    checkpoint_step,
     list_checkpoints,
     non_finite_weights,
     partial_path,
@@ -203,12 +205,55 @@ def test_a_killed_run_resumes_and_ends_where_the_uninterrupted_run_ends(demo_dat
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_a_run_streamed_by_dataloader_workers_also_resumes_exactly(demo_dataset, tmp_path):
-    streamed = [*TINY_RUN, "--max_preload_gb", "0"]
+def test_a_stop_request_takes_a_signal_once_and_a_later_one_as_a_stop_at_once():
+    with StopRequest(force_after=0.2) as request:
+        assert request.signum is None
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once: the same request, passed on by a launcher
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert request.signum == signal.SIGINT
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stop_is_one_line_with_the_exit_status_a_shell_gives_a_signal(capsys):
+    assert exit_code_of(lambda: (_ for _ in ()).throw(KeyboardInterrupt), interrupted="interrupted here") == 130
+    assert exit_code_of(lambda: (_ for _ in ()).throw(Stopped("stopped, saved", signal.SIGTERM))) == 143
+    assert exit_code_of(lambda: (_ for _ in ()).throw(Stopped("", signal.SIGTERM))) == 143
+    assert capsys.readouterr().err == "interrupted here\nstopped, saved\n"
+
+
+def test_a_run_told_to_stop_saves_a_checkpoint_at_its_next_step_and_resumes_exactly(demo_dataset, tmp_path):
+    # Ctrl-C, which a terminal sends to every process of the run, DataLoader workers included; SIGTERM (a job
+    # scheduler's notice) takes the same path.
+    streamed = [*TINY_RUN, "--max_preload_gb", "0", "--dataloader_num_workers", "2"]
     uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
     result = launch("--dataset", str(demo_dataset), "--output_dir", str(uninterrupted), *streamed)
     assert "(streamed)" in result.stdout + result.stderr
-    launch("--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed, "--max_train_steps", "10")
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), "--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    )
+    deadline = time.monotonic() + 300
+    while not (stopped / "checkpoint-4").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    log = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGINT, log[-3000:]
+    assert not (stopped / "model_index.json").exists(), "the run finished before it could be stopped"
+    stopped_at = list_checkpoints(stopped)[-1]
+    assert 4 < checkpoint_step(stopped_at) < STEPS
+    assert f"Stopped by SIGINT at step {checkpoint_step(stopped_at)}, saved as {stopped_at}." in log
+    assert "Traceback" not in log
+
     launch(
         "--dataset", str(demo_dataset), "--output_dir", str(stopped), *streamed, "--resume_from_checkpoint", "latest"
     )

@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.arguments import HelpFormatter, exit_code_of, positive_int
+from polyp_diffusers.arguments import HelpFormatter, Stopped, exit_code_of, positive_int
 from polyp_diffusers.data import load_polyp_dataset, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
@@ -60,9 +61,11 @@ from polyp_diffusers.modeling import (
 )
 from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
 from polyp_diffusers.training_utils import (
+    StopRequest,
     checkpoint_step,
     claim_output,
     ema_weights,
+    leave_ctrl_c_to_the_main_process,
     list_checkpoints,
     non_finite_weights,
     partial_path,
@@ -632,6 +635,7 @@ def main(argv=None):
             drop_last=True,
             num_workers=args.dataloader_num_workers,
             persistent_workers=args.dataloader_num_workers > 0,
+            worker_init_fn=leave_ctrl_c_to_the_main_process,
         )
         batches_per_epoch = len(train_dataloader)  # sharded among processes by accelerator.prepare below
     if batches_per_epoch == 0:
@@ -794,111 +798,141 @@ def main(argv=None):
     trained_before, loop_start = training_seconds(checkpoint), time.perf_counter()
     out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
 
-    def slowest_training_clock() -> float:
-        """Seconds trained in all on the slowest process's clock; every process must call it (a gather)."""
-        elapsed = torch.tensor([trained_before + time.perf_counter() - loop_start], device=accelerator.device)
-        return accelerator.gather(elapsed).max().item()
+    def slowest_training_clock(stop_signal: int = 0) -> tuple[float, int]:
+        """
+        Seconds trained in all on the slowest process's clock, and the stop signal any process received (0 for
+        none): every process must call it (a gather), so that all see the same and stop at the same step.
+        """
+        elapsed = torch.tensor(
+            [[trained_before + time.perf_counter() - loop_start, stop_signal]], device=accelerator.device
+        )
+        seconds, signum = accelerator.gather(elapsed).amax(0).tolist()
+        return seconds, int(signum)
 
     if out_of_time:
         logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent by {checkpoint}.")
-    while global_step < args.max_train_steps and not out_of_time:
-        unet.train()
-        batches = epoch_batches(epoch, batches_to_skip)
-        batches_to_skip = 0
-        for batch in batches:
-            augment_generator, noise_generator = step_generators(
-                args.seed, micro_step, accelerator.process_index, accelerator.device
-            )
-            micro_step += 1
-            with accelerator.accumulate(unet):
-                images, masks = augment(batch["images"], batch["masks"], augment_generator)
-                if args.mask_model:  # what is denoised is the mask itself, in [-1, 1], seeing nothing else
-                    images = masks * 2 - 1
-                loss = diffusion_loss(
-                    unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss, args.snr_gamma
+    # Ctrl-C or SIGTERM: a checkpoint at the next step that every process reaches, then a stop.
+    stop_signal = 0
+    with StopRequest() as stop_request:
+        while global_step < args.max_train_steps and not out_of_time and not stop_signal:
+            unet.train()
+            batches = epoch_batches(epoch, batches_to_skip)
+            batches_to_skip = 0
+            for batch in batches:
+                augment_generator, noise_generator = step_generators(
+                    args.seed, micro_step, accelerator.process_index, accelerator.device
                 )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_images += images.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-
-            global_step += 1
-            window_loss += loss.detach()
-            window_steps += 1
-            if ema_model is not None:
-                ema_model.step(unet.parameters())
-            progress.update(1)
-            last_step = global_step == args.max_train_steps
-            if args.max_train_minutes is not None and global_step % args.logging_steps == 0:
-                # The slowest process's clock, so that all processes stop at the same step.
-                out_of_time = slowest_training_clock() > args.max_train_minutes * 60
-                last_step = last_step or out_of_time
-            checkpoint_due = global_step % args.checkpointing_steps == 0 or last_step
-            validation_due = global_step % args.validation_steps == 0 or last_step
-            # Also before a checkpoint or a validation grid: neither is made from a diverged run.
-            if global_step % args.logging_steps == 0 or checkpoint_due or validation_due:
-                loss_value = (window_loss / window_steps).item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"the loss is {loss_value} at step {global_step} (mean of steps {global_step - window_steps + 1}"
-                        f" to {global_step}): the training diverged, nothing more is saved. Resume from the last "
-                        f"checkpoint with a lower --learning_rate."
+                micro_step += 1
+                with accelerator.accumulate(unet):
+                    images, masks = augment(batch["images"], batch["masks"], augment_generator)
+                    if args.mask_model:  # what is denoised is the mask itself, in [-1, 1], seeing nothing else
+                        images = masks * 2 - 1
+                    loss = diffusion_loss(
+                        unet, noise_scheduler, images, masks, mask_channels, noise_generator, args.loss, args.snr_gamma
                     )
-                images_per_second = window_images / (time.perf_counter() - window_start)
-                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_images += images.shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+
+                global_step += 1
+                window_loss += loss.detach()
+                window_steps += 1
                 if ema_model is not None:
-                    logs["ema_decay"] = ema_model.cur_decay_value
-                if accelerator.device.type == "cuda":
-                    logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-                accelerator.log(logs, step=global_step)
-                window_loss.zero_()
-                window_start, window_steps, window_images = time.perf_counter(), 0, 0
-
-            if checkpoint_due:
-                check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(partial_path(output_dir, global_step)))
-                clock = slowest_training_clock()  # as the time budget reads it
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    write_training_seconds(partial_path(output_dir, global_step), clock)
-                    write_training_settings(
-                        partial_path(output_dir, global_step),
-                        {
-                            **settings,
-                            "learning_rate": args.learning_rate,
-                            "learning_rate_changes": args.learning_rate_changes,
-                            "num_processes": accelerator.num_processes,
-                            "num_processes_changes": args.num_processes_changes,
-                        },
+                    ema_model.step(unet.parameters())
+                progress.update(1)
+                last_step = global_step == args.max_train_steps
+                if accelerator.num_processes == 1:
+                    stop_signal = stop_request.signum or 0
+                if global_step % args.logging_steps == 0 and (
+                    args.max_train_minutes is not None or accelerator.num_processes > 1
+                ):
+                    # The slowest process's clock and any process's signal, so that all processes stop at the same step.
+                    clock, stop_signal = slowest_training_clock(stop_request.signum or 0)
+                    out_of_time = args.max_train_minutes is not None and clock > args.max_train_minutes * 60
+                last_step = last_step or out_of_time or bool(stop_signal)
+                checkpoint_due = global_step % args.checkpointing_steps == 0 or last_step
+                # A stop on a signal is asked to be quick: no validation grid.
+                validation_due = (global_step % args.validation_steps == 0 or last_step) and not stop_signal
+                # Also before a checkpoint or a validation grid: neither is made from a diverged run.
+                if global_step % args.logging_steps == 0 or checkpoint_due or validation_due:
+                    loss_value = (window_loss / window_steps).item()
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(
+                            f"the loss is {loss_value} at step {global_step} (mean of steps {global_step - window_steps + 1}"
+                            f" to {global_step}): the training diverged, nothing more is saved. Resume from the last "
+                            f"checkpoint with a lower --learning_rate."
+                        )
+                    images_per_second = window_images / (time.perf_counter() - window_start)
+                    logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                    if ema_model is not None:
+                        logs["ema_decay"] = ema_model.cur_decay_value
+                    if accelerator.device.type == "cuda":
+                        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+                    progress.set_postfix(
+                        loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}"
                     )
-                    saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
-                    logger.info(f"Saved {saved}")
-            if accelerator.is_main_process and validation_due:
-                run_validation(
-                    accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir
-                )
-            if (
-                accelerator.is_main_process
-                and args.save_pipeline_steps
-                and global_step % args.save_pipeline_steps == 0
-                and not last_step
-            ):
-                save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
-            if last_step:
-                if out_of_time:
-                    logger.info(f"Stopped at step {global_step}: --max_train_minutes {args.max_train_minutes} passed.")
-                break
-        epoch += 1
+                    accelerator.log(logs, step=global_step)
+                    window_loss.zero_()
+                    window_start, window_steps, window_images = time.perf_counter(), 0, 0
+
+                if checkpoint_due:
+                    check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
+                    accelerator.wait_for_everyone()
+                    accelerator.save_state(str(partial_path(output_dir, global_step)))
+                    clock, _ = slowest_training_clock()  # as the time budget reads it
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        write_training_seconds(partial_path(output_dir, global_step), clock)
+                        write_training_settings(
+                            partial_path(output_dir, global_step),
+                            {
+                                **settings,
+                                "learning_rate": args.learning_rate,
+                                "learning_rate_changes": args.learning_rate_changes,
+                                "num_processes": accelerator.num_processes,
+                                "num_processes_changes": args.num_processes_changes,
+                            },
+                        )
+                        saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
+                        logger.info(f"Saved {saved}")
+                if accelerator.is_main_process and validation_due:
+                    run_validation(
+                        accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir
+                    )
+                if (
+                    accelerator.is_main_process
+                    and args.save_pipeline_steps
+                    and global_step % args.save_pipeline_steps == 0
+                    and not last_step
+                ):
+                    save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
+                if last_step:
+                    if out_of_time:
+                        logger.info(
+                            f"Stopped at step {global_step}: --max_train_minutes {args.max_train_minutes} passed."
+                        )
+                    break
+            epoch += 1
 
     progress.close()
     accelerator.wait_for_everyone()
+    if stop_signal:
+        accelerator.end_training()
+        if output_claim is not None:
+            output_claim.release()
+        raise Stopped(
+            f"Stopped by {signal.Signals(stop_signal).name} at step {global_step}, saved as {saved}. The same command "
+            "with --resume_from_checkpoint latest goes on from there."
+            if accelerator.is_main_process
+            else "",
+            stop_signal,
+        )
     if accelerator.is_main_process:
         # A finished run resumed (it trained no step): its card may hold results added since.
         if global_step == first_step and pipeline_is_saved(output_dir, global_step):
@@ -947,4 +981,11 @@ def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_bat
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code_of(main))  # bad input or damaged files: what is wrong, in one line
+    # Bad input or damaged files: what is wrong, in one line; so is a Ctrl-C before training (in it, a stop).
+    sys.exit(
+        exit_code_of(
+            main,
+            interrupted="interrupted: every checkpoint written whole is kept; the same command with "
+            "--resume_from_checkpoint latest goes on from the newest.",
+        )
+    )
