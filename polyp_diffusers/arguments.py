@@ -67,12 +67,12 @@ def exit_code_of(
     try:
         command()
     except (*errors, KeyboardInterrupt, Stopped) as error:
-        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+        if os.environ.get(TRACEBACK_VARIABLE) == "1" and not isinstance(error, Stopped):  # a stop is no bug
             raise
         if isinstance(error, KeyboardInterrupt):
             error = Stopped(interrupted, signal.SIGINT)
         if isinstance(error, Stopped):
-            if str(error):  # a process of several that is not the one to say it is stopped quietly
+            if str(error):  # empty: one of several processes, whose stop another one says
                 print(error, file=sys.stderr)
             return 128 + error.signum
         print(f"error: {error}", file=sys.stderr)

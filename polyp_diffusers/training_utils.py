@@ -288,7 +288,8 @@ class StopRequest:
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler set outside Python, which cannot be set back
+                signal.signal(signum, handler)
         self._previous_handlers.clear()
 
     def _request(self, signum, frame) -> None:
@@ -298,10 +299,10 @@ class StopRequest:
             raise KeyboardInterrupt
 
 
-def leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+def leave_ctrl_c_to_the_training_process(worker_id: int) -> None:
     """
     A DataLoader `worker_init_fn`: the worker ignores Ctrl-C, which a terminal sends to every process of the job.
-    A worker that it ended would fail the training process on its next batch (its DataLoader raises) before
+    A worker that it ended would fail the training process (its parent) on its next batch (its DataLoader raises) before
     `StopRequest`'s checkpoint; the DataLoader ends its workers itself. SIGTERM still ends a worker: it is what
     ends workers left over when the training process exits.
     """

@@ -65,7 +65,7 @@ from polyp_diffusers.training_utils import (
     checkpoint_step,
     claim_output,
     ema_weights,
-    leave_ctrl_c_to_the_main_process,
+    leave_ctrl_c_to_the_training_process,
     list_checkpoints,
     non_finite_weights,
     partial_path,
@@ -635,7 +635,7 @@ def main(argv=None):
             drop_last=True,
             num_workers=args.dataloader_num_workers,
             persistent_workers=args.dataloader_num_workers > 0,
-            worker_init_fn=leave_ctrl_c_to_the_main_process,
+            worker_init_fn=leave_ctrl_c_to_the_training_process,
         )
         batches_per_epoch = len(train_dataloader)  # sharded among processes by accelerator.prepare below
     if batches_per_epoch == 0:
@@ -855,10 +855,12 @@ def main(argv=None):
                     # The slowest process's clock and any process's signal, so that all processes stop at the same step.
                     clock, stop_signal = slowest_training_clock(stop_request.signum or 0)
                     out_of_time = args.max_train_minutes is not None and clock > args.max_train_minutes * 60
+                if global_step == args.max_train_steps:
+                    stop_signal = 0  # nothing is left to train: the run finishes as it would have
                 last_step = last_step or out_of_time or bool(stop_signal)
                 checkpoint_due = global_step % args.checkpointing_steps == 0 or last_step
-                # A stop on a signal is asked to be quick: no validation grid.
-                validation_due = (global_step % args.validation_steps == 0 or last_step) and not stop_signal
+                # A stop on a signal is asked to be quick: no grid beyond those of --validation_steps.
+                validation_due = global_step % args.validation_steps == 0 or (last_step and not stop_signal)
                 # Also before a checkpoint or a validation grid: neither is made from a diverged run.
                 if global_step % args.logging_steps == 0 or checkpoint_due or validation_due:
                     loss_value = (window_loss / window_steps).item()
@@ -922,18 +924,7 @@ def main(argv=None):
 
     progress.close()
     accelerator.wait_for_everyone()
-    if stop_signal:
-        accelerator.end_training()
-        if output_claim is not None:
-            output_claim.release()
-        raise Stopped(
-            f"Stopped by {signal.Signals(stop_signal).name} at step {global_step}, saved as {saved}. The same command "
-            "with --resume_from_checkpoint latest goes on from there."
-            if accelerator.is_main_process
-            else "",
-            stop_signal,
-        )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not stop_signal:
         # A finished run resumed (it trained no step): its card may hold results added since.
         if global_step == first_step and pipeline_is_saved(output_dir, global_step):
             logger.info(f"The pipeline of step {global_step} is in {output_dir} already: kept, with its card.")
@@ -958,6 +949,14 @@ def main(argv=None):
     accelerator.end_training()  # the trackers' last writes into output_dir
     if output_claim is not None:
         output_claim.release()
+    if stop_signal:
+        raise Stopped(
+            f"Stopped by {signal.Signals(stop_signal).name} at step {global_step}, saved as {saved}. The same command "
+            "with --resume_from_checkpoint latest goes on from there."
+            if accelerator.is_main_process
+            else "",  # said once
+            stop_signal,
+        )
 
 
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
