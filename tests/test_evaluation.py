@@ -697,6 +697,9 @@ def test_test_sets_holding_pairs_the_segmenter_learns_from_are_refused_before_tr
     with pytest.raises(ValueError, match="whose masks made --synthetic"):
         compare(["--real", str(demo_masks), "--synthetic", str(from_test_masks), "--test", f"{demo_masks}:test",
                  "--output_dir", str(comparison)])  # fmt: skip
+    with pytest.raises(ValueError, match="are the same test set: name it once"):
+        compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test", "--test",
+                 f"{demo_masks}/:test", "--output_dir", str(comparison)])  # fmt: skip
     assert not comparison.exists()
     # Not refused: other datasets with the same ids, pairs made from the training masks, and synthetic pairs
     # that a --train real run only scores (mask fidelity).

@@ -24,7 +24,7 @@ from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import provenance, segmentation_results
-from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra
+from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra, name_test_sets
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,8 +77,8 @@ def setting_arguments(args, segmentation_flags: list[str], synthetic: str) -> di
 def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> None:
     """
     Refuses, once and before any work (generation, or the first setting's training), what a setting would refuse:
-    its flags (`train_segmentation.py`'s own parser), a missing optional extra, and test sets holding pairs that a
-    setting learns from (`segmentation.check_tests_apart`, as each setting checks itself).
+    its flags (`train_segmentation.py`'s own parser), a missing optional extra, a test set named twice, and test
+    sets holding pairs that a setting learns from (`segmentation.check_tests_apart`, as each setting checks itself).
     """
     spec = importlib.util.spec_from_file_location("train_segmentation", HERE / "train_segmentation.py")
     train_segmentation = importlib.util.module_from_spec(spec)
@@ -96,6 +96,7 @@ def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> Non
         )
     first = settings[0]
     import_extra(first.architecture)
+    name_test_sets(args.test)
     trains_on_synthetic = any(setting.train != "real" for setting in settings)
     learned_synthetic = args.synthetic if trains_on_synthetic else None
     check_tests_apart(args.real, first.real_split, args.test, learned_synthetic, first.synthetic_split)
