@@ -21,7 +21,15 @@ from .hub_card.publish import hub_repo_id
 from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
 from .modeling import COMPILE_MODES, SAMPLERS, default_device
 from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import check_results_of, few_images_note, fid_results, mask_fidelity_results, provenance
+from .results import (
+    check_results_of,
+    distance_names,
+    few_images_note,
+    fid_results,
+    kid_text,
+    mask_fidelity_results,
+    provenance,
+)
 
 # Images per batch when a segmenter scores generated pairs (mask fidelity).
 FIDELITY_BATCH_SIZE = 32
@@ -322,8 +330,9 @@ def _run_fid(args):
         device=args.device or default_device(),
     )
     scores.update(real=f"{args.real}:{args.real_split}", generated=args.generated)
+    fid_name, kid_name = distance_names(scores)
     print(
-        f"FID {scores['fid']:.2f}   KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}   "
+        f"{fid_name} {scores['fid']:.2f}   {kid_name} {kid_text(scores)}   "
         f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
     )
     if few := few_images_note(scores):

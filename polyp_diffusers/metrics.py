@@ -3,6 +3,7 @@ scores: `segmentation.py`)."""
 
 import importlib
 import os
+import sys
 import urllib.parse
 from pathlib import Path
 from unittest import mock
@@ -162,11 +163,23 @@ def dinov2_extractor(weights: str = DINOV2_WEIGHTS) -> nn.Module:
 
 
 def load_extractor(spec: str) -> nn.Module:
-    """A feature extractor from 'module:factory' (called without arguments), for pluggable FID features."""
+    """
+    A feature extractor from 'module:factory' (called without arguments), for pluggable FID features. The module
+    is also looked for in the current folder, as `python -m` would: a console script does not look there.
+    """
     module_name, _, attribute = spec.partition(":")
     if not attribute:
         raise ValueError(f"feature extractor {spec!r}; expected 'package.module:factory'.")
-    extractor = getattr(importlib.import_module(module_name), attribute)()
+    here = os.getcwd()
+    looked_here = here not in sys.path
+    if looked_here:
+        sys.path.append(here)  # after the installed packages, which a file of the same name cannot shadow
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        if looked_here:
+            sys.path.remove(here)
+    extractor = getattr(module, attribute)()
     if not isinstance(extractor, nn.Module):
         raise ValueError(f"{spec} returned {type(extractor).__name__}; expected a torch.nn.Module.")
     return extractor

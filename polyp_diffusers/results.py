@@ -29,21 +29,34 @@ def few_images_note(scores: dict) -> str | None:
     )
 
 
+def distance_names(scores: dict) -> tuple[str, str]:
+    """
+    The names of the two distances: FID and KID are defined on Inception features; on others (DINOv2, a plug-in)
+    the same distances are named by their features, so that no other score is called FID.
+    """
+    if scores["features"] == INCEPTION_FEATURES:
+        return "FID", "KID"
+    return f"FD ({scores['features']})", f"KD ({scores['features']})"
+
+
+def kid_text(scores: dict) -> str:
+    """KID's mean and its spread over subsets, unless every subset holds every image (two sets of at most
+    `--kid-subset-size` images each), where all subsets are the same and the spread of 0 says nothing."""
+    if scores.get("kid_subset_size", 0) >= max(scores["num_real"], scores["num_generated"]):
+        return f"{scores['kid_mean']:.4f} (each subset holds every image: no spread)"
+    return f"{scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}"
+
+
 def fid_results(scores: dict) -> dict:
     """FID/KID scores (from `polyp_diffusers.metrics.fid_kid`) as a card section and model-index entries."""
     dataset = Path(parse_dataset_spec(scores["real"])[0]).name
-    # FID and KID are defined on Inception features: on others (DINOv2, a plug-in) the same distances are named
-    # by their features, so that no other score is published as FID.
-    if scores["features"] == INCEPTION_FEATURES:
-        (fid_type, fid_name), (kid_type, kid_name) = ("fid", "FID"), ("kid", "KID")
-    else:
-        fid_type, kid_type = "fd", "kd"
-        fid_name, kid_name = f"FD ({scores['features']})", f"KD ({scores['features']})"
+    fid_name, kid_name = distance_names(scores)
+    fid_type, kid_type = ("fid", "kid") if fid_name == "FID" else ("fd", "kd")
     markdown = (
         f"### Image realism ({scores['num_generated']} generated vs {scores['num_real']} real images of "
         f"`{scores['real']}`, {scores['features']})\n"
-        f"| {fid_name} | {kid_name} (mean ± std) |\n| --- | --- |\n"
-        f"| {scores['fid']:.2f} | {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} |"
+        f"| {fid_name} | {kid_name} (mean ± std over subsets) |\n| --- | --- |\n"
+        f"| {scores['fid']:.2f} | {kid_text(scores)} |"
     )
     if few := few_images_note(scores):
         markdown += f"\n\nNote: {few}"

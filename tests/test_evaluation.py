@@ -30,7 +30,7 @@ from polyp_diffusers import PolypDDPMPipeline
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches, generate_dataset
-from polyp_diffusers.metrics import INCEPTION_FEATURES, dinov2_extractor, fid_kid, inception_extractor
+from polyp_diffusers.metrics import INCEPTION_FEATURES, dinov2_extractor, fid_kid, inception_extractor, load_extractor
 from polyp_diffusers.modeling import unet_weights_digest
 from polyp_diffusers.results import fid_results, provenance
 from polyp_diffusers.segmentation import (
@@ -389,6 +389,7 @@ def test_fid_cli_uses_a_pluggable_extractor_and_writes_card_json(demo_masks, gen
     # Not Inception's features: the distances are published under their features' name, never as FID.
     name = f"FD ({scores['scores']['features']})"
     assert f"| {name} |" in scores["markdown"] and "FID" not in scores["markdown"]
+    assert result.stdout.startswith(f"{name} ") and "FID" not in result.stdout
     assert [(entry["metric_type"], entry["metric_name"]) for entry in scores["eval_results"]][0] == ("fd", name)
 
 
@@ -402,12 +403,26 @@ def test_images_of_several_sizes_name_the_option_that_resizes_them():
     assert fid_kid(mixed.select([0, 2]), mixed, extractor=ColourStatistics(), image_size=32)["num_generated"] == 3
 
 
+def test_a_feature_extractor_in_the_current_folder_loads_as_with_python_m(tmp_path, monkeypatch):
+    # A console script does not look in the current folder for modules; `python -m` does, and so do users.
+    (tmp_path / "my_features.py").write_text("import torch\ndef make():\n    return torch.nn.Flatten()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    path_before = list(sys.path)
+    assert isinstance(load_extractor("my_features:make"), torch.nn.Flatten)
+    assert sys.path == path_before
+
+
 def test_only_scores_on_inception_features_are_published_as_fid_and_kid():
     scores = dict(real="data/kvasir-seg:test", num_real=100, num_generated=898, fid=41.5, kid_mean=0.02, kid_std=0.001)
     standard = fid_results({**scores, "features": INCEPTION_FEATURES})["eval_results"]
     assert [(entry["metric_type"], entry["metric_name"]) for entry in standard] == [("fid", "FID"), ("kid", "KID")]
     dinov2 = fid_results({**scores, "features": "DINOv2 ViT-L/14"})["eval_results"]
     assert [entry["metric_type"] for entry in dinov2] == ["fd", "kd"] and "DINOv2" in dinov2[0]["metric_name"]
+    # KID's spread over subsets of 100 of 898 images, and none where each subset holds all 100 and 100 images.
+    assert "| 0.0200 ± 0.0010 |" in fid_results({**scores, "kid_subset_size": 100, "features": "x"})["markdown"]
+    same = {**scores, "num_generated": 100, "kid_subset_size": 100, "kid_std": 0.0, "features": "x"}
+    assert "| 0.0200 (each subset holds every image: no spread) |" in fid_results(same)["markdown"]
 
 
 def test_a_result_file_is_refused_before_any_work_where_writing_would_destroy_something(tmp_path, capsys):

@@ -165,6 +165,7 @@ def test_saved_pipeline_loads_generates_and_has_a_card(finished_run):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     card = (finished_run / "README.md").read_text()
     assert "library_name: diffusers" in card and "| `max_train_steps` | 16 |" in card
+    assert "pip install polyp-diffusers" not in card  # not on PyPI: a name anyone could take there
     assert json.loads((finished_run / "training_config.json").read_text())["trained_steps"] == STEPS
     # The training images' mean colour, for sampling with start_timestep.
     start_color = pipe.config.start_color
