@@ -55,7 +55,8 @@ def render_dataset_card(
     problem_summary = (
         "every pair was checked; none had a problem."
         if not num_problems
-        else f"{num_problems} problem(s) were found and the affected pairs left out; see `validation_report.json`."
+        else f"{num_problems} problem(s) were found, and no pair with a problem is in the dataset; see "
+        "`validation_report.json`."
     )
     card = DatasetCard.from_template(
         card_data,

@@ -770,5 +770,8 @@ def load_polyp_dataset(path_or_id: str, split: str | None = None) -> Dataset | D
             "dataset of it with `polyp-ddpm prepare-data`."
         )
     if split not in loaded:
-        raise ValueError(f"{path_or_id} has splits {sorted(loaded)}; split {split!r} is not one of them.")
+        raise ValueError(
+            f"{path_or_id} has splits {sorted(loaded)}; split {split!r} is not one of them. Name one as "
+            f"DATASET:SPLIT ({path_or_id}:{sorted(loaded)[0]}), or with the command's split flag."
+        )
     return loaded[split]

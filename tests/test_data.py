@@ -275,7 +275,7 @@ def test_skip_invalid_writes_the_valid_pairs_and_the_report(bad_folder, tmp_path
     assert sorted(list(written["train"]["id"]) + list(written["test"]["id"])) == [f"good{i}" for i in range(4)]
     report = json.loads((output / REPORT_FILE).read_text())
     assert {p["id"] for p in report["problems"]} == BAD_IDS
-    assert "7 problem(s)" in (output / "README.md").read_text()
+    assert "7 problem(s) were found, and no pair with a problem is in the dataset" in (output / "README.md").read_text()
 
 
 def test_existing_output_is_not_overwritten_by_default(good_folder, tmp_path):
@@ -309,8 +309,9 @@ def test_a_prepared_folder_is_itself_a_source(good_folder, tmp_path):
     second = prepare_dataset(str(tmp_path / "first"), tmp_path / "second")
     assert sorted(second["test"]["id"]) == sorted(first["test"]["id"])
     assert load_polyp_dataset(str(tmp_path / "second"), split="train").num_rows == 8
-    with pytest.raises(ValueError, match="split 'valid' is not one of them"):
+    with pytest.raises(ValueError, match="split 'valid' is not one of them") as refusal:
         load_polyp_dataset(str(tmp_path / "second"), split="valid")
+    assert f"Name one as DATASET:SPLIT ({tmp_path / 'second'}:test)" in str(refusal.value)
 
 
 def test_missing_source_gets_a_clear_error(tmp_path):
