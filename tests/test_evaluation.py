@@ -123,7 +123,7 @@ def test_generation_takes_the_fewest_batches_all_of_one_size_but_the_last():
 
 
 def test_an_interrupted_generation_continues_where_it_stopped(
-    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
+    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, capsys
 ):
     output = tmp_path / "synthetic"
     calls = {"count": 0}
@@ -146,6 +146,7 @@ def test_an_interrupted_generation_continues_where_it_stopped(
     calls["count"] = -100  # no more crashes
     generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
     assert calls["count"] == -99  # only the one missing batch was generated
+    assert f"Resuming the generation in {output}: 8 of 12 images are there already." in capsys.readouterr().out
     resumed, uninterrupted = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]
     assert list(resumed["id"]) == list(uninterrupted["id"])
     for a, b in zip(resumed, uninterrupted):
