@@ -181,23 +181,36 @@ def check_results_file(source: str, result) -> None:
             raise ValueError(f"{source}: eval_results[{index}] has metric_value {value!r}, not a finite number.")
 
 
+def _card_context(folder) -> dict:
+    """The inputs a saved pipeline's card was rendered from (`card.json`), or the folder's name alone without them."""
+    context_path = Path(folder) / CARD_CONTEXT_FILE
+    try:
+        context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": Path(folder).name}
+    except ValueError as error:
+        raise _damaged_card_inputs(context_path, error) from error
+    card_inputs = set(inspect.signature(render_model_card).parameters) - {"pipeline"}
+    if not isinstance(context, dict) or not {"repo_id"} <= set(context) <= card_inputs:
+        raise _damaged_card_inputs(context_path, "not an object of the card's inputs")
+    return context
+
+
+def model_card_files_naming(pipeline, folder, repo_id: str) -> dict[Path, str]:
+    """
+    A saved pipeline's `model_card_files`, all as they were (results included) but for the repo id in its code: the
+    full `USER/NAME` that the Hub gives a repo created by a bare name, such as the default, the folder's name.
+    """
+    return model_card_files(pipeline, folder, **{**_card_context(folder), "repo_id": repo_id})
+
+
 def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:
     """
     A saved pipeline's `model_card_files` re-rendered with measured results, keyed by where each came from: each a
     `{"markdown", "eval_results"}` dict (`polyp_diffusers.results`), shown as Markdown sections in order and
     joined as model-index entries. The caller writes them, atomically: the folder is a published model.
     """
-    folder = Path(folder)
     for source, result in results.items():
         check_results_file(source, result)
-    context_path = folder / CARD_CONTEXT_FILE
-    try:
-        context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": folder.name}
-    except ValueError as error:
-        raise _damaged_card_inputs(context_path, error) from error
-    card_inputs = set(inspect.signature(render_model_card).parameters) - {"pipeline"}
-    if not isinstance(context, dict) or not {"repo_id"} <= set(context) <= card_inputs:
-        raise _damaged_card_inputs(context_path, "not an object of the card's inputs")
+    context = _card_context(folder)
     context["results"] = {
         "markdown": "\n\n".join(result["markdown"] for result in results.values() if result["markdown"]),
         "eval_results": [entry for result in results.values() for entry in result["eval_results"]],

@@ -1,6 +1,7 @@
 """Uploads to the Hugging Face Hub: a saved pipeline folder, or a dataset with its card."""
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, create_repo, upload_folder
@@ -29,14 +30,19 @@ def push_folder(
     private: bool = False,
     ignore_patterns: list[str] | None = None,
     commit_message: str = "Upload Polyp-DDPM pipeline",
+    name_repo: Callable[[str], None] | None = None,
 ) -> str:
     """
     Creates the Hub model repo if needed and uploads a saved pipeline folder with its card; returns the repo id. A
     failure is an `UploadError` that gives the `hf upload` command doing the same (the same files left out, as
-    private).
+    private). `name_repo` is given the full id (`USER/NAME`) before the upload where the Hub added a namespace to
+    `repo_id`, so that the card's code names the repo it is in.
     """
     try:
-        repo_id = create_repo(repo_id, exist_ok=True, private=private).repo_id
+        created = create_repo(repo_id, exist_ok=True, private=private).repo_id
+        if created != repo_id and name_repo is not None:
+            name_repo(created)
+        repo_id = created
         upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
         )

@@ -19,6 +19,7 @@ from .hub_card.cards import write_model_card
 from .hub_card.publish import hub_repo_id, push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
 from .pipelines import PolypDDPMPipeline
+from .results import card_naming
 from .safe_loading import torch_load_safely
 
 AUTHORS_REPOSITORY = "https://github.com/mobaidoctor/polyp-ddpm"
@@ -328,5 +329,10 @@ def write_converted_pipeline(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if push_to_hub:
-        push_folder(output, repo_id, commit_message="Polyp-DDPM official weights, converted")
+        push_folder(
+            output,
+            repo_id,
+            commit_message="Polyp-DDPM official weights, converted",
+            name_repo=card_naming(pipeline, output),
+        )
     return output

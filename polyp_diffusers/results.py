@@ -4,11 +4,14 @@ Every evaluation command writes `{"markdown": ..., "eval_results": [...]}` (plus
 `polyp-ddpm card` puts into a saved pipeline's card.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .data import generation_settings, local_path_or_id, parse_dataset_spec
+from .folders import write_text_atomically
+from .hub_card.cards import CARD_CONTEXT_FILE, model_card_files_naming
 from .metrics import INCEPTION_FEATURES
 from .modeling import unet_weights_digest
 
@@ -222,3 +225,15 @@ def segmentation_results(runs: list[dict]) -> dict:
                 added = setting.removeprefix("real+")
                 markdown += f"\n\nAdding the {added} pairs to the real ones changed the IoU on {name} by {gain:+.4f}."
     return {"markdown": markdown, "eval_results": eval_results, "summary": summary}
+
+
+def card_naming(pipeline, folder) -> Callable[[str], None]:
+    """`push_folder`'s `name_repo` for a saved pipeline: its card written again, atomically, naming the full repo id."""
+
+    def name_repo(repo_id: str) -> None:
+        if not (Path(folder) / CARD_CONTEXT_FILE).exists():  # a card of unknown inputs is left as it is
+            return
+        for path, text in model_card_files_naming(pipeline, folder, repo_id).items():
+            write_text_atomically(path, text)
+
+    return name_repo

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -15,16 +16,19 @@ from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file, save_file
 
-from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline
+from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers import cli as cli_module
 from polyp_diffusers import generate as generate_module
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, validate_pair
 from polyp_diffusers.folders import OutputClaim, OutputInUseError, staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
+from polyp_diffusers.hub_card import publish as publish_module
+from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_dataset, push_folder
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
+from polyp_diffusers.results import card_naming
 
 from .test_data import polyp_pair, write_folder
 
@@ -585,6 +589,26 @@ def test_a_failed_upload_is_one_error_that_says_the_files_are_saved_and_how_to_u
     with pytest.raises(UploadError) as error:
         push_dataset(DatasetDict(), "card", "me/x", tmp_path / "my set")
     assert f"`datasets.load_from_disk('{tmp_path}/my set').push_to_hub('me/x')`" in str(error.value)
+
+
+def test_a_pushed_card_names_the_repo_the_hub_created_for_a_bare_name(tmp_path, monkeypatch):
+    # The Hub puts a repo created as `run` (the default id, the folder's name) under the user's name: its card's
+    # code must load `me/run`. The Hub cannot be reached here: its two calls are replaced by their effect.
+    pipeline = PolypDDPMPipeline(
+        unet=make_polyp_unet_from_preset("tiny", image_size=32), scheduler=make_polyp_scheduler()
+    )
+    folder = tmp_path / "run"
+    pipeline.save_pretrained(folder)
+    results = {"markdown": "### Image realism\n| FID |\n| 41.5 |", "eval_results": []}
+    write_model_card(pipeline, folder, repo_id="run", training_config={"max_train_steps": 16}, results=results)
+    uploaded = {}
+    monkeypatch.setattr(publish_module, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=f"me/{repo_id}"))
+    monkeypatch.setattr(publish_module, "upload_folder", lambda folder_path, **_: uploaded.update(
+        card=(Path(folder_path) / "README.md").read_text()))  # fmt: skip
+    assert push_folder(folder, "run", name_repo=card_naming(pipeline, folder)) == "me/run"
+    assert 'PolypDDPMPipeline.from_pretrained("me/run")' in uploaded["card"] and '"run"' not in uploaded["card"]
+    assert "| 41.5 |" in uploaded["card"] and "| `max_train_steps` | 16 |" in uploaded["card"]  # all else kept
+    assert json.loads((folder / "card.json").read_text())["repo_id"] == "me/run"
 
 
 def test_a_repo_id_the_hub_would_refuse_is_refused_before_any_work(tmp_path, capsys):

@@ -60,6 +60,7 @@ from polyp_diffusers.modeling import (
     diffusion_loss,
 )
 from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for_output
+from polyp_diffusers.results import card_naming
 from polyp_diffusers.training_utils import (
     StopRequest,
     checkpoint_step,
@@ -939,6 +940,9 @@ def main(argv=None):
                     args.hub_private_repo,
                     ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
                     commit_message="Polyp-DDPM training run",
+                    name_repo=card_naming(
+                        trained_pipeline(accelerator, unet, noise_scheduler, args.start_color), output_dir
+                    ),
                 )
             except UploadError as error:
                 raise UploadError(
