@@ -16,8 +16,12 @@ else
 fi
 export PYTHONPATH="$PWD:/tmp/site" PATH=/tmp/site/bin:$PATH
 # Where Python may not cache bytecode (PYTHONDONTWRITEBYTECODE, set in many images), every process would compile
-# the sources of each package it imports again, on this machine's slow cores: compile them once here instead.
+# the sources of each package it imports again, on this machine's slow cores, where an ordinary installation
+# reads them compiled: compile them once here instead, the image's own packages too (on an H100 machine this took
+# 8 s and cut `import monai` from 12.3 s to 7.2 s by `python -X importtime`: start_up_importtime*-h100.txt).
 if python3 -c "import sys; sys.exit(not sys.flags.dont_write_bytecode)"; then
-  echo "Python writes no bytecode cache here: compiling /tmp/site and this checkout once"
-  python3 -m compileall -q -j 0 /tmp/site polyp_diffusers/ pipelines/ training/ benchmarks/ >/dev/null
+  image_packages=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "Python writes no bytecode cache here: compiling /tmp/site, $image_packages and this checkout once"
+  python3 -m compileall -q -j 0 /tmp/site "$image_packages" polyp_diffusers/ pipelines/ training/ benchmarks/ \
+    >/dev/null 2>&1
 fi

@@ -4,14 +4,16 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="segmenter-phases sampling loop-256"  which stages, in this order (default: that, what issue 10 still
-#                lacks, about 510 s; then, on the warm machine, STAGES=start-up BUDGET=160)
+#   STAGES="segmenter-phases step-256 sampling-compiled"  which stages, in this order (default: that, what issue 10
+#                still lacks, about 420 s; then, on the warm machine, STAGES="compile-cache generate")
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
 #     segmenter-phases  the same with CUDA graphs only, as the study runs it (python, no launcher): the 30 s target,
 #                and its start-up phases (timing.start_up_phases_s)
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
+#     step-256   the isolated 256 px training step compiled (train_throughput.py), beside the authors' step (fp32)
+#                in the same process: what loop-256 is measured against on the same card
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager, compiled, and compiled
 #                again (torch's compile cache warm)
@@ -47,7 +49,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-segmenter-phases sampling loop-256}"
+stages="${STAGES:-segmenter-phases step-256 sampling-compiled}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -69,6 +71,7 @@ if command -v nvidia-smi >/dev/null; then
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
+  step_256=(--sizes 256 --modes bf16-compile --batch-size 32 --reference-dir .devdata/reference/polyp_ddpm_official)
   compile_cache=(--batch-size 128)  # quick-64's batch
 else
   tag=cpu
@@ -82,6 +85,8 @@ else
   generation=(--split test --model-preset tiny --steps 2 --batch-size 32)
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
   sampling_reference=()  # the authors' network has no 32 px configuration
+  step_256=(--sizes 64 --modes fp32 --batch-size 1 --steps 1 --warmup 1  # compiling it takes minutes here
+    --reference-dir .devdata/reference/polyp_ddpm_official)
   compile_cache=(--size 64 --batch-size 1)  # the paper network is not made below 64 px
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
@@ -132,6 +137,9 @@ for current in $stages; do
     [ -d "$work/kvasir-256" ] || stage prepare-256 60 python3 -m polyp_diffusers.cli prepare-data "$data" \
       --output "$work/kvasir-256" --split-file "$data/paper_split.json"
     train_loop train_loop_256_compile 290 "${loop_minutes[2]}" "$work/kvasir-256" "${loop_256[@]}" --compile ;;
+  step-256)  # issue 10: the loop's yardstick on this card (338 images/s was the H200's compiled step)
+    stage train_step_256 200 python3 benchmarks/train_throughput.py "${step_256[@]}" \
+      --output "$results/train_throughput_256_compile-$tag.json" ;;
   loop-64)  # issue 10: the 64 px loop compiled at a large batch (>= 5,000 images/s)
     prepared_64
     train_loop "train_loop_64_b${loop_64_batch}_compile" 150 "${loop_minutes[1]}" "$work/kvasir-64" "${loop_64[@]}" \
