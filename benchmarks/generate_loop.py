@@ -23,8 +23,9 @@ import torch
 from datasets import load_from_disk
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
+from polyp_diffusers.choices import COMPILE_MODES
 from polyp_diffusers.data import load_polyp_dataset
-from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
+from polyp_diffusers.modeling import UNET_PRESETS
 
 from common import compile_cache_environment, default_device, write_results
 

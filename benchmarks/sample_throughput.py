@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset, make_sampler
-from polyp_diffusers.modeling import COMPILE_MODES, UNET_PRESETS
+from polyp_diffusers.choices import COMPILE_MODES
+from polyp_diffusers.modeling import UNET_PRESETS
 
 from common import (
     default_device,

@@ -1,27 +1,50 @@
-"""polyp-diffusers: colonoscopy polyp images from binary masks (Polyp-DDPM) as a diffusers pipeline."""
+"""polyp-diffusers: colonoscopy polyp images from binary masks (Polyp-DDPM) as a diffusers pipeline.
 
-from .modeling import UNET_PRESETS, make_polyp_scheduler, make_polyp_unet, make_polyp_unet_from_preset, make_sampler
-from .pipelines import (
-    PolypDDPMPipeline,
-    PolypDDPMPipelineOutput,
-    PolypInpaintPipeline,
-    PolypMaskPipeline,
-    PolypMaskPipelineOutput,
-    prepare_masks,
-)
+The names below are imported on first use (PEP 562), as diffusers does with its own: `import polyp_diffusers.cli`
+or `polyp_diffusers.arguments` must not pay for torch and diffusers (seconds) before it knows what it will do.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PolypDDPMPipeline",
-    "PolypDDPMPipelineOutput",
-    "PolypInpaintPipeline",
-    "PolypMaskPipeline",
-    "PolypMaskPipelineOutput",
-    "UNET_PRESETS",
-    "make_polyp_scheduler",
-    "make_polyp_unet",
-    "make_polyp_unet_from_preset",
-    "make_sampler",
-    "prepare_masks",
-]
+# Each public name and the submodule that defines it.
+_EXPORTS = {
+    "PolypDDPMPipeline": "pipelines",
+    "PolypDDPMPipelineOutput": "pipelines",
+    "PolypInpaintPipeline": "pipelines",
+    "PolypMaskPipeline": "pipelines",
+    "PolypMaskPipelineOutput": "pipelines",
+    "prepare_masks": "pipelines",
+    "UNET_PRESETS": "modeling",
+    "make_polyp_scheduler": "modeling",
+    "make_polyp_unet": "modeling",
+    "make_polyp_unet_from_preset": "modeling",
+    "make_sampler": "modeling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .modeling import UNET_PRESETS, make_polyp_scheduler, make_polyp_unet, make_polyp_unet_from_preset, make_sampler
+    from .pipelines import (
+        PolypDDPMPipeline,
+        PolypDDPMPipelineOutput,
+        PolypInpaintPipeline,
+        PolypMaskPipeline,
+        PolypMaskPipelineOutput,
+        prepare_masks,
+    )
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -4,12 +4,11 @@ error is reported.
 """
 
 import argparse
+import numbers
 import os
 import signal
 import sys
 from collections.abc import Callable
-
-from .data import check_test_size
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -22,6 +21,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if is_flag or unstated or "(default" in help_text:
             return help_text
         return f"{help_text} (default: %(default)s)"
+
+
+def check_test_size(test_size) -> None:
+    """A test split is a whole count of pairs (at least 1) or a fraction of them (between 0 and 1)."""
+    is_number = isinstance(test_size, numbers.Real) and not isinstance(test_size, bool)  # numpy's numbers too
+    is_count = is_number and test_size >= 1 and float(test_size).is_integer()
+    if not (is_count or (is_number and 0 < test_size < 1)):
+        raise ValueError(f"test size is {test_size!r}; expected a whole count (>= 1) or a fraction in (0, 1).")
 
 
 def positive_int(value: str) -> int:

@@ -1,38 +1,16 @@
 """The `polyp-ddpm` command line: prepare data, generate pairs, measure FID/KID, convert official weights, cards,
 and a web demo.
 
-Each subcommand only parses its arguments and calls the function that holds its algorithm.
+This module only parses: it imports neither torch nor diffusers, so that `--help` and a wrong argument answer at
+once. Each subcommand's work is `commands.run_<subcommand>`, imported once the arguments are known.
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
-
-from datasets import DatasetDict
 
 from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
-from .convert_official import convert_official_checkpoint, write_converted_pipeline
-from .data import load_polyp_dataset, parse_dataset_spec
-from .folders import check_result_file, write_text_atomically
-from .generate import DTYPES, generate_dataset, load_pipeline, push_generated
-from .hub_card.cards import SOURCE_TERMS, check_results_file, updated_model_card_files
-from .hub_card.publish import hub_repo_id
-from .metrics import DINOV2_WEIGHTS, dinov2_extractor, fid_kid, load_extractor
-from .modeling import COMPILE_MODES, SAMPLERS, default_device
-from .prepare_data import DEMO_SOURCE, prepare_dataset
-from .results import (
-    check_results_of,
-    distance_names,
-    few_images_note,
-    fid_results,
-    kid_text,
-    mask_fidelity_results,
-    provenance,
-)
-
-# Images per batch when a segmenter scores generated pairs (mask fidelity).
-FIDELITY_BATCH_SIZE = 32
+from .choices import COMPILE_MODES, DEMO_SOURCE, DINOV2_WEIGHTS, DTYPE_NAMES, FIDELITY_BATCH_SIZE, SAMPLERS
+from .hub_card.cards import SOURCE_TERMS
 
 FEATURES = ("inception", "dinov2")
 
@@ -84,28 +62,6 @@ def _add_prepare_data(subparsers):
     parser.add_argument("--demo-pairs", type=positive_int, default=200, help="Number of pairs of the demo set.")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists (never the source).")
     _add_hub_options(parser, "dataset and its card", "the output folder's name")
-    parser.set_defaults(run=_run_prepare_data)
-
-
-def _run_prepare_data(args):
-    dataset = prepare_dataset(
-        args.source,
-        args.output,
-        test_size=args.test_size,
-        seed=args.seed,
-        split_file=args.split_file,
-        skip_invalid=args.skip_invalid,
-        resolution=args.resolution,
-        image_dir=args.image_dir,
-        mask_dir=args.mask_dir,
-        source_terms=args.source_terms,
-        overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
-        hub_dataset_id=args.hub_id,
-        demo_pairs=args.demo_pairs,
-    )
-    counts = ", ".join(f"{name}: {len(part)}" for name, part in dataset.items())
-    print(f"Wrote {args.output} ({counts})")
 
 
 def _add_convert_official(subparsers):
@@ -126,18 +82,6 @@ def _add_convert_official(subparsers):
         help="Keep their 6 input channels (mask as 3 identical channels) instead of folding to 4.",
     )
     _add_hub_options(parser, "pipeline and its card", "the output folder's name")
-    parser.set_defaults(run=_run_convert_official)
-
-
-def _run_convert_official(args):
-    repo_id = hub_repo_id(args.hub_id, args.output, "--hub-id") if args.push_to_hub else args.hub_id
-    pipeline, description = convert_official_checkpoint(args.checkpoint, args.weights, args.keep_rgb_mask)
-    write_converted_pipeline(pipeline, description, args.output, args.push_to_hub, repo_id)
-    config = description["config"]
-    print(
-        f"Converted {args.checkpoint} ({args.weights} weights, step {description['step']}, {config['image_size']} px, "
-        f"{description['mask_channels']} mask channel(s)) to {args.output}"
-    )
 
 
 def _add_generate(subparsers):
@@ -197,7 +141,7 @@ def _add_generate(subparsers):
         "retraining for briefly trained noise-predicting models; e.g. 235 of 250). Default: the model's config.",
     )
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="Model precision.")
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -220,48 +164,6 @@ def _add_generate(subparsers):
         "obey their masks and writes mask_fidelity.json beside the pairs (as `polyp-ddpm mask-fidelity`).",
     )
     _add_hub_options(parser, "generated dataset", "the output folder's name")
-    parser.set_defaults(run=_run_generate)
-
-
-def _run_generate(args):
-    repo_id = hub_repo_id(args.hub_id, args.output, "--hub-id") if args.push_to_hub else None
-    segmenter = None
-    if args.fidelity_segmenter:  # loaded first: a wrong folder fails before the sampling, not after it
-        from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
-
-        segmenter = load_trained_segmenter(args.fidelity_segmenter)
-    dataset = generate_dataset(
-        args.model,
-        args.mask_dataset,
-        args.output,
-        split=args.split,
-        num_images_per_mask=args.num_images_per_mask,
-        sampler=args.sampler,
-        num_inference_steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        new_masks=args.new_masks,
-        mask_augment=args.mask_augment,
-        start_timestep=args.start_timestep,
-        mask_model=args.mask_model,
-        insert=args.insert,
-        compile=args.compile or args.compile_mode is not None,
-        compile_mode=args.compile_mode,
-        model_flags=("--model", "--mask-model"),
-    )
-    # True of a new run, a continued one, and one that found nothing to do.
-    print(f"{args.output} holds {len(dataset[args.split])} generated pairs ({args.split} split)")
-    if segmenter is not None:
-        scores = _score_mask_fidelity(
-            segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}",
-            FIDELITY_BATCH_SIZE, args.device,
-        )  # fmt: skip
-        write_text_atomically(Path(args.output) / "mask_fidelity.json", json.dumps(scores, indent=2) + "\n")
-    if repo_id is not None:  # last: a failed upload loses no score, and the same command uploads again
-        push_generated(args.output, repo_id)
 
 
 def _add_fid(subparsers):
@@ -302,44 +204,6 @@ def _add_fid(subparsers):
     parser.add_argument("--kid-subsets", type=positive_int, default=100, help="Number of KID subsets.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the result as JSON (with a Markdown table for the model card) here.")
-    parser.set_defaults(run=_run_fid)
-
-
-def _run_fid(args):
-    if args.output:
-        check_result_file(args.output, "scores")
-    real = load_polyp_dataset(args.real, split=args.real_split)
-    generated = load_polyp_dataset(args.generated, split=args.generated_split)
-    if isinstance(generated, DatasetDict):
-        if len(generated) != 1:
-            raise ValueError(f"{args.generated} has splits {sorted(generated)}; choose one with --generated-split.")
-        generated = next(iter(generated.values()))
-    if args.feature_extractor:
-        extractor = load_extractor(args.feature_extractor)
-    else:
-        extractor = dinov2_extractor(args.dinov2_weights) if args.features == "dinov2" else None
-    scores = fid_kid(
-        real,
-        generated,
-        extractor=extractor,
-        inception_weights=args.inception_weights,
-        batch_size=args.batch_size,
-        kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets,
-        image_size=args.image_size,
-        device=args.device or default_device(),
-    )
-    scores.update(real=f"{args.real}:{args.real_split}", generated=args.generated)
-    fid_name, kid_name = distance_names(scores)
-    print(
-        f"{fid_name} {scores['fid']:.2f}   {kid_name} {kid_text(scores)}   "
-        f"({scores['num_generated']} generated vs {scores['num_real']} real, {scores['features']})"
-    )
-    if few := few_images_note(scores):
-        print(f"warning: {few}", file=sys.stderr)
-    if args.output:
-        result = {**fid_results(scores), "scores": scores, **provenance(args.generated)}
-        write_text_atomically(Path(args.output), json.dumps(result, indent=2))
 
 
 def _add_mask_fidelity(subparsers):
@@ -358,45 +222,6 @@ def _add_mask_fidelity(subparsers):
     parser.add_argument("--batch-size", type=positive_int, default=FIDELITY_BATCH_SIZE, help="Images per batch.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the scores as JSON here.")
-    parser.set_defaults(run=_run_mask_fidelity)
-
-
-def _run_mask_fidelity(args):
-    from .segmentation import load_trained_segmenter  # the [eval] extra (MONAI, transformers)
-
-    if args.output:
-        check_result_file(args.output, "segmenter_trained_on")
-    segmenter = load_trained_segmenter(args.segmenter)
-    path, split = parse_dataset_spec(args.dataset, default_split="train")
-    scores = _score_mask_fidelity(
-        segmenter, args.segmenter, load_polyp_dataset(path, split=split), f"{path}:{split}", args.batch_size,
-        args.device,
-    )  # fmt: skip
-    if args.output:
-        write_text_atomically(Path(args.output), json.dumps(scores, indent=2) + "\n")
-
-
-def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
-    """Scores `dataset` with a loaded segmenter (model, config) and prints the result."""
-    from .segmentation import SEGMENTER_FAMILIES, mask_fidelity  # the [eval] extra (MONAI, transformers)
-
-    model, config = segmenter
-    scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
-    scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
-    scores.update(provenance(parse_dataset_spec(name)[0]))
-    scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
-    print(
-        f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "
-        f"{scores['num_images']} images (segmenter trained on {config['train']} pairs)"
-    )
-    if config["train"] != "real":
-        print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
-    if scores["generated_by"] is None:
-        print(
-            f"Note: {name} has no generation.json, the record `polyp-ddpm generate` keeps: if these are real pairs, "
-            "this is the segmenter's test score, not a model's mask fidelity."
-        )
-    return scores
 
 
 def _add_card(subparsers):
@@ -413,23 +238,6 @@ def _add_card(subparsers):
         help="JSON from `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity --output` (or the mask_fidelity.json "
         "of `generate --fidelity-segmenter`) or training/compare_segmentation.py; repeatable.",
     )
-    parser.set_defaults(run=_run_card)
-
-
-def _run_card(args):
-    results = {}
-    for path in args.results:
-        try:
-            results[path] = json.loads(Path(path).read_text())
-        except ValueError as error:
-            raise ValueError(f"--results {path} is not valid JSON ({error}).") from error
-    for path, result in results.items():  # their shape, before whose model they score (and before loading it)
-        check_results_file(f"--results {path}", result)
-    check_results_of(args.model_dir, results)
-    # Results are for image models: a model of masks alone is refused by load_pipeline.
-    for path, text in updated_model_card_files(load_pipeline(args.model_dir), args.model_dir, results).items():
-        write_text_atomically(path, text)  # a kill leaves the old card or the new one
-    print(f"Updated {Path(args.model_dir) / 'README.md'}")
 
 
 def _add_demo(subparsers):
@@ -448,29 +256,9 @@ def _add_demo(subparsers):
     parser.add_argument("--port", type=positive_int, default=7860, help="Port to serve on.")
     parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link to the demo.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Model precision.")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="Model precision.")
     parser.add_argument(
         "--write-space", metavar="DIR", help="Write a Hub Space folder (app.py, requirements.txt, README.md) and exit."
-    )
-    parser.set_defaults(run=_run_demo)
-
-
-def _run_demo(args):
-    try:
-        from . import web_demo  # gradio is the optional [demo] extra
-    except ModuleNotFoundError as error:
-        raise ImportError(
-            f"the web demo needs the [demo] extra ({error}): pip install 'polyp-diffusers[demo]'."
-        ) from error
-    if args.write_space:
-        folder = web_demo.write_space(args.write_space, args.model)
-        print(
-            f"Wrote the Space {folder}. To publish it: hf repos create USER/SPACE --repo-type space --space-sdk gradio, "
-            f"then hf upload USER/SPACE {folder} --repo-type space"
-        )
-        return
-    web_demo.launch_demo(
-        args.model, host=args.host, port=args.port, share=args.share, device=args.device, dtype=args.dtype
     )
 
 
@@ -525,17 +313,6 @@ def _add_reproduce(subparsers):
         metavar="FLAGS",
         help="More train.py flags for the denoiser, after the preset's, e.g. --denoiser-args='--augment_degrees 0'.",
     )
-    parser.set_defaults(run=_run_reproduce)
-
-
-def _run_reproduce(args):
-    from .study import run_study  # the study needs the [eval] extra (segmenters, FID)
-
-    run_study(
-        args.data, args.output, preset=args.preset, split_file=args.split_file, tests=args.test, seeds=args.seeds,
-        objective=args.objective, inception_weights=args.inception_weights, segmentation_jobs=args.segmentation_jobs,
-        new_masks=args.new_masks, inserted_polyps=args.inserted_polyps, denoiser_args=args.denoiser_args,
-    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -552,11 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args) -> None:
+    from . import commands  # torch, diffusers and datasets: seconds, and a Ctrl-C meanwhile is one line too
+
+    getattr(commands, "run_" + args.command.replace("-", "_"))(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Bad input or environment, and Ctrl-C: said in one line.
     return exit_code_of(
-        lambda: args.run(args),
+        lambda: _run(args),
         (ValueError, OSError, RuntimeError, ImportError),
         interrupted="polyp-ddpm: interrupted. What was written whole is kept; the same command again goes on "
         "(generate and reproduce from where they stopped).",

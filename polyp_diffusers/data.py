@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import logging
-import numbers
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .arguments import check_test_size
 from .folders import check_is_folder, is_empty, replace_folder, staging_folder
 from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_frame_mode, check_positive_int, prepare_masks
 
@@ -424,14 +424,6 @@ def _load_hub_dataset(dataset_id: str) -> DatasetDict:
         raise FileNotFoundError(
             f"loading the Hub dataset {dataset_id} failed: {type(error).__name__}: {error}"
         ) from error
-
-
-def check_test_size(test_size) -> None:
-    """A test split is a whole count of pairs (at least 1) or a fraction of them (between 0 and 1)."""
-    is_number = isinstance(test_size, numbers.Real) and not isinstance(test_size, bool)  # numpy's numbers too
-    is_count = is_number and test_size >= 1 and float(test_size).is_integer()
-    if not (is_count or (is_number and 0 < test_size < 1)):
-        raise ValueError(f"test size is {test_size!r}; expected a whole count (>= 1) or a fraction in (0, 1).")
 
 
 def split_ids(ids: list[str], test_size: int | float, seed: int, name: str = "test_size") -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
+from .choices import DTYPE_NAMES, SAMPLERS
 from .data import (
     FEATURES,
     GENERATION_SETTINGS_FILE,
@@ -38,7 +39,7 @@ from .folders import (
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import UploadError, hub_repo_id, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
-from .modeling import SAMPLERS, default_device, make_sampler, unet_weights_digest
+from .modeling import default_device, make_sampler, unet_weights_digest
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
 from .training_utils import CHECKPOINT_PATTERN
@@ -50,7 +51,7 @@ PARTS_DIR = ".parts"
 # The settings of a run: in PARTS_DIR while it is unfinished, at the top of the output once it is done. Its
 # presence is what marks a folder as written by this command (and so as one that --overwrite may replace).
 SETTINGS_FILE = GENERATION_SETTINGS_FILE
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 # Written beside a dataset of new masks: their statistics against the real masks they came from.
 MASK_STATISTICS_FILE = "mask_statistics.json"
 MASK_STATISTICS_PLOT = "mask_statistics.png"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .choices import DINOV2_WEIGHTS
 from .safe_loading import torch_load_safely
 
 INCEPTION_WEIGHTS_FILE = (
@@ -117,7 +118,6 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> nn.Mod
 
 # The features of the standard FID and KID; on any other, the scores are Fréchet and kernel distances of those.
 INCEPTION_FEATURES = "inception-v3-compat pool3 (2048)"
-DINOV2_WEIGHTS = "facebook/dinov2-large"  # ViT-L/14, the features of Stein et al. (NeurIPS 2023)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

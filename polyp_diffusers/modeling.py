@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
 
+from .choices import SAMPLERS
 from .folders import file_sha256
 from .pipelines.pipeline_polyp_ddpm import mask_model_input
 
@@ -31,16 +32,11 @@ DIFFUSERS_MAX_PERIOD = 10000
 
 NUM_TRAIN_TIMESTEPS = 250
 BETA_SCHEDULE = "squaredcos_cap_v2"
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 # log-SNR floor for DPM-Solver++. The cosine schedule's last beta is 0.999 (alpha-bar ~4e-8 at T, log-SNR -8.5):
 # there the solver's data prediction divides by sqrt(alpha-bar) ~2e-4 and magnifies any error of the noise
 # prediction 5000-fold. -5.1 (the floor of diffusers' fix for cosine schedules, used by DeepFloyd IF) starts the
 # solver one training step later, at t=248.
 DPMSOLVER_LAMBDA_MIN_CLIPPED = -5.1
-
-
-# torch.compile's modes, as the training and sampling commands accept them: reduce-overhead adds CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def make_polyp_unet(

@@ -5,13 +5,14 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
+from .arguments import check_test_size
+from .choices import DEMO_SOURCE
 from .data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_FRACTION,
     REPORT_FILE,
     build_dataset,
     check_only_written_by,
-    check_test_size,
     write_dataset,
 )
 from .demo import make_demo_dataset
@@ -19,8 +20,6 @@ from .folders import check_is_folder, check_output_apart, is_empty, recover_inte
 from .hub_card.cards import DEMO_NOTE, SOURCE_TERMS, UNKNOWN_TERMS, render_dataset_card
 from .hub_card.publish import hub_repo_id, push_dataset
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
-
-DEMO_SOURCE = "demo"
 
 
 def prepare_dataset(

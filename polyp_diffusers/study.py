@@ -32,6 +32,7 @@ import diffusers
 import numpy as np
 import torch
 
+from .choices import DEMO_SOURCE
 from .data import load_polyp_dataset, split_file_path
 from .folders import (
     OutputClaim,
@@ -45,7 +46,7 @@ from .folders import (
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
 from .modeling import default_device
-from .prepare_data import DEMO_SOURCE, prepare_dataset
+from .prepare_data import prepare_dataset
 from .results import fid_results, provenance, segmentation_results, summarize_scores
 from .segmentation import (
     TRAIN_SETS,

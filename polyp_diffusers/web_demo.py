@@ -17,9 +17,10 @@ import gradio as gr
 import PIL.Image
 import torch
 
+from .choices import SAMPLERS
 from .data import is_hub_id
 from .generate import DTYPES, load_pipeline
-from .modeling import SAMPLERS, default_device, make_sampler
+from .modeling import default_device, make_sampler
 from .pipelines import PolypDDPMPipeline, PolypDDPMPipelineOutput, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_positive_int
 

@@ -99,3 +99,15 @@ def test_the_editable_install_runs_from_elsewhere(tmp_path):
     result = subprocess.run([str(script), "card", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "model_dir" in result.stdout
+
+
+def test_the_package_imports_its_public_names_on_first_use():
+    import polyp_diffusers
+
+    assert {"PolypDDPMPipeline", "make_polyp_unet", "prepare_masks"} <= set(dir(polyp_diffusers))
+    assert set(polyp_diffusers.__all__) <= set(dir(polyp_diffusers))
+    from polyp_diffusers.pipelines import PolypDDPMPipeline
+
+    assert polyp_diffusers.PolypDDPMPipeline is PolypDDPMPipeline
+    with pytest.raises(AttributeError, match="has no attribute 'PolypPipeline'"):
+        polyp_diffusers.PolypPipeline  # noqa: B018

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of
+from polyp_diffusers.choices import SAMPLERS
 from polyp_diffusers.data import parse_dataset_spec
 from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
 from polyp_diffusers.generate import OtherRunError, generate_dataset
-from polyp_diffusers.modeling import SAMPLERS
 from polyp_diffusers.results import provenance, segmentation_results
 from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra, name_test_sets
 

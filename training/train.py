@@ -47,14 +47,13 @@ from polyp_diffusers import (
     make_sampler,
 )
 from polyp_diffusers.arguments import HelpFormatter, Stopped, exit_code_of, positive_int
+from polyp_diffusers.choices import COMPILE_MODES, SAMPLERS
 from polyp_diffusers.data import load_polyp_dataset, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_folder
 from polyp_diffusers.modeling import (
-    COMPILE_MODES,
     PREDICTION_TYPES,
-    SAMPLERS,
     UNET_PRESETS,
     check_snr_gamma,
     diffusion_loss,
