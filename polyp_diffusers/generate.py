@@ -364,12 +364,13 @@ def generate_dataset(
         requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
         batches = even_batches(len(requests), batch_size)
         part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
-        if recorded and (done := sum(len(span) for span, part in zip(batches, part_files) if part.exists())):
+        whole = [part.exists() and _is_whole_part(part, len(span)) for span, part in zip(batches, part_files)]
+        if recorded and (done := sum(len(span) for span, is_whole in zip(batches, whole) if is_whole)):
             print(f"Resuming the generation in {output}: {done} of {len(requests)} images are there already.")
-        for span, part in tqdm(list(zip(batches, part_files)), desc="Generating", unit="batch"):
+        for span, part, is_whole in tqdm(list(zip(batches, part_files, whole)), desc="Generating", unit="batch"):
+            if is_whole:
+                continue
             if part.exists():
-                if _is_whole_part(part, len(span)):
-                    continue
                 logger.warning(
                     f"{part} is damaged (unreadable, or not its {len(span)} pairs): its batch is generated again."
                 )

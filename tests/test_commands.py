@@ -466,7 +466,7 @@ def _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypat
 
 
 def test_a_damaged_part_is_generated_again_by_the_same_command(
-    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, caplog, capsys
 ):
     """A part truncated on disk (the run stopped before assembling): the rerun redoes its batch, same seeds, same images."""
     settings = dict(GENERATION, batch_size=2)
@@ -478,6 +478,8 @@ def test_a_damaged_part_is_generated_again_by_the_same_command(
     assert [message for message in caplog.messages if "damaged" in message] == [
         f"{damaged} is damaged (unreadable, or not its 2 pairs): its batch is generated again."
     ]
+    # The damaged part is not counted as done.
+    assert f"{len(expected) - 2} of {len(expected)} images are there already" in capsys.readouterr().out
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 
 
