@@ -22,11 +22,6 @@ GENERATED_NOTE = (
     "**Generated images.** Every image here was synthesized by a Polyp-DDPM model from a real mask; they are "
     "not patient images. Use them to augment segmentation training data, and always score on real test data."
 )
-KVASIR_LICENSE_NOTE = (
-    "Kvasir-SEG (Jha et al., MMM 2020, Simula) may be used for research and education; cite "
-    '"Kvasir-SEG: A Segmented Polyp Dataset" when you use it. Check the terms of the original release '
-    "before redistributing."
-)
 
 
 def render_dataset_card(
@@ -130,9 +125,6 @@ def render_model_card(
 
 
 CARD_CONTEXT_FILE = "card.json"
-# Named terms of use of source data, for `prepare-data --source-terms NAME`.
-SOURCE_TERMS = {"kvasir-seg": KVASIR_LICENSE_NOTE}
-UNKNOWN_TERMS = "Check the license of the source data."
 
 
 def model_card_files(pipeline, folder, **context) -> dict[Path, str]:

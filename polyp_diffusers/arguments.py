@@ -1,6 +1,7 @@
 """
-Command-line pieces shared by `polyp-ddpm` and the training scripts: help pages, number arguments and how an
-error is reported.
+Command-line pieces shared by `polyp-ddpm` and the training scripts: help pages, number arguments (with the rule
+for a test split's size, which `data` applies to calls from Python too) and how an error is reported. Imports
+nothing heavy: the command line parses with it before torch is loaded.
 """
 
 import argparse

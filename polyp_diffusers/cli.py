@@ -1,16 +1,17 @@
 """The `polyp-ddpm` command line: prepare data, generate pairs, measure FID/KID, convert official weights, cards,
 and a web demo.
-
-This module only parses: it imports neither torch nor diffusers, so that `--help` and a wrong argument answer at
-once. Each subcommand's work is `commands.run_<subcommand>`, imported once the arguments are known.
 """
+
+# This module only parses, and imports neither torch nor diffusers (seconds), so that `--help` and a wrong argument
+# answer at once. Each subcommand names its work in `commands` (set_defaults(run=...)), imported once the arguments
+# are known.
 
 import argparse
 import sys
 
 from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
 from .choices import COMPILE_MODES, DEMO_SOURCE, DINOV2_WEIGHTS, DTYPE_NAMES, FIDELITY_BATCH_SIZE, SAMPLERS
-from .hub_card.cards import SOURCE_TERMS
+from .hub_card.terms import SOURCE_TERMS
 
 FEATURES = ("inception", "dinov2")
 
@@ -62,6 +63,7 @@ def _add_prepare_data(subparsers):
     parser.add_argument("--demo-pairs", type=positive_int, default=200, help="Number of pairs of the demo set.")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists (never the source).")
     _add_hub_options(parser, "dataset and its card", "the output folder's name")
+    parser.set_defaults(run="run_prepare_data")
 
 
 def _add_convert_official(subparsers):
@@ -82,6 +84,7 @@ def _add_convert_official(subparsers):
         help="Keep their 6 input channels (mask as 3 identical channels) instead of folding to 4.",
     )
     _add_hub_options(parser, "pipeline and its card", "the output folder's name")
+    parser.set_defaults(run="run_convert_official")
 
 
 def _add_generate(subparsers):
@@ -164,6 +167,7 @@ def _add_generate(subparsers):
         "obey their masks and writes mask_fidelity.json beside the pairs (as `polyp-ddpm mask-fidelity`).",
     )
     _add_hub_options(parser, "generated dataset", "the output folder's name")
+    parser.set_defaults(run="run_generate")
 
 
 def _add_fid(subparsers):
@@ -204,6 +208,7 @@ def _add_fid(subparsers):
     parser.add_argument("--kid-subsets", type=positive_int, default=100, help="Number of KID subsets.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the result as JSON (with a Markdown table for the model card) here.")
+    parser.set_defaults(run="run_fid")
 
 
 def _add_mask_fidelity(subparsers):
@@ -222,6 +227,7 @@ def _add_mask_fidelity(subparsers):
     parser.add_argument("--batch-size", type=positive_int, default=FIDELITY_BATCH_SIZE, help="Images per batch.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--output", help="Write the scores as JSON here.")
+    parser.set_defaults(run="run_mask_fidelity")
 
 
 def _add_card(subparsers):
@@ -238,6 +244,7 @@ def _add_card(subparsers):
         help="JSON from `polyp-ddpm fid --output`, `polyp-ddpm mask-fidelity --output` (or the mask_fidelity.json "
         "of `generate --fidelity-segmenter`) or training/compare_segmentation.py; repeatable.",
     )
+    parser.set_defaults(run="run_card")
 
 
 def _add_demo(subparsers):
@@ -260,6 +267,7 @@ def _add_demo(subparsers):
     parser.add_argument(
         "--write-space", metavar="DIR", help="Write a Hub Space folder (app.py, requirements.txt, README.md) and exit."
     )
+    parser.set_defaults(run="run_demo")
 
 
 def _add_reproduce(subparsers):
@@ -313,6 +321,7 @@ def _add_reproduce(subparsers):
         metavar="FLAGS",
         help="More train.py flags for the denoiser, after the preset's, e.g. --denoiser-args='--augment_degrees 0'.",
     )
+    parser.set_defaults(run="run_reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> None:
     from . import commands  # torch, diffusers and datasets: seconds, and a Ctrl-C meanwhile is one line too
 
-    getattr(commands, "run_" + args.command.replace("-", "_"))(args)
+    getattr(commands, args.run)(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ def run_generate(args):
     # True of a new run, a continued one, and one that found nothing to do.
     print(f"{args.output} holds {len(dataset[args.split])} generated pairs ({args.split} split)")
     if segmenter is not None:
-        scores = score_mask_fidelity(
+        scores = _score_mask_fidelity(
             segmenter, args.fidelity_segmenter, dataset[args.split], f"{args.output}:{args.split}",
             FIDELITY_BATCH_SIZE, args.device,
         )  # fmt: skip
@@ -145,7 +145,7 @@ def run_mask_fidelity(args):
         check_result_file(args.output, "segmenter_trained_on")
     segmenter = load_trained_segmenter(args.segmenter)
     path, split = parse_dataset_spec(args.dataset, default_split="train")
-    scores = score_mask_fidelity(
+    scores = _score_mask_fidelity(
         segmenter, args.segmenter, load_polyp_dataset(path, split=split), f"{path}:{split}", args.batch_size,
         args.device,
     )  # fmt: skip
@@ -153,7 +153,7 @@ def run_mask_fidelity(args):
         write_text_atomically(Path(args.output), json.dumps(scores, indent=2) + "\n")
 
 
-def score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
+def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
     """Scores `dataset` with a loaded segmenter (model, config) and prints the result."""
     from .segmentation import SEGMENTER_FAMILIES, mask_fidelity  # the [eval] extra (MONAI, transformers)
 

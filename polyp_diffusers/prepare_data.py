@@ -17,8 +17,9 @@ from .data import (
 )
 from .demo import make_demo_dataset
 from .folders import check_is_folder, check_output_apart, is_empty, recover_interrupted_write
-from .hub_card.cards import DEMO_NOTE, SOURCE_TERMS, UNKNOWN_TERMS, render_dataset_card
+from .hub_card.cards import DEMO_NOTE, render_dataset_card
 from .hub_card.publish import hub_repo_id, push_dataset
+from .hub_card.terms import SOURCE_TERMS, UNKNOWN_TERMS
 from .pipelines.pipeline_polyp_ddpm import check_positive_int
 
 

@@ -160,7 +160,7 @@ def test_parsing_imports_neither_torch_nor_diffusers_and_every_subcommand_has_it
     parser = cli_module.build_parser()
     subcommands = next(action for action in parser._actions if action.dest == "command").choices
     assert len(subcommands) == 8
-    assert all(callable(getattr(commands_module, f"run_{name.replace('-', '_')}", None)) for name in subcommands)
+    assert all(callable(getattr(commands_module, sub.get_default("run"), None)) for sub in subcommands.values())
 
 
 # generate ------------------------------------------------------------------------------------------------------

@@ -105,9 +105,11 @@ def test_the_package_imports_its_public_names_on_first_use():
     import polyp_diffusers
 
     assert {"PolypDDPMPipeline", "make_polyp_unet", "prepare_masks"} <= set(dir(polyp_diffusers))
-    assert set(polyp_diffusers.__all__) <= set(dir(polyp_diffusers))
+    assert all(getattr(polyp_diffusers, name) is not None for name in polyp_diffusers.__all__)
     from polyp_diffusers.pipelines import PolypDDPMPipeline
 
     assert polyp_diffusers.PolypDDPMPipeline is PolypDDPMPipeline
+    assert polyp_diffusers.modeling.make_sampler is polyp_diffusers.make_sampler  # submodules as before
+    assert not {"importlib", "TYPE_CHECKING"} & set(dir(polyp_diffusers))
     with pytest.raises(AttributeError, match="has no attribute 'PolypPipeline'"):
         polyp_diffusers.PolypPipeline  # noqa: B018
