@@ -315,14 +315,41 @@ def _generation_source(synthetic: str) -> tuple[str, str] | None:
         ) from error
 
 
+def _generators_training_sets(synthetic: str) -> list[tuple[str, str, str]]:
+    """
+    `(flag, dataset, split)` for each model that made a generated folder (`generation.json`'s `model` and
+    `mask_model`) and that `training/train.py` trained on a dataset in a local folder (its `training_config.json`):
+    the real pairs those models learned from, which their images or masks may reproduce. A Hub id, a converted
+    model or a dataset on the Hub records nothing local to compare.
+    """
+    settings = generation_settings(synthetic) or {}
+    found = []
+    for flag, key in (("--model", "model"), ("--mask-model", "mask_model")):
+        config_path = Path(settings[key]) / "training_config.json" if settings.get(key) else None
+        if config_path is None or not config_path.is_file():
+            continue
+        try:
+            config = json.loads(config_path.read_text())
+            dataset, split = config["dataset"], config["train_split"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{config_path} is damaged ({type(error).__name__}: {error}): the real pairs that made --synthetic "
+                f"{synthetic} cannot be told apart from the test pairs."
+            ) from error
+        if Path(dataset).is_dir():
+            found.append((f"{flag} {settings[key]}", dataset, split))
+    return found
+
+
 def check_tests_apart(
     real: str, real_split: str, tests: list[str], synthetic: str | None = None, synthetic_split: str = "train"
 ) -> None:
     """
     Refuses test sets (`DATASET[:SPLIT]` specs) that hold pairs the segmenter learns from, before any training: the
-    real pairs it trains and selects its checkpoint on, the synthetic pairs it trains on, or the real pairs whose
+    real pairs it trains and selects its checkpoint on, the synthetic pairs it trains on, the real pairs whose
     masks (or frames, `generate --insert`) made them (their `source_id`s in the dataset that `generation.json`
-    names; a relative folder there is read from the current one, as `generate` read it). Ids are compared within
+    names; a relative folder there is read from the current one, as `generate` read it), or the real pairs the
+    models that made them were trained on (a model that learned a test image may reproduce it). Ids are compared within
     one dataset only (the same folder or Hub id): CVC-ClinicDB and ETIS, for one, both name their frames by number.
     """
     learned = [
@@ -338,6 +365,9 @@ def check_tests_apart(
             sources = set().union(*_sources_of(pairs))
             what = f"the real pairs whose masks made --synthetic {synthetic} ({mask_dataset}, split {split})"
             learned.append((what, mask_dataset, sources))
+        for model, dataset, split in _generators_training_sets(synthetic):
+            what = f"the real pairs that trained {model}, which made --synthetic {synthetic} ({dataset}, split {split})"
+            learned.append((what, dataset, _pair_ids(load_polyp_dataset(dataset, split=split), split)))
     for spec in tests:
         path, split = parse_dataset_spec(spec)
         test_ids = _pair_ids(load_polyp_dataset(path, split=split), split)

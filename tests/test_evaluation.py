@@ -727,6 +727,41 @@ def test_test_sets_holding_pairs_the_segmenter_learns_from_are_refused_before_tr
     train_segmentation.check_inputs(train_segmentation.parse_args(only_scored))
 
 
+def test_test_sets_that_trained_the_models_behind_the_synthetic_pairs_are_refused(demo_masks, tmp_path):
+    """A denoiser (or mask model) trained on the test split may reproduce its images: its pairs are no test set."""
+
+    def trained_on(folder, split):
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps({"dataset": str(demo_masks), "train_split": split}))
+        return folder
+
+    synthetic = generated_from(tmp_path / "synthetic", demo_masks, "train", ["train-a"])
+    settings = {"mask_dataset": str(demo_masks), "split": "train", "model": str(trained_on(tmp_path / "d", "test"))}
+    (synthetic / "generation.json").write_text(json.dumps(settings))
+    expected = (
+        f"test set {demo_masks}:test shares 4 of its 4 pairs with the real pairs that trained --model {tmp_path / 'd'}, "
+        f"which made --synthetic {synthetic} ({demo_masks}, split test)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    masks_from = {
+        "model": str(trained_on(tmp_path / "e", "train")),
+        "mask_model": str(trained_on(tmp_path / "m", "test")),
+    }
+    (synthetic / "generation.json").write_text(json.dumps({**settings, **masks_from}))
+    with pytest.raises(ValueError, match=re.escape(f"trained --mask-model {tmp_path / 'm'}, which made")):
+        check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    # Models trained on the training split, or with no local record (a Hub id, a converted model), are no leak.
+    (synthetic / "generation.json").write_text(json.dumps({**settings, "model": str(tmp_path / "e")}))
+    check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    (synthetic / "generation.json").write_text(json.dumps({**settings, "model": "someone/polyp-ddpm"}))
+    check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    (tmp_path / "e" / "training_config.json").write_text("{")
+    (synthetic / "generation.json").write_text(json.dumps({**settings, "model": str(tmp_path / "e")}))
+    with pytest.raises(ValueError, match="training_config.json is damaged"):
+        check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+
+
 def test_flags_that_would_fail_mid_run_are_refused_before_any_work(demo_masks, tmp_path, capsys):
     def command(*flags):
         return ["--train", "real", "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir",
