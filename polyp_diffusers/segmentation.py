@@ -315,68 +315,92 @@ def _generation_source(synthetic: str) -> tuple[str, str] | None:
         ) from error
 
 
-def _generators_training_sets(synthetic: str) -> list[tuple[str, str, str]]:
-    """
-    `(flag, dataset, split)` for each model that made a generated folder (`generation.json`'s `model` and
-    `mask_model`) and that `training/train.py` trained on a dataset in a local folder (its `training_config.json`):
-    the real pairs those models learned from, which their images or masks may reproduce. A Hub id, a converted
-    model or a dataset on the Hub records nothing local to compare.
-    """
+def _generator_models(synthetic: str) -> dict[str, str]:
+    """The models that made a generated folder, as `generate`'s flags name them (`generation.json`)."""
     settings = generation_settings(synthetic) or {}
+    return {
+        flag: settings[key] for flag, key in (("--model", "model"), ("--mask-model", "mask_model")) if settings.get(key)
+    }
+
+
+def _models_training_sets(models: dict[str, str]) -> list[tuple[str, str, str]]:
+    """
+    `(model, dataset, split)` for each model folder that `training/train.py` trained on a dataset in a local folder
+    (its `training_config.json`): the real pairs it learned from, which its images or masks may reproduce. A Hub
+    id, a converted model or a dataset on the Hub records nothing local to compare.
+    """
     found = []
-    for flag, key in (("--model", "model"), ("--mask-model", "mask_model")):
-        config_path = Path(settings[key]) / "training_config.json" if settings.get(key) else None
-        if config_path is None or not config_path.is_file():
+    for flag, folder in models.items():
+        config_path = Path(folder) / "training_config.json"
+        if not config_path.is_file():
             continue
         try:
             config = json.loads(config_path.read_text())
-            dataset, split = config["dataset"], config["train_split"]
-        except (ValueError, KeyError, TypeError) as error:
+        except ValueError as error:
             raise ValueError(
-                f"{config_path} is damaged ({type(error).__name__}: {error}): the real pairs that made --synthetic "
-                f"{synthetic} cannot be told apart from the test pairs."
+                f"{config_path} is damaged ({type(error).__name__}: {error}): the real pairs that trained {flag} "
+                f"{folder} cannot be told apart from the test pairs."
             ) from error
-        if Path(dataset).is_dir():
-            found.append((f"{flag} {settings[key]}", dataset, split))
+        # The resolved path (since session 13); before, the path as given to train.py, read from the current folder.
+        dataset = config.get("dataset_path") or config.get("dataset") if isinstance(config, dict) else None
+        split = config.get("train_split") if isinstance(config, dict) else None
+        if isinstance(dataset, str) and isinstance(split, str) and Path(dataset).is_dir():
+            found.append((f"{flag} {folder}", dataset, split))
     return found
 
 
 def check_tests_apart(
-    real: str, real_split: str, tests: list[str], synthetic: str | None = None, synthetic_split: str = "train"
+    real: str,
+    real_split: str,
+    tests: list[str],
+    synthetic: str | None = None,
+    synthetic_split: str = "train",
+    models: dict[str, str] | None = None,
 ) -> None:
     """
     Refuses test sets (`DATASET[:SPLIT]` specs) that hold pairs the segmenter learns from, before any training: the
     real pairs it trains and selects its checkpoint on, the synthetic pairs it trains on, the real pairs whose
     masks (or frames, `generate --insert`) made them (their `source_id`s in the dataset that `generation.json`
     names; a relative folder there is read from the current one, as `generate` read it), or the real pairs the
-    models that made them were trained on (a model that learned a test image may reproduce it). Ids are compared within
+    models that made them were trained on (a model that learned a test image may reproduce it): those
+    `generation.json` names, and `models` (`{flag: folder}`) for pairs still to be generated. Ids are compared within
     one dataset only (the same folder or Hub id): CVC-ClinicDB and ETIS, for one, both name their frames by number.
     """
     learned = [
-        (f"--real {real} (split {real_split})", real, _pair_ids(load_polyp_dataset(real, real_split), real_split))
+        (
+            f"--real {real} (split {real_split}), which the segmenter learns from",
+            real,
+            _pair_ids(load_polyp_dataset(real, real_split), real_split),
+        )
     ]
+    models = dict(models or {})
     if synthetic is not None:
         pairs = load_polyp_dataset(synthetic, split=synthetic_split)
         learned.append(
-            (f"--synthetic {synthetic} (split {synthetic_split})", synthetic, _pair_ids(pairs, synthetic_split))
+            (
+                f"--synthetic {synthetic} (split {synthetic_split}), which the segmenter learns from",
+                synthetic,
+                _pair_ids(pairs, synthetic_split),
+            )
         )
         if (source := _generation_source(synthetic)) is not None and "source_id" in pairs.column_names:
             mask_dataset, split = source
             sources = set().union(*_sources_of(pairs))
             what = f"the real pairs whose masks made --synthetic {synthetic} ({mask_dataset}, split {split})"
-            learned.append((what, mask_dataset, sources))
-        for model, dataset, split in _generators_training_sets(synthetic):
-            what = f"the real pairs that trained {model}, which made --synthetic {synthetic} ({dataset}, split {split})"
-            learned.append((what, dataset, _pair_ids(load_polyp_dataset(dataset, split=split), split)))
+            learned.append((what + ", which the segmenter learns from", mask_dataset, sources))
+        models.update(_generator_models(synthetic))
+    for model, dataset, split in _models_training_sets(models):
+        what = f"the real pairs that trained {model} ({dataset}, split {split}), whose output the segmenter learns from"
+        learned.append((what, dataset, _pair_ids(load_polyp_dataset(dataset, split=split), split)))
     for spec in tests:
         path, split = parse_dataset_spec(spec)
         test_ids = _pair_ids(load_polyp_dataset(path, split=split), split)
         for what, dataset, ids in learned:
             if local_path_or_id(dataset) == local_path_or_id(path) and (shared := ids & test_ids):
                 raise ValueError(
-                    f"test set {spec} shares {len(shared)} of its {len(test_ids)} pairs with {what}, which the "
-                    "segmenter learns from: its scores would not be a test. Test on pairs it never sees (another "
-                    "split or dataset)."
+                    f"test set {spec} shares {len(shared)} of its {len(test_ids)} pairs with {what}: its scores would "
+                    "not be a test. Test on pairs that neither the segmenter nor the models behind its synthetic "
+                    "pairs have seen (another split or dataset)."
                 )
 
 

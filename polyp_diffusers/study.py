@@ -458,7 +458,7 @@ def study_settings(arguments: dict) -> list[str]:
 # train.py flags that the study sets itself: its data, folders and resumption, and the objective it records.
 STUDY_TRAIN_FLAGS = (
     "--dataset", "--output_dir", "--resolution", "--resume_from_checkpoint", "--prediction_type", "--zero_terminal_snr",
-    "--mixed_precision",
+    "--mixed_precision", "--train_split",
 )  # fmt: skip
 
 
@@ -470,7 +470,8 @@ def _check_train_flags(flags: list[str], extra: list[str]) -> None:
     owned = sorted({flag.split("=")[0] for flag in extra if flag.split("=")[0] in STUDY_TRAIN_FLAGS})
     if owned:
         raise ValueError(
-            f"the study sets {', '.join(owned)} itself (use --objective, --output, and the preset's resolution); "
+            f"the study sets {', '.join(owned)} itself (use --objective, --output, and the preset's resolution; "
+            "the denoiser learns from the training split only); "
             "leave them out of --denoiser-args."
         )
     spec = importlib.util.spec_from_file_location("polyp_study_train", TRAINING_SCRIPTS / "train.py")

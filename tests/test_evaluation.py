@@ -739,23 +739,39 @@ def test_test_sets_that_trained_the_models_behind_the_synthetic_pairs_are_refuse
     settings = {"mask_dataset": str(demo_masks), "split": "train", "model": str(trained_on(tmp_path / "d", "test"))}
     (synthetic / "generation.json").write_text(json.dumps(settings))
     expected = (
-        f"test set {demo_masks}:test shares 4 of its 4 pairs with the real pairs that trained --model {tmp_path / 'd'}, "
-        f"which made --synthetic {synthetic} ({demo_masks}, split test)"
+        f"test set {demo_masks}:test shares 4 of its 4 pairs with the real pairs that trained --model {tmp_path / 'd'} "
+        f"({demo_masks}, split test), whose output the segmenter learns from"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    # compare_segmentation.py, which generates its pairs with --model: refused before it generates or trains.
+    comparison = tmp_path / "comparison"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_training_script("compare_segmentation").main(
+            ["--real", str(demo_masks), "--model", str(tmp_path / "d"), "--test", f"{demo_masks}:test",
+             "--output_dir", str(comparison)]
+        )  # fmt: skip
+    assert not comparison.exists()
     masks_from = {
         "model": str(trained_on(tmp_path / "e", "train")),
         "mask_model": str(trained_on(tmp_path / "m", "test")),
     }
     (synthetic / "generation.json").write_text(json.dumps({**settings, **masks_from}))
-    with pytest.raises(ValueError, match=re.escape(f"trained --mask-model {tmp_path / 'm'}, which made")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"trained --mask-model {tmp_path / 'm'} ({demo_masks}, split test)")
+    ):
         check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
     # Models trained on the training split, or with no local record (a Hub id, a converted model), are no leak.
     (synthetic / "generation.json").write_text(json.dumps({**settings, "model": str(tmp_path / "e")}))
     check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
     (synthetic / "generation.json").write_text(json.dumps({**settings, "model": "someone/polyp-ddpm"}))
     check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
+    # The resolved path train.py records now is read first: the folder named as given (relative) is no longer there.
+    config = {"dataset": "moved-away", "dataset_path": str(demo_masks), "train_split": "test"}
+    (tmp_path / "e" / "training_config.json").write_text(json.dumps(config))
+    (synthetic / "generation.json").write_text(json.dumps({**settings, "model": str(tmp_path / "e")}))
+    with pytest.raises(ValueError, match=re.escape(f"trained --model {tmp_path / 'e'} ({demo_masks}, split test)")):
+        check_tests_apart(str(demo_masks), "train", [f"{demo_masks}:test"], str(synthetic))
     (tmp_path / "e" / "training_config.json").write_text("{")
     (synthetic / "generation.json").write_text(json.dumps({**settings, "model": str(tmp_path / "e")}))
     with pytest.raises(ValueError, match="training_config.json is damaged"):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -166,7 +167,10 @@ def test_saved_pipeline_loads_generates_and_has_a_card(finished_run):
     card = (finished_run / "README.md").read_text()
     assert "library_name: diffusers" in card and "| `max_train_steps` | 16 |" in card
     assert "pip install polyp-diffusers" not in card  # not on PyPI: a name anyone could take there
-    assert json.loads((finished_run / "training_config.json").read_text())["trained_steps"] == STEPS
+    config = json.loads((finished_run / "training_config.json").read_text())
+    assert config["trained_steps"] == STEPS
+    # The data's resolved path, for the segmenters' leakage check from any folder; not on the public card.
+    assert Path(config["dataset_path"]).is_absolute() and "dataset_path" not in card
     # The training images' mean colour, for sampling with start_timestep.
     start_color = pipe.config.start_color
     assert len(start_color) == 3 and all(0 < value < 1 for value in start_color)

@@ -99,7 +99,9 @@ def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> Non
     name_test_sets(args.test)
     trains_on_synthetic = any(setting.train != "real" for setting in settings)
     learned_synthetic = args.synthetic if trains_on_synthetic else None
-    check_tests_apart(args.real, first.real_split, args.test, learned_synthetic, first.synthetic_split)
+    # Pairs still to be generated: the model that will make them, checked now rather than after generation.
+    models = {"--model": args.model} if trains_on_synthetic and args.synthetic is None else None
+    check_tests_apart(args.real, first.real_split, args.test, learned_synthetic, first.synthetic_split, models)
     if trains_on_synthetic and args.synthetic is None and first.real_split != "train":
         check_tests_apart(args.real, "train", args.test)  # the masks of the pairs still to be generated
 

@@ -48,7 +48,7 @@ from polyp_diffusers import (
 )
 from polyp_diffusers.arguments import HelpFormatter, Stopped, exit_code_of, positive_int
 from polyp_diffusers.choices import COMPILE_MODES, SAMPLERS
-from polyp_diffusers.data import load_polyp_dataset, pairs_digest
+from polyp_diffusers.data import load_polyp_dataset, local_path_or_id, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_folder
@@ -404,7 +404,9 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
         training_config=config,
         dataset=args.dataset if not os.path.exists(args.dataset) else None,
     )
-    (staging / "training_config.json").write_text(json.dumps(config, indent=2))
+    # Also the data's resolved path (not on the card): the segmenters' leakage check reads it from any folder.
+    recorded = {**config, "dataset_path": local_path_or_id(args.dataset)}
+    (staging / "training_config.json").write_text(json.dumps(recorded, indent=2))
     # model_index.json goes first and comes back last: a run killed in between leaves no half pipeline that
     # loads, and its next save (a resumed run) writes it whole.
     (Path(output_dir) / "model_index.json").unlink(missing_ok=True)
