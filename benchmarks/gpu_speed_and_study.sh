@@ -5,7 +5,8 @@
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
 #   STAGES="segmenter-phases step-256 sampling-compiled"  which stages, in this order (default: that, what issue 10
-#                still lacks, about 420 s; then, on the warm machine, STAGES="compile-cache generate")
+#                still lacks, at most 510 s by the stages' limits; then, on the warm machine,
+#                STAGES="compile-cache generate")
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)

@@ -302,25 +302,27 @@ def _pair_ids(dataset: Dataset, split: str) -> set[str]:
     return {f"{split}-{i:05d}" for i in range(len(dataset))}
 
 
-def _generation_source(synthetic: str) -> tuple[str, str] | None:
-    """`(mask_dataset, split)` from a generated folder's `generation.json`: where its masks (or frames) came from."""
+def _generation_of(synthetic: str) -> tuple[str, str, dict[str, str]] | None:
+    """
+    `(mask_dataset, split, models)` from a generated folder's `generation.json`: where its masks (or frames) came
+    from, and the models that made it, as `generate`'s flags name them (`{"--model": folder, ...}`).
+    """
     try:
         settings = generation_settings(synthetic)
-        return None if settings is None else (settings["mask_dataset"], settings["split"])
+        if settings is None:
+            return None
+        models = {
+            flag: settings[key]
+            for flag, key in (("--model", "model"), ("--mask-model", "mask_model"))
+            if settings.get(key)
+        }
+        return settings["mask_dataset"], settings["split"], models
     except (ValueError, KeyError) as error:
         where = Path(synthetic) / GENERATION_SETTINGS_FILE
         raise ValueError(
             f"{where} is damaged ({type(error).__name__}: {error}): the real pairs that --synthetic was made from "
             "cannot be told apart from the test pairs."
         ) from error
-
-
-def _generator_models(synthetic: str) -> dict[str, str]:
-    """The models that made a generated folder, as `generate`'s flags name them (`generation.json`)."""
-    settings = generation_settings(synthetic) or {}
-    return {
-        flag: settings[key] for flag, key in (("--model", "model"), ("--mask-model", "mask_model")) if settings.get(key)
-    }
 
 
 def _models_training_sets(models: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -341,9 +343,10 @@ def _models_training_sets(models: dict[str, str]) -> list[tuple[str, str, str]]:
                 f"{config_path} is damaged ({type(error).__name__}: {error}): the real pairs that trained {flag} "
                 f"{folder} cannot be told apart from the test pairs."
             ) from error
+        if not isinstance(config, dict):
+            continue
         # The resolved path (since session 13); before, the path as given to train.py, read from the current folder.
-        dataset = config.get("dataset_path") or config.get("dataset") if isinstance(config, dict) else None
-        split = config.get("train_split") if isinstance(config, dict) else None
+        dataset, split = config.get("dataset_path") or config.get("dataset"), config.get("train_split")
         if isinstance(dataset, str) and isinstance(split, str) and Path(dataset).is_dir():
             found.append((f"{flag} {folder}", dataset, split))
     return found
@@ -383,12 +386,13 @@ def check_tests_apart(
                 _pair_ids(pairs, synthetic_split),
             )
         )
-        if (source := _generation_source(synthetic)) is not None and "source_id" in pairs.column_names:
-            mask_dataset, split = source
-            sources = set().union(*_sources_of(pairs))
-            what = f"the real pairs whose masks made --synthetic {synthetic} ({mask_dataset}, split {split})"
-            learned.append((what + ", which the segmenter learns from", mask_dataset, sources))
-        models.update(_generator_models(synthetic))
+        if (generation := _generation_of(synthetic)) is not None:
+            mask_dataset, split, generators = generation
+            if "source_id" in pairs.column_names:
+                sources = set().union(*_sources_of(pairs))
+                what = f"the real pairs whose masks made --synthetic {synthetic} ({mask_dataset}, split {split})"
+                learned.append((what + ", which the segmenter learns from", mask_dataset, sources))
+            models.update(generators)
     for model, dataset, split in _models_training_sets(models):
         what = f"the real pairs that trained {model} ({dataset}, split {split}), whose output the segmenter learns from"
         learned.append((what, dataset, _pair_ids(load_polyp_dataset(dataset, split=split), split)))
