@@ -48,6 +48,20 @@ def compile_cache_environment(folder: Path) -> dict[str, str]:
     }
 
 
+# `--cudnn-benchmark`: whether cuDNN times its convolution algorithms for each new shape and keeps the fastest
+# (torch.backends.cudnn.benchmark, off by default in torch); `both` times each model both ways, off first.
+CUDNN_BENCHMARK_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
+
+
+def add_cudnn_benchmark_argument(parser) -> None:
+    parser.add_argument(
+        "--cudnn-benchmark",
+        choices=sorted(CUDNN_BENCHMARK_SETTINGS),
+        default="off",
+        help="torch.backends.cudnn.benchmark for the timed runs; 'both' times each one both ways.",
+    )
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -5,21 +5,23 @@
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
 #   STAGES="segmenter-phases step-256 sampling-compiled"  which stages, in this order (default: that, what issue 10
-#                still lacks, at most 510 s by the stages' limits; then, on the warm machine,
+#                still lacks, at most 560 s by the stages' limits; then, on the warm machine,
 #                STAGES="compile-cache generate")
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
 #     segmenter-phases  the same with CUDA graphs only, as the study runs it (python, no launcher): the 30 s target,
-#                and its start-up phases (timing.start_up_phases_s)
+#                and its start-up phases (timing.start_up_phases_s); then again with --cudnn_benchmark
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
 #     step-256   the isolated 256 px training step compiled (train_throughput.py), beside the authors' step (fp32)
-#                in the same process: what loop-256 is measured against on the same card
+#                in the same process: what loop-256 is measured against on the same card; each step timed without
+#                and with cudnn.benchmark
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager, compiled, and compiled
 #                again (torch's compile cache warm)
 #     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager, and the authors' sampler (batch 16)
-#                in the same process (sample_throughput.py);  sampling-compiled: ours compiled
+#                in the same process (sample_throughput.py);  sampling-compiled: ours compiled, without and with
+#                cudnn.benchmark
 #     compile-cache  the compiled 64 px training step, batch 128, in two fresh processes sharing one new on-disk
 #                compile cache: a first compilation on a machine against every later one (compile_cache.py)
 #     loops-more train.py at 64 px without compilation (batch LOOP_64_BATCH) and with CUDA graphs (batch 128,
@@ -68,11 +70,12 @@ if command -v nvidia-smi >/dev/null; then
   # 10 steps) and at 256 px (compiling took over 105 s)
   loop_minutes=(1 1.6 3.3)
   segmenter=()        # segmentation_loop.py's defaults: quick-64's setting
-  segmenter_mode=cuda-graphs  # segmenter-phases' one run
+  segmenter_modes=(cuda-graphs cuda-graphs-cudnn-benchmark)  # segmenter-phases' runs
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
-  step_256=(--sizes 256 --modes bf16-compile --batch-size 32 --reference-dir .devdata/reference/polyp_ddpm_official)
+  step_256=(--sizes 256 --modes bf16-compile --batch-size 32 --reference-dir .devdata/reference/polyp_ddpm_official
+    --cudnn-benchmark both)
   compile_cache=(--batch-size 128)  # quick-64's batch
 else
   tag=cpu
@@ -82,12 +85,12 @@ else
   loop_256=("${loop_64[@]}")
   loop_minutes=(0.2 0.4 1.5)  # compiling the tiny model alone takes 30-50 s on 2 CPU cores
   segmenter=(--resolution 32 --steps 12 --batch-size 8 --validation-steps 6)
-  segmenter_mode=eager
+  segmenter_modes=(eager)
   generation=(--split test --model-preset tiny --steps 2 --batch-size 32)
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
   sampling_reference=()  # the authors' network has no 32 px configuration
   step_256=(--sizes 64 --modes fp32 --batch-size 1 --steps 1 --warmup 1  # compiling it takes minutes here
-    --reference-dir .devdata/reference/polyp_ddpm_official)
+    --reference-dir .devdata/reference/polyp_ddpm_official --cudnn-benchmark both)
   compile_cache=(--size 64 --batch-size 1)  # the paper network is not made below 64 px
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
@@ -128,8 +131,8 @@ for current in $stages; do
     stage start_up 150 python3 benchmarks/start_up.py --repeats 1 --output "$results/start_up-$tag.json" ;;
   segmenter-phases)
     prepared_64
-    stage segmentation_loop_phases 100 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
-      "${segmenter[@]}" --modes "$segmenter_mode" --output "$results/segmentation_loop_phases-$tag.json" ;;
+    stage segmentation_loop_phases 130 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
+      "${segmenter[@]}" --modes "${segmenter_modes[@]}" --output "$results/segmentation_loop_phases-$tag.json" ;;
   segmenter)  # issue 10: one setting in <= 30 s with start-up; CUDA graphs against the eager step, same seed
     prepared_64
     stage segmentation_loop 150 python3 benchmarks/segmentation_loop.py --dataset "$work/kvasir-64" \
@@ -153,8 +156,8 @@ for current in $stages; do
     stage sampling_256 130 python3 benchmarks/sample_throughput.py "${sampling[@]}" --noise device-per-image \
       "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json" ;;
   sampling-compiled)
-    stage sampling_256_compile 150 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
-      --noise device-per-image --compile --output "$results/sample_throughput_256_compile-$tag.json" ;;
+    stage sampling_256_compile 170 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
+      --noise device-per-image --compile --cudnn-benchmark both --output "$results/sample_throughput_256_compile-$tag.json" ;;
   compile-cache)  # what a compiled run costs after the first on a machine (the cold compile took 79-88 s)
     stage compile_cache 200 python3 benchmarks/compile_cache.py "${compile_cache[@]}" \
       --output "$results/compile_cache-$tag.json" ;;

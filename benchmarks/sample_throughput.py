@@ -5,7 +5,8 @@ noise is drawn: `batch` (one generator for the batch), `device-per-image` (one s
 sampling device, what `polyp-ddpm generate` does so that images do not depend on the batch size) and
 `cpu-per-image` (per-image CPU generators, whose noise is copied to the device at every step). With
 `--reference-dir` it also times the authors' sampler (their network and 250-step `GaussianDiffusion.sample`,
-fp32 as they ship it, random weights) at the same size, in the same process.
+fp32 as they ship it, random weights) at the same size, in the same process. `--cudnn-benchmark both` times
+every run again once cuDNN may pick its fastest convolutions.
 
     python benchmarks/sample_throughput.py                         # CUDA if present, else CPU (tiny runs)
     python benchmarks/sample_throughput.py --batch-sizes 16 64 --dtypes fp32 bf16
@@ -27,6 +28,8 @@ from polyp_diffusers.choices import COMPILE_MODES
 from polyp_diffusers.modeling import UNET_PRESETS
 
 from common import (
+    CUDNN_BENCHMARK_SETTINGS,
+    add_cudnn_benchmark_argument,
     default_device,
     peak_memory_gib,
     reference_diffusion,
@@ -65,6 +68,7 @@ def main():
     parser.add_argument(
         "--reference-batch-sizes", type=int, nargs="+", default=[16], help="Batches for the authors' sampler."
     )
+    add_cudnn_benchmark_argument(parser)
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/sample_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
     device = torch.device(default_device())
@@ -91,7 +95,10 @@ def main():
     for dtype_name in args.dtypes:
         pipe.to(dtype=DTYPES[dtype_name])
         for batch_size in batch_sizes:
-            for sampler_steps, noise in itertools.product(args.samplers, args.noise):
+            for sampler_steps, noise, cudnn_benchmark in itertools.product(
+                args.samplers, args.noise, CUDNN_BENCHMARK_SETTINGS[args.cudnn_benchmark]
+            ):
+                torch.backends.cudnn.benchmark = cudnn_benchmark
                 sampler, steps = sampler_steps.split(":")
                 pipe.scheduler = make_sampler(sampler, make_polyp_scheduler().config)
                 masks = [mask] * batch_size
@@ -112,6 +119,7 @@ def main():
                     "sampler": sampler,
                     "steps": int(steps),
                     "noise": noise,
+                    "cudnn_benchmark": cudnn_benchmark,
                     "dtype": dtype_name,
                     "batch_size": batch_size,
                     "model_preset": args.model_preset,
@@ -131,7 +139,10 @@ def main():
         del pipe, unet
         torch.manual_seed(0)
         diffusion = reference_diffusion(size, device, args.reference_dir)
-        for batch_size in args.reference_batch_sizes:
+        for batch_size, cudnn_benchmark in itertools.product(
+            args.reference_batch_sizes, CUDNN_BENCHMARK_SETTINGS[args.cudnn_benchmark]
+        ):
+            torch.backends.cudnn.benchmark = cudnn_benchmark
             masks = torch.full((batch_size, 3, size, size), -1.0, device=device)
             masks[:, :, size // 4 : size // 2, size // 3 : 2 * size // 3] = 1.0
             with torch.no_grad():  # a warm-up step, as ours had: the first call pays for kernel selection
@@ -146,6 +157,7 @@ def main():
             result = {
                 "sampler": "reference GaussianDiffusion.sample",
                 "steps": diffusion.num_timesteps,
+                "cudnn_benchmark": cudnn_benchmark,
                 "dtype": "fp32",
                 "batch_size": batch_size,
                 "size": size,

@@ -1,9 +1,10 @@
 """Speed of one segmentation setting as a user (and the study) runs it: `python train_segmentation.py`.
 
 Runs the same setting with each training-step mode (`cuda-graphs`: the step replayed as one CUDA graph, the
-default on a GPU; `eager`: `--no-cuda_graphs`) and records the wall time of the whole command beside the times
-the script measured itself (start-up, training, testing) and its scores, so that the modes' results can be
-compared too. Defaults are the quick-64 study's setting (issue 10's target: 30 s in all).
+default on a GPU; `eager`: `--no-cuda_graphs`; `cuda-graphs-cudnn-benchmark`: the graph with `--cudnn_benchmark`)
+and records the wall time of the whole command beside the times the script measured itself (start-up, training,
+testing) and its scores, so that the modes' results can be compared too. Defaults are the quick-64 study's
+setting (issue 10's target: 30 s in all).
 
     python benchmarks/segmentation_loop.py --dataset data/kvasir-seg-64
 """
@@ -21,13 +22,19 @@ from polyp_diffusers.study import script_command
 
 from common import default_device, write_results
 
-MODES = {"cuda-graphs": ["--cuda_graphs"], "eager": ["--no-cuda_graphs"]}
+MODES = {
+    "cuda-graphs": ["--cuda_graphs"],
+    "eager": ["--no-cuda_graphs"],
+    "cuda-graphs-cudnn-benchmark": ["--cuda_graphs", "--cudnn_benchmark"],
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="A prepared dataset folder (its train and test splits).")
-    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=None, help="Default: both on a GPU.")
+    parser.add_argument(
+        "--modes", nargs="+", choices=sorted(MODES), default=None, help="Default: cuda-graphs and eager on a GPU."
+    )
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1200, help="train_segmentation.py's --max_train_steps.")
     parser.add_argument("--batch-size", type=int, default=32)

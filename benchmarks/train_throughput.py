@@ -3,9 +3,12 @@
 Times exactly what `training/train.py` does per step (on-device joint augmentation, noising, UNet forward,
 L1 loss, backward, AdamW) on random data, in fp32, bf16 autocast and bf16 + torch.compile. With
 `--reference-dir` it also times the authors' network (fp32, their GaussianDiffusion loss) on the same device.
+`--cudnn-benchmark both` times each model's steps again once cuDNN may pick its fastest convolutions (the same
+compiled step: nothing is compiled twice).
 
     python benchmarks/train_throughput.py                       # CUDA if present, else CPU with small batches
     python benchmarks/train_throughput.py --modes fp32 bf16 --sizes 256 --batch-size 32
+    python benchmarks/train_throughput.py --modes bf16-compile --sizes 256 --cudnn-benchmark both
 """
 
 import argparse
@@ -18,6 +21,8 @@ from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
 
 from common import (
+    CUDNN_BENCHMARK_SETTINGS,
+    add_cudnn_benchmark_argument,
     default_device,
     peak_memory_gib,
     reference_diffusion,
@@ -91,6 +96,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="Timed steps (default: 10 on a GPU, 2 on a CPU).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-dir", help="Folder holding the authors' diffusion_model/ package, to time it too.")
+    add_cudnn_benchmark_argument(parser)
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/train_throughput-<gpu|cpu>.json).")
     args = parser.parse_args()
     device = torch.device(default_device())
@@ -102,27 +108,32 @@ def main():
         runs += [(size, "reference-fp32") for size in args.sizes]
     results = []
     for size, mode in runs:
-        reset_peak_memory(device)
         torch.manual_seed(0)
         if mode == "reference-fp32":
             model, step = reference(size, batch_size, device, args.reference_dir)
         else:
             model, step = ours(size, batch_size, mode, device)
-        first, seconds = time_steps(step, steps, args.warmup, device)
-        result = {
-            "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
-            "size": size,
-            "mode": mode,
-            "batch_size": batch_size,
-            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "images_per_s": round(batch_size / seconds, 2),
-            "step_ms": round(seconds * 1000, 1),
-            "first_step_s": round(first, 1),
-            "peak_memory_gib": peak_memory_gib(device),
-            "timed_steps": steps,
-        }
-        print(result, flush=True)
-        results.append(result)
+        for cudnn_benchmark in CUDNN_BENCHMARK_SETTINGS[args.cudnn_benchmark]:
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            reset_peak_memory(device)
+            first, seconds = time_steps(step, steps, args.warmup, device)
+            result = {
+                "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
+                "size": size,
+                "mode": mode,
+                "cudnn_benchmark": cudnn_benchmark,
+                "batch_size": batch_size,
+                "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "images_per_s": round(batch_size / seconds, 2),
+                "step_ms": round(seconds * 1000, 1),
+                "first_step_s": round(first, 1),
+                "peak_memory_gib": peak_memory_gib(device),
+                "timed_steps": steps,
+            }
+            print(result, flush=True)
+            results.append(result)
+            # Each row is kept as it comes: a run stopped by a time limit keeps what it measured.
+            write_results("train_throughput", device, results, args.output, quiet=True)
         del model, step
     write_results("train_throughput", device, results, args.output)
 

@@ -50,6 +50,13 @@ def count_or_fraction(value: str) -> int | float:
     return int(number) if number >= 1 else number
 
 
+# The training scripts' --cudnn_benchmark.
+CUDNN_BENCHMARK_HELP = (
+    "On CUDA, cuDNN times its convolution algorithms at each new input shape and keeps the fastest "
+    "(torch.backends.cudnn.benchmark): the first steps are slower, and the algorithms chosen may differ from run to "
+    "run, so results are not bitwise repeatable."
+)
+
 # Set to 1 to see the traceback behind a one-line error (for a bug report).
 TRACEBACK_VARIABLE = "POLYP_DDPM_TRACEBACK"
 

@@ -600,7 +600,7 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
         [sys.executable, str(REPO_ROOT / "training" / "train_segmentation.py"), "--train", "real",
          "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir", str(output),
          "--architecture", "segformer", "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2",
-         "--train_batch_size", "2", "--validation_size", "2"],
+         "--train_batch_size", "2", "--validation_size", "2", "--cudnn_benchmark"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -608,7 +608,7 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     assert results["segmenter"] == "SegFormer (MiT-b0, random init)"
     assert 0 <= results["test"]["demo:test"]["iou"] <= 1
     timing = results["timing"]
-    assert timing["cuda_graphs"] is False and timing["device"] == "cpu"
+    assert timing["cuda_graphs"] is False and timing["cudnn_benchmark"] is True and timing["device"] == "cpu"
     assert 0 < timing["start_up_s"] and 0 < timing["training_s"] and 0 < timing["testing_s"]
     assert timing["start_up_s"] + timing["training_s"] + timing["testing_s"] <= timing["total_s"]
     phases = list(timing["start_up_phases_s"].values())

@@ -46,7 +46,7 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.arguments import HelpFormatter, Stopped, exit_code_of, positive_int
+from polyp_diffusers.arguments import CUDNN_BENCHMARK_HELP, HelpFormatter, Stopped, exit_code_of, positive_int
 from polyp_diffusers.choices import COMPILE_MODES, SAMPLERS
 from polyp_diffusers.data import load_polyp_dataset, local_path_or_id, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
@@ -129,10 +129,10 @@ PIPELINE_FILES = (
 RESUMABLE_CHANGES = {
     "recipe", "dataset", "validation_split", "max_preload_gb", "dataloader_num_workers", "max_train_steps",
     "max_train_minutes", "learning_rate", "learning_rate_changes", "num_processes_changes", "compile", "compile_mode",
-    "allow_tf32", "mixed_precision", "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
-    "resume_from_checkpoint", "validation_steps", "num_validation_masks", "validation_sampler",
-    "validation_inference_steps", "save_pipeline_steps", "logger", "logging_dir", "push_to_hub", "hub_model_id",
-    "hub_private_repo",
+    "allow_tf32", "cudnn_benchmark", "mixed_precision", "output_dir", "logging_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps", "num_validation_masks",
+    "validation_sampler", "validation_inference_steps", "save_pipeline_steps", "logger", "logging_dir", "push_to_hub",
+    "hub_model_id", "hub_private_repo",
 }  # fmt: skip
 # How a refused resume names settings that are not flags of their own.
 SETTING_NAMES = {"use_ema": "EMA (--no_ema)", "training pairs": "the training pairs"}
@@ -260,6 +260,7 @@ def parse_args(argv=None):
         help="torch.compile mode; reduce-overhead adds CUDA graphs.",
     )
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    optim.add_argument("--cudnn_benchmark", action="store_true", help=CUDNN_BENCHMARK_HELP)
 
     run = parser.add_argument_group("checkpoints, validation, output")
     run.add_argument(
@@ -611,6 +612,8 @@ def main(argv=None):
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     output_claim = claim_output(accelerator, output_dir)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)

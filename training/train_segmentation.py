@@ -28,7 +28,13 @@ from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyp_diffusers.arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
+from polyp_diffusers.arguments import (
+    CUDNN_BENCHMARK_HELP,
+    HelpFormatter,
+    count_or_fraction,
+    exit_code_of,
+    positive_int,
+)
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
 from polyp_diffusers.folders import check_output_apart, visible_entries, write_text_atomically
 from polyp_diffusers.segmentation import (
@@ -154,6 +160,7 @@ def parse_args(argv=None):
         help="Replay each training step as one CUDA graph (a small segmenter at a small size is bound by kernel "
         "launches). Default: on one CUDA device, unless --mixed_precision fp16 (its loss scaling reads the GPU).",
     )
+    parser.add_argument("--cudnn_benchmark", action="store_true", help=CUDNN_BENCHMARK_HELP)
     args = parser.parse_args(argv)
     if args.train != "real" and not args.synthetic:
         parser.error(f"--train {args.train} needs --synthetic")
@@ -231,6 +238,8 @@ def main(argv=None):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
 
     real = load_polyp_dataset(args.real, split=args.real_split)
     synthetic = load_polyp_dataset(args.synthetic, split=args.synthetic_split) if args.train != "real" else None
@@ -343,6 +352,7 @@ def main(argv=None):
                 "testing_s": round(testing_seconds, 2),  # the tests and the mask fidelity
                 "total_s": round(seconds_since_process_start(), 2),
                 "cuda_graphs": cuda_graphs,
+                "cudnn_benchmark": args.cudnn_benchmark,
                 "device": device_name,
             },
         }
