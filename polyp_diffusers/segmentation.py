@@ -28,7 +28,7 @@ from .data import (
     parse_dataset_spec,
     split_ids,
 )
-from .transforms import pair_tensors
+from .transforms import images_from_levels, pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
 ARCHITECTURES = ("monai", "smp", "segformer")
@@ -225,14 +225,14 @@ def make_training_step(
 def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
     """
     Mean per-image IoU, Dice, precision and recall of thresholded predictions on pairs from
-    `transforms.pair_tensors`, computed where the model runs.
+    `transforms.pair_tensors` (images as 8-bit levels), computed where the model runs.
     """
     model.eval()
     device = next(model.parameters()).device
     scores = {"iou": [], "dice": [], "precision": [], "recall": []}
     for start in range(0, len(images), batch_size):
         batch = slice(start, start + batch_size)
-        predictions = logits_of(model, images[batch].to(device)).float() > 0
+        predictions = logits_of(model, images_from_levels(images[batch].to(device))).float() > 0
         for name, values in segmentation_scores(predictions, masks[batch].to(device) > 0).items():
             scores[name].append(values)
     model.train()

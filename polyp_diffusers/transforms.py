@@ -1,5 +1,6 @@
 """Tensors for training: resizing pairs, and the paper's joint augmentation, batched on any device."""
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -116,25 +117,49 @@ def pair_tensors(
     with_images: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Every pair of `dataset` decoded and resized once: `images` `(N, 3, R, R)` float in `[-1, 1]` and `masks`
-    `(N, 1, R, R)` uint8 in {0, 1}, on `device`. A training set that fits there is then batched by indexing,
-    with no workers and no per-step decoding (898 pairs at 256 px take 0.71 GiB). Without images, `images`
-    are `(N, 0, R, R)`: nothing, which batches and augments like images.
+    Every pair of `dataset` decoded and resized once: `images` `(N, 3, R, R)` as their 8-bit levels (uint8, read
+    back exactly by `images_from_levels`) and `masks` `(N, 1, R, R)` uint8 in {0, 1}, on `device`. A training set
+    that fits there is then batched by indexing, with no workers and no per-step decoding (898 pairs at 256 px
+    take 0.22 GiB; as float32 images they took 0.71). Without images, `images` are `(N, 0, R, R)`: nothing, which
+    batches and augments like images.
     """
     pairs = transformed_pairs(dataset, resolution, with_images)
     # Filled in place: a list of batches and their concatenation would take twice the memory at the peak.
-    images = torch.empty(len(dataset), 3 if with_images else 0, resolution, resolution, device=device)
+    images = torch.empty(
+        len(dataset), 3 if with_images else 0, resolution, resolution, device=device, dtype=torch.uint8
+    )
     masks = torch.empty(len(dataset), 1, resolution, resolution, device=device, dtype=torch.uint8)
     for start in tqdm(range(0, len(dataset), batch_size), desc="Loading pairs", unit="batch", disable=not progress):
         batch = pairs[start : start + batch_size]
-        images[start : start + len(batch["images"])] = batch["images"]
+        images[start : start + len(batch["images"])] = levels_of_images(batch["images"])
         masks[start : start + len(batch["masks"])] = batch["masks"]
     return images, masks
 
 
 def pair_tensors_nbytes(num_pairs: int, resolution: int, with_images: bool = True) -> int:
-    """What `pair_tensors` takes in memory: float32 images and uint8 masks."""
-    return num_pairs * (3 * 4 * with_images + 1) * resolution * resolution
+    """What `pair_tensors` takes in memory: uint8 images and masks."""
+    return num_pairs * (3 * with_images + 1) * resolution * resolution
+
+
+# What `VaeImageProcessor` makes of each 8-bit level (x / 255 in float32, then 2x - 1): a table, so that images kept
+# as levels are read back bit for bit as decoded on any device (a GPU divides by a number as a multiplication by
+# its reciprocal, which may differ in the last bit).
+LEVEL_VALUES = VaeImageProcessor.normalize(torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0))
+
+
+def levels_of_images(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in `[-1, 1]` (`pair_transform`'s, unaugmented) as the 8-bit levels they were decoded from."""
+    return ((images + 1) * 127.5).round_().to(torch.uint8)
+
+
+@functools.cache
+def _level_values_on(device: torch.device) -> torch.Tensor:
+    return LEVEL_VALUES.to(device)  # once per device: a copy from the host each batch would wait for the GPU
+
+
+def images_from_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Images kept as 8-bit levels (`pair_tensors`) as the float32 images in `[-1, 1]` that they were decoded as."""
+    return _level_values_on(levels.device)[levels.long()]
 
 
 def shuffled_batches(
@@ -170,16 +195,18 @@ def tensor_batches(
     device: torch.device | str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """
-    The `images`/`masks` batches (float masks, as `pair_transform` gives them) that `batches` index, from `start`
-    on, moved to `device` (default: where they are).
+    The `images`/`masks` batches that `batches` index, from `start` on, moved to `device` (default: where they are)
+    and read as `pair_transform` gives them: float images in `[-1, 1]` from their levels, float masks.
     """
     for indices in batches[start:]:
         yield {
-            "images": images[indices].to(device, non_blocking=True),
+            "images": images_from_levels(images[indices].to(device, non_blocking=True)),
             "masks": masks[indices].to(device, torch.float32, non_blocking=True),
         }
 
 
-def mean_color(images: torch.Tensor) -> list[float]:
-    """The mean RGB of images `(N, 3, H, W)` in `[-1, 1]`, in `[0, 1]`: a `PolypDDPMPipeline`'s `start_color`."""
-    return [round(value, 4) for value in ((images.float().mean(dim=(0, 2, 3)) + 1) / 2).tolist()]
+def mean_color(levels: torch.Tensor) -> list[float]:
+    """The mean RGB, in `[0, 1]`, of images `(N, 3, H, W)` kept as 8-bit levels: a `PolypDDPMPipeline`'s `start_color`."""
+    # Summed exactly, a batch at a time: no float copy of all the images.
+    sums = sum(batch.sum(dim=(0, 2, 3), dtype=torch.float64) for batch in levels.split(64))
+    return [round(value, 4) for value in (sums / (levels[:, 0].numel() * 255)).tolist()]

@@ -11,7 +11,7 @@ import torch
 
 from polyp_diffusers import PolypDDPMPipeline, make_polyp_scheduler, make_polyp_unet_from_preset
 from polyp_diffusers.modeling import diffusion_loss
-from polyp_diffusers.transforms import mean_color
+from polyp_diffusers.transforms import levels_of_images, mean_color
 
 SIZE = 32
 BACKGROUND = torch.tensor([200.0, 100.0, 80.0])
@@ -41,7 +41,9 @@ def trained_pipeline(prediction_type: str, zero_terminal_snr: bool) -> PolypDDPM
         optimizer.step()
         optimizer.zero_grad()
     images, _ = toy_pairs(64, torch.Generator().manual_seed(2))
-    pipeline = PolypDDPMPipeline(unet=unet.eval(), scheduler=scheduler, start_color=mean_color(images))
+    pipeline = PolypDDPMPipeline(
+        unet=unet.eval(), scheduler=scheduler, start_color=mean_color(levels_of_images(images))
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

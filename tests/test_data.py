@@ -26,7 +26,17 @@ from polyp_diffusers.data import (
 )
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.prepare_data import prepare_dataset
-from polyp_diffusers.transforms import JointAugment, pair_tensors, pair_tensors_nbytes, pair_transform
+from polyp_diffusers.transforms import (
+    LEVEL_VALUES,
+    JointAugment,
+    images_from_levels,
+    levels_of_images,
+    mean_color,
+    pair_tensors,
+    pair_tensors_nbytes,
+    pair_transform,
+    transformed_pairs,
+)
 
 # The two Kvasir-SEG pairs that the copy in POLYP_DATA_DIR lacks (its README).
 KVASIR_MISSING_IDS = ("cju1gkndf6yi10801o1qnje19", "cju2hqt33lmra0988fr5ijv8j")
@@ -423,6 +433,18 @@ def test_masks_alone_are_augmented_as_beside_their_images():
     _, with_images = augment(images, masks, torch.Generator().manual_seed(3))
     no_images, alone = augment(images[:, :0], masks, torch.Generator().manual_seed(3))
     assert torch.equal(alone, with_images) and no_images.shape == (4, 0, 32, 32)
+
+
+def test_pairs_kept_as_levels_are_read_back_bit_for_bit_as_decoded():
+    dataset = make_demo_dataset(6, 48, test_size=2)["train"]
+    levels, masks = pair_tensors(dataset, 40, progress=False)  # resized on reading, as a training run does
+    assert levels.dtype == masks.dtype == torch.uint8 and pair_tensors_nbytes(4, 40) == levels.nbytes + masks.nbytes
+    decoded = transformed_pairs(dataset, 40)[:]
+    assert torch.equal(images_from_levels(levels), decoded["images"])
+    assert torch.equal(masks, decoded["masks"].to(torch.uint8))
+    assert torch.equal(levels_of_images(LEVEL_VALUES), torch.arange(256, dtype=torch.uint8))
+    expected = ((decoded["images"].double().mean(dim=(0, 2, 3)) + 1) / 2).tolist()
+    assert mean_color(levels) == [round(value, 4) for value in expected]
 
 
 def test_masks_alone_are_read_without_decoding_an_image():

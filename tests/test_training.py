@@ -38,7 +38,7 @@ from polyp_diffusers.training_utils import (
     unexpected_entries,
     write_training_seconds,
 )
-from polyp_diffusers.transforms import shuffled_batches, tensor_batches
+from polyp_diffusers.transforms import LEVEL_VALUES, shuffled_batches, tensor_batches
 
 from .conftest import REPO_ROOT
 
@@ -553,11 +553,15 @@ def test_shuffled_batches_are_whole_disjoint_shards_that_depend_only_on_seed_and
 
 
 def test_tensor_batches_index_the_pairs_from_a_given_batch_on():
-    images, masks = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2), torch.ones(6, 1, 2, 2, dtype=torch.uint8)
+    levels = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2)
+    masks = torch.ones(6, 1, 2, 2, dtype=torch.uint8)
     batches = torch.tensor([[5, 0], [2, 3], [1, 4]])
-    got = list(tensor_batches(images, masks, batches, start=1))
-    assert [batch["images"][:, 0, 0, 0].tolist() for batch in got] == [[2.0, 3.0], [1.0, 4.0]]
-    assert all(batch["masks"].dtype == torch.float32 for batch in got)
+    got = list(tensor_batches(levels, masks, batches, start=1))
+    assert [batch["images"][:, 0, 0, 0].tolist() for batch in got] == [
+        LEVEL_VALUES[[2, 3]].tolist(),
+        LEVEL_VALUES[[1, 4]].tolist(),
+    ]
+    assert all(batch["images"].dtype == batch["masks"].dtype == torch.float32 for batch in got)
 
 
 def test_an_output_folder_inside_the_dataset_holding_other_files_or_in_use_is_refused_untouched(

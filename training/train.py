@@ -167,7 +167,7 @@ def parse_args(argv=None):
         type=float,
         default=4.0,
         help="Decode the training pairs once into the training device's memory when they take at most this many "
-        "GiB (898 pairs at 256 px: 0.71); 0: always stream them through DataLoader workers.",
+        "GiB (898 pairs at 256 px: 0.22); 0: always stream them through DataLoader workers.",
     )
     data.add_argument(
         "--dataloader_num_workers", type=int, default=4, help="CPU workers that decode pairs that are not preloaded."
