@@ -40,6 +40,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def output_path(value: str) -> str:
+    """A path to write to: not empty, which would be the current folder (a dataset replaces its whole folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; name the folder or file to write")
+    return value
+
+
 def count_or_fraction(value: str) -> int | float:
     """A test split: a whole count of pairs (>= 1) or a fraction of them (between 0 and 1)."""
     number = float(value)

@@ -9,7 +9,7 @@ and a web demo.
 import argparse
 import sys
 
-from .arguments import HelpFormatter, count_or_fraction, exit_code_of, positive_int
+from .arguments import HelpFormatter, count_or_fraction, exit_code_of, output_path, positive_int
 from .choices import COMPILE_MODES, DEMO_SOURCE, DINOV2_WEIGHTS, DTYPE_NAMES, FIDELITY_BATCH_SIZE, SAMPLERS
 from .hub_card.terms import SOURCE_TERMS
 
@@ -33,7 +33,9 @@ def _add_prepare_data(subparsers):
         ),
     )
     parser.add_argument("source")
-    parser.add_argument("--output", required=True, help="Folder to write (save_to_disk format, README.md card).")
+    parser.add_argument(
+        "--output", type=output_path, required=True, help="Folder to write (save_to_disk format, README.md card)."
+    )
     parser.add_argument(
         "--test-size",
         type=count_or_fraction,
@@ -74,7 +76,9 @@ def _add_convert_official(subparsers):
         description="Reads the checkpoint with torch.load(weights_only=True) and maps every tensor; fails on any mismatch.",
     )
     parser.add_argument("checkpoint", help="The official model.pt ({'step', 'model', 'ema'}).")
-    parser.add_argument("--output", required=True, help="New (or empty) folder for the saved pipeline.")
+    parser.add_argument(
+        "--output", type=output_path, required=True, help="New (or empty) folder for the saved pipeline."
+    )
     parser.add_argument(
         "--weights", choices=("ema", "model"), default="ema", help="Which weights (their inference uses ema)."
     )
@@ -107,7 +111,7 @@ def _add_generate(subparsers):
         "--mask-dataset", required=True, help="A prepared dataset (folder or Hub id) whose masks to use."
     )
     parser.add_argument("--split", default="train", help="Split of --mask-dataset.")
-    parser.add_argument("--output", required=True, help="Folder to write.")
+    parser.add_argument("--output", type=output_path, required=True, help="Folder to write.")
     parser.add_argument("--num-images-per-mask", type=positive_int, default=1, help="Images generated per mask.")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="Sampling scheduler.")
     parser.add_argument("--steps", type=positive_int, help="Sampling steps (default: 250 for ddpm, 50 otherwise).")
@@ -207,7 +211,9 @@ def _add_fid(subparsers):
     )
     parser.add_argument("--kid-subsets", type=positive_int, default=100, help="Number of KID subsets.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    parser.add_argument("--output", help="Write the result as JSON (with a Markdown table for the model card) here.")
+    parser.add_argument(
+        "--output", type=output_path, help="Write the result as JSON (with a Markdown table for the model card) here."
+    )
     parser.set_defaults(run="run_fid")
 
 
@@ -226,7 +232,7 @@ def _add_mask_fidelity(subparsers):
     )
     parser.add_argument("--batch-size", type=positive_int, default=FIDELITY_BATCH_SIZE, help="Images per batch.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
-    parser.add_argument("--output", help="Write the scores as JSON here.")
+    parser.add_argument("--output", type=output_path, help="Write the scores as JSON here.")
     parser.set_defaults(run="run_mask_fidelity")
 
 
@@ -283,7 +289,7 @@ def _add_reproduce(subparsers):
         ),
     )
     parser.add_argument("--data", required=True, help="Image/mask pairs for prepare-data (e.g. Kvasir-SEG), or 'demo'.")
-    parser.add_argument("--output", required=True, help="The study folder.")
+    parser.add_argument("--output", type=output_path, required=True, help="The study folder.")
     parser.add_argument(
         "--preset", choices=("smoke", "quick-64", "paper"), default="quick-64", help="Sizes and budgets."
     )

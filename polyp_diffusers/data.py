@@ -29,17 +29,17 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .arguments import check_test_size
-from .folders import check_is_folder, is_empty, replace_folder, staging_folder
+from .folders import check_is_folder, is_clutter, is_empty, replace_folder, staging_folder
 from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_frame_mode, check_positive_int, prepare_masks
 
 logger = logging.getLogger(__name__)
 
+# A split's name, as `datasets` accepts it (`datasets.naming`): letters, digits and '_', parts joined by '.'.
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 # One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 HUB_ID_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp")
-# Files that file browsers leave in image folders (hidden ones, starting with ".", are skipped too).
-CLUTTER_FILES = {"thumbs.db", "desktop.ini"}
 # Folders one level below a source that hold its own splits (train/images, test/images, ...), and their split names.
 SPLIT_FOLDERS = {
     "train": "train", "training": "train", "test": "test", "testing": "test",
@@ -205,7 +205,7 @@ def _files_by_stem(folder: Path, kind: str, problems: list[Problem]) -> dict[str
     """The image files of a folder by stem; a subfolder or a file of another type is a problem, not a silent skip."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.name.lower() in CLUTTER_FILES:
+        if path.name.startswith(".") or is_clutter(path.name):
             continue
         if path.is_dir():
             problems.append(
@@ -466,6 +466,13 @@ def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
     splits = {name: [str(i) for i in ids] for name, ids in content.items() if isinstance(ids, list)}
     if not splits:
         raise ValueError(f"{path} has no list of ids; {expected}.")
+    # Each split is saved as a folder of that name: '../x' or '/x' would write outside the dataset.
+    misnamed = [name for name in splits if not SPLIT_NAME.fullmatch(name)]
+    if misnamed:
+        raise ValueError(
+            f"{path}: not a split name: {', '.join(map(repr, misnamed))}; names are letters, digits and '_', in parts "
+            "joined by '.' (as datasets requires: 'train', 'test', 'test.cvc')."
+        )
     splits_of: dict[str, list[str]] = {}
     for name, ids in splits.items():
         for i in ids:
@@ -657,8 +664,8 @@ SPLIT_FILE_PATTERNS = ("data-*.arrow", "dataset_info.json", "state.json", "cache
 def check_only_written_by(output: str | os.PathLike, command: str, extra_names: tuple[str, ...] = ()) -> None:
     """
     Refuses to replace `output` while it holds files that `write_dataset` (and `command`, its `extra_names`) does
-    not write there: replacing the folder would delete them. Hidden entries (file browsers' clutter, claims) do
-    not count.
+    not write there: replacing the folder would delete them. Hidden ones count too (a dataset repo's `.git` and
+    `.gitattributes`, a `.env`), but for file browsers' clutter (`is_clutter`).
     """
     written = {"dataset_dict.json", "README.md", REPORT_FILE, *extra_names}
 
@@ -670,12 +677,12 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
     foreign = sorted(
         entry.name
         for entry in Path(output).iterdir()
-        if not entry.name.startswith(".") and entry.name not in written and not is_split(entry)
+        if not is_clutter(entry.name) and entry.name not in written and not is_split(entry)
     )
     if foreign:
         raise FileExistsError(
-            f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm {command}` does not write: --overwrite would "
-            "delete them, so this folder is left alone. Move them out, or choose another --output."
+            f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm {command}` does not write: the dataset replaces "
+            "the whole folder, which would delete them, so it is left alone. Move them out, or choose another --output."
         )
 
 

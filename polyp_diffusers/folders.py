@@ -83,6 +83,15 @@ def visible_entries(folder: str | os.PathLike) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
 
 
+# What file browsers and notebooks leave in any folder they show (any case): nothing a user would miss.
+CLUTTER_NAMES = {".ds_store", ".ipynb_checkpoints", ".directory", "thumbs.db", "desktop.ini"}
+
+
+def is_clutter(name: str) -> bool:
+    """A file browser's or notebook's file (`CLUTTER_NAMES`, macOS's `._` resource forks)."""
+    return name.lower() in CLUTTER_NAMES or name.startswith("._")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, read a MiB at a time (weights files are large)."""
     digest = hashlib.sha256()

@@ -55,8 +55,9 @@ DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.i
 # Written beside a dataset of new masks: their statistics against the real masks they came from.
 MASK_STATISTICS_FILE = "mask_statistics.json"
 MASK_STATISTICS_PLOT = "mask_statistics.png"
-# What a generated dataset's folder holds besides `data.write_dataset`'s files (`mask_fidelity.json`: the CLI's).
-GENERATED_FILES = (SETTINGS_FILE, MASK_STATISTICS_FILE, MASK_STATISTICS_PLOT, "mask_fidelity.json")
+# What a generated dataset's folder holds besides `data.write_dataset`'s files (`mask_fidelity.json`: the CLI's),
+# and an unfinished run's parts.
+OWN_ENTRIES = (SETTINGS_FILE, MASK_STATISTICS_FILE, MASK_STATISTICS_PLOT, "mask_fidelity.json", PARTS_DIR)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     if parts.is_dir() and not any(parts.glob("part-*.parquet")):
         shutil.rmtree(parts)  # a run killed before its first batch was written: nothing to continue or to lose
     if parts.is_dir():
+        check_only_written_by(output, "generate", OWN_ENTRIES)  # put there since the run was killed
         previous = _read_settings(parts / SETTINGS_FILE, settings)
         if previous == settings:
             return False
@@ -183,7 +185,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             "it, or choose another --output."
         )
     elif (output / SETTINGS_FILE).is_file():  # replaced with --overwrite, unless it holds files of others
-        check_only_written_by(output, "generate", GENERATED_FILES)
+        check_only_written_by(output, "generate", OWN_ENTRIES)
     elif not is_empty(output):  # the branches above took every folder holding SETTINGS_FILE
         raise FileExistsError(
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
@@ -428,7 +430,9 @@ def generate_dataset(
             else:
                 new = generated.select(range(0, len(generated), num_images_per_mask))["mask"]
             extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
-        # Replaces the folder (and the finished parts in it) only once the whole dataset is written.
+        # Replaces the folder (and the finished parts in it) only once the whole dataset is written, and not over
+        # files put there while it ran: refused, the same command then finds its parts and continues.
+        check_only_written_by(output, "generate", OWN_ENTRIES)
         write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
         if push_to_hub:
             push_generated(output, repo_id)

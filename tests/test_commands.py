@@ -483,6 +483,34 @@ def test_a_damaged_part_is_generated_again_by_the_same_command(
     assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
 
 
+def test_files_put_into_a_generation_while_it_ran_or_was_stopped_are_never_deleted(
+    saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, capsys
+):
+    settings = dict(GENERATION, batch_size=2)
+    expected, output = _stopped_before_assembly(saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, settings)
+    parts = sorted((output / PARTS_DIR).glob("part-*.parquet"))
+    (output / "notes.md").write_text("mine")  # between the stop and the rerun
+    with pytest.raises(FileExistsError, match="holds notes.md, which `polyp-ddpm generate` does not write"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    (output / "notes.md").unlink()
+    assemble = generate_module._assemble
+
+    def a_file_comes_while_it_runs(part_files):
+        (output / ".env").write_text("mine")
+        return assemble(part_files)
+
+    monkeypatch.setattr(generate_module, "_assemble", a_file_comes_while_it_runs)
+    with pytest.raises(FileExistsError, match="holds .env, which `polyp-ddpm generate` does not write"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)
+    assert (output / ".env").read_text() == "mine"
+    assert sorted((output / PARTS_DIR).glob("part-*.parquet")) == parts  # the work is kept: the rerun goes on
+    (output / ".env").unlink()
+    monkeypatch.setattr(generate_module, "_assemble", assemble)
+    generated = generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **settings)["test"]
+    assert f"{len(expected)} of {len(expected)} images are there already" in capsys.readouterr().out
+    assert generated["id"] == expected["id"] and generated["image"] == expected["image"]
+
+
 def test_parts_that_cannot_be_assembled_for_want_of_a_writable_cache_are_all_kept(
     saved_pipeline_dir, demo_masks, tmp_path, monkeypatch
 ):

@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -219,6 +221,17 @@ def test_a_split_file_of_another_shape_is_named(good_folder, tmp_path, content, 
         build_dataset(str(good_folder), split_file=str(split_file))
 
 
+@pytest.mark.parametrize("name", ["../other/train", "/tmp/victim", "", "train/x", "test-cvc"])
+def test_a_split_name_that_is_not_a_folder_name_is_refused_before_anything_is_written(good_folder, tmp_path, name):
+    split_file, output, other = tmp_path / "split.json", tmp_path / "prepared", tmp_path / "other"
+    other.mkdir()
+    ids = sorted(path.stem for path in (good_folder / "images").iterdir())
+    split_file.write_text(json.dumps({"train": ids[:-2], name: ids[-2:-1], "test": ids[-1:]}))
+    with pytest.raises(ValueError, match=f"split.json: not a split name: {re.escape(repr(name))}; names are"):
+        prepare_dataset(str(good_folder), output, split_file=str(split_file))
+    assert not output.exists() and not any(other.iterdir())
+
+
 @pytest.mark.parametrize("train_ids", [["case00", "case01"], ["unknown"]])
 def test_a_split_left_without_pairs_is_an_error_even_with_skip_invalid(good_folder, tmp_path, train_ids):
     split_file = tmp_path / "split.json"
@@ -309,7 +322,14 @@ def test_overwrite_leaves_alone_a_folder_holding_files_prepare_data_does_not_wri
             prepare_dataset(str(good_folder), output, test_size=3, overwrite=True)
         assert (output / held).read_text() == "mine"
     (prepared / "notes.md").unlink()
-    (prepared / ".DS_Store").write_text("a file browser's")  # hidden clutter does not count
+    # Hidden files count (a dataset repo's history), but for a file browser's clutter.
+    (prepared / ".git").mkdir()
+    (prepared / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    with pytest.raises(FileExistsError, match="holds .git, which `polyp-ddpm prepare-data` does not write"):
+        prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
+    assert (prepared / ".git" / "HEAD").is_file()
+    shutil.rmtree(prepared / ".git")
+    (prepared / ".DS_Store").write_text("a file browser's")
     prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
     assert len(load_from_disk(str(prepared))["test"]) == 3
 

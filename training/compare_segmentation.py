@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polyp_diffusers.arguments import HelpFormatter, exit_code_of
+from polyp_diffusers.arguments import HelpFormatter, exit_code_of, output_path
 from polyp_diffusers.choices import SAMPLERS
 from polyp_diffusers.data import parse_dataset_spec
 from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
@@ -33,7 +33,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--real", required=True, help="Prepared real dataset (its train split is used).")
     parser.add_argument("--test", action="append", required=True, metavar="DATASET[:SPLIT]", help="Test set(s).")
-    parser.add_argument("--output_dir", required=True, help="Runs, generated data and the comparison go here.")
+    parser.add_argument(
+        "--output_dir", type=output_path, required=True, help="Runs, generated data and the comparison go here."
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", help="An existing generated dataset.")
     source.add_argument("--model", help="A PolypDDPMPipeline (folder or Hub id) to generate the synthetic pairs with.")

@@ -46,7 +46,14 @@ from polyp_diffusers import (
     make_polyp_unet_from_preset,
     make_sampler,
 )
-from polyp_diffusers.arguments import CUDNN_BENCHMARK_HELP, HelpFormatter, Stopped, exit_code_of, positive_int
+from polyp_diffusers.arguments import (
+    CUDNN_BENCHMARK_HELP,
+    HelpFormatter,
+    Stopped,
+    exit_code_of,
+    output_path,
+    positive_int,
+)
 from polyp_diffusers.choices import COMPILE_MODES, SAMPLERS
 from polyp_diffusers.data import load_polyp_dataset, local_path_or_id, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
@@ -264,7 +271,10 @@ def parse_args(argv=None):
 
     run = parser.add_argument_group("checkpoints, validation, output")
     run.add_argument(
-        "--output_dir", required=True, help="Checkpoints, logs, validation grids and the final pipeline go here."
+        "--output_dir",
+        type=output_path,
+        required=True,
+        help="Checkpoints, logs, validation grids and the final pipeline go here.",
     )
     run.add_argument(
         "--logging_steps",

@@ -33,6 +33,7 @@ from polyp_diffusers.arguments import (
     HelpFormatter,
     count_or_fraction,
     exit_code_of,
+    output_path,
     positive_int,
 )
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
@@ -143,7 +144,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--seed", type=int, default=0, help="Seeds the split, initialisation, data order and augmentation."
     )
-    parser.add_argument("--output_dir", required=True, help="Best weights (safetensors) and results.json go here.")
+    parser.add_argument(
+        "--output_dir", type=output_path, required=True, help="Best weights (safetensors) and results.json go here."
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
