@@ -40,6 +40,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def port_number(value: str) -> int:
+    """A TCP port a server may listen on: 1 to 65535."""
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (1 to 65535)")
+    return number
+
+
 def output_path(value: str) -> str:
     """A path to write to: not empty, which would be the current folder (a dataset replaces its whole folder)."""
     if not value.strip():

@@ -9,7 +9,7 @@ and a web demo.
 import argparse
 import sys
 
-from .arguments import HelpFormatter, count_or_fraction, exit_code_of, output_path, positive_int
+from .arguments import HelpFormatter, count_or_fraction, exit_code_of, output_path, port_number, positive_int
 from .choices import COMPILE_MODES, DEMO_SOURCE, DINOV2_WEIGHTS, DTYPE_NAMES, FIDELITY_BATCH_SIZE, SAMPLERS
 from .hub_card.terms import SOURCE_TERMS
 
@@ -266,7 +266,7 @@ def _add_demo(subparsers):
     )
     parser.add_argument("--model", required=True, help="A saved PolypDDPMPipeline: a folder or a Hub id.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every network interface).")
-    parser.add_argument("--port", type=positive_int, default=7860, help="Port to serve on.")
+    parser.add_argument("--port", type=port_number, default=7860, help="Port to serve on.")
     parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link to the demo.")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="Model precision.")

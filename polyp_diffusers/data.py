@@ -426,11 +426,16 @@ def _load_hub_dataset(dataset_id: str) -> DatasetDict:
         ) from error
 
 
-def split_ids(ids: list[str], test_size: int | float, seed: int, name: str = "test_size") -> dict[str, list[str]]:
-    """A seeded random train/test split; `test_size` (the option `name`) is a count or a fraction."""
+def split_ids(
+    ids: list[str], test_size: int | float, seed: int, name: str = "test_size", held_out: str = "test"
+) -> dict[str, list[str]]:
+    """
+    A seeded random train/test split; `test_size` (the option `name`) is a count or a fraction. `held_out` is what
+    the caller calls the "test" part, for its error.
+    """
     count = round(test_size * len(ids)) if test_size < 1 else int(test_size)
     if not 0 < count < len(ids):
-        raise ValueError(f"{name} {test_size} leaves no train or no test pair out of {len(ids)}.")
+        raise ValueError(f"{name} {test_size} leaves no train or no {held_out} pair out of {len(ids)}.")
     order = np.random.default_rng(seed).permutation(len(ids))
     test = {ids[i] for i in order[:count]}
     return {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}

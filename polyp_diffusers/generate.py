@@ -52,6 +52,8 @@ PARTS_DIR = ".parts"
 # presence is what marks a folder as written by this command (and so as one that --overwrite may replace).
 SETTINGS_FILE = GENERATION_SETTINGS_FILE
 DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
+# The largest seed a pair can record (GENERATED_FEATURES: int64).
+MAX_SEED = 2**63 - 1
 # Written beside a dataset of new masks: their statistics against the real masks they came from.
 MASK_STATISTICS_FILE = "mask_statistics.json"
 MASK_STATISTICS_PLOT = "mask_statistics.png"
@@ -102,6 +104,10 @@ def load_pipeline(
         raise ValueError(f"{model} is {what}: {where}.") from None
     except OSError as error:
         raise OSError(f"could not load the pipeline {model}: {error}") from error
+    except (TypeError, KeyError, AttributeError) as error:  # a config edited by hand: a value of the wrong type
+        raise ValueError(
+            f"could not load the pipeline {model}: its configuration is damaged ({type(error).__name__}: {error})."
+        ) from error
 
 
 def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -> None:
@@ -114,7 +120,7 @@ def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -
         trained_steps = config["num_train_timesteps"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a Hub id, no model, or no readable config: loading says what is wrong
-    if num_inference_steps > trained_steps:
+    if isinstance(trained_steps, int) and num_inference_steps > trained_steps:
         raise ValueError(
             f"--steps (num_inference_steps) is {num_inference_steps}; the schedule of {model} has {trained_steps} "
             "steps, no more."
@@ -292,6 +298,14 @@ def generate_dataset(
     for path in (model, mask_model):
         _check_steps_fit_the_schedule(path, num_inference_steps)
     source = load_polyp_dataset(mask_dataset, split=split)
+    num_masks = len(source) if new_masks is None else new_masks
+    # Each image's seed (and a mask model's, after them; compiled, padding's) is kept as an int64 with its pair.
+    seeds_used = _first_mask_seed(0, num_masks, num_images_per_mask) + num_masks + batch_size
+    if not 0 <= seed <= MAX_SEED - seeds_used:
+        raise ValueError(
+            f"seed is {seed}; this generation draws {seeds_used} seeds from it on, so it must lie between 0 and "
+            f"{MAX_SEED - seeds_used}."
+        )
     # One run writes in `output` at a time: a second would restart or replace the parts the first is writing.
     # The claim lies beside the output, which is replaced whole at the end.
     with OutputClaim(output, beside=True):
@@ -336,7 +350,6 @@ def generate_dataset(
         if compile:  # in place, so the inpainting pipeline made from it below shares the compiled UNet
             pipeline.unet.compile(mode=compile_mode)
         mask_statistics_of = None  # new masks: (real masks' statistics, how the new ones were made)
-        num_masks = len(source) if new_masks is None else new_masks
         if new_masks is not None:
             real_masks = (row["mask"] for row in source.select_columns(["mask"]))
             if mask_model is None:

@@ -222,9 +222,14 @@ def fid_kid(
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    subset_size = min(kid_subset_size, len(real), len(generated))
+    if subset_size < 2:  # KID's unbiased estimate divides by (n - 1): it would be NaN
+        raise ValueError(
+            f"KID needs subsets of at least 2 images; kid_subset_size is {kid_subset_size}, and the sets hold "
+            f"{len(real)} real and {len(generated)} generated images."
+        )
     standard = extractor is None
     shared = ReuseLastBatch(extractor if extractor is not None else inception_extractor(inception_weights))
-    subset_size = min(kid_subset_size, len(real), len(generated))
     fid = FrechetInceptionDistance(feature=shared, normalize=False).to(device)
     kid = KernelInceptionDistance(feature=shared, subsets=kid_subsets, subset_size=subset_size, normalize=False).to(
         device

@@ -17,6 +17,7 @@ from datasets import Dataset, concatenate_datasets
 from monai.losses import DiceCELoss
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.networks.nets import BasicUNetPlusPlus
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -179,7 +180,11 @@ def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
     segformer_config = saved.get("segformer_config")
     model = build_segmenter(architecture, encoder_weights, config.get("segformer_size", "b0"), segformer_config)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except SafetensorError as error:  # truncated or empty: a copy cut short, a full disk
+        raise ValueError(f"{weights} is damaged ({error}); train the segmenter again.") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as error:  # weights of another architecture or size: hundreds of names, said in one line
         first_line = str(error).splitlines()[0]
         raise ValueError(
@@ -258,7 +263,7 @@ def _sources_of(synthetic: Dataset) -> list[set[str]]:
 
 def held_out_ids(real: Dataset, validation_size: int | float, seed: int) -> set[str]:
     """The ids of the real training pairs held out for checkpoint selection: a seeded part, the same in every setting."""
-    return set(split_ids(sorted(real["id"]), validation_size, seed, name="--validation_size")["test"])
+    return set(split_ids(sorted(real["id"]), validation_size, seed, "--validation_size", "validation")["test"])
 
 
 def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int | float, seed: int) -> Dataset:

@@ -101,7 +101,12 @@ def write_training_seconds(checkpoint: str | os.PathLike, seconds: float) -> Non
 def training_seconds(checkpoint: str | os.PathLike | None) -> float:
     """How long the run had trained when `checkpoint` was written (0 for a new run or an older checkpoint)."""
     clock = Path(checkpoint) / TRAINING_CLOCK if checkpoint is not None else None
-    return json.loads(clock.read_text())["training_seconds"] if clock is not None and clock.is_file() else 0.0
+    if clock is None or not clock.is_file():
+        return 0.0
+    seconds = _checkpoint_record(clock).get("training_seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        raise _damaged_record(clock, f"training_seconds is {seconds!r}")
+    return seconds
 
 
 TRAINING_SETTINGS = "training_settings.json"
@@ -115,10 +120,28 @@ def write_training_settings(checkpoint: str | os.PathLike, settings: dict) -> No
 def training_settings(checkpoint: str | os.PathLike) -> dict | None:
     """The settings a checkpoint's run recorded (None for a checkpoint older than the record)."""
     path = Path(checkpoint) / TRAINING_SETTINGS
+    return _checkpoint_record(path) if path.is_file() else None
+
+
+def _checkpoint_record(path: Path) -> dict:
+    """A checkpoint's JSON record, which must be an object: anything else is damage, said in one line."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError as error:
-        raise ValueError(f"{path} is damaged ({error}); resume from the checkpoint before it.") from error
+        record = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, not text
+        raise _damaged_record(path, error) from None
+    if not isinstance(record, dict):
+        raise _damaged_record(path, f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _damaged_record(path: Path, problem) -> ValueError:
+    earlier = previous_checkpoint(path.parent)
+    hint = (
+        f"move {path.parent.name} out of {path.parent.parent} and resume from latest, which is then {earlier}"
+        if earlier
+        else "there is no earlier checkpoint beside it"
+    )
+    return ValueError(f"{path} is damaged ({problem}); {hint}.")
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -146,6 +147,30 @@ def test_prepare_data_rejects_bad_numbers_before_any_work(capsys, tmp_path, argv
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["prepare-data", "demo", "--output", ""], "argument --output: is empty; name the folder or file to write"),
+        (["prepare-data", "demo", "--output", " "], "argument --output: is empty"),
+        (["demo", "--model", "m", "--port", "99999"], "argument --port: 99999 is not a port number (1 to 65535)"),
+        (["demo", "--model", "m", "--port", "0"], "argument --port: 0 is not a port number"),
+    ],
+)
+def test_an_empty_output_or_a_port_out_of_range_is_refused_by_the_parser(capsys, argv, expected):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and expected in err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1, 2**64 - 1])
+def test_seeds_a_generation_cannot_record_are_refused_before_the_model_loads(
+    saved_pipeline_dir, demo_masks, tmp_path, seed
+):
+    output = tmp_path / "synthetic"
+    with pytest.raises(ValueError, match=f"seed is {seed}; this generation draws [0-9]+ seeds from it on, so it must"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, seed=seed, **GENERATION)
+    assert not output.exists()
+
+
 def test_help_pages_show_defaults(capsys):
     code, out, _ = run_cli(capsys, "generate", "--help")
     assert code == 0
@@ -263,6 +288,18 @@ def test_a_checkpoint_folder_as_model_is_explained(tmp_path):
         load_pipeline(str(checkpoint))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pipeline(str(tmp_path / "missing" / "model"))
+
+
+def test_a_pipeline_whose_config_was_edited_into_the_wrong_types_is_one_line(saved_pipeline_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(saved_pipeline_dir, edited)
+    scheduler_config = edited / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "num_train_timesteps": "abc"}))
+    with pytest.raises(ValueError, match=f"could not load the pipeline {edited}: its configuration is damaged"):
+        load_pipeline(str(edited))
+    (edited / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="its configuration is damaged"):
+        load_pipeline(str(edited))
 
 
 @pytest.mark.parametrize(

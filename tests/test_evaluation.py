@@ -404,6 +404,15 @@ def test_images_of_several_sizes_name_the_option_that_resizes_them():
     assert fid_kid(mixed.select([0, 2]), mixed, extractor=ColourStatistics(), image_size=32)["num_generated"] == 3
 
 
+def test_kid_subsets_of_one_image_are_refused_before_any_feature_is_computed():
+    images = Dataset.from_dict(
+        {"image": [PIL.Image.new("RGB", (32, 32))] * 3}, features=Features({"image": ImageFeature()})
+    )
+    for real, subset_size in ((images, 1), (images.select([0]), 10)):  # asked for, or all a set holds
+        with pytest.raises(ValueError, match="KID needs subsets of at least 2 images"):
+            fid_kid(real, images, extractor=ColourStatistics(), kid_subset_size=subset_size)
+
+
 def test_a_feature_extractor_in_the_current_folder_loads_as_with_python_m(tmp_path, monkeypatch):
     # A console script does not look in the current folder for modules; `python -m` does, and so do users.
     (tmp_path / "my_features.py").write_text("import torch\ndef make():\n    return torch.nn.Flatten()\n")
@@ -636,7 +645,7 @@ def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_lin
         (demo_masks / "run",): "lies inside the real dataset",
         (other, "--overwrite"): "holds notes.txt, which this script does not write",
         (tmp_path / "new", "--test", f"{demo_masks}:nope"): "nope",
-        (tmp_path / "new", "--validation_size", "1000"): "--validation_size 1000 leaves no train or no test pair",
+        (tmp_path / "new", "--validation_size", "1000"): "--validation_size 1000 leaves no train or no validation pair",
         (tmp_path / "twice", "--test", f"{demo_masks}:test"): "are the same test set: name it once",
     }
     main = load_training_script("train_segmentation").main  # in this process: no start-up for each refusal
@@ -806,6 +815,17 @@ def test_flags_that_would_fail_mid_run_are_refused_before_any_work(demo_masks, t
             compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
                      "--output_dir", str(tmp_path / "comparison"), *flag])  # fmt: skip
     assert not (tmp_path / "run").exists() and not (tmp_path / "comparison").exists()
+    # A missing accelerate config failed each setting in turn; a folder of the user's had runs mixed into it.
+    with pytest.raises(FileNotFoundError, match="--accelerate_config missing.yaml is not a file"):
+        compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
+                 "--output_dir", str(tmp_path / "comparison"), "--accelerate_config", "missing.yaml"])  # fmt: skip
+    theirs = tmp_path / "thesis"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds thesis.tex, which no comparison writes"):
+        compare(["--real", str(demo_masks), "--model", "never-loaded", "--test", f"{demo_masks}:test",
+                 "--output_dir", str(theirs)])  # fmt: skip
+    assert [path.name for path in theirs.iterdir()] == ["thesis.tex"]
 
 
 @pytest.mark.parametrize("architecture", ["monai", "segformer"])
@@ -916,6 +936,13 @@ def test_a_damaged_segmenter_folder_is_one_line_that_names_the_file(real_segment
         error = capsys.readouterr().err
         assert f"{damaged / 'results.json'} " in error or f"{damaged / 'best.safetensors'} " in error, error
         assert problem in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    (damaged / "results.json").write_text(json.dumps(saved))
+    weights = (real_segmenter / "best.safetensors").read_bytes()
+    for cut in (weights[:100], b""):  # a copy cut short, an empty file
+        (damaged / "best.safetensors").write_bytes(cut)
+        assert polyp_ddpm(["mask-fidelity", "--segmenter", str(damaged), "--dataset", str(generated)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {damaged / 'best.safetensors'} is damaged (") and "Traceback" not in error
 
 
 @pytest.fixture(scope="module")

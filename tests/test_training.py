@@ -694,6 +694,31 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
     assert config["learning_rate_changes"] == [{"step": 12, "from": 1e-3, "to": 2e-3}]
 
 
+@pytest.mark.parametrize(
+    ("record", "content", "problem"),
+    [
+        ("training_clock.json", "[1]", "a JSON list, not an object"),
+        ("training_clock.json", '{"training_seconds": "abc"}', "training_seconds is 'abc'"),
+        ("training_clock.json", "{", "Expecting property name"),
+        ("training_settings.json", "[1]", "a JSON list, not an object"),
+    ],
+)
+def test_a_damaged_checkpoint_record_is_one_line_that_names_it_and_the_checkpoint_before(
+    demo_dataset, finished_run, tmp_path, capsys, record, content, problem
+):
+    output = tmp_path / "resumed"
+    copy_checkpoints(finished_run, output)
+    (output / "checkpoint-16" / record).write_text(content)
+    run = ["--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"]
+    line = refusal(capsys, *run)
+    assert (
+        line.startswith(f"error: {output / 'checkpoint-16' / record} is damaged ({problem}") and "Traceback" not in line
+    )
+    assert line.endswith(
+        f"move checkpoint-16 out of {output} and resume from latest, which is then {output / 'checkpoint-12'}."
+    )
+
+
 def test_a_resume_on_another_number_of_processes_goes_on_from_the_same_step_and_is_recorded(
     demo_dataset, finished_run, tmp_path
 ):

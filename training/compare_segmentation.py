@@ -21,7 +21,13 @@ from pathlib import Path
 from polyp_diffusers.arguments import HelpFormatter, exit_code_of, output_path
 from polyp_diffusers.choices import SAMPLERS
 from polyp_diffusers.data import parse_dataset_spec
-from polyp_diffusers.folders import OutputClaim, check_output_apart, write_text_atomically
+from polyp_diffusers.folders import (
+    OutputClaim,
+    check_is_folder,
+    check_output_apart,
+    visible_entries,
+    write_text_atomically,
+)
 from polyp_diffusers.generate import OtherRunError, generate_dataset
 from polyp_diffusers.results import provenance, segmentation_results
 from polyp_diffusers.segmentation import TRAIN_SETS, check_tests_apart, import_extra, name_test_sets
@@ -108,12 +114,30 @@ def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> Non
         check_tests_apart(args.real, "train", args.test)  # the masks of the pairs still to be generated
 
 
+def check_output_holds_only_comparisons(output_dir: Path) -> None:
+    """
+    Refuses an output folder holding what no comparison writes (a thesis, another run): its runs would be mixed in
+    with them. Each run replaces its setting's own folder; the rest stays.
+    """
+    own = {run_folder(output_dir, setting).name for setting in TRAIN_SETS} | {"synthetic"}
+    foreign = [name for name in visible_entries(output_dir) if name not in own and not name.startswith("comparison.")]
+    if foreign:
+        raise FileExistsError(
+            f"--output_dir {output_dir} holds {', '.join(foreign[:5])}, which no comparison writes; choose a folder "
+            "of its own (new, empty, or an earlier comparison's)."
+        )
+
+
 def main(argv=None):
     args, segmentation_flags = parse_args(argv)
     output_dir = Path(args.output_dir)
     inputs = {"real dataset": args.real, "synthetic dataset": args.synthetic, "model": args.model}
     inputs.update({f"test set {spec}": parse_dataset_spec(spec)[0] for spec in args.test})
     check_output_apart(output_dir, inputs)  # before the claim below creates output_dir
+    check_is_folder(output_dir)
+    check_output_holds_only_comparisons(output_dir)
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise FileNotFoundError(f"--accelerate_config {args.accelerate_config} is not a file.")
     synthetic = args.synthetic or str(output_dir / "synthetic")
     arguments = setting_arguments(args, segmentation_flags, synthetic)
     check_settings(args, arguments, synthetic)

@@ -780,6 +780,7 @@ def main(argv=None):
     # A new learning rate and another number of processes are the changes a resume makes to the training itself:
     # each is recorded with the step it took effect.
     checkpoint_settings = (training_settings(checkpoint) if checkpoint is not None else None) or {}
+    trained_before = training_seconds(checkpoint)  # the time budget spans resumes
     args.learning_rate_changes = checkpoint_settings.get("learning_rate_changes", [])
     args.num_processes_changes = checkpoint_settings.get("num_processes_changes", [])
     if checkpoint is not None:
@@ -809,8 +810,8 @@ def main(argv=None):
     # Losses add up on the device and are read once a logging window: a read waits for all queued GPU work.
     window_loss = torch.zeros((), device=accelerator.device)
     window_start, window_steps, window_images = time.perf_counter(), 0, 0
-    # The time budget spans resumes: the training time recorded in the checkpoint counts, and one spent is done.
-    trained_before, loop_start = training_seconds(checkpoint), time.perf_counter()
+    # The training time recorded in the checkpoint counts, and a budget spent is done.
+    loop_start = time.perf_counter()
     out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
 
     def slowest_training_clock(stop_signal: int = 0) -> tuple[float, int]:
