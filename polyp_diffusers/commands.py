@@ -177,6 +177,10 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
 
 
 def run_card(args):
+    if not Path(args.model_dir).is_dir():  # a file of the folder, a Hub id: the card is rewritten in place
+        raise ValueError(
+            f"{args.model_dir} is not a folder; pass the folder of the saved pipeline whose card to update."
+        )
     results = {}
     for path in args.results:
         try:

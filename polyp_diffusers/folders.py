@@ -67,6 +67,9 @@ def check_result_file(path: str | os.PathLike, key: str) -> None:
 def check_is_folder(output: str | os.PathLike) -> None:
     if Path(output).exists() and not Path(output).is_dir():
         raise FileExistsError(f"the output {output} is a file; expected a folder to write.")
+    file_above = next((parent for parent in Path(output).parents if parent.is_file()), None)
+    if file_above is not None:
+        raise FileExistsError(f"the output {output} lies under {file_above}, which is a file; expected folders.")
 
 
 def is_empty(folder: str | os.PathLike) -> bool:

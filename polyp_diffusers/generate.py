@@ -158,7 +158,6 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     `overwrite`) replace a folder this command wrote. Anything else is refused before any work. Returns True
     when the folder already holds the finished run of these settings: the same command again has nothing to do.
     """
-    check_is_folder(output)
     parts = output / PARTS_DIR
     if parts.is_dir() and not any(parts.glob("part-*.parquet")):
         shutil.rmtree(parts)  # a run killed before its first batch was written: nothing to continue or to lose
@@ -292,6 +291,7 @@ def generate_dataset(
             "solvers cannot), and no start_timestep."
         )
     output = Path(output)
+    check_is_folder(output)
     repo_id = hub_repo_id(hub_dataset_id, output, "--hub-id") if push_to_hub else None
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})

@@ -52,7 +52,11 @@ def resolve_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -
     # A bare name is a checkpoint of output_dir, as in diffusers' training examples; a path is taken as it is.
     path = Path(output_dir) / resume_from if Path(resume_from).name == resume_from else Path(resume_from)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"checkpoint {path} {what}; pass latest, a checkpoint-N folder of --output_dir by its name, or a path to "
+            "one (./NAME for a folder here)."
+        )
     checkpoint_step(path)
     return path
 

@@ -388,6 +388,8 @@ def test_generate_refuses_a_file_as_output_before_any_work(saved_pipeline_dir, d
     output.write_text("a file")
     with pytest.raises(FileExistsError, match="is a file"):
         generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
+    with pytest.raises(FileExistsError, match=f"lies under {output}, which is a file; expected folders"):
+        generate_dataset(str(saved_pipeline_dir), str(demo_masks), output / "pairs", **GENERATION)
 
 
 def test_masks_without_an_id_column_get_ids_from_their_split(saved_pipeline_dir, demo_masks, tmp_path):

@@ -1041,6 +1041,9 @@ def test_results_files_edited_out_of_shape_are_one_line_each(scored_generation, 
         error = capsys.readouterr().err
         assert problem in error and len(error.strip().splitlines()) == 1, error
     assert not (card_model / "README.md").exists()  # no card was written
+    (tmp_path / "notes.md").write_text("mine")  # a file named where the model folder goes
+    assert polyp_ddpm(["card", str(tmp_path / "notes.md"), "--results", str(tmp_path / "edited.json")]) == 1
+    assert f"{tmp_path / 'notes.md'} is not a folder; pass the folder of the saved pipeline" in capsys.readouterr().err
 
 
 def test_synthetic_pairs_of_held_out_masks_stay_out_of_training_and_make_the_fidelity_set():
