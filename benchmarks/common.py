@@ -48,17 +48,13 @@ def compile_cache_environment(folder: Path) -> dict[str, str]:
     }
 
 
-# `--cudnn-benchmark`: whether cuDNN times its convolution algorithms for each new shape and keeps the fastest
-# (torch.backends.cudnn.benchmark, off by default in torch); `both` times each model both ways, off first.
-CUDNN_BENCHMARK_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
-
-
 def add_cudnn_benchmark_argument(parser) -> None:
     parser.add_argument(
         "--cudnn-benchmark",
-        choices=sorted(CUDNN_BENCHMARK_SETTINGS),
-        default="off",
-        help="torch.backends.cudnn.benchmark for the timed runs; 'both' times each one both ways.",
+        action="store_true",
+        help="Time with torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms for each new shape "
+        "and keeps the fastest). Compare with a run without it in another process: cuDNN keeps the algorithm it "
+        "chose for a shape for the whole process, whatever the flag says later.",
     )
 
 

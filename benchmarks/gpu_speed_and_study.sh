@@ -4,9 +4,9 @@
 # left), and what it made is packed into $OUT as soon as it ends (3 files: call.log, report.md, results.tar.gz),
 # so a stage that overruns costs only the stages after it. /tmp/gpu-call survives while the machine stays warm
 # (about 30 s after a call): rerunning the script at once continues a study from its step records.
-#   STAGES="segmenter-phases step-256 sampling-compiled"  which stages, in this order (default: that, what issue 10
-#                still lacks, at most 560 s by the stages' limits; then, on the warm machine,
-#                STAGES="compile-cache generate")
+#   STAGES="segmenter-phases step-256 sampling-compiled cudnn-benchmark"  which stages, in this order (default:
+#                that, what issue 10 still lacks: 560 s by the first three stages' limits, and cudnn-benchmark as far
+#                as the budget goes; then, on the warm machine, STAGES="compile-cache generate")
 #     start-up   where a short command's start-up goes (start_up.py: accelerate launch against python, the first
 #                CUDA work, each import, each in a fresh process)
 #     segmenter  one quick-64 segmentation setting alone, with and without CUDA graphs (segmentation_loop.py)
@@ -14,14 +14,15 @@
 #                and its start-up phases (timing.start_up_phases_s); then again with --cudnn_benchmark
 #     loop-256   train.py at 256 px, batch 32, compiled (compilation alone took over 105 s on an H100)
 #     step-256   the isolated 256 px training step compiled (train_throughput.py), beside the authors' step (fp32)
-#                in the same process: what loop-256 is measured against on the same card; each step timed without
-#                and with cudnn.benchmark
+#                in the same process: what loop-256 is measured against on the same card
 #     loop-64    train.py at 64 px, batch LOOP_64_BATCH (default 512), compiled
 #     generate   polyp-ddpm generate, 898 pairs at 64 px, 250 DDPM steps, batch 512, eager, compiled, and compiled
 #                again (torch's compile cache warm)
 #     sampling   250 DDPM steps at 256 px, batch 64, per-image seeds, eager, and the authors' sampler (batch 16)
-#                in the same process (sample_throughput.py);  sampling-compiled: ours compiled, without and with
-#                cudnn.benchmark
+#                in the same process (sample_throughput.py);  sampling-compiled: ours compiled
+#     cudnn-benchmark  step-256 and sampling-compiled again with torch.backends.cudnn.benchmark, each in a process of
+#                its own (cuDNN keeps a shape's algorithm for the whole process): compiled from the on-disk cache the
+#                stages before left
 #     compile-cache  the compiled 64 px training step, batch 128, in two fresh processes sharing one new on-disk
 #                compile cache: a first compilation on a machine against every later one (compile_cache.py)
 #     loops-more train.py at 64 px without compilation (batch LOOP_64_BATCH) and with CUDA graphs (batch 128,
@@ -52,7 +53,7 @@ exec > >(tee -a "$OUT/call.log") 2>&1
 export PYTHONUNBUFFERED=1
 preset="${PRESET:-quick-64}"
 objective="${OBJECTIVE:-paper}"
-stages="${STAGES:-segmenter-phases step-256 sampling-compiled}"
+stages="${STAGES:-segmenter-phases step-256 sampling-compiled cudnn-benchmark}"
 data=.devdata/kvasir-seg-256
 work=/tmp/gpu-call
 study="$work/study-$preset-$objective${STUDY_TAG:+-$STUDY_TAG}"
@@ -74,8 +75,7 @@ if command -v nvidia-smi >/dev/null; then
   generation=(--split train)
   sampling=(--model-preset paper --samplers ddpm:250 --batch-sizes 64 --dtypes bf16)
   sampling_reference=(--reference-dir .devdata/reference/polyp_ddpm_official --reference-batch-sizes 16)
-  step_256=(--sizes 256 --modes bf16-compile --batch-size 32 --reference-dir .devdata/reference/polyp_ddpm_official
-    --cudnn-benchmark both)
+  step_256=(--sizes 256 --modes bf16-compile --batch-size 32 --reference-dir .devdata/reference/polyp_ddpm_official)
   compile_cache=(--batch-size 128)  # quick-64's batch
 else
   tag=cpu
@@ -90,7 +90,7 @@ else
   sampling=(--model-preset tiny --samplers ddim:2 --batch-sizes 2 --dtypes fp32)
   sampling_reference=()  # the authors' network has no 32 px configuration
   step_256=(--sizes 64 --modes fp32 --batch-size 1 --steps 1 --warmup 1  # compiling it takes minutes here
-    --reference-dir .devdata/reference/polyp_ddpm_official --cudnn-benchmark both)
+    --reference-dir .devdata/reference/polyp_ddpm_official)
   compile_cache=(--size 64 --batch-size 1)  # the paper network is not made below 64 px
 fi
 python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
@@ -157,7 +157,13 @@ for current in $stages; do
       "${sampling_reference[@]}" --output "$results/sample_throughput_256-$tag.json" ;;
   sampling-compiled)
     stage sampling_256_compile 170 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
-      --noise device-per-image --compile --cudnn-benchmark both --output "$results/sample_throughput_256_compile-$tag.json" ;;
+      --noise device-per-image --compile --output "$results/sample_throughput_256_compile-$tag.json" ;;
+  cudnn-benchmark)  # whether cuDNN's own timing of its convolutions speeds the step and the sampler up
+    stage train_step_256_cudnn_benchmark 120 python3 benchmarks/train_throughput.py "${step_256[@]}" \
+      --cudnn-benchmark --output "$results/train_throughput_256_compile_cudnn_benchmark-$tag.json"
+    stage sampling_256_compile_cudnn_benchmark 120 python3 benchmarks/sample_throughput.py "${sampling[@]}" \
+      --noise device-per-image --compile --cudnn-benchmark \
+      --output "$results/sample_throughput_256_compile_cudnn_benchmark-$tag.json" ;;
   compile-cache)  # what a compiled run costs after the first on a machine (the cold compile took 79-88 s)
     stage compile_cache 200 python3 benchmarks/compile_cache.py "${compile_cache[@]}" \
       --output "$results/compile_cache-$tag.json" ;;

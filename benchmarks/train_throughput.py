@@ -3,12 +3,11 @@
 Times exactly what `training/train.py` does per step (on-device joint augmentation, noising, UNet forward,
 L1 loss, backward, AdamW) on random data, in fp32, bf16 autocast and bf16 + torch.compile. With
 `--reference-dir` it also times the authors' network (fp32, their GaussianDiffusion loss) on the same device.
-`--cudnn-benchmark both` times each model's steps again once cuDNN may pick its fastest convolutions (the same
-compiled step: nothing is compiled twice).
+`--cudnn-benchmark` lets cuDNN time its convolution algorithms and keep the fastest (compare with a run without it).
 
     python benchmarks/train_throughput.py                       # CUDA if present, else CPU with small batches
     python benchmarks/train_throughput.py --modes fp32 bf16 --sizes 256 --batch-size 32
-    python benchmarks/train_throughput.py --modes bf16-compile --sizes 256 --cudnn-benchmark both
+    python benchmarks/train_throughput.py --modes bf16-compile --sizes 256 --cudnn-benchmark
 """
 
 import argparse
@@ -21,7 +20,6 @@ from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
 
 from common import (
-    CUDNN_BENCHMARK_SETTINGS,
     add_cudnn_benchmark_argument,
     default_device,
     peak_memory_gib,
@@ -107,33 +105,32 @@ def main():
     if args.reference_dir:
         runs += [(size, "reference-fp32") for size in args.sizes]
     results = []
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     for size, mode in runs:
+        reset_peak_memory(device)
         torch.manual_seed(0)
         if mode == "reference-fp32":
             model, step = reference(size, batch_size, device, args.reference_dir)
         else:
             model, step = ours(size, batch_size, mode, device)
-        for cudnn_benchmark in CUDNN_BENCHMARK_SETTINGS[args.cudnn_benchmark]:
-            torch.backends.cudnn.benchmark = cudnn_benchmark
-            reset_peak_memory(device)
-            first, seconds = time_steps(step, steps, args.warmup, device)
-            result = {
-                "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
-                "size": size,
-                "mode": mode,
-                "cudnn_benchmark": cudnn_benchmark,
-                "batch_size": batch_size,
-                "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                "images_per_s": round(batch_size / seconds, 2),
-                "step_ms": round(seconds * 1000, 1),
-                "first_step_s": round(first, 1),
-                "peak_memory_gib": peak_memory_gib(device),
-                "timed_steps": steps,
-            }
-            print(result, flush=True)
-            results.append(result)
-            # Each row is kept as it comes: a run stopped by a time limit keeps what it measured.
-            write_results("train_throughput", device, results, args.output, quiet=True)
+        first, seconds = time_steps(step, steps, args.warmup, device)
+        result = {
+            "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
+            "size": size,
+            "mode": mode,
+            "cudnn_benchmark": args.cudnn_benchmark,
+            "batch_size": batch_size,
+            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "images_per_s": round(batch_size / seconds, 2),
+            "step_ms": round(seconds * 1000, 1),
+            "first_step_s": round(first, 1),
+            "peak_memory_gib": peak_memory_gib(device),
+            "timed_steps": steps,
+        }
+        print(result, flush=True)
+        results.append(result)
+        # Each row is kept as it comes: a run stopped by a time limit keeps what it measured.
+        write_results("train_throughput", device, results, args.output, quiet=True)
         del model, step
     write_results("train_throughput", device, results, args.output)
 

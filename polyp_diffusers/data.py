@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,8 +35,9 @@ from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_frame_mode,
 
 logger = logging.getLogger(__name__)
 
-# A split's name, as `datasets` accepts it (`datasets.naming`): letters, digits and '_', parts joined by '.'.
-SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
+# A split's name, as `datasets` names them (`datasets.naming`: letters, digits and '_', parts joined by '.'), and
+# '-', which `save_to_disk` takes too: each is a folder of the dataset, never a path out of it.
+SPLIT_NAME = re.compile(r"[\w-]+(\.[\w-]+)*")
 # One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 HUB_ID_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -475,8 +477,8 @@ def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
     misnamed = [name for name in splits if not SPLIT_NAME.fullmatch(name)]
     if misnamed:
         raise ValueError(
-            f"{path}: not a split name: {', '.join(map(repr, misnamed))}; names are letters, digits and '_', in parts "
-            "joined by '.' (as datasets requires: 'train', 'test', 'test.cvc')."
+            f"{path}: not a split name: {', '.join(map(repr, misnamed))}; names are letters, digits, '_' and '-', in "
+            "parts joined by '.' ('train', 'test', 'test.cvc')."
         )
     splits_of: dict[str, list[str]] = {}
     for name, ids in splits.items():
@@ -633,11 +635,13 @@ def write_dataset(
     problems: list[Problem] = (),
     overwrite: bool = False,
     extra_files: dict[str, str | bytes] | None = None,
+    before_replacing: Callable[[], None] | None = None,
 ) -> Path:
     """
     Writes `save_to_disk` files, the dataset card, the validation report and `extra_files` (name: text or bytes) into a
     staging folder, and moves it into place once complete (`folders.py`): a crash never leaves a half dataset.
-    With `overwrite`, an existing output is replaced; which outputs a command may replace is the caller's rule.
+    With `overwrite`, an existing output is replaced; which outputs a command may replace is the caller's rule,
+    which `before_replacing` checks again at the last moment (files put there while the dataset was written).
     """
     check_is_folder(output)
     if not is_empty(output) and not overwrite:
@@ -656,6 +660,8 @@ def write_dataset(
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content)
+        if before_replacing is not None and Path(output).exists():
+            before_replacing()
         replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -301,10 +301,10 @@ def generate_dataset(
     num_masks = len(source) if new_masks is None else new_masks
     # Each image's seed (and a mask model's, after them; compiled, padding's) is kept as an int64 with its pair.
     seeds_used = _first_mask_seed(0, num_masks, num_images_per_mask) + num_masks + batch_size
-    if not 0 <= seed <= MAX_SEED - seeds_used:
+    if not -(MAX_SEED + 1) <= seed <= MAX_SEED - seeds_used:
         raise ValueError(
-            f"seed is {seed}; this generation draws {seeds_used} seeds from it on, so it must lie between 0 and "
-            f"{MAX_SEED - seeds_used}."
+            f"seed is {seed}; this generation draws {seeds_used} seeds from it on, so it must lie between "
+            f"{-(MAX_SEED + 1)} and {MAX_SEED - seeds_used}."
         )
     # One run writes in `output` at a time: a second would restart or replace the parts the first is writing.
     # The claim lies beside the output, which is replaced whole at the end.
@@ -445,8 +445,14 @@ def generate_dataset(
             extra_files.update(_mask_statistics_files(*mask_statistics_of, new))
         # Replaces the folder (and the finished parts in it) only once the whole dataset is written, and not over
         # files put there while it ran: refused, the same command then finds its parts and continues.
-        check_only_written_by(output, "generate", OWN_ENTRIES)
-        write_dataset(dataset, output, card, overwrite=True, extra_files=extra_files)
+        write_dataset(
+            dataset,
+            output,
+            card,
+            overwrite=True,
+            extra_files=extra_files,
+            before_replacing=lambda: check_only_written_by(output, "generate", OWN_ENTRIES),
+        )
         if push_to_hub:
             push_generated(output, repo_id)
         return dataset

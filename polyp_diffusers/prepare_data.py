@@ -92,7 +92,15 @@ def prepare_dataset(
         resolution=resolution,
         **card_details,
     )
-    write_dataset(dataset, output, card, problems, overwrite)
+    # Checked again at the last moment: a file put into the output while the dataset was made.
+    write_dataset(
+        dataset,
+        output,
+        card,
+        problems,
+        overwrite,
+        before_replacing=lambda: check_only_written_by(output, "prepare-data"),
+    )
     if push_to_hub:
         push_dataset(dataset, card, repo_id, output)
     return dataset

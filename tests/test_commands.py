@@ -161,7 +161,7 @@ def test_an_empty_output_or_a_port_out_of_range_is_refused_by_the_parser(capsys,
     assert code == 2 and expected in err
 
 
-@pytest.mark.parametrize("seed", [-1, 2**63 - 1, 2**64 - 1])
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**63 - 1, 2**64 - 1])
 def test_seeds_a_generation_cannot_record_are_refused_before_the_model_loads(
     saved_pipeline_dir, demo_masks, tmp_path, seed
 ):

@@ -221,7 +221,7 @@ def test_a_split_file_of_another_shape_is_named(good_folder, tmp_path, content, 
         build_dataset(str(good_folder), split_file=str(split_file))
 
 
-@pytest.mark.parametrize("name", ["../other/train", "/tmp/victim", "", "train/x", "test-cvc"])
+@pytest.mark.parametrize("name", ["../other/train", "/tmp/victim", "", "train/x", "..", "a..b"])
 def test_a_split_name_that_is_not_a_folder_name_is_refused_before_anything_is_written(good_folder, tmp_path, name):
     split_file, output, other = tmp_path / "split.json", tmp_path / "prepared", tmp_path / "other"
     other.mkdir()
@@ -230,6 +230,12 @@ def test_a_split_name_that_is_not_a_folder_name_is_refused_before_anything_is_wr
     with pytest.raises(ValueError, match=f"split.json: not a split name: {re.escape(repr(name))}; names are"):
         prepare_dataset(str(good_folder), output, split_file=str(split_file))
     assert not output.exists() and not any(other.iterdir())
+
+
+def test_split_names_may_hold_hyphens_and_dots(tmp_path):
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": ["a"], "test-cvc": ["b"], "test.kvasir_seg": ["c"]}))
+    assert list(data_module.read_split_file(split_file)) == ["train", "test-cvc", "test.kvasir_seg"]
 
 
 @pytest.mark.parametrize("train_ids", [["case00", "case01"], ["unknown"]])
