@@ -495,10 +495,16 @@ class PolypPipelineMixin:
         distinct = len(torch.unique(timesteps))
         # One timestep a step, some of them repeated (second-order schedulers such as Heun repeat theirs by design).
         if len(timesteps) == num_inference_steps and distinct < num_inference_steps:
+            # The most steps that are all distinct (not `distinct`, which can be far fewer at the failing count).
+            most = next(steps for steps in range(num_inference_steps - 1, 0, -1) if self._all_distinct(steps))
             raise ValueError(
                 f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} finds only {distinct} "
-                f"distinct timesteps on this model's schedule: use at most {distinct}."
+                f"distinct timesteps on this model's schedule: use at most {most}."
             )
+
+    def _all_distinct(self, num_inference_steps: int) -> bool:
+        self.scheduler.set_timesteps(num_inference_steps)
+        return len(torch.unique(self.scheduler.timesteps)) == num_inference_steps
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

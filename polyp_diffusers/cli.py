@@ -271,7 +271,10 @@ def _add_demo(subparsers):
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="Model precision.")
     parser.add_argument(
-        "--write-space", metavar="DIR", help="Write a Hub Space folder (app.py, requirements.txt, README.md) and exit."
+        "--write-space",
+        type=output_path,
+        metavar="DIR",
+        help="Write a Hub Space folder (app.py, requirements.txt, README.md) and exit.",
     )
     parser.set_defaults(run="run_demo")
 

@@ -18,7 +18,7 @@ from .folders import check_is_folder, check_output_apart, is_empty, replace_fold
 from .hub_card.cards import write_model_card
 from .hub_card.publish import hub_repo_id, push_folder
 from .modeling import make_polyp_scheduler, make_polyp_unet
-from .pipelines import PolypDDPMPipeline
+from .pipelines import PolypDDPMPipeline, non_finite_names
 from .results import card_naming
 from .safe_loading import torch_load_safely
 
@@ -267,6 +267,11 @@ def convert_official_checkpoint(
             f"unexpected {extra[:10]}, wrong shapes {wrong_shape[:10]}"
         )
     unet.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    if non_finite := non_finite_names(unet.named_parameters()):  # a diverged run: every loader would refuse it
+        raise ConversionError(
+            f"the checkpoint's {weights} weights hold NaN or inf in {len(non_finite)} tensors (first: {non_finite[0]}); "
+            "convert an earlier checkpoint of the run."
+        )
 
     scheduler = make_polyp_scheduler(len(state["betas"]) if "betas" in state else 250)
     if "betas" in state:

@@ -2,6 +2,7 @@
 scores: `segmentation.py`)."""
 
 import importlib
+import math
 import os
 import sys
 import urllib.parse
@@ -179,7 +180,10 @@ def load_extractor(spec: str) -> nn.Module:
     finally:
         if looked_here:
             sys.path.remove(here)
-    extractor = getattr(module, attribute)()
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"feature extractor {spec!r}: {module_name} has no function {attribute!r}.")
+    extractor = factory()
     if not isinstance(extractor, nn.Module):
         raise ValueError(f"{spec} returned {type(extractor).__name__}; expected a torch.nn.Module.")
     return extractor
@@ -246,10 +250,11 @@ def fid_kid(
             fid.update(images, real=is_real)
             kid.update(images, real=is_real)
     kid_mean, kid_std = kid.compute()
+    scores = {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+    if not all(math.isfinite(value) for value in scores.values()):  # features of NaN or inf: no distance to publish
+        raise ValueError(f"the distances are not finite ({scores}): the feature extractor gave NaN or inf features.")
     return {
-        "fid": float(fid.compute()),
-        "kid_mean": float(kid_mean),
-        "kid_std": float(kid_std),
+        **scores,
         "num_real": len(real),
         "num_generated": len(generated),
         "num_features": fid.real_features_sum.numel(),

@@ -154,6 +154,7 @@ def test_prepare_data_rejects_bad_numbers_before_any_work(capsys, tmp_path, argv
         (["prepare-data", "demo", "--output", " "], "argument --output: is empty"),
         (["demo", "--model", "m", "--port", "99999"], "argument --port: 99999 is not a port number (1 to 65535)"),
         (["demo", "--model", "m", "--port", "0"], "argument --port: 0 is not a port number"),
+        (["demo", "--model", "m", "--write-space", ""], "argument --write-space: is empty"),  # before: served
     ],
 )
 def test_an_empty_output_or_a_port_out_of_range_is_refused_by_the_parser(capsys, argv, expected):

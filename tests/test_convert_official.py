@@ -118,6 +118,16 @@ def test_full_sampling_run_matches_their_sampler(official_checkpoint):
     assert theirs.std() > 0.05
 
 
+def test_weights_that_hold_nan_are_refused_not_converted(official_checkpoint, tmp_path):
+    path, _ = official_checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(key for key in checkpoint["ema"] if key.startswith("denoise_fn.") and key.endswith("weight"))
+    checkpoint["ema"][name] = torch.full_like(checkpoint["ema"][name], float("nan"))
+    torch.save(checkpoint, tmp_path / "diverged.pt")
+    with pytest.raises(ConversionError, match="the checkpoint's ema weights hold NaN or inf in 1 tensors"):
+        convert_official_checkpoint(tmp_path / "diverged.pt")
+
+
 def test_converted_folder_is_a_normal_pipeline_with_a_card(official_checkpoint, tmp_path):
     path, _ = official_checkpoint
     output = tmp_path / "polyp-ddpm-kvasir-official"

@@ -421,6 +421,21 @@ def test_a_feature_extractor_in_the_current_folder_loads_as_with_python_m(tmp_pa
     path_before = list(sys.path)
     assert isinstance(load_extractor("my_features:make"), torch.nn.Flatten)
     assert sys.path == path_before
+    with pytest.raises(ValueError, match="'my_features:nonexistent': my_features has no function 'nonexistent'"):
+        load_extractor("my_features:nonexistent")
+
+
+class NotANumber(nn.Module):
+    def forward(self, images):
+        return torch.full((len(images), 4), float("nan"))
+
+
+def test_distances_of_features_that_are_not_numbers_are_refused_not_written():
+    images = Dataset.from_dict(
+        {"image": [PIL.Image.new("RGB", (32, 32))] * 4}, features=Features({"image": ImageFeature()})
+    )
+    with pytest.raises(ValueError, match="the distances are not finite .* NaN or inf features"):
+        fid_kid(images, images, extractor=NotANumber(), kid_subset_size=2, kid_subsets=2)
 
 
 def test_only_scores_on_inception_features_are_published_as_fid_and_kid():

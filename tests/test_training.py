@@ -694,6 +694,22 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
     assert config["learning_rate_changes"] == [{"step": 12, "from": 1e-3, "to": 2e-3}]
 
 
+def test_a_validation_sampler_that_cannot_take_its_steps_or_a_checkpoint_past_the_end_is_refused_before_training(
+    demo_dataset, finished_run, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    run = ["--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN]
+    # Before: refused only at the first validation grid, after training steps that were then lost.
+    line = refusal(capsys, *run, "--validation_sampler", "dpmsolver", "--validation_inference_steps", "249")
+    assert "num_inference_steps is 249; DPMSolverMultistepScheduler finds only" in line and "use at most 248" in line
+    assert list_checkpoints(output) == []
+    # Resumed from another folder's checkpoint, a run past its --max_train_steps saved a pipeline whose card said 4.
+    checkpoint = finished_run / "checkpoint-16"
+    line = refusal(capsys, *run, "--resume_from_checkpoint", str(checkpoint), "--max_train_steps", "4")
+    assert f"{checkpoint} is at step 16, past --max_train_steps 4" in line
+    assert list_checkpoints(output) == []
+
+
 @pytest.mark.parametrize(
     ("record", "content", "problem"),
     [

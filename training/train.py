@@ -496,9 +496,10 @@ def check_where_the_run_goes_on(output_dir: Path, checkpoint: Path | None, args)
                 f"--output_dir {output_dir} already holds {', '.join(unexpected[:5])}: {where}; {hint}, or choose an "
                 "empty or new folder."
             )
+    if checkpoint is None:
         return
     step = checkpoint_step(checkpoint)
-    if newer := [path.name for path in own if checkpoint_step(path) > step]:
+    if not elsewhere and (newer := [path.name for path in own if checkpoint_step(path) > step]):
         raise ValueError(
             f"{output_dir} holds {', '.join(newer)}, newer than {checkpoint.name}: resuming from it would write over "
             f"them. Move them out of {output_dir} first (to keep that continuation), or resume from latest."
@@ -681,6 +682,10 @@ def main(argv=None):
     unet.to(accelerator.device)  # before the EMA copies and the fused optimizer see its parameters
     mask_channels = mask_channels_of(unet.config)
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
+    # The validation sampler's steps, now rather than at the first grid, after training steps that would be lost.
+    validation_pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
+    validation_pipeline.scheduler = make_sampler(args.validation_sampler, noise_scheduler.config)
+    validation_pipeline.check_model_and_steps(args.validation_inference_steps)
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
