@@ -367,9 +367,15 @@ def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDD
     return pipeline
 
 
+def validation_pipeline(accelerator, unet, noise_scheduler, args) -> PolypDDPMPipeline | PolypMaskPipeline:
+    """`trained_pipeline` with the validation grids' sampler (`--validation_sampler`)."""
+    pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
+    pipeline.scheduler = make_sampler(args.validation_sampler, noise_scheduler.config)
+    return pipeline
+
+
 def validation_grid(pipeline, batch, args):
     """Generates images for the fixed validation masks; returns a grid whose rows are masks, generated, real."""
-    pipeline.scheduler = make_sampler(args.validation_sampler, pipeline.scheduler.config)
     sampling = dict(
         num_inference_steps=args.validation_inference_steps, generator=torch.Generator().manual_seed(args.seed)
     )
@@ -683,9 +689,7 @@ def main(argv=None):
     mask_channels = mask_channels_of(unet.config)
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
     # The validation sampler's steps, now rather than at the first grid, after training steps that would be lost.
-    validation_pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
-    validation_pipeline.scheduler = make_sampler(args.validation_sampler, noise_scheduler.config)
-    validation_pipeline.check_model_and_steps(args.validation_inference_steps)
+    validation_pipeline(accelerator, unet, noise_scheduler, args).check_model_and_steps(args.validation_inference_steps)
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
@@ -985,7 +989,7 @@ def main(argv=None):
 
 def run_validation(accelerator, unet, ema_model, noise_scheduler, validation_batch, args, step, output_dir):
     """Samples the fixed validation masks with the EMA weights; saves and logs the grid."""
-    pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
+    pipeline = validation_pipeline(accelerator, unet, noise_scheduler, args)
     model = pipeline.unet
     model.eval()
     with ema_weights(ema_model, model), accelerator.autocast():
