@@ -422,6 +422,22 @@ def test_latest_falls_back_from_an_unreadable_checkpoint_to_the_one_before(demo_
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
 
 
+def test_the_checkpoint_latest_falls_back_to_is_held_to_the_run_settings_too(
+    demo_dataset, finished_run, tmp_path, capsys
+):
+    output = tmp_path / "truncated"
+    copy_checkpoints(finished_run, output)
+    truncate_unet_weights(output / "checkpoint-16")
+    settings_file = output / "checkpoint-12" / "training_settings.json"
+    settings_file.write_text(settings_file.read_text().replace('"loss": "l1"', '"loss": "l2"'))
+
+    line = refusal(
+        capsys,
+        "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert f"{output / 'checkpoint-12'} was trained with other settings: --loss 'l2' there, 'l1' now" in line
+
+
 def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the_one_before(
     demo_dataset, finished_run, tmp_path
 ):
@@ -682,6 +698,7 @@ def test_a_resumed_run_is_held_to_its_settings_and_may_take_a_new_learning_rate(
     line = refusal(capsys, *run, "--loss", "l2", "--seed", "3", "--cudnn_benchmark")
     assert f"{output / 'checkpoint-12'} was trained with other settings: --loss 'l1' there, 'l2' now; --seed 0 " in line
     assert "cudnn" not in line  # how fast it runs may change
+    assert "was trained with other settings: EMA on there, off now." in refusal(capsys, *run, "--no_ema")
     assert list_checkpoints(output) == [output / "checkpoint-12"]
     # A checkpoint older than its settings record takes a new rate too: the rate it holds is read from its state.
     (output / "checkpoint-12" / "training_settings.json").unlink()

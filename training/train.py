@@ -142,7 +142,7 @@ RESUMABLE_CHANGES = {
     "hub_model_id", "hub_private_repo",
 }  # fmt: skip
 # How a refused resume names settings that are not flags of their own.
-SETTING_NAMES = {"use_ema": "EMA (--no_ema)", "training pairs": "the training pairs"}
+SETTING_NAMES = {"use_ema": "EMA", "training pairs": "the training pairs"}
 # What reading a damaged or truncated checkpoint raises (safetensors, torch pickles, missing files).
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
@@ -533,7 +533,7 @@ def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
     # Settings of one version only (a flag added since) are not compared: a checkpoint stays resumable after an update.
     names = [name for name in recorded if name in settings and name not in RESUMABLE_CHANGES]
     changed = [
-        f"{SETTING_NAMES.get(name, '--' + name)} {recorded[name]!r} there, {settings[name]!r} now"
+        f"{SETTING_NAMES.get(name, '--' + name)} {_setting_value(recorded[name])} there, {_setting_value(settings[name])} now"
         for name in names
         if recorded[name] != settings[name]
     ]
@@ -543,6 +543,11 @@ def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
             "training, so these must stay as they were (its length, saving, logging, validation and learning rate "
             "may change); to train with them, start a new run in another --output_dir."
         )
+
+
+def _setting_value(value) -> str:
+    """A recorded setting as a user reads it: a switch is on or off (`EMA True` would hide that --no_ema sets it)."""
+    return ("on" if value else "off") if isinstance(value, bool) else repr(value)
 
 
 def place_schedule(lr_scheduler, learning_rate: float, position: int) -> None:
@@ -788,7 +793,11 @@ def main(argv=None):
     first_step = global_step
     # A new learning rate and another number of processes are the changes a resume makes to the training itself:
     # each is recorded with the step it took effect.
-    checkpoint_settings = (training_settings(checkpoint) if checkpoint is not None else None) or {}
+    if checkpoint != named_checkpoint:  # `latest` fell back to an earlier checkpoint: that one must match too
+        recorded = training_settings(checkpoint)
+        if recorded is not None:
+            check_same_run(recorded, settings, checkpoint)
+    checkpoint_settings = recorded or {}
     trained_before = training_seconds(checkpoint)  # the time budget spans resumes
     args.learning_rate_changes = checkpoint_settings.get("learning_rate_changes", [])
     args.num_processes_changes = checkpoint_settings.get("num_processes_changes", [])
