@@ -90,13 +90,13 @@ def exit_code_of(
     interrupted: str = "interrupted: what was written whole is kept.",
 ) -> int:
     """
-    Runs `command`; one of `errors` (bad input, damaged files) is printed as one line, `error: ...`, a Ctrl-C as
-    `interrupted` and a `Stopped` as its message, without a traceback, unless the environment sets
-    `POLYP_DDPM_TRACEBACK=1`. Returns the exit status: 1 for an error, 128 + the signal for a stop, as a shell says.
+    Runs `command`; one of `errors` (bad input, damaged files) or running out of memory (a resolution or batch too
+    large) is printed as one line, `error: ...`, a Ctrl-C as `interrupted` and a `Stopped` as its message, without
+    a traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit status: 1 for an error, 128 + the signal for a stop, as a shell says.
     """
     try:
         command()
-    except (*errors, KeyboardInterrupt, Stopped) as error:
+    except (*errors, MemoryError, KeyboardInterrupt, Stopped) as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1" and not isinstance(error, Stopped):  # a stop is no bug
             raise
         if isinstance(error, KeyboardInterrupt):
@@ -105,6 +105,8 @@ def exit_code_of(
             if str(error):  # empty: one of several processes, whose stop another one says
                 print(error, file=sys.stderr)
             return 128 + error.signum
+        if isinstance(error, MemoryError):
+            error = f"out of memory ({str(error) or 'no details'}): use a smaller resolution or batch"
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -232,6 +232,15 @@ def test_a_stop_is_one_line_with_the_exit_status_a_shell_gives_a_signal(capsys):
     assert capsys.readouterr().err == "interrupted here\nstopped, saved\n"
 
 
+def test_running_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
+    assert exit_code_of(lambda: (_ for _ in ()).throw(MemoryError("Unable to allocate 149. GiB"))) == 1
+    assert exit_code_of(lambda: (_ for _ in ()).throw(MemoryError())) == 1
+    assert capsys.readouterr().err == (
+        "error: out of memory (Unable to allocate 149. GiB): use a smaller resolution or batch\n"
+        "error: out of memory (no details): use a smaller resolution or batch\n"
+    )
+
+
 def test_a_run_told_to_stop_saves_a_checkpoint_at_its_next_step_and_resumes_exactly(demo_dataset, tmp_path):
     # Ctrl-C, which a terminal sends to every process of the run, DataLoader workers included.
     streamed = [*TINY_RUN, "--max_preload_gb", "0", "--dataloader_num_workers", "2"]
