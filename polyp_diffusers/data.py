@@ -214,6 +214,11 @@ def _files_by_stem(folder: Path, kind: str, problems: list[Problem]) -> dict[str
                 Problem(path.name, f"{kind} subfolder not read", f"{path}: pairs are read from {folder} itself")
             )
             continue
+        if not path.is_file():  # reading a pipe or a device would wait forever; a broken link has nothing to read
+            problems.append(
+                Problem(path.stem, f"not a regular file ({kind})", f"{path}: a broken link, pipe or device")
+            )
+            continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             supported = ", ".join(extension[1:] for extension in IMAGE_EXTENSIONS)
             problems.append(Problem(path.stem, f"not an image file ({kind})", f"{path} (read: {supported})"))

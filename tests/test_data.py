@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -643,6 +644,8 @@ def test_subfolders_and_files_of_other_types_are_problems_not_silent_skips(tmp_p
     (tmp_path / "nested" / "images").rename(source / "images" / "patient7")
     (source / "images" / "notes.txt").write_text("taken 2024")
     (source / "images" / "Thumbs.db").write_bytes(b"clutter")  # file browsers' clutter is ignored
+    os.mkfifo(source / "masks" / "p5.png")  # reading it would wait forever
+    (source / "images" / "p6.png").symlink_to(tmp_path / "moved-away.png")
     image, mask = polyp_pair(seed=9)
     image.save(source / "images" / "p9.webp", lossless=True)  # WebP is read
     mask.save(source / "masks" / "p9.webp", lossless=True)
@@ -650,10 +653,12 @@ def test_subfolders_and_files_of_other_types_are_problems_not_silent_skips(tmp_p
         build_dataset(str(source), test_size=1)
     assert [(problem.id, problem.kind) for problem in refused.value.problems] == [
         ("notes", "not an image file (image)"),
+        ("p6", "not a regular file (image)"),
         ("patient7", "image subfolder not read"),
+        ("p5", "not a regular file (mask)"),
     ]
     dataset, problems, _ = build_dataset(str(source), test_size=1, skip_invalid=True)
-    assert len(problems) == 2 and sorted([*dataset["train"]["id"], *dataset["test"]["id"]]) == ["p0", "p1", "p2", "p9"]
+    assert len(problems) == 4 and sorted([*dataset["train"]["id"], *dataset["test"]["id"]]) == ["p0", "p1", "p2", "p9"]
 
 
 def test_the_default_test_size_is_10_percent_of_a_source_under_1000_pairs(tmp_path):
