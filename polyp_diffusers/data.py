@@ -685,16 +685,19 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
     """
     written = {"dataset_dict.json", "README.md", REPORT_FILE, *extra_names}
 
-    def is_split(entry: Path) -> bool:
-        return entry.is_dir() and all(
-            any(part.match(pattern) for pattern in SPLIT_FILE_PATTERNS) for part in entry.iterdir()
-        )
+    def is_split_file(path: Path) -> bool:
+        return any(path.match(pattern) for pattern in SPLIT_FILE_PATTERNS)
 
-    foreign = sorted(
-        entry.name
-        for entry in Path(output).iterdir()
-        if not is_clutter(entry.name) and entry.name not in written and not is_split(entry)
-    )
+    def foreign_in(entry: Path) -> list[str]:
+        """`entry`'s name, or the foreign files of a split's folder (`train/notes.md`): what to move out."""
+        if is_clutter(entry.name) or entry.name in written:
+            return []
+        if entry.is_dir() and any(is_split_file(part) for part in entry.iterdir()):
+            parts = [part for part in entry.iterdir() if not is_split_file(part) and not is_clutter(part.name)]
+            return [f"{entry.name}/{part.name}" for part in parts]
+        return [entry.name]
+
+    foreign = sorted(name for entry in Path(output).iterdir() for name in foreign_in(entry))
     if foreign:
         raise FileExistsError(
             f"{output} holds {', '.join(foreign[:5])}, which `polyp-ddpm {command}` does not write: the dataset replaces "

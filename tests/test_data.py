@@ -329,6 +329,10 @@ def test_overwrite_leaves_alone_a_folder_holding_files_prepare_data_does_not_wri
             prepare_dataset(str(good_folder), output, test_size=3, overwrite=True)
         assert (output / held).read_text() == "mine"
     (prepared / "notes.md").unlink()
+    (prepared / "train" / "labels.csv").write_text("mine")  # inside a split: named there
+    with pytest.raises(FileExistsError, match="holds train/labels.csv, which `polyp-ddpm prepare-data` does not"):
+        prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
+    (prepared / "train" / "labels.csv").unlink()
     # Hidden files count (a dataset repo's history), but for a file browser's clutter.
     (prepared / ".git").mkdir()
     (prepared / ".git" / "HEAD").write_text("ref: refs/heads/main")
@@ -337,6 +341,7 @@ def test_overwrite_leaves_alone_a_folder_holding_files_prepare_data_does_not_wri
     assert (prepared / ".git" / "HEAD").is_file()
     shutil.rmtree(prepared / ".git")
     (prepared / ".DS_Store").write_text("a file browser's")
+    (prepared / "test" / ".DS_Store").write_text("a file browser's")
     prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
     assert len(load_from_disk(str(prepared))["test"]) == 3
 
