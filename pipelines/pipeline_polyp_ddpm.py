@@ -487,9 +487,13 @@ class PolypPipelineMixin:
         try:
             self.scheduler.set_timesteps(num_inference_steps)
         except (ValueError, IndexError) as error:  # PNDM below 4 steps: a numpy broadcasting error
+            more = range(num_inference_steps + 1, trained_steps + 1)
+            fewest = next((steps for steps in more if self._can_take(steps)), None)
             raise ValueError(
-                f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} cannot take that "
-                f"many steps on this model's schedule ({error})."
+                f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} cannot take "
+                f"{num_inference_steps} steps on this model's schedule"
+                + (f": use at least {fewest}" if fewest is not None else "")
+                + f" ({error})."
             ) from error
         timesteps = self.scheduler.timesteps
         distinct = len(torch.unique(timesteps))
@@ -501,6 +505,13 @@ class PolypPipelineMixin:
                 f"num_inference_steps is {num_inference_steps}; {type(self.scheduler).__name__} finds only {distinct} "
                 f"distinct timesteps on this model's schedule: use at most {most}."
             )
+
+    def _can_take(self, num_inference_steps: int) -> bool:
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+        except (ValueError, IndexError):
+            return False
+        return True
 
     def _all_distinct(self, num_inference_steps: int) -> bool:
         self.scheduler.set_timesteps(num_inference_steps)
