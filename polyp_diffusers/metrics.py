@@ -111,9 +111,11 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> nn.Mod
     with mock.patch.object(feature_extractor_inceptionv3, "load_state_dict_from_url", checked_state_dict):
         try:
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-        except RuntimeError as error:  # missing, unexpected or misshapen tensors
+        except RuntimeError as error:  # missing, unexpected or misshapen tensors, a line for each kind
+            problems = " ".join(str(error).split())
             raise ValueError(
-                f"Inception weights {weights_path} do not fit torch-fidelity's InceptionV3: {error}"
+                f"Inception weights {weights_path} do not fit torch-fidelity's InceptionV3: "
+                + (problems if len(problems) <= 400 else problems[:400] + " ...")
             ) from error
 
 
