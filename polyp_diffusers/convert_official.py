@@ -6,12 +6,12 @@ Their checkpoint is `{"step": int, "model": state_dict, "ema": state_dict}` of t
 an error. The file is read with `torch.load(weights_only=True)`: no arbitrary unpickling.
 """
 
+import math
 import os
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .folders import check_is_folder, check_output_apart, is_empty, replace_folder, staging_folder
@@ -64,8 +64,21 @@ def load_official_checkpoint(path: str | os.PathLike, weights: str = "ema") -> t
         raise ConversionError(
             f"{path}['{weights}'] has no '{DENOISER_PREFIX}*' entries; expected the state dict of their GaussianDiffusion."
         )
-    step = checkpoint.get("step")
-    return state, int(step) if isinstance(step, (int, float)) else None
+    not_tensors = [
+        name
+        for name, value in state.items()
+        if str(name).startswith(DENOISER_PREFIX) and not isinstance(value, torch.Tensor)
+    ]
+    if "betas" in state and not (isinstance(state["betas"], torch.Tensor) and state["betas"].dim() == 1):
+        not_tensors.append("betas")
+    if not_tensors:
+        raise ConversionError(
+            f"{path}['{weights}'] holds {len(not_tensors)} entries that are not tensors (first: {not_tensors[0]!r}; "
+            "betas must be one per timestep); expected the state dict of their GaussianDiffusion."
+        )
+    step = checkpoint.get("step")  # recorded in the card; a step that is no finite number is not recorded
+    is_number = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+    return state, int(step) if is_number else None
 
 
 def _blocks(state: dict, prefix: str) -> dict[int, set[str]]:
@@ -275,9 +288,14 @@ def convert_official_checkpoint(
 
     scheduler = make_polyp_scheduler(len(state["betas"]) if "betas" in state else 250)
     if "betas" in state:
-        difference = np.abs(scheduler.betas.numpy() - state["betas"].float().numpy()).max()
-        if difference > 1e-5:
-            raise ConversionError(f"the checkpoint's betas differ from the cosine schedule by {difference:.2e}.")
+        # Stored in half precision, betas are rounded to a relative 2**-11: that is their precision, not another schedule.
+        betas = state["betas"]
+        relative_precision = torch.finfo(betas.dtype).eps if betas.is_floating_point() else 0.0
+        difference = (scheduler.betas.double() - betas.double()).abs()
+        if not torch.all(difference <= 1e-5 + relative_precision * scheduler.betas.double().abs()):
+            raise ConversionError(
+                f"the checkpoint's betas differ from the cosine schedule by {difference.max().item():.2e}."
+            )
     description = {
         "source": str(path),
         "weights": weights,

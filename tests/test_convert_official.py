@@ -227,6 +227,36 @@ def test_wrong_keys_are_refused(official_checkpoint, tmp_path):
         convert_official_checkpoint(path)
 
 
+def test_entries_that_are_not_tensors_are_refused_and_a_step_that_is_no_number_is_not_recorded(
+    official_checkpoint, tmp_path
+):
+    path = tmp_path / "model.pt"
+    for name, value in (("denoise_fn.out.2.weight", [0.0, 1.0]), ("betas", torch.tensor(0.5))):
+        state = torch.load(official_checkpoint[0], weights_only=True)
+        state["ema"][name] = value
+        torch.save(state, path)
+        with pytest.raises(ConversionError, match=f"holds 1 entries that are not tensors \\(first: '{name}'"):
+            convert_official_checkpoint(path)
+    state = torch.load(official_checkpoint[0], weights_only=True)
+    for step in (float("inf"), float("nan"), True, "1234"):
+        torch.save({**state, "step": step}, path)
+        assert convert_official_checkpoint(path)[1]["step"] is None
+
+
+def test_a_checkpoint_stored_in_half_precision_converts(official_checkpoint, tmp_path):
+    state = torch.load(official_checkpoint[0], weights_only=True)
+    for weights in ("model", "ema"):
+        state[weights] = {name: tensor.half() for name, tensor in state[weights].items()}
+    path = tmp_path / "model-fp16.pt"
+    torch.save(state, path)
+    pipeline, description = convert_official_checkpoint(path)
+    assert description["step"] == 1234 and pipeline.unet.dtype == torch.float32
+    state["ema"]["betas"] = state["ema"]["betas"].flip(0)  # another schedule is still refused
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match="betas differ from the cosine schedule"):
+        convert_official_checkpoint(path)
+
+
 def test_wrong_shapes_are_refused(official_checkpoint, tmp_path):
     state = torch.load(official_checkpoint[0], weights_only=True)
     key = "denoise_fn.middle_block.1.proj_out.weight"
