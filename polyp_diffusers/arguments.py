@@ -5,11 +5,17 @@ nothing heavy: the command line parses with it before torch is loaded.
 """
 
 import argparse
+import importlib.util
 import numbers
 import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+# The accelerate scripts, beside the package in the repository (an editable install).
+TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -110,3 +116,25 @@ def exit_code_of(
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def load_training_script(name: str) -> ModuleType:
+    """A script of `training/` as a module, without running it: its parser and checks, used before any work."""
+    spec = importlib.util.spec_from_file_location(f"polyp_training_{name}", TRAINING_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def overridden_settings(
+    parse_args: Callable[[list[str]], argparse.Namespace],
+    owned: list[str],
+    passed_on: list[str],
+    names: tuple[str, ...],
+) -> list[str]:
+    """
+    The flags among `names` (parser destinations) whose value the `passed_on` arguments change from what the
+    `owned` ones set: compared after parsing, so that an abbreviated or `=` flag is caught too.
+    """
+    ours, theirs = parse_args(owned), parse_args([*owned, *passed_on])
+    return sorted(f"--{name}" for name in names if getattr(theirs, name) != getattr(ours, name))

@@ -11,7 +11,6 @@ continues where it stopped (training and generation also resume inside their own
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -32,6 +31,7 @@ import diffusers
 import numpy as np
 import torch
 
+from .arguments import TRAINING_SCRIPTS, load_training_script, overridden_settings
 from .choices import DEMO_SOURCE
 from .data import load_polyp_dataset, split_file_path
 from .folders import (
@@ -58,8 +58,6 @@ from .segmentation import (
 )
 
 logger = logging.getLogger(__name__)
-
-TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 
 
 class ExtraSetting(NamedTuple):
@@ -455,35 +453,34 @@ def study_settings(arguments: dict) -> list[str]:
     return [*TRAIN_SETS, *(setting for setting, extra in EXTRA_SETTINGS.items() if arguments.get(extra.argument))]
 
 
-# train.py flags that the study sets itself: its data, folders and resumption, and the objective it records.
-STUDY_TRAIN_FLAGS = (
-    "--dataset", "--output_dir", "--resolution", "--resume_from_checkpoint", "--prediction_type", "--zero_terminal_snr",
-    "--mixed_precision", "--train_split",
+# train.py settings that the study sets itself: its data, folders and resumption, and the objective it records.
+STUDY_TRAIN_SETTINGS = (
+    "dataset", "output_dir", "resolution", "resume_from_checkpoint", "prediction_type", "zero_terminal_snr",
+    "mixed_precision", "train_split",
 )  # fmt: skip
 
 
 def _check_train_flags(flags: list[str], extra: list[str]) -> None:
     """
     Parses the denoiser's flags with train.py's own parser, so that a wrong one fails before the data step, and
-    refuses `extra` flags that the study sets itself.
+    refuses `extra` flags that change a setting the study sets itself.
     """
-    owned = sorted({flag.split("=")[0] for flag in extra if flag.split("=")[0] in STUDY_TRAIN_FLAGS})
+    parse_args = load_training_script("train").parse_args
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            owned = overridden_settings(
+                parse_args, ["--dataset", "data", "--output_dir", "denoiser", *flags], extra, STUDY_TRAIN_SETTINGS
+            )
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "rejected"
+        raise ValueError(f"the denoiser's flags {[*flags, *extra]} are refused by train.py: {message}") from None
     if owned:
         raise ValueError(
             f"the study sets {', '.join(owned)} itself (use --objective, --output, and the preset's resolution; "
             "the denoiser learns from the training split only); "
             "leave them out of --denoiser-args."
         )
-    spec = importlib.util.spec_from_file_location("polyp_study_train", TRAINING_SCRIPTS / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
-    errors = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(errors):
-            train_script.parse_args(["--dataset", "data", "--output_dir", "denoiser", *flags, *extra])
-    except SystemExit:
-        message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "rejected"
-        raise ValueError(f"the denoiser's flags {[*flags, *extra]} are refused by train.py: {message}") from None
 
 
 def _adds_settings(previous: dict, arguments: dict) -> bool:

@@ -1,6 +1,5 @@
 """Generation of synthetic datasets, FID/KID, segmentation scores and the end-to-end benchmark command."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -27,6 +26,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from transformers import Dinov2Config, Dinov2Model
 
 from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers.arguments import load_training_script
 from polyp_diffusers.cli import main as polyp_ddpm
 from polyp_diffusers.demo import make_demo_dataset
 from polyp_diffusers.generate import GENERATED_FEATURES, PARTS_DIR, even_batches, generate_dataset
@@ -598,13 +598,6 @@ def test_a_segmenter_training_step_can_be_captured_as_a_cuda_graph(architecture)
     with HostTraffic() as watch:
         training_step(images, masks)
     assert watch.operators > 100 and watch.transfers == []
-
-
-def load_training_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cuda_graphs_are_the_default_on_one_gpu_and_refused_where_they_cannot_run():

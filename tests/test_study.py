@@ -218,7 +218,11 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
     with pytest.raises(ValueError, match="cannot be split into flags: No closing quotation"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--augment_degrees '0")
     with pytest.raises(ValueError, match="the study sets --prediction_type, --resolution itself"):
-        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resolution=64 --prediction_type epsilon")
+        run_study(
+            "demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resolution=64 --prediction_type v_prediction"
+        )
+    with pytest.raises(ValueError, match="the study sets --resolution, --train_split itself"):  # abbreviated too
+        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resol 64 --train_spl test")
     # A denoiser trained on the test split would leak it into the synthetic pairs: refused here, not after training.
     with pytest.raises(ValueError, match="the study sets --train_split itself"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--train_split test")

@@ -1,7 +1,6 @@
 """training/train.py launched with `accelerate launch` on the demo data, with a tiny model, on the CPU."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from polyp_diffusers import PolypDDPMPipeline, PolypMaskPipeline, make_polyp_unet_from_preset
-from polyp_diffusers.arguments import Stopped, exit_code_of
+from polyp_diffusers.arguments import Stopped, exit_code_of, load_training_script
 from polyp_diffusers.folders import OutputClaim
 from polyp_diffusers.generate import load_pipeline
 from polyp_diffusers.prepare_data import prepare_dataset
@@ -469,7 +468,7 @@ def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the
 
 def test_help_lists_every_knob_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_status:
-        load_train_script().parse_args(["--help"])
+        load_training_script("train").parse_args(["--help"])
     assert exit_status.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     for expected in (
@@ -633,7 +632,9 @@ def test_a_missing_dataset_is_one_line_of_error_and_writes_nothing(tmp_path, mon
     assert not output.exists()
     monkeypatch.setenv("POLYP_DDPM_TRACEBACK", "1")  # for a bug report, the traceback behind the line
     with pytest.raises(FileNotFoundError, match="data/kvasir-seg is not a folder under"):
-        exit_code_of(lambda: load_train_script().main(["--dataset", "data/kvasir-seg", "--output_dir", str(output)]))
+        exit_code_of(
+            lambda: load_training_script("train").main(["--dataset", "data/kvasir-seg", "--output_dir", str(output)])
+        )
 
 
 def test_a_velocity_objective_with_zero_terminal_snr_and_min_snr_weighting_is_saved_with_the_pipeline(
@@ -657,20 +658,15 @@ def test_min_snr_weighting_outside_what_it_was_derived_for_is_refused_before_any
     }
     for flags, reason in refusals.items():
         with pytest.raises(SystemExit):
-            load_train_script().parse_args(["--dataset", "d", "--output_dir", "o", "--snr_gamma", "5", *flags])
+            load_training_script("train").parse_args(
+                ["--dataset", "d", "--output_dir", "o", "--snr_gamma", "5", *flags]
+            )
         assert reason in capsys.readouterr().err
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def refusal(capsys, *argv) -> str:
     """The one line of error with which train.py, run in this process, refuses `argv` before any work."""
-    assert exit_code_of(lambda: load_train_script().main(list(argv))) == 1
+    assert exit_code_of(lambda: load_training_script("train").main(list(argv))) == 1
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -789,7 +785,7 @@ def test_a_resumed_schedule_keeps_its_place_across_process_counts_and_warns_of_a
     from diffusers.optimization import get_scheduler
 
     PartialState()  # accelerate's logger logs once the state is made
-    train = load_train_script()
+    train = load_training_script("train")
 
     def schedule_at(step, max_train_steps, num_processes, name="linear", learning_rate=1e-3):
         """A schedule as accelerate steps it on `num_processes` processes, `step` optimizer steps in."""
@@ -851,5 +847,5 @@ def test_a_hub_repo_id_the_hub_would_refuse_is_refused_before_training(demo_data
 )  # fmt: skip
 def test_counts_below_one_are_refused_by_the_argument_parser(flag, capsys):
     with pytest.raises(SystemExit):
-        load_train_script().parse_args(["--dataset", "d", "--output_dir", "o", flag, "0"])
+        load_training_script("train").parse_args(["--dataset", "d", "--output_dir", "o", flag, "0"])
     assert f"{flag}: 0 is not a whole number of at least 1" in capsys.readouterr().err

@@ -12,13 +12,18 @@ removed as soon as the first of its runs is replaced.
 """
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from polyp_diffusers.arguments import HelpFormatter, exit_code_of, output_path
+from polyp_diffusers.arguments import (
+    HelpFormatter,
+    exit_code_of,
+    load_training_script,
+    output_path,
+    overridden_settings,
+)
 from polyp_diffusers.choices import SAMPLERS
 from polyp_diffusers.data import parse_dataset_spec
 from polyp_diffusers.folders import (
@@ -88,15 +93,13 @@ def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> Non
     its flags (`train_segmentation.py`'s own parser), a missing optional extra, a test set named twice, and test
     sets holding pairs that a setting learns from (`segmentation.check_tests_apart`, as each setting checks itself).
     """
-    spec = importlib.util.spec_from_file_location("train_segmentation", HERE / "train_segmentation.py")
-    train_segmentation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_segmentation)
-    settings = [train_segmentation.parse_args(setting_flags) for setting_flags in arguments.values()]
+    parse_args = load_training_script("train_segmentation").parse_args
+    settings = [parse_args(setting_flags) for setting_flags in arguments.values()]
     # A passed-on flag (even abbreviated) that changes what the comparison sets would make its settings alike.
     changed = set()
-    for setting, parsed in zip(arguments, settings):
-        owned = train_segmentation.parse_args(owned_arguments(args, setting, synthetic))
-        changed.update(f"--{name}" for name in OWNED if getattr(parsed, name) != getattr(owned, name))
+    for setting, setting_flags in arguments.items():
+        owned = owned_arguments(args, setting, synthetic)
+        changed.update(overridden_settings(parse_args, owned, setting_flags[len(owned) :], OWNED))
     if changed:
         raise ValueError(
             f"compare_segmentation.py sets {', '.join(sorted(changed))} of train_segmentation.py itself (--settings, "
