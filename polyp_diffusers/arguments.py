@@ -46,6 +46,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """A whole number of at least 0, where 0 means none (warm-up steps, workers, a saving interval)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0")
+    return number
+
+
 def port_number(value: str) -> int:
     """A TCP port a server may listen on: 1 to 65535."""
     number = int(value)

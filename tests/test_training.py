@@ -849,3 +849,12 @@ def test_counts_below_one_are_refused_by_the_argument_parser(flag, capsys):
     with pytest.raises(SystemExit):
         load_training_script("train").parse_args(["--dataset", "d", "--output_dir", "o", flag, "0"])
     assert f"{flag}: 0 is not a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--save_pipeline_steps", "--lr_warmup_steps", "--dataloader_num_workers"])
+def test_counts_below_zero_are_refused_by_the_argument_parser(flag, capsys):
+    parse_args = load_training_script("train").parse_args
+    assert getattr(parse_args(["--dataset", "d", "--output_dir", "o", flag, "0"]), flag[2:]) == 0  # 0 means none
+    with pytest.raises(SystemExit):  # -1 saved the pipeline at every step
+        parse_args(["--dataset", "d", "--output_dir", "o", flag, "-1"])
+    assert f"{flag}: -1 is not a whole number of at least 0" in capsys.readouterr().err

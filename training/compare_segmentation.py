@@ -23,6 +23,7 @@ from polyp_diffusers.arguments import (
     load_training_script,
     output_path,
     overridden_settings,
+    positive_int,
 )
 from polyp_diffusers.choices import SAMPLERS
 from polyp_diffusers.data import parse_dataset_spec
@@ -51,8 +52,10 @@ def parse_args(argv=None):
     source.add_argument("--synthetic", help="An existing generated dataset.")
     source.add_argument("--model", help="A PolypDDPMPipeline (folder or Hub id) to generate the synthetic pairs with.")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="Sampler for generation.")
-    parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: 250 ddpm, 50 otherwise).")
-    parser.add_argument("--generation_batch_size", type=int, default=16, help="Images per generation batch.")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="Sampling steps (default: 250 ddpm, 50 otherwise)."
+    )
+    parser.add_argument("--generation_batch_size", type=positive_int, default=16, help="Images per generation batch.")
     parser.add_argument(
         "--settings", nargs="+", choices=TRAIN_SETS, default=list(TRAIN_SETS), help="Training sets to compare."
     )

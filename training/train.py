@@ -51,6 +51,7 @@ from polyp_diffusers.arguments import (
     HelpFormatter,
     Stopped,
     exit_code_of,
+    non_negative_int,
     output_path,
     positive_int,
 )
@@ -177,7 +178,10 @@ def parse_args(argv=None):
         "GiB (898 pairs at 256 px: 0.22); 0: always stream them through DataLoader workers.",
     )
     data.add_argument(
-        "--dataloader_num_workers", type=int, default=4, help="CPU workers that decode pairs that are not preloaded."
+        "--dataloader_num_workers",
+        type=non_negative_int,
+        default=4,
+        help="CPU workers that decode pairs that are not preloaded.",
     )
 
     model = parser.add_argument_group("model")
@@ -230,7 +234,9 @@ def parse_args(argv=None):
         default="constant",
         help="Any diffusers get_scheduler name: constant, constant_with_warmup, cosine, linear, ...",
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up of the learning rate.")
+    optim.add_argument(
+        "--lr_warmup_steps", type=non_negative_int, default=0, help="Steps of linear warm-up of the learning rate."
+    )
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -307,7 +313,7 @@ def parse_args(argv=None):
     )
     run.add_argument(
         "--save_pipeline_steps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Also save the (EMA) pipeline to output_dir every N steps; 0: only at the end.",
     )
