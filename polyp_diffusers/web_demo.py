@@ -19,10 +19,10 @@ import torch
 
 from .choices import SAMPLERS
 from .data import is_hub_id
-from .generate import DTYPES, load_pipeline
+from .generate import DTYPES, load_pipeline, seeded_generators
 from .modeling import default_device, make_sampler
 from .pipelines import PolypDDPMPipeline, PolypDDPMPipelineOutput, prepare_masks
-from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_positive_int
+from .pipelines.pipeline_polyp_ddpm import MAX_POLYP_FRACTION, check_positive_int, resize_masks
 
 EXAMPLE_MASKS_DIR = Path(__file__).parent / "example_masks"
 # Larger masks are refused before any work: the model sees 64-256 px, and a huge image only costs memory.
@@ -88,7 +88,7 @@ def check_mask(mask: PIL.Image.Image, model_size: tuple[int, int]) -> torch.Tens
     binary = prepare_masks(mask, (mask.height, mask.width))
     if not binary.any():
         raise ValueError(EMPTY_MASK_MESSAGE)
-    model_mask = prepare_masks(binary, model_size)
+    model_mask = resize_masks(binary, model_size)  # binary already: no second check of its levels
     if not model_mask.any():
         raise ValueError(
             f"The polyp is too small: it vanishes when the mask is resized to the model's {width}x{height} pixels. "
@@ -107,8 +107,8 @@ def generate_pairs(
     trained_scheduler_config,
 ) -> PolypDDPMPipelineOutput:
     """
-    `num_images` images of one mask. Image i uses seed `seed + i`, as in `polyp-ddpm generate`, so an image does
-    not depend on how many are asked for. Sets the pipeline's scheduler: one call at a time.
+    `num_images` images of one mask. Image i uses seed `seed + i` on the pipeline's device, as in `polyp-ddpm
+    generate`, so an image does not depend on how many are asked for and is the one `generate` makes. Sets the pipeline's scheduler: one call at a time.
     """
     check_positive_int(num_images, "num_images")
     if num_images > MAX_IMAGES:
@@ -119,7 +119,7 @@ def generate_pairs(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed is {seed!r}; expected a whole number of at least 0 (image i uses seed + i).")
     pipeline.scheduler = make_sampler(sampler, trained_scheduler_config)
-    generators = [torch.Generator().manual_seed(seed + index) for index in range(num_images)]
+    generators = seeded_generators(pipeline.device, [seed + index for index in range(num_images)])
     return pipeline(
         model_mask, num_images_per_mask=num_images, num_inference_steps=num_inference_steps, generator=generators
     )
