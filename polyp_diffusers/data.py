@@ -26,6 +26,7 @@ import PIL.Image
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 # '-', which `save_to_disk` takes too: each is a folder of the dataset, never a path out of it.
 SPLIT_NAME = re.compile(r"[\w-]+(\.[\w-]+)*")
 # One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
-HUB_ID_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp")
 # Folders one level below a source that hold its own splits (train/images, test/images, ...), and their split names.
@@ -398,7 +398,11 @@ def is_hub_id(name: str) -> bool:
     is a local folder (`data/kvasir-seg` where `data/` exists) is a missing path, not a Hub id.
     """
     owner, _, repo = name.partition("/")
-    return bool(HUB_ID_PART.fullmatch(owner) and HUB_ID_PART.fullmatch(repo)) and not Path(owner).is_dir()
+    try:
+        validate_repo_id(name)  # the Hub's own rule
+    except HFValidationError:
+        return False
+    return bool(owner and repo) and not Path(owner).is_dir()
 
 
 def check_hub_repo(name: str, repo_type: str) -> None:

@@ -549,6 +549,9 @@ def test_a_hub_dataset_goes_through_the_same_validation(monkeypatch):
 def test_an_unreachable_hub_id_or_mistyped_path_is_explained():
     with pytest.raises(FileNotFoundError, match="is not a folder under .*, and the Hub could not be reached"):
         build_dataset("no-such-owner-here/no-such-dataset-here")
+    for name in ("owner/a--b", "owner/a..b", "owner/name.", "owner/" + "n" * 97):  # the Hub's rule, not a near one
+        with pytest.raises(FileNotFoundError, match="does not exist \\(and is not a Hub dataset id"):
+            build_dataset(name)
 
 
 # Mask reading rule (the pipeline's prepare_masks) as prepare-data applies it ----------------------------------
