@@ -319,6 +319,16 @@ def _encoded(cell: dict) -> "str | bytes":
     return cell["bytes"] if cell["bytes"] is not None else cell["path"]
 
 
+def pair_ids(dataset: Dataset, split: str) -> list[str]:
+    """
+    A split's pair ids: its `id` column, or `SPLIT-00000`... for a dataset without one. Preparing, generating and
+    the segmenter's leakage check all name pairs by this rule, so that their ids match.
+    """
+    if "id" in dataset.column_names:
+        return list(dataset["id"])
+    return [f"{split}-{i:05d}" for i in range(len(dataset))]
+
+
 def _pairs_from_datasets(splits: DatasetDict, source: str) -> dict[str, list[RawPair]]:
     """
     The pairs of a dataset as their encoded files: `datasets` would apply an image's EXIF orientation on decode
@@ -327,7 +337,7 @@ def _pairs_from_datasets(splits: DatasetDict, source: str) -> dict[str, list[Raw
     _check_pair_columns(splits, source)
     by_split = {}
     for split, dataset in splits.items():
-        ids = dataset["id"] if "id" in dataset.column_names else [f"{split}-{i:05d}" for i in range(len(dataset))]
+        ids = pair_ids(dataset, split)
         encoded = dataset.cast_column("image", ImageFeature(decode=False)).cast_column(
             "mask", ImageFeature(decode=False)
         )

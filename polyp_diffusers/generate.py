@@ -25,6 +25,7 @@ from .data import (
     check_only_written_by,
     load_polyp_dataset,
     local_path_or_id,
+    pair_ids,
     png_cell,
     write_dataset,
 )
@@ -310,9 +311,7 @@ def generate_dataset(
     # The claim lies beside the output, which is replaced whole at the end.
     with OutputClaim(output, beside=True):
         recover_interrupted_write(output)
-        source_ids = (
-            list(source["id"]) if "id" in source.column_names else [f"{split}-{i:05d}" for i in range(len(source))]
-        )
+        source_ids = pair_ids(source, split)
         # Paths resolved: what reads them later (the card's model check, the segmenter's leakage check) runs
         # from other folders.
         settings = {

@@ -26,6 +26,7 @@ from .data import (
     generation_settings,
     load_polyp_dataset,
     local_path_or_id,
+    pair_ids,
     parse_dataset_spec,
     split_ids,
 )
@@ -300,13 +301,6 @@ def training_pairs(
     return concatenate_datasets([part.select_columns(columns) for part in parts]), real.select(held_out)
 
 
-def _pair_ids(dataset: Dataset, split: str) -> set[str]:
-    """A split's pair ids (`SPLIT-00000`... for a dataset without an `id` column, as `data` and `generate` name them)."""
-    if "id" in dataset.column_names:
-        return set(dataset["id"])
-    return {f"{split}-{i:05d}" for i in range(len(dataset))}
-
-
 def _generation_of(synthetic: str) -> tuple[str, str, dict[str, str]] | None:
     """
     `(mask_dataset, split, models)` from a generated folder's `generation.json`: where its masks (or frames) came
@@ -378,7 +372,7 @@ def check_tests_apart(
         (
             f"--real {real} (split {real_split}), which the segmenter learns from",
             real,
-            _pair_ids(load_polyp_dataset(real, real_split), real_split),
+            set(pair_ids(load_polyp_dataset(real, real_split), real_split)),
         )
     ]
     models = dict(models or {})
@@ -388,7 +382,7 @@ def check_tests_apart(
             (
                 f"--synthetic {synthetic} (split {synthetic_split}), which the segmenter learns from",
                 synthetic,
-                _pair_ids(pairs, synthetic_split),
+                set(pair_ids(pairs, synthetic_split)),
             )
         )
         if (generation := _generation_of(synthetic)) is not None:
@@ -400,10 +394,10 @@ def check_tests_apart(
             models.update(generators)
     for model, dataset, split in _models_training_sets(models):
         what = f"the real pairs that trained {model} ({dataset}, split {split}), whose output the segmenter learns from"
-        learned.append((what, dataset, _pair_ids(load_polyp_dataset(dataset, split=split), split)))
+        learned.append((what, dataset, set(pair_ids(load_polyp_dataset(dataset, split=split), split))))
     for spec in tests:
         path, split = parse_dataset_spec(spec)
-        test_ids = _pair_ids(load_polyp_dataset(path, split=split), split)
+        test_ids = set(pair_ids(load_polyp_dataset(path, split=split), split))
         for what, dataset, ids in learned:
             if local_path_or_id(dataset) == local_path_or_id(path) and (shared := ids & test_ids):
                 raise ValueError(
