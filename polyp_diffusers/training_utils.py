@@ -77,6 +77,14 @@ def previous_checkpoint(checkpoint: str | os.PathLike) -> Path | None:
     return earlier[-1] if earlier else None
 
 
+def go_back_hint(checkpoint: str | os.PathLike) -> str:
+    """What to do about a broken `checkpoint`: move it away and resume from the one before, if there is one."""
+    checkpoint = Path(checkpoint)
+    if (earlier := previous_checkpoint(checkpoint)) is None:
+        return "there is no earlier checkpoint beside it"
+    return f"move {checkpoint.name} out of {checkpoint.parent} and resume from latest, which is then {earlier}"
+
+
 def partial_path(output_dir: str | os.PathLike, step: int) -> Path:
     """Where a checkpoint is written before it is renamed into place (atomically) once complete."""
     return Path(output_dir) / f"checkpoint-{step}{PARTIAL_SUFFIX}"
@@ -139,13 +147,7 @@ def _checkpoint_record(path: Path) -> dict:
 
 
 def _damaged_record(path: Path, problem) -> ValueError:
-    earlier = previous_checkpoint(path.parent)
-    hint = (
-        f"move {path.parent.name} out of {path.parent.parent} and resume from latest, which is then {earlier}"
-        if earlier
-        else "there is no earlier checkpoint beside it"
-    )
-    return ValueError(f"{path} is damaged ({problem}); {hint}.")
+    return ValueError(f"{path} is damaged ({problem}); {go_back_hint(path.parent)}.")
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:

@@ -405,7 +405,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name_and_nothing_is_saved(d
         "--dataset", str(demo_dataset), "--output_dir", str(output), *TINY_RUN, "--resume_from_checkpoint", "latest"
     )
     assert f"checkpoint {output / 'checkpoint-16'} has NaN or inf in 1 weight tensors (first: {name})" in log
-    assert f"Move it out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
+    assert f"move checkpoint-16 out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
     assert not (output / "model_index.json").exists()
 
 
@@ -462,7 +462,7 @@ def test_an_unreadable_checkpoint_named_explicitly_is_an_error_that_suggests_the
         str(output / "checkpoint-16"),
     )
     assert f"checkpoint {output / 'checkpoint-16'} cannot be read" in log
-    assert f"move it out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
+    assert f"move checkpoint-16 out of {output} and resume from latest, which is then {output / 'checkpoint-12'}" in log
     assert not (output / "model_index.json").exists()
 
 

@@ -73,6 +73,7 @@ from polyp_diffusers.training_utils import (
     checkpoint_step,
     claim_output,
     ema_weights,
+    go_back_hint,
     leave_ctrl_c_to_the_training_process,
     list_checkpoints,
     non_finite_weights,
@@ -468,12 +469,7 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
             problem = f"checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error})"
             earlier = previous_checkpoint(checkpoint)
             if resume_from != "latest":
-                hint = (
-                    f"move it out of {Path(checkpoint).parent} and resume from latest, which is then {earlier}"
-                    if earlier
-                    else "no earlier checkpoint is beside it"
-                )
-                raise ValueError(f"{problem}; {hint}.") from error
+                raise ValueError(f"{problem}; {go_back_hint(checkpoint)}.") from error
             if earlier is None:
                 raise ValueError(
                     f"{problem}, and there is no earlier checkpoint in {output_dir}. To start a new run, move the "
@@ -745,15 +741,9 @@ def main(argv=None):
             loaded_ema = UNet2DModel.from_pretrained(ema_folder, use_safetensors=True)
         non_finite = non_finite_weights(loaded_unet, loaded_ema.parameters() if loaded_ema is not None else None)
         if non_finite:
-            earlier = previous_checkpoint(folder)
             raise ValueError(
                 f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
-                f"the run had diverged or the files are damaged. "
-                + (
-                    f"Move it out of {Path(folder).parent} and resume from latest, which is then {earlier}."
-                    if earlier
-                    else "There is no earlier checkpoint beside it."
-                )
+                f"the run had diverged or the files are damaged; {go_back_hint(folder)}."
             )
         if ema_model is not None:
             # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
