@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from polyp_diffusers.choices import MIXED_PRECISIONS
 from polyp_diffusers.study import script_command
 
 from common import default_device, write_results
@@ -27,7 +28,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="A prepared dataset folder.")
     parser.add_argument("--minutes", type=float, default=2.0, help="How long train.py's loop runs.")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="bf16")
     parser.add_argument("--logging-steps", type=int, default=20, help="train.py's --logging_steps.")
     parser.add_argument("--name", default="train_loop", help="Results file name (results/<name>-<device>.json).")
     parser.add_argument("--output", help="JSON path instead of the default.")

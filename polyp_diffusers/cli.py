@@ -10,7 +10,16 @@ import argparse
 import sys
 
 from .arguments import HelpFormatter, count_or_fraction, exit_code_of, output_path, port_number, positive_int
-from .choices import COMPILE_MODES, DEMO_SOURCE, DINOV2_WEIGHTS, DTYPE_NAMES, FIDELITY_BATCH_SIZE, SAMPLERS
+from .choices import (
+    COMPILE_MODES,
+    DEMO_SOURCE,
+    DINOV2_WEIGHTS,
+    DTYPE_NAMES,
+    FIDELITY_BATCH_SIZE,
+    SAMPLERS,
+    STUDY_OBJECTIVES,
+    STUDY_PRESET_NAMES,
+)
 from .hub_card.terms import SOURCE_TERMS
 
 FEATURES = ("inception", "dinov2")
@@ -293,9 +302,7 @@ def _add_reproduce(subparsers):
     )
     parser.add_argument("--data", required=True, help="Image/mask pairs for prepare-data (e.g. Kvasir-SEG), or 'demo'.")
     parser.add_argument("--output", type=output_path, required=True, help="The study folder.")
-    parser.add_argument(
-        "--preset", choices=("smoke", "quick-64", "paper"), default="quick-64", help="Sizes and budgets."
-    )
+    parser.add_argument("--preset", choices=STUDY_PRESET_NAMES, default="quick-64", help="Sizes and budgets.")
     parser.add_argument(
         "--split-file", help="JSON {split: [ids]}, or kvasir-seg-paper: the paper's split of Kvasir-SEG (shipped)."
     )
@@ -305,7 +312,7 @@ def _add_reproduce(subparsers):
     parser.add_argument("--seeds", type=positive_int, help="Segmenter seeds per training set (default: the preset's).")
     parser.add_argument(
         "--objective",
-        choices=("paper", "velocity"),
+        choices=STUDY_OBJECTIVES,
         default="paper",
         help="The denoiser's: noise prediction (the paper) or velocity with zero terminal SNR.",
     )

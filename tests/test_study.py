@@ -16,8 +16,9 @@ import torch
 
 import polyp_diffusers.study as study_module
 from polyp_diffusers import PolypDDPMPipeline
+from polyp_diffusers.choices import STUDY_OBJECTIVES, STUDY_PRESET_NAMES
 from polyp_diffusers.cli import main as polyp_ddpm
-from polyp_diffusers.study import run_study
+from polyp_diffusers.study import OBJECTIVES, STUDY_PRESETS, run_study
 
 
 class Killed(Exception):
@@ -55,6 +56,10 @@ def finished_study(tmp_path_factory):
     runs = {"first": launches[:3], "continued": launches[3:launches_before_extension]}
     runs["extended"] = launches[launches_before_extension:]
     return output, report, runs, records_before, base_report
+
+
+def test_the_command_line_offers_every_preset_and_objective_of_the_study():
+    assert STUDY_PRESET_NAMES == tuple(STUDY_PRESETS) and STUDY_OBJECTIVES == tuple(OBJECTIVES)
 
 
 def test_a_killed_study_continues_without_redoing_finished_steps(finished_study):

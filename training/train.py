@@ -55,7 +55,7 @@ from polyp_diffusers.arguments import (
     output_path,
     positive_int,
 )
-from polyp_diffusers.choices import COMPILE_MODES, SAMPLERS
+from polyp_diffusers.choices import COMPILE_MODES, MIXED_PRECISIONS, SAMPLERS
 from polyp_diffusers.data import load_polyp_dataset, local_path_or_id, pairs_digest
 from polyp_diffusers.folders import check_is_folder, check_output_apart
 from polyp_diffusers.hub_card.cards import write_model_card
@@ -324,7 +324,7 @@ def parse_args(argv=None):
     run.add_argument("--logging_dir", default="logs", help="Relative to output_dir.")
     run.add_argument(
         "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
+        choices=MIXED_PRECISIONS,
         default=None,
         help="Default: what `accelerate config` says.",
     )

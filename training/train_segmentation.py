@@ -36,6 +36,7 @@ from polyp_diffusers.arguments import (
     output_path,
     positive_int,
 )
+from polyp_diffusers.choices import MIXED_PRECISIONS
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
 from polyp_diffusers.folders import check_output_apart, visible_entries, write_text_atomically
 from polyp_diffusers.segmentation import (
@@ -153,9 +154,7 @@ def parse_args(argv=None):
         help="Replace a finished run in --output_dir (never other files); it is kept whole until this run's "
         "results are ready.",
     )
-    parser.add_argument(
-        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
-    )
+    parser.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default=None, help="Default: accelerate config.")
     parser.add_argument(
         "--cuda_graphs",
         action=argparse.BooleanOptionalAction,
