@@ -76,7 +76,6 @@ def render_model_card(
     dataset: str | None = None,
     results: dict | None = None,
     provenance: str | None = None,
-    base_model: str | None = None,
 ) -> str:
     """
     The README of a saved pipeline. `results` is the JSON written by the evaluation commands
@@ -99,7 +98,6 @@ def render_model_card(
             "polyp-diffusers",
         ],  # fmt: skip
         datasets=[dataset] if dataset else None,
-        base_model=base_model,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )

@@ -38,7 +38,7 @@ from .folders import (
     write_text_atomically,
 )
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
-from .hub_card.publish import UploadError, hub_repo_id, push_dataset
+from .hub_card.publish import UploadError, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
 from .modeling import default_device, make_sampler, unet_weights_digest
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
@@ -219,8 +219,6 @@ def generate_dataset(
     device: str | None = None,
     dtype: str = "fp32",
     overwrite: bool = False,
-    push_to_hub: bool = False,
-    hub_dataset_id: str | None = None,
     new_masks: int | None = None,
     mask_augment: bool = False,
     start_timestep: int | None = None,
@@ -293,7 +291,6 @@ def generate_dataset(
         )
     output = Path(output)
     check_is_folder(output)
-    repo_id = hub_repo_id(hub_dataset_id, output, "--hub-id") if push_to_hub else None
     inputs = {"model": model, "mask dataset": mask_dataset, "mask model": mask_model}
     check_output_apart(output, {name: path for name, path in inputs.items() if path is not None})
     for path in (model, mask_model):
@@ -338,8 +335,6 @@ def generate_dataset(
             settings.update(insert=True)
         if _check_output(output, settings, overwrite):
             print(f"{output} already holds this generation (same settings): nothing to do.")
-            if push_to_hub:  # what an upload that failed last time left to do
-                push_generated(output, repo_id)
             return load_from_disk(str(output))
         pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
         pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
@@ -452,8 +447,6 @@ def generate_dataset(
             extra_files=extra_files,
             before_replacing=lambda: check_only_written_by(output, "generate", OWN_ENTRIES),
         )
-        if push_to_hub:
-            push_generated(output, repo_id)
         return dataset
 
 
