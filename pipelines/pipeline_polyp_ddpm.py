@@ -388,7 +388,7 @@ def non_finite_names(named_tensors) -> list[str]:
     return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
 
 
-def mask_model_input(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
+def mask_condition(masks: torch.Tensor, mask_channels: int) -> torch.Tensor:
     """The mask as the UNet sees it: `(B, 1, H, W)` in {0, 1} scaled to {-1, 1}, repeated `mask_channels` times."""
     return (masks * 2 - 1).repeat(1, mask_channels, 1, 1)
 
@@ -399,8 +399,11 @@ def step_kwargs(scheduler: SchedulerMixin, generator) -> dict:
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
-def predict_noise(unet, scheduler, image: torch.Tensor, mask_input: torch.Tensor, t) -> torch.Tensor:
-    """One call of the denoiser: the noise in `image` at timestep `t`, seeing the image and the mask side by side."""
+def denoiser_output(unet, scheduler, image: torch.Tensor, mask_input: torch.Tensor, t) -> torch.Tensor:
+    """
+    One call of the denoiser, seeing the noisy `image` at timestep `t` and the mask side by side: its estimate of
+    the noise in `image`, or of the velocity for a `v_prediction` scheduler. Training and sampling both call it.
+    """
     model_input = torch.cat([scheduler.scale_model_input(image, t), mask_input], dim=1)
     return unet(model_input, t).sample
 
@@ -569,7 +572,8 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`]):
-            Predicts the noise of the image from `(noisy image, mask)`; `out_channels` is 3.
+            Predicts the noise of the image (or its velocity, per the scheduler's `prediction_type`) from
+            `(noisy image, mask)`; `out_channels` is 3.
         scheduler ([`SchedulerMixin`]):
             [`DDPMScheduler`] as trained (250 steps, `squaredcos_cap_v2`), or [`DDIMScheduler`] /
             [`DPMSolverMultistepScheduler`] for fewer steps (`make_sampler`). Other diffusers schedulers run too
@@ -682,7 +686,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
             for start in range(0, num_images, batch_size):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator
-                mask_input = mask_model_input(batch_masks, self.mask_channels)
+                mask_input = mask_condition(batch_masks, self.mask_channels)
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
                 image = randn_tensor(shape, generator=batch_generator, device=device, dtype=dtype)
@@ -693,8 +697,8 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                     color = torch.tensor(start_color, device=device, dtype=dtype).view(1, 3, 1, 1) * 2 - 1
                     image = self.scheduler.add_noise(color.expand_as(image), image, timesteps[:1])
                 for t in timesteps:
-                    noise_pred = predict_noise(self.unet, self.scheduler, image, mask_input, t)
-                    image = self.scheduler.step(noise_pred, t, image, **extra_step_kwargs).prev_sample
+                    model_output = denoiser_output(self.unet, self.scheduler, image, mask_input, t)
+                    image = self.scheduler.step(model_output, t, image, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 images.append(image.float().cpu())
 
@@ -731,7 +735,7 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`]):
-            Predicts the noise of a one-channel mask in `[-1, 1]`.
+            Predicts the noise (or velocity) of a one-channel mask in `[-1, 1]`.
         scheduler ([`SchedulerMixin`]):
             The trained [`DDPMScheduler`], or DDIM / DPM-Solver++ for fewer steps (others as in
             [`PolypDDPMPipeline`]).
@@ -782,8 +786,8 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 sample = sample * self.scheduler.init_noise_sigma
                 for t in self.scheduler.timesteps:
-                    noise_pred = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
-                    sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
+                    model_output = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
+                    sample = self.scheduler.step(model_output, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 masks.append((sample.float() > 0).float().cpu())
         self.maybe_free_model_hooks()
@@ -1117,7 +1121,7 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                 batch_generator = generator[batch] if isinstance(generator, list) else generator
                 known = model_frames[batch].to(device=device, dtype=dtype)
                 edit = blend[batch].to(device) > 0
-                mask_input = mask_model_input(model_masks[batch].to(device=device, dtype=dtype), self.mask_channels)
+                mask_input = mask_condition(model_masks[batch].to(device=device, dtype=dtype), self.mask_channels)
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 sample = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
                 sample = sample * self.scheduler.init_noise_sigma
@@ -1130,8 +1134,8 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                     t = timesteps[position]
                     noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
                     sample = torch.where(edit, sample, self.scheduler.add_noise(known, noise, t))
-                    noise_pred = predict_noise(self.unet, self.scheduler, sample, mask_input, t)
-                    sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
+                    model_output = denoiser_output(self.unet, self.scheduler, sample, mask_input, t)
+                    sample = self.scheduler.step(model_output, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
                 samples.append(torch.where(edit, sample, known).float().cpu())
         self.maybe_free_model_hooks()

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from .choices import SAMPLERS
 from .folders import file_sha256
-from .pipelines.pipeline_polyp_ddpm import mask_model_input
+from .pipelines.pipeline_polyp_ddpm import denoiser_output, mask_condition
 
 # The paper's channel multipliers per image size (the guided-diffusion defaults its code uses).
 PAPER_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
@@ -51,7 +51,7 @@ def make_polyp_unet(
 ) -> UNet2DModel:
     """
     Builds the mask-conditioned denoiser: input `3 + mask_channels` channels (noisy RGB, then the mask),
-    output the 3-channel predicted noise.
+    output the 3-channel predicted noise (or velocity, with a `v_prediction` scheduler).
 
     The defaults are the paper's 256 px network (widths 64-64-128-128-256-256, two residual blocks per level,
     one-head self-attention at 16x16 and in the middle block, GroupNorm(32) + SiLU, sinusoidal time embedding
@@ -148,8 +148,7 @@ def diffusion_loss(unet, noise_scheduler, images, masks, mask_channels, generato
         0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device
     )
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    model_input = torch.cat([noisy, mask_model_input(masks, mask_channels)], dim=1)
-    prediction = unet(model_input, timesteps).sample
+    prediction = denoiser_output(unet, noise_scheduler, noisy, mask_condition(masks, mask_channels), timesteps)
     velocity = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(images, noise, timesteps) if velocity else noise
     distance = F.l1_loss if loss_type == "l1" else F.mse_loss
