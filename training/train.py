@@ -362,9 +362,8 @@ def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDD
     The pipeline around the model being trained (its current weights), with the trained DDPM schedule and the
     training images' mean colour (for sampling with `start_timestep`); a mask model's `PolypMaskPipeline`.
     """
-    model = accelerator.unwrap_model(unet)
     # Not the torch.compile wrapper: sampling in eval mode with another batch size would compile it again.
-    model = getattr(model, "_orig_mod", model)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
     scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     if is_mask_model(model.config):
         pipeline = PolypMaskPipeline(unet=model, scheduler=scheduler)
@@ -914,7 +913,9 @@ def main(argv=None):
                     window_start, window_steps, window_images = time.perf_counter(), 0, 0
 
                 if checkpoint_due:
-                    check_weights_are_finite(accelerator.unwrap_model(unet), ema_model, global_step)
+                    check_weights_are_finite(
+                        accelerator.unwrap_model(unet, keep_torch_compile=False), ema_model, global_step
+                    )
                     accelerator.wait_for_everyone()
                     accelerator.save_state(str(partial_path(output_dir, global_step)))
                     clock, _ = slowest_training_clock()  # as the time budget reads it
