@@ -408,14 +408,13 @@ def denoiser_output(unet, scheduler, image: torch.Tensor, mask_input: torch.Tens
     return unet(model_input, t).sample
 
 
+# Masks in {0, 1} and inpainted images in [0, 1] are in the output range already: postprocessed as they are.
+UNIT_RANGE_PROCESSOR = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=False)
+
+
 def masks_for_output(masks: torch.Tensor, output_type: str):
     """`(N, 1, H, W)` masks in {0, 1} as `output_type`: the tensor, `(N, H, W, 1)` arrays or mode "L" images."""
-    if output_type == "pt":
-        return masks
-    array = masks.permute(0, 2, 3, 1).numpy()
-    if output_type == "np":
-        return array
-    return [PIL.Image.fromarray((mask[..., 0] * 255).astype(np.uint8), mode="L") for mask in array]
+    return UNIT_RANGE_PROCESSOR.postprocess(masks, output_type=output_type)
 
 
 class PolypPipelineMixin:
@@ -984,10 +983,7 @@ def renoise(sample: torch.Tensor, alpha_prod_from, alpha_prod_to, generator) -> 
 
 def images_for_output(images: torch.Tensor, output_type: str):
     """`(N, 3, H, W)` images in `[0, 1]` as `output_type`: the tensor, `(N, H, W, 3)` arrays or RGB images."""
-    if output_type == "pt":
-        return images
-    array = VaeImageProcessor.pt_to_numpy(images)
-    return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+    return UNIT_RANGE_PROCESSOR.postprocess(images, output_type=output_type)
 
 
 class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
