@@ -7,6 +7,7 @@ uploading is `publish.py`'s job.
 import inspect
 import json
 import math
+import re
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
@@ -192,17 +193,57 @@ def model_card_files_naming(pipeline, folder, repo_id: str) -> dict[Path, str]:
     return model_card_files(pipeline, folder, **{**_card_context(folder), "repo_id": repo_id})
 
 
+def card_is_as_rendered(pipeline, folder) -> bool:
+    """Whether a saved pipeline's card is still as its inputs (`card.json`) render it: not edited since."""
+    readme = Path(folder) / "README.md"
+    return readme.is_file() and readme.read_text() == render_model_card(pipeline, **_card_context(folder))
+
+
+RESULTS_HEADING = "## Results"
+
+
+def _section_span(text: str, heading: str) -> tuple[int, int] | None:
+    """Where the Markdown section under `heading` lies in `text`: from its heading to the next `## ` one."""
+    if (start := re.search(rf"^{re.escape(heading)}[ \t]*$", text, re.MULTILINE)) is None:
+        return None
+    following = re.compile(r"^## ", re.MULTILINE).search(text, start.end())
+    return start.start(), following.start() if following else len(text)
+
+
+def with_results_of(edited: str, rendered: str) -> str:
+    """
+    An `edited` card with the results of a `rendered` one, its Results section and its model-index metadata;
+    everything else, the edits (another license, sections of one's own), is kept. A card without a Results section
+    gets one at its end.
+    """
+    card, new = ModelCard(edited), ModelCard(rendered)
+    card.data.eval_results, card.data.model_name = new.data.eval_results, new.data.model_name
+    start, end = _section_span(new.text, RESULTS_HEADING)
+    results = new.text[start:end].rstrip("\n") + "\n"
+    if (old := _section_span(card.text, RESULTS_HEADING)) is None:
+        card.text = card.text.rstrip("\n") + "\n\n" + results
+    else:
+        card.text = card.text[: old[0]] + results + ("\n" if old[1] < len(card.text) else "") + card.text[old[1] :]
+    return str(card)
+
+
 def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:
     """
-    A saved pipeline's `model_card_files` re-rendered with measured results, keyed by where each came from: each a
+    A saved pipeline's `model_card_files` with measured results, keyed by where each came from: each a
     `{"markdown", "eval_results"}` dict (`polyp_diffusers.results`), shown as Markdown sections in order and
-    joined as model-index entries. The caller writes them, atomically: the folder is a published model.
+    joined as model-index entries. A card edited since it was rendered keeps its edits (`with_results_of`). The
+    caller writes them, atomically: the folder is a published model.
     """
     for source, result in results.items():
         check_results_file(source, result)
+    edited = (Path(folder) / "README.md").is_file() and not card_is_as_rendered(pipeline, folder)
     context = _card_context(folder)
     context["results"] = {
         "markdown": "\n\n".join(result["markdown"] for result in results.values() if result["markdown"]),
         "eval_results": [entry for result in results.values() for entry in result["eval_results"]],
     }
-    return model_card_files(pipeline, folder, **context)
+    files = model_card_files(pipeline, folder, **context)
+    if edited:
+        readme = Path(folder) / "README.md"
+        files[readme] = with_results_of(readme.read_text(), files[readme])
+    return files

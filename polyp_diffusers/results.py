@@ -4,6 +4,7 @@ Every evaluation command writes `{"markdown": ..., "eval_results": [...]}` (plus
 `polyp-ddpm card` puts into a saved pipeline's card.
 """
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import numpy as np
 
 from .data import generation_settings, local_path_or_id, parse_dataset_spec
 from .folders import write_text_atomically
-from .hub_card.cards import CARD_CONTEXT_FILE, model_card_files_naming
+from .hub_card.cards import CARD_CONTEXT_FILE, card_is_as_rendered, model_card_files_naming
 from .metrics import INCEPTION_FEATURES
 from .modeling import unet_weights_digest
+
+logger = logging.getLogger(__name__)
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice"}
 
@@ -232,6 +235,12 @@ def card_naming(pipeline, folder) -> Callable[[str], None]:
 
     def name_repo(repo_id: str) -> None:
         if not (Path(folder) / CARD_CONTEXT_FILE).exists():  # a card of unknown inputs is left as it is
+            return
+        if not card_is_as_rendered(pipeline, folder):  # rendered anew, it would lose its edits
+            logger.warning(
+                f"The card in {folder} was edited since it was written: left as it is, so its examples may not name "
+                f"the repo {repo_id}."
+            )
             return
         for path, text in model_card_files_naming(pipeline, folder, repo_id).items():
             write_text_atomically(path, text)

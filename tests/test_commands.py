@@ -691,6 +691,11 @@ def test_a_pushed_card_names_the_repo_the_hub_created_for_a_bare_name(tmp_path, 
     assert 'PolypDDPMPipeline.from_pretrained("me/run")' in uploaded["card"] and '"run"' not in uploaded["card"]
     assert "| 41.5 |" in uploaded["card"] and "| `max_train_steps` | 16 |" in uploaded["card"]  # all else kept
     assert json.loads((folder / "card.json").read_text())["repo_id"] == "me/run"
+    # A card edited by hand is uploaded as it is: naming the repo would render it anew, without the edits.
+    edited = (folder / "README.md").read_text() + "\n## Intended use\nInternal research only.\n"
+    (folder / "README.md").write_text(edited)
+    assert push_folder(folder, "other", name_repo=card_naming(pipeline, folder)) == "me/other"
+    assert uploaded["card"] == edited
 
 
 def test_a_repo_id_the_hub_would_refuse_is_refused_before_any_work(tmp_path, capsys):

@@ -1030,6 +1030,28 @@ def test_mask_fidelity_goes_into_its_models_card_once_and_not_into_another_model
     assert (card_model / "README.md").read_text() == card
 
 
+def test_a_card_edited_by_hand_keeps_its_edits_when_results_go_in(scored_generation, card_model):
+    made, written = scored_generation
+    scores = made / "mask_fidelity.json"
+    assert polyp_ddpm(["card", str(card_model), "--results", str(scores)]) == 0
+    readme = card_model / "README.md"
+    edited = readme.read_text().replace("license: mit", "license: cc-by-nc-4.0")
+    readme.write_text(edited.replace("## Limitations", "## Intended use\nInternal research only.\n\n## Limitations"))
+    assert polyp_ddpm(["card", str(card_model), "--results", str(scores)]) == 0  # the same results, again
+    card = readme.read_text()
+    assert "license: cc-by-nc-4.0" in card and "## Intended use\nInternal research only.\n\n## Limitations" in card
+    assert card.count("### Mask fidelity (6 generated pairs of") == 1 and card.count("model-index:") == 1
+    assert f"value: {round(written['iou'], 4)}" in card
+    # Without a Results section, one is added at the end.
+    start, end = card.index("## Results"), card.index("## Intended use")
+    readme.write_text(card[:start] + card[end:])
+    assert polyp_ddpm(["card", str(card_model), "--results", str(scores)]) == 0
+    card = readme.read_text()
+    assert card.index("## Results") > card.index("## Citation") and "## Intended use" in card
+    assert card.rstrip().endswith(f"| {written['iou']:.4f} | {written['dice']:.4f} | {written['precision']:.4f} |"
+                                  f" {written['recall']:.4f} |")  # fmt: skip
+
+
 def test_results_files_edited_out_of_shape_are_one_line_each(scored_generation, card_model, tmp_path, capsys):
     _, written = scored_generation
     (tmp_path / "list.json").write_text("[]")
