@@ -26,6 +26,7 @@ from .data import (
     load_polyp_dataset,
     local_path_or_id,
     pair_ids,
+    pairs_digest,
     png_cell,
     write_dataset,
 )
@@ -40,7 +41,7 @@ from .folders import (
 from .hub_card.cards import GENERATED_NOTE, render_dataset_card
 from .hub_card.publish import UploadError, push_dataset
 from .masks import MaskAugmenter, mask_statistics, plot_mask_statistics, summarize_statistics
-from .modeling import default_device, make_sampler, unet_weights_digest
+from .modeling import default_device, make_sampler, pipeline_config_digest, unet_weights_digest
 from .pipelines import ModelKindError, PolypDDPMPipeline, PolypInpaintPipeline, PolypMaskPipeline, prepare_masks
 from .pipelines.pipeline_polyp_ddpm import check_positive_int, dilate
 from .training_utils import CHECKPOINT_PATTERN
@@ -132,11 +133,19 @@ def _check_steps_fit_the_schedule(model: str | None, num_inference_steps: int) -
 PATH_SETTINGS = ("model", "mask_dataset", "mask_model")
 
 
+# Digests that records of earlier versions lack.
+DIGESTS_RECORDED_SINCE = (
+    "model_weights_sha256", "model_config_sha256", "mask_pairs_sha256", "mask_model_weights_sha256",
+    "mask_model_config_sha256",
+)  # fmt: skip
+
+
 def _read_settings(path: Path, settings: dict) -> dict | None:
     """
     The settings a run recorded, to compare with this run's `settings`, or None when the file is missing or damaged
     (a run killed while writing it). Paths recorded as typed (before they were resolved) are read from this folder,
-    as the run that wrote them was; a record older than the weights' digest is taken to be of these weights.
+    as the run that wrote them was; a record older than a digest (`DIGESTS_RECORDED_SINCE`) is taken to be of
+    these weights, configuration and masks.
     """
     try:
         recorded = json.loads(path.read_text())
@@ -146,7 +155,7 @@ def _read_settings(path: Path, settings: dict) -> dict | None:
         return None
     recorded = {key: local_path_or_id(value) if key in PATH_SETTINGS and isinstance(value, str) else value
                 for key, value in recorded.items()}  # fmt: skip
-    return {"model_weights_sha256": settings["model_weights_sha256"], **recorded}
+    return {**{key: settings[key] for key in DIGESTS_RECORDED_SINCE if key in settings}, **recorded}
 
 
 class OtherRunError(ValueError):
@@ -315,7 +324,11 @@ def generate_dataset(
             "model": local_path_or_id(model),
             # The weights themselves: a model trained again in its folder makes another generation.
             "model_weights_sha256": unet_weights_digest(model),
+            # And how it samples (its start colour and timestep, its schedule): edited, the images change too.
+            "model_config_sha256": pipeline_config_digest(model),
             "mask_dataset": local_path_or_id(mask_dataset),
+            # The masks themselves: the dataset prepared again in its folder makes another generation.
+            "mask_pairs_sha256": pairs_digest(source),
             "split": split,
             "num_images_per_mask": num_images_per_mask,
             "sampler": sampler,
@@ -330,7 +343,12 @@ def generate_dataset(
         if new_masks is not None and mask_model is None:
             settings.update(new_masks=new_masks, mask_augment=MaskAugmenter.default_config())
         elif new_masks is not None:
-            settings.update(new_masks=new_masks, mask_model=local_path_or_id(mask_model))
+            settings.update(
+                new_masks=new_masks,
+                mask_model=local_path_or_id(mask_model),
+                mask_model_weights_sha256=unet_weights_digest(mask_model),
+                mask_model_config_sha256=pipeline_config_digest(mask_model),
+            )
         if insert:
             settings.update(insert=True)
         if _check_output(output, settings, overwrite):

@@ -1,6 +1,8 @@
 """The Polyp-DDPM denoiser as a configuration of `diffusers.UNet2DModel`, its noise schedule, its training
 objective and its samplers."""
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -216,3 +218,25 @@ def unet_weights_digest(model_dir: str | Path) -> str | None:
         return file_sha256(Path(model_dir) / UNET_WEIGHTS)
     except OSError:
         return None
+
+
+# What a saved pipeline samples with besides its weights: its own options (start colour and timestep), the schedule
+# its samplers are made from, and the network.
+CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json")
+
+
+def pipeline_config_digest(model_dir: str | Path) -> str | None:
+    """
+    The SHA-256 of a local saved pipeline's configuration, diffusers' own `_` entries (its version) left out, so
+    that saving it again with another version is the same configuration. None where there is none to read (a Hub id).
+    """
+    digest = hashlib.sha256()
+    try:
+        for name in CONFIG_FILES:
+            config = json.loads((Path(model_dir) / name).read_text())
+            digest.update(
+                json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode()
+            )
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object: loading it will say which
+        return None
+    return digest.hexdigest()

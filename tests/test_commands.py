@@ -282,6 +282,35 @@ def test_overwrite_discards_an_unfinished_run_with_other_settings(saved_pipeline
     assert list(load_from_disk(str(output))["test"]["seed"]) == [0, 1, 2, 3]
 
 
+def test_a_generation_is_of_the_masks_and_model_configuration_not_of_their_folders(
+    saved_pipeline_dir, demo_masks, tmp_path
+):
+    model, masks, output = tmp_path / "model", tmp_path / "masks", tmp_path / "synthetic"
+    shutil.copytree(saved_pipeline_dir, model)
+    shutil.copytree(demo_masks, masks)
+    generate_dataset(str(model), str(masks), output, **GENERATION)
+    # Unfinished, as a killed run leaves it: its first batch written, the settings recorded beside it.
+    (output / PARTS_DIR).mkdir()
+    shutil.copy(output / SETTINGS_FILE, output / PARTS_DIR / SETTINGS_FILE)
+    load_from_disk(str(output))["test"].to_parquet(str(output / PARTS_DIR / "part-000000-000004.parquet"))
+    for finished in (False, True):
+        # The masks prepared again in their folder (as many, other pairs): another generation.
+        prepare_dataset("demo", masks, test_size=4, resolution=32, demo_pairs=10, seed=7, overwrite=True)
+        with pytest.raises(OtherRunError, match="other settings"):
+            generate_dataset(str(model), str(masks), output, **GENERATION)
+        shutil.rmtree(masks)
+        shutil.copytree(demo_masks, masks)
+        # The model's start timestep edited in its config: every image changes.
+        index = model / "model_index.json"
+        original = index.read_text()
+        index.write_text(json.dumps({**json.loads(original), "start_timestep": 60}))
+        with pytest.raises(OtherRunError, match="other settings"):
+            generate_dataset(str(model), str(masks), output, **GENERATION)
+        index.write_text(original)
+        if not finished:
+            generate_dataset(str(model), str(masks), output, **GENERATION)  # as it was: the run continues
+
+
 def test_a_checkpoint_folder_as_model_is_explained(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoint-500"
     (checkpoint / "unet").mkdir(parents=True)
