@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -158,6 +159,18 @@ def _read_settings(path: Path, settings: dict) -> dict | None:
     return {**{key: settings[key] for key in DIGESTS_RECORDED_SINCE if key in settings}, **recorded}
 
 
+# Recorded, but how the work is split rather than what it makes (image i depends on its seed alone): a run killed
+# for memory continues with a smaller batch.
+WORK_SETTINGS = ("batch_size",)
+
+
+def _same_generation(previous: dict | None, settings: dict) -> bool:
+    def defining(record: dict) -> dict:
+        return {key: value for key, value in record.items() if key not in WORK_SETTINGS}
+
+    return previous is not None and defining(previous) == defining(settings)
+
+
 class OtherRunError(ValueError):
     """The output folder holds a run of `generate` with other (or unreadable) settings."""
 
@@ -174,7 +187,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
     if parts.is_dir():
         check_only_written_by(output, "generate", OWN_ENTRIES)  # put there since the run was killed
         previous = _read_settings(parts / SETTINGS_FILE, settings)
-        if previous == settings:
+        if _same_generation(previous, settings):
             return False
         if not overwrite:
             if previous is None:
@@ -185,7 +198,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             changed = {
                 k: (previous.get(k), settings.get(k))
                 for k in {*previous, *settings}
-                if previous.get(k) != settings.get(k)
+                if previous.get(k) != settings.get(k) and k not in WORK_SETTINGS
             }
             raise OtherRunError(
                 f"{output} holds an unfinished run with other settings {changed}; run the same command "
@@ -193,7 +206,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             )
         shutil.rmtree(parts)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
-        if _read_settings(output / SETTINGS_FILE, settings) == settings:
+        if _same_generation(_read_settings(output / SETTINGS_FILE, settings), settings):
             return True
         raise OtherRunError(
             f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
@@ -386,15 +399,14 @@ def generate_dataset(
             masks_of = _drawn_once(masks_of)
 
         parts = output / PARTS_DIR
-        recorded = _read_settings(parts / SETTINGS_FILE, settings) == settings
+        recorded = _same_generation(_read_settings(parts / SETTINGS_FILE, settings), settings)
         compiled_batch_size = None  # the batch the compiled UNet has seen in this run
         requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
-        batches = even_batches(len(requests), batch_size)
-        part_files = [parts / f"part-{span.start:06d}-{span.stop:06d}.parquet" for span in batches]
-        whole = [part.exists() and _is_whole_part(part, len(span)) for span, part in zip(batches, part_files)]
-        if recorded and (done := sum(len(span) for span, is_whole in zip(batches, whole) if is_whole)):
+        plan = _plan_batches(parts, len(requests), batch_size, resuming=recorded)
+        part_files = [part for _, part, _ in plan]
+        if done := sum(len(span) for span, _, is_whole in plan if is_whole):
             print(f"Resuming the generation in {output}: {done} of {len(requests)} images are there already.")
-        for span, part, is_whole in tqdm(list(zip(batches, part_files, whole)), desc="Generating", unit="batch"):
+        for span, part, is_whole in tqdm(plan, desc="Generating", unit="batch"):
             if is_whole:
                 continue
             if part.exists():
@@ -555,6 +567,33 @@ def _is_whole_part(part: Path, num_pairs: int) -> bool:
         return pyarrow.parquet.read_metadata(part).num_rows == num_pairs
     except (OSError, pyarrow.ArrowException):
         return False
+
+
+PART_NAME = re.compile(r"part-(\d{6})-(\d{6})\.parquet")
+
+
+def _plan_batches(parts: Path, num_requests: int, batch_size: int, resuming: bool) -> list[tuple[range, Path, bool]]:
+    """
+    The batches of a run, each `(requests, part file, whole)`: when `resuming` an unfinished run of the same
+    generation, the whole parts it wrote in `parts` (whatever batch size it had), and `even_batches` of
+    `batch_size` for the requests between them.
+    """
+    written = []  # whole parts, in order, none overlapping another
+    for part in sorted(parts.glob("part-*.parquet")) if resuming else []:
+        if (match := PART_NAME.fullmatch(part.name)) is None:
+            continue
+        span = range(int(match[1]), int(match[2]))
+        follows = not written or span.start >= written[-1].stop
+        if 0 < len(span) and span.stop <= num_requests and follows and _is_whole_part(part, len(span)):
+            written.append(span)
+    plan, position = [], 0
+    for span in [*written, range(num_requests, num_requests)]:
+        for batch in even_batches(span.start - position, batch_size):
+            plan.append((range(position + batch.start, position + batch.stop), False))
+        if len(span):
+            plan.append((span, True))
+        position = span.stop
+    return [(span, parts / f"part-{span.start:06d}-{span.stop:06d}.parquet", whole) for span, whole in plan]
 
 
 def even_batches(num_requests: int, batch_size: int) -> list[range]:

@@ -122,8 +122,10 @@ def test_generation_takes_the_fewest_batches_all_of_one_size_but_the_last():
         assert [request for batch in batches for request in batch] == list(range(num_requests))
 
 
+# Continued with the same batch, or with a smaller one (a run killed for memory): the batches still to make are those.
+@pytest.mark.parametrize(("resumed_batch_size", "batches_made"), [(4, 1), (3, 2)])
 def test_an_interrupted_generation_continues_where_it_stopped(
-    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, capsys
+    generated, saved_pipeline_dir, demo_masks, tmp_path, monkeypatch, capsys, resumed_batch_size, batches_made
 ):
     output = tmp_path / "synthetic"
     calls = {"count": 0}
@@ -144,8 +146,10 @@ def test_an_interrupted_generation_continues_where_it_stopped(
     shutil.copy(parts[0], output / PARTS_DIR / "part-000000.parquet")
 
     calls["count"] = -100  # no more crashes
-    generate_dataset(str(saved_pipeline_dir), str(demo_masks), output, **GENERATION)
-    assert calls["count"] == -99  # only the one missing batch was generated
+    generate_dataset(
+        str(saved_pipeline_dir), str(demo_masks), output, **{**GENERATION, "batch_size": resumed_batch_size}
+    )
+    assert calls["count"] == -100 + batches_made  # only the missing images were generated
     assert f"Resuming the generation in {output}: 8 of 12 images are there already." in capsys.readouterr().out
     resumed, uninterrupted = load_from_disk(str(output))["train"], load_from_disk(str(generated))["train"]
     assert list(resumed["id"]) == list(uninterrupted["id"])
