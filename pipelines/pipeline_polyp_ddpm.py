@@ -366,6 +366,18 @@ def _warn_if_mostly_polyp(masks: torch.Tensor):
         )
 
 
+def _warn_if_polyp_vanished(binaries: list[torch.Tensor], masks: torch.Tensor):
+    """Warns of masks with a polyp at their own size and none at the model's: too small to survive the resize."""
+    had_polyp = torch.cat([binary.flatten(1).any(dim=1) for binary in binaries])
+    vanished = (had_polyp & ~masks.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+    if vanished:
+        height, width = masks.shape[-2:]
+        logger.warning(
+            f"masks {vanished} lose their polyp when resized to the model's {width}x{height} pixels (it is too "
+            "small): they are generated as polyp-free mucosa. Draw the polyp larger, or crop around it."
+        )
+
+
 def mask_channels_of(unet_config) -> int:
     """How many times a UNet takes the mask: its input channels beyond the 3 of the noisy image it predicts."""
     return unet_config.in_channels - unet_config.out_channels
@@ -656,8 +668,11 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         start_color = self.config.start_color if start_color is None else start_color
         if start_timestep is not None:
             _check_start(start_timestep, start_color, self.scheduler.config.num_train_timesteps)
-        masks = prepare_masks(masks, self.sample_size)
+        binaries = _binary_masks(masks)
+        # `prepare_masks`, with each mask also at its own size for the warnings
+        masks = torch.cat([resize_masks(binary, self.sample_size) for binary in binaries])
         _warn_if_mostly_polyp(masks)
+        _warn_if_polyp_vanished(binaries, masks)
         masks = masks.repeat_interleave(num_images_per_mask, dim=0)
         num_images = masks.shape[0]
         _check_generator_count(generator, num_images, num_images_per_mask)

@@ -582,3 +582,12 @@ def test_a_mostly_white_mask_is_flagged_as_possibly_inverted(tiny_pipeline, squa
     with caplog.at_level(logging.WARNING):
         tiny_pipeline([square_mask, inverted], num_inference_steps=1, output_type="np")
     assert any("masks [1] are over 90% polyp" in message for message in caplog.messages)
+
+
+def test_a_polyp_too_small_to_survive_the_resize_is_warned_of(tiny_pipeline, square_mask, caplog):
+    speck = np.zeros((1001, 1001), dtype=np.uint8)
+    speck[500, 500] = 255  # one pixel in a thousand: gone at 32x32
+    with caplog.at_level(logging.WARNING):
+        out = tiny_pipeline([square_mask, speck, np.zeros_like(speck)], num_inference_steps=1, output_type="np")
+    assert not out.masks[1].any()
+    assert any("masks [1] lose their polyp when resized to the model's 32x32 pixels" in m for m in caplog.messages)
