@@ -35,8 +35,9 @@ from accelerate.utils import (
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, make_image_grid
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from polyp_diffusers import (
@@ -735,10 +736,17 @@ def main(argv=None):
         # Safetensors only (no pickles), and no weights that NaN or inf has reached, checked before any is applied.
         loaded_unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
         ema_folder = os.path.join(folder, "unet_ema")
-        loaded_ema = None
-        if ema_model is not None:  # not EMAModel.from_pretrained: it cannot be held to safetensors
-            loaded_ema = UNet2DModel.from_pretrained(ema_folder, use_safetensors=True)
-        non_finite = non_finite_weights(loaded_unet, loaded_ema.parameters() if loaded_ema is not None else None)
+        shadow_params = None
+        if ema_model is not None:
+            # Not EMAModel.from_pretrained (it cannot be held to safetensors), nor a UNet2DModel made from that
+            # folder (its config also holds the EMA's decay, which diffusers would warn of as a damaged config).
+            ema_tensors = load_file(os.path.join(ema_folder, SAFETENSORS_WEIGHTS_NAME))
+            if missing := [name for name, _ in loaded_unet.named_parameters() if name not in ema_tensors]:
+                raise ValueError(
+                    f"{ema_folder} lacks {len(missing)} EMA weights (first: {missing[0]}); {go_back_hint(folder)}."
+                )
+            shadow_params = [ema_tensors[name] for name, _ in loaded_unet.named_parameters()]
+        non_finite = non_finite_weights(loaded_unet, shadow_params)
         if non_finite:
             raise ValueError(
                 f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
@@ -746,7 +754,6 @@ def main(argv=None):
             )
         if ema_model is not None:
             # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
-            shadow_params = [parameter.detach() for parameter in loaded_ema.parameters()]
             ema_model.load_state_dict({**UNet2DModel.load_config(ema_folder), "shadow_params": shadow_params})
             ema_model.to(accelerator.device)
         for _ in range(len(models)):
