@@ -155,10 +155,15 @@ def run_mask_fidelity(args):
 
 def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, device) -> dict:
     """Scores `dataset` with a loaded segmenter (model, config) and prints the result."""
-    from .segmentation import SEGMENTER_FAMILIES, mask_fidelity  # the [eval] extra (MONAI, transformers)
+    from .segmentation import (  # the [eval] extra (MONAI, transformers)
+        SEGMENTER_FAMILIES,
+        mask_fidelity,
+        pairs_from_learned_masks,
+    )
 
     model, config = segmenter
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
+    scores["pairs_from_learned_masks"] = pairs_from_learned_masks(dataset, parse_dataset_spec(name)[0], config)
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
     scores.update(provenance(parse_dataset_spec(name)[0]))
     scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
@@ -168,6 +173,13 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     )
     if config["train"] != "real":
         print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
+    if learned := scores["pairs_from_learned_masks"]:
+        print(
+            f"Note: {learned} of these {scores['num_images']} pairs were made from masks the segmenter learned from "
+            f"(its training pairs of {config['real']}), so their score is flattered. Score pairs of masks it has not "
+            "seen: another split, or those of the masks it held out, which train_segmentation.py --train real "
+            "--synthetic scores by itself (mask_fidelity in its results.json)."
+        )
     if scores["generated_by"] is None:
         print(
             f"Note: {name} has no generation.json, the record `polyp-ddpm generate` keeps: if these are real pairs, "

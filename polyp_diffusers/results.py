@@ -91,6 +91,10 @@ def mask_fidelity_results(scores: dict, segmenter_family: str) -> dict:
         "| IoU | Dice | precision | recall |\n| --- | --- | --- | --- |\n"
         f"| {scores['iou']:.4f} | {scores['dice']:.4f} | {scores['precision']:.4f} | {scores['recall']:.4f} |"
     )
+    if learned := scores.get("pairs_from_learned_masks"):
+        markdown += (
+            f"\n\n{learned} of these pairs were made from masks the segmenter learned from: the score is flattered."
+        )
     common = dict(task_type="image-to-image", dataset_type=dataset, dataset_name=dataset)
     return {
         "markdown": markdown,

@@ -276,6 +276,20 @@ def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int |
     return synthetic.select([i for i, sources in enumerate(_sources_of(synthetic)) if sources <= validation_ids])
 
 
+def pairs_from_learned_masks(generated: Dataset, generated_path: str, config: dict) -> int:
+    """
+    How many generated pairs were made from masks (or frames) that a segmenter learned from: its real training
+    pairs (`config`, from its `results.json`), but for those it held out. 0 where a record to tell is missing.
+    """
+    generation = _generation_of(generated_path)
+    real, real_split = config.get("real"), config.get("real_split")
+    if generation is None or not real or not real_split or local_path_or_id(generation[0]) != local_path_or_id(real):
+        return 0
+    real_pairs = load_polyp_dataset(real, split=real_split)
+    learned = set(real_pairs["id"]) - held_out_ids(real_pairs, config["validation_size"], config["seed"])
+    return sum(1 for sources in _sources_of(generated) if sources & learned)
+
+
 def training_pairs(
     train_set: str, real: Dataset, synthetic: Dataset | None, validation_size: int | float, seed: int
 ) -> tuple[Dataset, Dataset]:
