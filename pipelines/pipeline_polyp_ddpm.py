@@ -344,7 +344,10 @@ def _check_start(start_timestep, start_color, num_train_timesteps: int):
             "start_timestep needs start_color, the RGB colour in [0, 1] to start from (training/train.py saves the "
             "training images' mean in the pipeline config); pass start_color=[r, g, b]."
         )
-    values = np.asarray(start_color, dtype=float) if not isinstance(start_color, str) else np.zeros(0)
+    try:
+        values = np.asarray(start_color, dtype=float) if not isinstance(start_color, str) else np.zeros(0)
+    except (TypeError, ValueError):  # a dict, nested lists of other lengths
+        values = np.zeros(0)
     if values.shape != (3,) or not np.all((values >= 0) & (values <= 1)):
         raise ValueError(f"start_color is {start_color!r}; expected three numbers in [0, 1] (RGB).")
 
@@ -835,7 +838,8 @@ def _frame_tensor(frame, name: str) -> torch.Tensor:
             )
         if frame.dtype.kind not in "uif":
             raise ValueError(f"{name} has dtype {frame.dtype}; expected uint8 (0-255) or floats in [0, 1].")
-        values = torch.from_numpy(np.ascontiguousarray(frame if frame.ndim == 4 else frame[None])).permute(0, 3, 1, 2)
+        # A copy: an array of a PIL image is read-only, which torch warns of.
+        values = torch.from_numpy(np.array(frame if frame.ndim == 4 else frame[None])).permute(0, 3, 1, 2)
         layout = "(H, W, 3)"
     elif isinstance(frame, torch.Tensor):
         if frame.ndim not in (3, 4) or frame.shape[-3] != 3:

@@ -19,6 +19,7 @@ import torch
 
 from .choices import SAMPLERS
 from .data import is_hub_id
+from .folders import check_is_folder
 from .generate import DTYPES, load_pipeline, seeded_generators
 from .modeling import default_device, make_sampler
 from .pipelines import PolypDDPMPipeline, PolypDDPMPipelineOutput, prepare_masks
@@ -344,6 +345,7 @@ def write_space(folder: str | Path, model: str) -> Path:
             "model first (train.py --push_to_hub, or convert-official --push-to-hub) and pass its id."
         )
     folder = Path(folder)
+    check_is_folder(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty; choose a new or empty folder for the Space.")
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -58,6 +59,16 @@ def test_pixels_outside_the_edit_region_are_the_frame_exactly(inpaint):
     np.testing.assert_array_equal(image[outside], frame[outside])
     assert (image[mask > 0] != frame[mask > 0]).any(axis=-1).mean() > 0.9  # the polyp region is new
     np.testing.assert_array_equal(np.asarray(out.masks[0]), mask)  # the pair's label
+
+
+def test_a_read_only_array_of_a_pil_frame_is_taken_without_a_warning(inpaint):
+    frame, mask = frame_and_mask()
+    read_only = np.asarray(PIL.Image.fromarray(frame))
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of arrays it cannot write to
+        out = inpaint(image=read_only, mask_image=mask, num_inference_steps=STEPS, output_type="np")
+    assert out.images.shape == (1, *frame.shape)
 
 
 def test_float_frames_come_back_unchanged_outside_the_edit_region(inpaint):

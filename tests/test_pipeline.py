@@ -186,6 +186,7 @@ def test_the_start_is_saved_in_the_pipeline_config_and_used_by_default(tiny_pipe
         ({"start_timestep": 1.5, "start_color": [0.5] * 3}, "expected an int"),
         ({"start_timestep": 100, "start_color": [200, 100, 80]}, "expected three numbers in \\[0, 1\\]"),
         ({"start_timestep": 100, "start_color": [0.5, 0.5]}, "expected three numbers"),
+        ({"start_timestep": 100, "start_color": {"r": 1}}, "start_color is \\{'r': 1\\}; expected three numbers"),
     ],
 )
 def test_bad_starts_are_refused(tiny_pipeline, square_mask, kwargs, message):

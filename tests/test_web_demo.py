@@ -293,6 +293,8 @@ def test_a_space_needs_a_hub_model_id_and_a_new_folder(tmp_path, saved_pipeline_
     (tmp_path / "used" / "file.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="is not empty"):
         web_demo.write_space(tmp_path / "used", "someone/polyp-ddpm")
+    with pytest.raises(FileExistsError, match=f"the output {tmp_path / 'used' / 'file.txt'} is a file; expected a"):
+        web_demo.write_space(tmp_path / "used" / "file.txt", "someone/polyp-ddpm")
 
 
 def test_the_commands_work_without_gradio_and_the_demo_says_which_extra_it_needs(monkeypatch, capsys):
