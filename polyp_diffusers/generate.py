@@ -175,11 +175,12 @@ class OtherRunError(ValueError):
     """The output folder holds a run of `generate` with other (or unreadable) settings."""
 
 
-def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
+def _check_output(output: Path, settings: dict, overwrite: bool) -> str:
     """
     A run may write to an empty or new folder, continue an unfinished run with the same settings, or (with
-    `overwrite`) replace a folder this command wrote. Anything else is refused before any work. Returns True
-    when the folder already holds the finished run of these settings: the same command again has nothing to do.
+    `overwrite`) replace a folder this command wrote. Anything else is refused before any work. Returns what the
+    run does there: "finished" (the folder holds the finished run of these settings: nothing to do), "continue"
+    (its unfinished run) or "new".
     """
     parts = output / PARTS_DIR
     if parts.is_dir() and not any(parts.glob("part-*.parquet")):
@@ -188,7 +189,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
         check_only_written_by(output, "generate", OWN_ENTRIES)  # put there since the run was killed
         previous = _read_settings(parts / SETTINGS_FILE, settings)
         if _same_generation(previous, settings):
-            return False
+            return "continue"
         if not overwrite:
             if previous is None:
                 raise OtherRunError(
@@ -207,7 +208,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
         shutil.rmtree(parts)
     elif (output / SETTINGS_FILE).is_file() and not overwrite:
         if _same_generation(_read_settings(output / SETTINGS_FILE, settings), settings):
-            return True
+            return "finished"
         raise OtherRunError(
             f"{output} already holds a dataset generated with other settings; pass --overwrite to replace "
             "it, or choose another --output."
@@ -219,7 +220,7 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> bool:
             f"{output} is not empty and was not written by `polyp-ddpm generate`; it is left "
             "alone. Choose another --output."
         )
-    return False
+    return "new"
 
 
 def _record_settings(parts: Path, settings: dict) -> None:
@@ -364,7 +365,7 @@ def generate_dataset(
             )
         if insert:
             settings.update(insert=True)
-        if _check_output(output, settings, overwrite):
+        if (state := _check_output(output, settings, overwrite)) == "finished":
             print(f"{output} already holds this generation (same settings): nothing to do.")
             return load_from_disk(str(output))
         pipeline = load_pipeline(model, DTYPES[dtype], other_kind_flag=model_flags and model_flags[1])
@@ -399,7 +400,7 @@ def generate_dataset(
             masks_of = _drawn_once(masks_of)
 
         parts = output / PARTS_DIR
-        recorded = _same_generation(_read_settings(parts / SETTINGS_FILE, settings), settings)
+        recorded = state == "continue"  # its settings are in `parts` already
         compiled_batch_size = None  # the batch the compiled UNet has seen in this run
         requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
         plan = _plan_batches(parts, len(requests), batch_size, resuming=recorded)
