@@ -168,8 +168,18 @@ def convert_denoiser(denoiser: dict, config: dict) -> dict[str, torch.Tensor]:
         converted.update(_split_attention(denoiser, source, target))
         used.update(k for k in denoiser if k.startswith(f"{source}."))
 
-    for source, target in TOP_LEVEL.items():
+    def take_conv(source: str, target: str):
         take({f"{source}.{leaf}": f"{target}.{leaf}" for leaf in ("weight", "bias")})
+
+    def take_block(source: str, names: set[str], target: str, block: int):
+        """A residual block (`source.0`) and, where it has one, its attention (`source.1`)."""
+        resnet = {n[2:] for n in names if n.startswith("0.")}
+        take(_map_resblock(f"{source}.0", f"{target}.resnets.{block}", resnet))
+        if "1.qkv.weight" in names:
+            take_attention(f"{source}.1", f"{target}.attentions.{block}")
+
+    for source, target in TOP_LEVEL.items():
+        take_conv(source, target)
 
     input_blocks = _blocks(denoiser, "input_blocks")
     output_blocks = _blocks(denoiser, "output_blocks")
@@ -177,24 +187,10 @@ def convert_denoiser(denoiser: dict, config: dict) -> dict[str, torch.Tensor]:
     index = 1
     for level in range(num_levels):
         for block in range(layers):
-            names = input_blocks[index]
-            take(
-                _map_resblock(
-                    f"input_blocks.{index}.0",
-                    f"down_blocks.{level}.resnets.{block}",
-                    {n[2:] for n in names if n.startswith("0.")},
-                )
-            )
-            if "1.qkv.weight" in names:
-                take_attention(f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{block}")
+            take_block(f"input_blocks.{index}", input_blocks[index], f"down_blocks.{level}", block)
             index += 1
         if level < num_levels - 1:
-            take(
-                {
-                    f"input_blocks.{index}.0.op.{leaf}": f"down_blocks.{level}.downsamplers.0.conv.{leaf}"
-                    for leaf in ("weight", "bias")
-                }
-            )
+            take_conv(f"input_blocks.{index}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
             index += 1
 
     middle = _blocks(denoiser, "middle_block")
@@ -206,24 +202,10 @@ def convert_denoiser(denoiser: dict, config: dict) -> dict[str, torch.Tensor]:
     for up_level in range(num_levels):
         for block in range(layers + 1):
             names = output_blocks[index]
-            take(
-                _map_resblock(
-                    f"output_blocks.{index}.0",
-                    f"up_blocks.{up_level}.resnets.{block}",
-                    {n[2:] for n in names if n.startswith("0.")},
-                )
-            )
-            if "1.qkv.weight" in names:
-                take_attention(f"output_blocks.{index}.1", f"up_blocks.{up_level}.attentions.{block}")
-            upsample = [n for n in names if re.match(r"\d+\.conv\.", n)]
-            if upsample:
+            take_block(f"output_blocks.{index}", names, f"up_blocks.{up_level}", block)
+            if upsample := [n for n in names if re.match(r"\d+\.conv\.", n)]:
                 position = upsample[0].split(".")[0]
-                take(
-                    {
-                        f"output_blocks.{index}.{position}.conv.{leaf}": f"up_blocks.{up_level}.upsamplers.0.conv.{leaf}"
-                        for leaf in ("weight", "bias")
-                    }
-                )
+                take_conv(f"output_blocks.{index}.{position}.conv", f"up_blocks.{up_level}.upsamplers.0.conv")
             index += 1
 
     leftover = sorted(set(denoiser) - used)

@@ -452,6 +452,53 @@ def check_weights_are_finite(unet, ema_model, step):
         )
 
 
+def register_checkpoint_hooks(accelerator, ema_model: EMAModel | None) -> None:
+    """
+    Checkpoints keep the weights (safetensors) outside accelerate's pickles, the EMA alongside; loading one
+    reads safetensors only, and refuses weights that NaN or inf has reached before any is applied.
+    """
+
+    def save_model_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            for model in models:
+                model.save_pretrained(os.path.join(folder, "unet"))
+                weights.pop()
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(folder, "unet_ema"))
+
+    def load_model_hook(models, folder):
+        # Safetensors only (no pickles), and no weights that NaN or inf has reached, checked before any is applied.
+        loaded_unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        ema_folder = os.path.join(folder, "unet_ema")
+        shadow_params = None
+        if ema_model is not None:
+            # Not EMAModel.from_pretrained (it cannot be held to safetensors), nor a UNet2DModel made from that
+            # folder (its config also holds the EMA's decay, which diffusers would warn of as a damaged config).
+            ema_tensors = load_file(os.path.join(ema_folder, SAFETENSORS_WEIGHTS_NAME))
+            if missing := [name for name, _ in loaded_unet.named_parameters() if name not in ema_tensors]:
+                raise ValueError(
+                    f"{ema_folder} lacks {len(missing)} EMA weights (first: {missing[0]}); {go_back_hint(folder)}."
+                )
+            shadow_params = [ema_tensors[name] for name, _ in loaded_unet.named_parameters()]
+        non_finite = non_finite_weights(loaded_unet, shadow_params)
+        if non_finite:
+            raise ValueError(
+                f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
+                f"the run had diverged or the files are damaged; {go_back_hint(folder)}."
+            )
+        if ema_model is not None:
+            # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
+            ema_model.load_state_dict({**UNet2DModel.load_config(ema_folder), "shadow_params": shadow_params})
+            ema_model.to(accelerator.device)
+        for _ in range(len(models)):
+            model = models.pop()
+            model.register_to_config(**loaded_unet.config)
+            model.load_state_dict(loaded_unet.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
 def resume(accelerator, checkpoint, resume_from, output_dir):
     """
     Loads `checkpoint`, the one `resume_from` names, and returns it (None: start a new run). With `latest`, a newest
@@ -723,46 +770,7 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    # Checkpoints keep the weights (safetensors) outside accelerate's pickles; the EMA goes alongside.
-    def save_model_hook(models, weights, folder):
-        if accelerator.is_main_process:
-            for model in models:
-                model.save_pretrained(os.path.join(folder, "unet"))
-                weights.pop()
-            if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(folder, "unet_ema"))
-
-    def load_model_hook(models, folder):
-        # Safetensors only (no pickles), and no weights that NaN or inf has reached, checked before any is applied.
-        loaded_unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        ema_folder = os.path.join(folder, "unet_ema")
-        shadow_params = None
-        if ema_model is not None:
-            # Not EMAModel.from_pretrained (it cannot be held to safetensors), nor a UNet2DModel made from that
-            # folder (its config also holds the EMA's decay, which diffusers would warn of as a damaged config).
-            ema_tensors = load_file(os.path.join(ema_folder, SAFETENSORS_WEIGHTS_NAME))
-            if missing := [name for name, _ in loaded_unet.named_parameters() if name not in ema_tensors]:
-                raise ValueError(
-                    f"{ema_folder} lacks {len(missing)} EMA weights (first: {missing[0]}); {go_back_hint(folder)}."
-                )
-            shadow_params = [ema_tensors[name] for name, _ in loaded_unet.named_parameters()]
-        non_finite = non_finite_weights(loaded_unet, shadow_params)
-        if non_finite:
-            raise ValueError(
-                f"checkpoint {folder} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): "
-                f"the run had diverged or the files are damaged; {go_back_hint(folder)}."
-            )
-        if ema_model is not None:
-            # EMAModel.save_pretrained keeps the EMA's decay and step in the model config.
-            ema_model.load_state_dict({**UNet2DModel.load_config(ema_folder), "shadow_params": shadow_params})
-            ema_model.to(accelerator.device)
-        for _ in range(len(models)):
-            model = models.pop()
-            model.register_to_config(**loaded_unet.config)
-            model.load_state_dict(loaded_unet.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, ema_model)
 
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if not preload:
