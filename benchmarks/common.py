@@ -10,17 +10,11 @@ from pathlib import Path
 import diffusers
 import torch
 
-from polyp_diffusers.modeling import default_device
+from polyp_diffusers.modeling import default_device, describe_device
 
 __all__ = ["default_device"]  # re-exported: the benchmarks run where the commands would
 
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def reference_diffusion(size: int, device: torch.device, reference_dir: str) -> torch.nn.Module:
@@ -82,7 +76,7 @@ def write_results(
     """Saves results with their context as JSON (default: results/<name>-<device>.json) and prints them."""
     record = {
         "benchmark": name,
-        "device": device_name(device),
+        "device": describe_device(device),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -4,6 +4,7 @@ objective and its samplers."""
 import hashlib
 import json
 import math
+import platform
 from pathlib import Path
 
 import torch
@@ -206,6 +207,14 @@ def make_sampler(name: str, config) -> SchedulerMixin:
 def default_device() -> str:
     """Where the commands run models unless told otherwise: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe_device(device: str | torch.device) -> str:
+    """A device as results record it: the GPU's name, or the CPU's with the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} {device.type.upper()}, {torch.get_num_threads()} threads"
 
 
 # The weights that say which model a saved pipeline folder holds.

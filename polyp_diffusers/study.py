@@ -45,7 +45,7 @@ from .folders import (
 )
 from .generate import generate_dataset
 from .metrics import fid_kid, inception_cache_path, load_inception_state_dict
-from .modeling import default_device
+from .modeling import default_device, describe_device
 from .prepare_data import prepare_dataset
 from .results import fid_results, provenance, segmentation_results, summarize_scores
 from .segmentation import (
@@ -248,12 +248,6 @@ class Study:
         written = path.stat()
         write_text_atomically(path, json.dumps({**self.record(name), "result": result}, indent=2))
         os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))
-
-
-def describe_device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def _inception_weights(path: str | None) -> str | None:
@@ -700,7 +694,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     figures = _figures(study, results["summary"])
     report = {
         **arguments,
-        "device": describe_device(),
+        "device": describe_device(default_device()),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
         "command": " ".join(["polyp-ddpm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "polyp-ddpm" else None,
         "wall_s": {name: record["wall_s"] for name, record in records.items()},

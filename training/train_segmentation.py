@@ -39,6 +39,7 @@ from polyp_diffusers.arguments import (
 from polyp_diffusers.choices import MIXED_PRECISIONS
 from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
 from polyp_diffusers.folders import check_output_apart, visible_entries, write_text_atomically
+from polyp_diffusers.modeling import describe_device
 from polyp_diffusers.segmentation import (
     ARCHITECTURES,
     SEGFORMER_SIZES,
@@ -332,7 +333,6 @@ def main(argv=None):
             else {}
         )
         testing_seconds = time.perf_counter() - testing_start
-        device_name = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else str(accelerator.device)
         results = {
             "train": args.train,
             "num_train_pairs": len(train_set),
@@ -355,7 +355,7 @@ def main(argv=None):
                 "total_s": round(seconds_since_process_start(), 2),
                 "cuda_graphs": cuda_graphs,
                 "cudnn_benchmark": args.cudnn_benchmark,
-                "device": device_name,
+                "device": describe_device(accelerator.device),
             },
         }
         # A finished run being replaced is whole until here. Its results go first, so that a kill in these
