@@ -344,7 +344,9 @@ def run_study(
         _print_estimate(settings, seeds, len(study_settings(arguments)))
         started = time.perf_counter()
 
-        study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
+        num_masks = study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))["result"][
+            "train"
+        ]
         denoiser = study.output / "denoiser"
         train_command = [
             *script_command("train.py", settings["mixed_precision"]),
@@ -364,7 +366,6 @@ def run_study(
             "synthetic", lambda: len(generate_dataset(str(denoiser), str(dataset), synthetic, **sampling)["train"])
         )
         extra_pairs = {}  # setting: folder of its generated pairs
-        num_masks = study.record("data")["result"]["train"]
         # Each extra set's seeds follow those of the sets before it in EXTRA_SETTINGS, asked for or not, so that a set
         # continued in a study that has since gained another is drawn from the same seeds.
         for rank, (setting, extra) in enumerate(EXTRA_SETTINGS.items(), start=1):
@@ -417,7 +418,7 @@ def run_study(
                     ("real+synthetic", extra_pairs[setting]) if setting in extra_pairs else (setting, synthetic)
                 )
                 for seed in range(seeds):
-                    run_dir = study.output / "segmentation" / f"{setting.replace('+', '-')}-seed{seed}"
+                    run_dir = study.output / "segmentation" / segmentation_run_name(setting, seed)
                     command = [
                         *script_command("train_segmentation.py", settings["mixed_precision"]),
                         *_flags({"train": train_set, "real": dataset, "synthetic": pairs, "output_dir": run_dir,
@@ -668,12 +669,17 @@ def _describe_training(training: dict) -> str:
     return line + "."
 
 
+def segmentation_run_name(setting: str, seed: int) -> str:
+    """A segmentation run's folder, and (as `segmentation-NAME`) its step record: `real-synthetic-seed0`."""
+    return f"{setting.replace('+', '-')}-seed{seed}"
+
+
 def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
     """Gathers the step records into `report.json`, `report.md` and the figures."""
     in_order = sorted(study.steps.glob("*.json"), key=lambda path: path.stat().st_mtime_ns)
     records = {path.stem: json.loads(path.read_text()) for path in in_order}
     runs = [
-        records[f"segmentation-{setting.replace('+', '-')}-seed{seed}"]["result"]
+        records[f"segmentation-{segmentation_run_name(setting, seed)}"]["result"]
         for setting in study_settings(arguments)
         for seed in range(arguments["seeds"])
     ]
