@@ -126,9 +126,12 @@ def exit_code_of(
     return 0
 
 
-def load_training_script(name: str) -> ModuleType:
-    """A script of `training/` as a module, without running it: its parser and checks, used before any work."""
-    spec = importlib.util.spec_from_file_location(f"polyp_training_{name}", TRAINING_SCRIPTS / f"{name}.py")
+def load_training_script(name: str, folder: Path = TRAINING_SCRIPTS) -> ModuleType:
+    """
+    A script of `training/` (or of `folder`: a script's own, wherever it runs from) as a module, without running
+    it: its parser and checks, used before any work.
+    """
+    spec = importlib.util.spec_from_file_location(f"polyp_training_{name}", Path(folder) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -704,8 +704,8 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
 
     def foreign_in(entry: Path) -> list[str]:
         """`entry`'s name, or the foreign files of a split's folder (`train/notes.md`): what to move out."""
-        if is_clutter(entry.name) or entry.name in written:
-            return []
+        if is_clutter(entry.name) or entry.name in written or (entry.is_dir() and not any(entry.iterdir())):
+            return []  # an empty folder holds nothing to lose
         if entry.is_dir() and any(is_split_file(part) for part in entry.iterdir()):
             parts = [part for part in entry.iterdir() if not is_split_file(part) and not is_clutter(part.name)]
             return [f"{entry.name}/{part.name}" for part in parts]

@@ -267,8 +267,8 @@ def generate_dataset(
     before sampling: worth it when sampling takes longer than the compilation; it changes images only by
     floating-point rounding, so it is not part of the settings a rerun must match. The requests go in as few
     batches of at most `batch_size` as there can be, of one size but a shorter last one (`even_batches`);
-    compiled, a last batch smaller than the batches before it is padded to their size (the padding is dropped),
-    so the UNet is compiled once; not with `insert`, whose batches are as many as the frames that take a polyp.
+    compiled, a batch smaller than the largest (the last one, or one between the parts of a continued run) is
+    padded to its size (the padding is dropped), so the UNet is compiled once; not with `insert`, whose batches are as many as the frames that take a polyp.
     Each batch is written to `output/.parts/` as one file named by the requests it holds, atomically; a rerun
     with the same settings skips the batches already there and continues, and the dataset is made of exactly
     those files (any other file there is ignored). The dataset replaces the folder once every batch is done.
@@ -400,11 +400,15 @@ def generate_dataset(
             masks_of = _drawn_once(masks_of)
 
         parts = output / PARTS_DIR
-        recorded = state == "continue"  # its settings are in `parts` already
-        compiled_batch_size = None  # the batch the compiled UNet has seen in this run
         requests = [(row, k) for row in range(num_masks) for k in range(num_images_per_mask)]
-        plan = _plan_batches(parts, len(requests), batch_size, resuming=recorded)
+        plan = _plan_batches(parts, len(requests), batch_size, resuming=state == "continue")
         part_files = [part for _, part, _ in plan]
+        to_make = [len(span) for span, _, is_whole in plan if not is_whole]
+        # Compiled, every batch is padded to the largest: another shape would compile the UNet again (and, with
+        # reduce-overhead, capture another CUDA graph), for as long as the first time.
+        compiled_batch_size = max(to_make) if compile and to_make else None
+        # A continued run's settings are recorded again: a record of an earlier version lacks some digests.
+        recorded = False
         if done := sum(len(span) for span, _, is_whole in plan if is_whole):
             print(f"Resuming the generation in {output}: {done} of {len(requests)} images are there already.")
         for span, part, is_whole in tqdm(plan, desc="Generating", unit="batch"):
@@ -428,13 +432,10 @@ def generate_dataset(
                 by_index = masks_of(sorted({row for row, _ in batch}))
                 batch_masks = [by_index[row][0] for row, _ in batch]
                 if compiled_batch_size is not None and len(batch) < compiled_batch_size:
-                    # The shape the UNet was compiled for: a smaller last batch would compile it again, for as long
-                    # as the first time. The padding repeats a mask with seeds no image has, and is dropped.
+                    # The padding repeats a mask, with the seeds that follow the batch's, and is dropped.
                     padding = range(len(batch), compiled_batch_size)
                     batch_masks += batch_masks[-1:] * len(padding)
                     generators += seeded_generators(pipeline.device, [seed + start + i for i in padding])
-                if compile:
-                    compiled_batch_size = len(batch_masks)
                 out = pipeline(
                     batch_masks,
                     num_inference_steps=num_inference_steps,
@@ -570,7 +571,7 @@ def _is_whole_part(part: Path, num_pairs: int) -> bool:
         return False
 
 
-PART_NAME = re.compile(r"part-(\d{6})-(\d{6})\.parquet")
+PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet")  # zero-padded to 6 digits, longer from a million on
 
 
 def _plan_batches(parts: Path, num_requests: int, batch_size: int, resuming: bool) -> list[tuple[range, Path, bool]]:
@@ -579,22 +580,25 @@ def _plan_batches(parts: Path, num_requests: int, batch_size: int, resuming: boo
     generation, the whole parts it wrote in `parts` (whatever batch size it had), and `even_batches` of
     `batch_size` for the requests between them.
     """
-    written = []  # whole parts, in order, none overlapping another
-    for part in sorted(parts.glob("part-*.parquet")) if resuming else []:
-        if (match := PART_NAME.fullmatch(part.name)) is None:
-            continue
-        span = range(int(match[1]), int(match[2]))
-        follows = not written or span.start >= written[-1].stop
+    written = []  # (requests, part) of the whole parts, in order, none overlapping another
+    named = [(part, PART_NAME.fullmatch(part.name)) for part in parts.glob("part-*.parquet")] if resuming else []
+    spans = sorted(
+        ((range(int(match[1]), int(match[2])), part) for part, match in named if match is not None),
+        key=lambda span_and_part: span_and_part[0].start,
+    )
+    for span, part in spans:
+        follows = not written or span.start >= written[-1][0].stop
         if 0 < len(span) and span.stop <= num_requests and follows and _is_whole_part(part, len(span)):
-            written.append(span)
+            written.append((span, part))
     plan, position = [], 0
-    for span in [*written, range(num_requests, num_requests)]:
+    for span, part in [*written, (range(num_requests, num_requests), None)]:
         for batch in even_batches(span.start - position, batch_size):
-            plan.append((range(position + batch.start, position + batch.stop), False))
-        if len(span):
-            plan.append((span, True))
+            to_make = range(position + batch.start, position + batch.stop)
+            plan.append((to_make, parts / f"part-{to_make.start:06d}-{to_make.stop:06d}.parquet", False))
+        if part is not None:
+            plan.append((span, part, True))
         position = span.stop
-    return [(span, parts / f"part-{span.start:06d}-{span.stop:06d}.parquet", whole) for span, whole in plan]
+    return plan
 
 
 def even_batches(num_requests: int, batch_size: int) -> list[range]:

@@ -342,6 +342,7 @@ def test_overwrite_leaves_alone_a_folder_holding_files_prepare_data_does_not_wri
     shutil.rmtree(prepared / ".git")
     (prepared / ".DS_Store").write_text("a file browser's")
     (prepared / "test" / ".DS_Store").write_text("a file browser's")
+    (prepared / "empty").mkdir()  # nothing in it to lose
     prepare_dataset(str(good_folder), prepared, test_size=3, overwrite=True)
     assert len(load_from_disk(str(prepared))["test"]) == 3
 

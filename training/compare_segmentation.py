@@ -96,7 +96,7 @@ def check_settings(args, arguments: dict[str, list[str]], synthetic: str) -> Non
     its flags (`train_segmentation.py`'s own parser), a missing optional extra, a test set named twice, and test
     sets holding pairs that a setting learns from (`segmentation.check_tests_apart`, as each setting checks itself).
     """
-    parse_args = load_training_script("train_segmentation").parse_args
+    parse_args = load_training_script("train_segmentation", HERE).parse_args  # the script it launches
     settings = [parse_args(setting_flags) for setting_flags in arguments.values()]
     # A passed-on flag (even abbreviated) that changes what the comparison sets would make its settings alike.
     changed = set()
