@@ -4,10 +4,10 @@ Cards only render what they are given: the results they show come from `polyp_di
 uploading is `publish.py`'s job.
 """
 
+import hashlib
 import inspect
 import json
 import math
-import re
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
@@ -126,13 +126,24 @@ def render_model_card(
 CARD_CONTEXT_FILE = "card.json"
 
 
+# In `card.json` beside the inputs: the SHA-256 of the card as rendered, which tells a card edited since.
+RENDERED_DIGEST = "rendered_readme_sha256"
+
+
 def model_card_files(pipeline, folder, **context) -> dict[Path, str]:
-    """The model card (`folder/README.md`) and its inputs (`card.json`, kept for later updates), inputs first."""
+    """
+    The model card (`folder/README.md`) and its inputs (`card.json`, kept for later updates, with the rendered
+    card's digest), inputs first. Rendered from the inputs as `card.json` keeps them (a tuple becomes a list).
+    """
     folder = Path(folder)
-    return {
-        folder / CARD_CONTEXT_FILE: json.dumps(context, indent=2, default=str) + "\n",
-        folder / "README.md": render_model_card(pipeline, **context),
-    }
+    context = json.loads(json.dumps(context, default=str))
+    readme = render_model_card(pipeline, **context)
+    record = {**context, RENDERED_DIGEST: _digest(readme)}
+    return {folder / CARD_CONTEXT_FILE: json.dumps(record, indent=2) + "\n", folder / "README.md": readme}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_model_card(pipeline, folder, **context) -> Path:
@@ -174,13 +185,20 @@ def check_results_file(source: str, result) -> None:
 
 def _card_context(folder) -> dict:
     """The inputs a saved pipeline's card was rendered from (`card.json`), or the folder's name alone without them."""
+    context = _card_record(folder)
+    context.pop(RENDERED_DIGEST, None)
+    return context
+
+
+def _card_record(folder) -> dict:
+    """`card.json` as written (the card's inputs and its digest), checked; the folder's name alone without it."""
     context_path = Path(folder) / CARD_CONTEXT_FILE
     try:
         context = json.loads(context_path.read_text()) if context_path.exists() else {"repo_id": Path(folder).name}
     except ValueError as error:
         raise _damaged_card_inputs(context_path, error) from error
     card_inputs = set(inspect.signature(render_model_card).parameters) - {"pipeline"}
-    if not isinstance(context, dict) or not {"repo_id"} <= set(context) <= card_inputs:
+    if not isinstance(context, dict) or not {"repo_id"} <= set(context) <= card_inputs | {RENDERED_DIGEST}:
         raise _damaged_card_inputs(context_path, "not an object of the card's inputs")
     return context
 
@@ -194,29 +212,47 @@ def model_card_files_naming(pipeline, folder, repo_id: str) -> dict[Path, str]:
 
 
 def card_is_as_rendered(pipeline, folder) -> bool:
-    """Whether a saved pipeline's card is still as its inputs (`card.json`) render it: not edited since."""
+    """
+    Whether a saved pipeline's card is still as it was rendered: not edited since. `card.json` keeps the rendered
+    card's digest; one written by an earlier version, without it, is compared with its inputs rendered again.
+    """
     readme = Path(folder) / "README.md"
-    return readme.is_file() and readme.read_text() == render_model_card(pipeline, **_card_context(folder))
+    if not readme.is_file():
+        return False
+    context = _card_record(folder)
+    if (recorded := context.pop(RENDERED_DIGEST, None)) is not None:
+        return _digest(readme.read_text()) == recorded
+    return readme.read_text() == render_model_card(pipeline, **context)
 
 
-RESULTS_HEADING = "## Results"
+RESULTS_HEADING = "## Results"  # also "## Results (FID)", as a user may have renamed it
 
 
 def _section_span(text: str, heading: str) -> tuple[int, int] | None:
-    """Where the Markdown section under `heading` lies in `text`: from its heading to the next `## ` one."""
-    if (start := re.search(rf"^{re.escape(heading)}[ \t]*$", text, re.MULTILINE)) is None:
-        return None
-    following = re.compile(r"^## ", re.MULTILINE).search(text, start.end())
-    return start.start(), following.start() if following else len(text)
+    """
+    Where the Markdown section under `heading` (a line that starts with it) lies in `text`: from its heading to the
+    next `## ` heading outside a fenced code block, or the end.
+    """
+    start, position, fenced = None, 0, False
+    for line in text.splitlines(keepends=True):
+        if line.startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and start is None and line.startswith(heading):
+            start = position
+        elif not fenced and start is not None and line.startswith("## "):
+            return start, position
+        position += len(line)
+    return (start, len(text)) if start is not None else None
 
 
 def with_results_of(edited: str, rendered: str) -> str:
     """
     An `edited` card with the results of a `rendered` one, its Results section and its model-index metadata;
-    everything else, the edits (another license, sections of one's own), is kept. A card without a Results section
-    gets one at its end.
+    everything else, the edits (another license, sections of one's own), is kept, line endings too. A card
+    without a Results section gets one at its end.
     """
-    card, new = ModelCard(edited), ModelCard(rendered)
+    windows_lines = "\r\n" in edited
+    card, new = ModelCard(edited.replace("\r\n", "\n")), ModelCard(rendered)
     card.data.eval_results, card.data.model_name = new.data.eval_results, new.data.model_name
     start, end = _section_span(new.text, RESULTS_HEADING)
     results = new.text[start:end].rstrip("\n") + "\n"
@@ -224,7 +260,8 @@ def with_results_of(edited: str, rendered: str) -> str:
         card.text = card.text.rstrip("\n") + "\n\n" + results
     else:
         card.text = card.text[: old[0]] + results + ("\n" if old[1] < len(card.text) else "") + card.text[old[1] :]
-    return str(card)
+    text = str(card) if card.data.to_dict() else card.text  # no empty metadata block where there was none
+    return text.replace("\n", "\r\n") if windows_lines else text
 
 
 def updated_model_card_files(pipeline, folder, results: dict[str, dict]) -> dict[Path, str]:

@@ -28,7 +28,7 @@ from polyp_diffusers.data import RawPair, build_dataset, load_polyp_dataset, val
 from polyp_diffusers.folders import OutputClaim, OutputInUseError, staging_folder, write_text_atomically
 from polyp_diffusers.generate import PARTS_DIR, SETTINGS_FILE, OtherRunError, generate_dataset, load_pipeline
 from polyp_diffusers.hub_card import publish as publish_module
-from polyp_diffusers.hub_card.cards import write_model_card
+from polyp_diffusers.hub_card.cards import with_results_of, write_model_card
 from polyp_diffusers.hub_card.publish import UploadError, hub_repo_id, push_dataset, push_folder
 from polyp_diffusers.pipelines import ModelKindError
 from polyp_diffusers.prepare_data import prepare_dataset
@@ -493,6 +493,23 @@ def test_from_pretrained_refuses_the_other_kind_of_model(tiny_pipeline, tmp_path
         PolypMaskPipeline.from_pretrained(tmp_path / "images")
 
 
+def test_results_go_into_a_card_edited_on_windows_with_a_renamed_section_and_code_in_it():
+    rendered = "---\nlicense: mit\n---\n# Model\n\n## Results\n### FID\n| 9.5 |\n\n## Limitations\nResearch only.\n"
+    edited = (
+        "---\r\nlicense: cc-by-4.0\r\n---\r\n# Model\r\n\r\n## Results (FID)\r\nold\r\n```\r\n## a comment\r\n```\r\n"
+        "\r\n## Intended use\r\nInternal.\r\n"
+    )
+    card = with_results_of(edited, rendered)
+    assert card == (
+        "---\r\nlicense: cc-by-4.0\r\n---\r\n# Model\r\n\r\n## Results\r\n### FID\r\n| 9.5 |\r\n\r\n"
+        "## Intended use\r\nInternal.\r\n"
+    )
+    # No metadata and no Results section: the section is added at the end, and no empty metadata block.
+    assert with_results_of("# Mine\n\nNotes.\n", rendered.replace("license: mit", "")) == (
+        "# Mine\n\nNotes.\n\n## Results\n### FID\n| 9.5 |\n"
+    )
+
+
 def test_card_killed_while_writing_leaves_whole_files_and_names_a_damaged_context(
     capsys, tiny_pipeline, tmp_path, monkeypatch
 ):
@@ -711,7 +728,9 @@ def test_a_pushed_card_names_the_repo_the_hub_created_for_a_bare_name(tmp_path, 
     folder = tmp_path / "run"
     pipeline.save_pretrained(folder)
     results = {"markdown": "### Image realism\n| FID |\n| 41.5 |", "eval_results": []}
-    write_model_card(pipeline, folder, repo_id="run", training_config={"max_train_steps": 16}, results=results)
+    # As train.py writes it: a tuple among the settings (which card.json keeps as a list).
+    training_config = {"max_train_steps": 16, "augment_zoom": (1.0, 1.0)}
+    write_model_card(pipeline, folder, repo_id="run", training_config=training_config, results=results)
     uploaded = {}
     monkeypatch.setattr(publish_module, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=f"me/{repo_id}"))
     monkeypatch.setattr(publish_module, "upload_folder", lambda folder_path, **_: uploaded.update(
