@@ -312,7 +312,8 @@ def run_study(
         extra_train_flags = shlex.split(denoiser_args or "")
     except ValueError as error:  # unbalanced quotes
         raise ValueError(f"--denoiser-args {denoiser_args!r} cannot be split into flags: {error}") from None
-    _check_train_flags(_flags({**settings["denoiser"], **OBJECTIVES[objective]}), extra_train_flags)
+    denoiser_command = _denoiser_command(dataset, Path(output) / "denoiser", settings, objective)
+    _check_train_flags(denoiser_command, extra_train_flags)
     seeds = settings["seeds"] if seeds is None else seeds
     # One study writes in `output` at a time: a second would run the same steps beside the first.
     with OutputClaim(output):
@@ -348,13 +349,7 @@ def run_study(
             "train"
         ]
         denoiser = study.output / "denoiser"
-        train_command = [
-            *script_command("train.py", settings["mixed_precision"]),
-            *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
-            *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
-            *extra_train_flags,
-            "--resume_from_checkpoint", "latest",
-        ]  # fmt: skip
+        train_command = [*denoiser_command, *extra_train_flags, "--resume_from_checkpoint", "latest"]
         study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
         synthetic = study.output / "synthetic"
         generation = settings["generation"]
@@ -455,21 +450,30 @@ STUDY_TRAIN_SETTINGS = (
 )  # fmt: skip
 
 
-def _check_train_flags(flags: list[str], extra: list[str]) -> None:
+def _denoiser_command(dataset: Path, denoiser: Path, settings: dict, objective: str) -> list[str]:
+    """The study's train.py command, but for the user's --denoiser-args and the resumption it adds."""
+    return [
+        *script_command("train.py", settings["mixed_precision"]),
+        *_flags({"dataset": dataset, "output_dir": denoiser, "resolution": settings["resolution"]}),
+        *_flags({**settings["denoiser"], **OBJECTIVES[objective]}),
+    ]
+
+
+def _check_train_flags(command: list[str], extra: list[str]) -> None:
     """
-    Parses the denoiser's flags with train.py's own parser, so that a wrong one fails before the data step, and
-    refuses `extra` flags that change a setting the study sets itself.
+    Parses the denoiser's `command` (`_denoiser_command`) and the user's `extra` flags with train.py's own parser,
+    so that a wrong one fails before the data step, and refuses `extra` flags that change a setting the study
+    sets itself.
     """
     parse_args = load_training_script("train").parse_args
+    flags = command[2:]  # after python and the script
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            owned = overridden_settings(
-                parse_args, ["--dataset", "data", "--output_dir", "denoiser", *flags], extra, STUDY_TRAIN_SETTINGS
-            )
+            owned = overridden_settings(parse_args, flags, extra, STUDY_TRAIN_SETTINGS)
     except SystemExit:
         message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "rejected"
-        raise ValueError(f"the denoiser's flags {[*flags, *extra]} are refused by train.py: {message}") from None
+        raise ValueError(f"the denoiser's flags {extra} are refused by train.py: {message}") from None
     if owned:
         raise ValueError(
             f"the study sets {', '.join(owned)} itself (use --objective, --output, and the preset's resolution; "

@@ -228,6 +228,9 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
         )
     with pytest.raises(ValueError, match="the study sets --resolution, --train_split itself"):  # abbreviated too
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--resol 64 --train_spl test")
+    # Its data and folder, as the study passes them, not placeholders that a user's own could equal.
+    with pytest.raises(ValueError, match="the study sets --dataset, --output_dir itself"):
+        run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--dataset data --output_dir denoiser")
     # A denoiser trained on the test split would leak it into the synthetic pairs: refused here, not after training.
     with pytest.raises(ValueError, match="the study sets --train_split itself"):
         run_study("demo", tmp_path / "wrong", preset="smoke", denoiser_args="--train_split test")
@@ -248,6 +251,10 @@ def test_the_denoiser_takes_more_flags_after_the_presets_and_a_wrong_one_fails_f
     assert command[command.index("--max_train_steps") + 1] == "30"  # the preset's first: argparse keeps the last
     arguments = json.loads((tmp_path / "study" / "steps" / "arguments.json").read_text())["result"]
     assert arguments["denoiser_args"] == ["--augment_degrees", "0", "--max_train_steps", "5"]
+    # Another network: its default resolution is not the study's, which the study passes explicitly.
+    with pytest.raises(Killed):
+        run_study("demo", tmp_path / "other-network", preset="smoke", denoiser_args="--model_preset paper-64")
+    assert launched[-1][-4:] == ["--model_preset", "paper-64", "--resume_from_checkpoint", "latest"]
 
 
 def test_scripts_side_by_side_get_their_share_of_threads_unless_the_user_chose(tmp_path, monkeypatch):
