@@ -162,8 +162,12 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     )
 
     model, config = segmenter
+    try:  # before the scoring: a failure here loses no score
+        learned, unknown = pairs_from_learned_masks(dataset, parse_dataset_spec(name)[0], config), None
+    except (OSError, ValueError) as error:
+        learned, unknown = None, error
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
-    scores["pairs_from_learned_masks"] = pairs_from_learned_masks(dataset, parse_dataset_spec(name)[0], config)
+    scores["pairs_from_learned_masks"] = learned
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
     scores.update(provenance(parse_dataset_spec(name)[0]))
     scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
@@ -173,7 +177,9 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     )
     if config["train"] != "real":
         print("Note: mask fidelity is meant with a segmenter trained on real pairs only.")
-    if learned := scores["pairs_from_learned_masks"]:
+    if unknown is not None:
+        print(f"Note: whether these pairs were made from masks the segmenter learned from is unknown ({unknown}).")
+    if learned:
         print(
             f"Note: {learned} of these {scores['num_images']} pairs were made from masks the segmenter learned from "
             f"(its training pairs of {config['real']}), so their score is flattered. Score pairs of masks it has not "

@@ -279,7 +279,8 @@ def held_out_synthetic(real: Dataset, synthetic: Dataset, validation_size: int |
 def pairs_from_learned_masks(generated: Dataset, generated_path: str, config: dict) -> int:
     """
     How many generated pairs were made from masks (or frames) that a segmenter learned from: its real training
-    pairs (`config`, from its `results.json`), but for those it held out. 0 where a record to tell is missing.
+    pairs (`config`, from its `results.json`), but for those it held out. 0 where a record to tell is missing;
+    an error (`OSError`, `ValueError`) where those pairs cannot be read.
     """
     generation = _generation_of(generated_path)
     real, real_split = config.get("real"), config.get("real_split")

@@ -925,6 +925,16 @@ def test_mask_fidelity_scores_generated_pairs_with_a_segmenter_trained_on_real_o
     # Made from the 6 training masks, 2 images each; the segmenter learned from the 4 it did not hold out.
     assert scores["pairs_from_learned_masks"] == 8
     assert "Note: 8 of these 12 pairs were made from masks the segmenter learned from" in capsys.readouterr().out
+    # Its training pairs unreadable now (here: a split gone): said, and the score is kept.
+    moved = tmp_path / "moved-segmenter"
+    shutil.copytree(real_segmenter, moved)
+    record = json.loads((moved / "results.json").read_text())
+    record["config"]["real_split"] = "gone"
+    (moved / "results.json").write_text(json.dumps(record))
+    assert polyp_ddpm(["mask-fidelity", "--segmenter", str(moved), "--dataset", str(generated)]) == 0
+    assert "Note: whether these pairs were made from masks the segmenter learned from is unknown" in (
+        capsys.readouterr().out
+    )
     assert polyp_ddpm(["mask-fidelity", "--segmenter", str(tmp_path), "--dataset", str(generated)]) == 1
     assert "is not a train_segmentation.py output folder" in capsys.readouterr().err
     # Real pairs (no generation.json): said, and not published as a model's generated pairs.

@@ -37,7 +37,7 @@ from polyp_diffusers.arguments import (
     positive_int,
 )
 from polyp_diffusers.choices import MIXED_PRECISIONS
-from polyp_diffusers.data import load_polyp_dataset, parse_dataset_spec
+from polyp_diffusers.data import load_polyp_dataset, local_path_or_id, parse_dataset_spec
 from polyp_diffusers.folders import check_output_apart, visible_entries, write_text_atomically
 from polyp_diffusers.modeling import describe_device
 from polyp_diffusers.segmentation import (
@@ -342,7 +342,8 @@ def main(argv=None):
             **fidelity,
             "segmenter_family": SEGMENTER_FAMILIES[args.architecture],
             "segmenter": describe_segmenter(args.architecture, args.encoder_weights, args.segformer_size),
-            "config": vars(args),
+            # --real resolved: what read it later from another folder (mask-fidelity) finds the same pairs.
+            "config": {**vars(args), "real": local_path_or_id(args.real)},
             # What rebuilds the architecture offline (load_trained_segmenter), whatever weights it started from.
             **({"segformer_config": model.segformer.config.to_dict()} if args.architecture == "segformer" else {}),
             "timing": {
