@@ -98,19 +98,26 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def _memory_errors() -> tuple[type[BaseException], ...]:
+    """Running out of host memory, and of a GPU's once torch is loaded (this module does not load it)."""
+    torch = sys.modules.get("torch")
+    return (MemoryError, torch.OutOfMemoryError) if torch is not None else (MemoryError,)
+
+
 def exit_code_of(
     command: Callable[[], object],
     errors: tuple[type[BaseException], ...] = (ValueError, OSError),
     interrupted: str = "interrupted: what was written whole is kept.",
 ) -> int:
     """
-    Runs `command`; one of `errors` (bad input, damaged files) or running out of memory (a resolution or batch too
-    large) is printed as one line, `error: ...`, a Ctrl-C as `interrupted` and a `Stopped` as its message, without
-    a traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit status: 1 for an error, 128 + the signal for a stop, as a shell says.
+    Runs `command`; one of `errors` (bad input, damaged files) or running out of memory, the host's or a GPU's (a
+    resolution or batch too large), is printed as one line, `error: ...`, a Ctrl-C as `interrupted` and a `Stopped`
+    as its message, without a traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit
+    status: 1 for an error, 128 + the signal for a stop, as a shell says.
     """
     try:
         command()
-    except (*errors, MemoryError, KeyboardInterrupt, Stopped) as error:
+    except (*errors, *_memory_errors(), KeyboardInterrupt, Stopped) as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1" and not isinstance(error, Stopped):  # a stop is no bug
             raise
         if isinstance(error, KeyboardInterrupt):
@@ -119,8 +126,9 @@ def exit_code_of(
             if str(error):  # empty: one of several processes, whose stop another one says
                 print(error, file=sys.stderr)
             return 128 + error.signum
-        if isinstance(error, MemoryError):
-            error = f"out of memory ({str(error) or 'no details'}): use a smaller resolution or batch"
+        if isinstance(error, _memory_errors()):  # a GPU's says more in the lines after its first
+            details = str(error).splitlines()[0] if str(error) else "no details"
+            error = f"out of memory ({details}): use a smaller resolution or batch"
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

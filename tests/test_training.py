@@ -234,9 +234,12 @@ def test_a_stop_is_one_line_with_the_exit_status_a_shell_gives_a_signal(capsys):
 def test_running_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
     assert exit_code_of(lambda: (_ for _ in ()).throw(MemoryError("Unable to allocate 149. GiB"))) == 1
     assert exit_code_of(lambda: (_ for _ in ()).throw(MemoryError())) == 1
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated memory ...")
+    assert exit_code_of(lambda: (_ for _ in ()).throw(gpu)) == 1  # a RuntimeError, not among train.py's errors
     assert capsys.readouterr().err == (
         "error: out of memory (Unable to allocate 149. GiB): use a smaller resolution or batch\n"
         "error: out of memory (no details): use a smaller resolution or batch\n"
+        "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.): use a smaller resolution or batch\n"
     )
 
 
