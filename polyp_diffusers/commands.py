@@ -162,14 +162,15 @@ def _score_mask_fidelity(segmenter, segmenter_path, dataset, name, batch_size, d
     )
 
     model, config = segmenter
+    path = parse_dataset_spec(name)[0]
     try:  # before the scoring: a failure here loses no score
-        learned, unknown = pairs_from_learned_masks(dataset, parse_dataset_spec(name)[0], config), None
+        learned, unknown = pairs_from_learned_masks(dataset, path, config), None
     except (OSError, ValueError) as error:
         learned, unknown = None, error
     scores = mask_fidelity(model.to(device or default_device()), config, dataset, batch_size)
     scores["pairs_from_learned_masks"] = learned
     scores.update(dataset=name, segmenter=str(segmenter_path), segmenter_trained_on=config["train"])
-    scores.update(provenance(parse_dataset_spec(name)[0]))
+    scores.update(provenance(path))
     scores.update(mask_fidelity_results(scores, SEGMENTER_FAMILIES[config["architecture"]]))  # for `polyp-ddpm card`
     print(
         f"Mask fidelity of {name}: IoU {scores['iou']:.4f}, Dice {scores['dice']:.4f} on "

@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 # A split's name, as `datasets` names them (`datasets.naming`: letters, digits and '_', parts joined by '.'), and
 # '-', which `save_to_disk` takes too: each is a folder of the dataset, never a path out of it.
 SPLIT_NAME = re.compile(r"[\w-]+(\.[\w-]+)*")
-# One part of a Hub repo id (`owner/name`): letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp")
 # Folders one level below a source that hold its own splits (train/images, test/images, ...), and their split names.
@@ -704,11 +703,15 @@ def check_only_written_by(output: str | os.PathLike, command: str, extra_names: 
 
     def foreign_in(entry: Path) -> list[str]:
         """`entry`'s name, or the foreign files of a split's folder (`train/notes.md`): what to move out."""
-        if is_clutter(entry.name) or entry.name in written or (entry.is_dir() and not any(entry.iterdir())):
-            return []  # an empty folder holds nothing to lose
-        if entry.is_dir() and any(is_split_file(part) for part in entry.iterdir()):
-            parts = [part for part in entry.iterdir() if not is_split_file(part) and not is_clutter(part.name)]
-            return [f"{entry.name}/{part.name}" for part in parts]
+        if is_clutter(entry.name) or entry.name in written:
+            return []
+        parts = list(entry.iterdir()) if entry.is_dir() else []
+        if entry.is_dir() and not parts:  # an empty folder holds nothing to lose
+            return []
+        if any(is_split_file(part) for part in parts):
+            return [
+                f"{entry.name}/{part.name}" for part in parts if not is_split_file(part) and not is_clutter(part.name)
+            ]
         return [entry.name]
 
     foreign = sorted(name for entry in Path(output).iterdir() for name in foreign_in(entry))

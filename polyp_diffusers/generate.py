@@ -164,11 +164,13 @@ def _read_settings(path: Path, settings: dict) -> dict | None:
 WORK_SETTINGS = ("batch_size",)
 
 
-def _same_generation(previous: dict | None, settings: dict) -> bool:
-    def defining(record: dict) -> dict:
-        return {key: value for key, value in record.items() if key not in WORK_SETTINGS}
+def _defining(record: dict) -> dict:
+    """The settings that define what a generation makes (all but `WORK_SETTINGS`)."""
+    return {key: value for key, value in record.items() if key not in WORK_SETTINGS}
 
-    return previous is not None and defining(previous) == defining(settings)
+
+def _same_generation(previous: dict | None, settings: dict) -> bool:
+    return previous is not None and _defining(previous) == _defining(settings)
 
 
 class OtherRunError(ValueError):
@@ -196,11 +198,8 @@ def _check_output(output: Path, settings: dict, overwrite: bool) -> str:
                     f"{output} holds an unfinished run whose {parts / SETTINGS_FILE} is missing or damaged; pass "
                     "--overwrite to discard it, or choose another --output."
                 )
-            changed = {
-                k: (previous.get(k), settings.get(k))
-                for k in {*previous, *settings}
-                if previous.get(k) != settings.get(k) and k not in WORK_SETTINGS
-            }
+            before, now = _defining(previous), _defining(settings)
+            changed = {k: (before.get(k), now.get(k)) for k in {*before, *now} if before.get(k) != now.get(k)}
             raise OtherRunError(
                 f"{output} holds an unfinished run with other settings {changed}; run the same command "
                 "again to continue it, pass --overwrite to discard it, or choose another --output."
@@ -268,7 +267,8 @@ def generate_dataset(
     floating-point rounding, so it is not part of the settings a rerun must match. The requests go in as few
     batches of at most `batch_size` as there can be, of one size but a shorter last one (`even_batches`);
     compiled, a batch smaller than the largest (the last one, or one between the parts of a continued run) is
-    padded to its size (the padding is dropped), so the UNet is compiled once; not with `insert`, whose batches are as many as the frames that take a polyp.
+    padded to its size (the padding is dropped), so the UNet is compiled once; not with `insert`, whose batches
+    are as many as the frames that take a polyp.
     Each batch is written to `output/.parts/` as one file named by the requests it holds, atomically; a rerun
     with the same settings skips the batches already there and continues, and the dataset is made of exactly
     those files (any other file there is ignored). The dataset replaces the folder once every batch is done.

@@ -312,7 +312,8 @@ def run_study(
         extra_train_flags = shlex.split(denoiser_args or "")
     except ValueError as error:  # unbalanced quotes
         raise ValueError(f"--denoiser-args {denoiser_args!r} cannot be split into flags: {error}") from None
-    denoiser_command = _denoiser_command(dataset, Path(output) / "denoiser", settings, objective)
+    denoiser = Path(output) / "denoiser"
+    denoiser_command = _denoiser_command(dataset, denoiser, settings, objective)
     _check_train_flags(denoiser_command, extra_train_flags)
     seeds = settings["seeds"] if seeds is None else seeds
     # One study writes in `output` at a time: a second would run the same steps beside the first.
@@ -345,10 +346,8 @@ def run_study(
         _print_estimate(settings, seeds, len(study_settings(arguments)))
         started = time.perf_counter()
 
-        num_masks = study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))["result"][
-            "train"
-        ]
-        denoiser = study.output / "denoiser"
+        prepared = study.step("data", lambda: _prepare(data, dataset, settings["resolution"], split_file))
+        num_masks = prepared["result"]["train"]
         train_command = [*denoiser_command, *extra_train_flags, "--resume_from_checkpoint", "latest"]
         study.step("denoiser", lambda: _run(train_command, study.logs / "denoiser.log") or {"command": train_command})
         synthetic = study.output / "synthetic"

@@ -109,7 +109,8 @@ def generate_pairs(
 ) -> PolypDDPMPipelineOutput:
     """
     `num_images` images of one mask. Image i uses seed `seed + i` on the pipeline's device, as in `polyp-ddpm
-    generate`, so an image does not depend on how many are asked for and is the one `generate` makes. Sets the pipeline's scheduler: one call at a time.
+    generate`, so an image does not depend on how many are asked for and is the one `generate` makes. Sets the
+    pipeline's scheduler: one call at a time.
     """
     check_positive_int(num_images, "num_images")
     if num_images > MAX_IMAGES:

@@ -475,11 +475,12 @@ def register_checkpoint_hooks(accelerator, ema_model: EMAModel | None) -> None:
             # Not EMAModel.from_pretrained (it cannot be held to safetensors), nor a UNet2DModel made from that
             # folder (its config also holds the EMA's decay, which diffusers would warn of as a damaged config).
             ema_tensors = load_file(os.path.join(ema_folder, SAFETENSORS_WEIGHTS_NAME))
-            if missing := [name for name, _ in loaded_unet.named_parameters() if name not in ema_tensors]:
+            names = [name for name, _ in loaded_unet.named_parameters()]  # the EMA's order: the model's parameters
+            if missing := [name for name in names if name not in ema_tensors]:
                 raise ValueError(
                     f"{ema_folder} lacks {len(missing)} EMA weights (first: {missing[0]}); {go_back_hint(folder)}."
                 )
-            shadow_params = [ema_tensors[name] for name, _ in loaded_unet.named_parameters()]
+            shadow_params = [ema_tensors[name] for name in names]
         non_finite = non_finite_weights(loaded_unet, shadow_params)
         if non_finite:
             raise ValueError(
@@ -514,9 +515,9 @@ def resume(accelerator, checkpoint, resume_from, output_dir):
             return checkpoint
         except UNREADABLE_CHECKPOINT_ERRORS as error:
             problem = f"checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error})"
-            earlier = previous_checkpoint(checkpoint)
             if resume_from != "latest":
                 raise ValueError(f"{problem}; {go_back_hint(checkpoint)}.") from error
+            earlier = previous_checkpoint(checkpoint)
             if earlier is None:
                 raise ValueError(
                     f"{problem}, and there is no earlier checkpoint in {output_dir}. To start a new run, move the "
@@ -582,7 +583,8 @@ def check_same_run(recorded: dict, settings: dict, checkpoint: Path) -> None:
     # Settings of one version only (a flag added since) are not compared: a checkpoint stays resumable after an update.
     names = [name for name in recorded if name in settings and name not in RESUMABLE_CHANGES]
     changed = [
-        f"{SETTING_NAMES.get(name, '--' + name)} {_setting_value(recorded[name])} there, {_setting_value(settings[name])} now"
+        f"{SETTING_NAMES.get(name, '--' + name)} {_setting_value(recorded[name])} there, "
+        f"{_setting_value(settings[name])} now"
         for name in names
         if recorded[name] != settings[name]
     ]
