@@ -418,9 +418,12 @@ def denoiser_output(unet, scheduler, image: torch.Tensor, mask_input: torch.Tens
     """
     One call of the denoiser, seeing the noisy `image` at timestep `t` and the mask side by side: its estimate of
     the noise in `image`, or of the velocity for a `v_prediction` scheduler. Training and sampling both call it.
+    The UNet sees `mask_input`'s dtype (the model's, for a model cast to bfloat16); the estimate comes back in
+    `image`'s, so that a sampler keeps its chain in float32: 250 bfloat16 steps, each dividing by a square root of
+    alpha-bar down to 2e-4, drift by several grey levels.
     """
-    model_input = torch.cat([scheduler.scale_model_input(image, t), mask_input], dim=1)
-    return unet(model_input, t).sample
+    model_input = torch.cat([scheduler.scale_model_input(image, t).to(mask_input.dtype), mask_input], dim=1)
+    return unet(model_input, t).sample.to(image.dtype)
 
 
 # Masks in {0, 1} and inpainted images in [0, 1] are in the output range already: postprocessed as they are.
@@ -706,18 +709,18 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                 mask_input = mask_condition(batch_masks, self.mask_channels)
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
-                image = randn_tensor(shape, generator=batch_generator, device=device, dtype=dtype)
+                image = randn_tensor(shape, generator=batch_generator, device=device, dtype=torch.float32)
                 timesteps = reset_timesteps()
                 if start_timestep is None:
                     image = image * self.scheduler.init_noise_sigma
                 else:
-                    color = torch.tensor(start_color, device=device, dtype=dtype).view(1, 3, 1, 1) * 2 - 1
+                    color = torch.tensor(start_color, device=device).view(1, 3, 1, 1) * 2 - 1
                     image = self.scheduler.add_noise(color.expand_as(image), image, timesteps[:1])
                 for t in timesteps:
                     model_output = denoiser_output(self.unet, self.scheduler, image, mask_input, t)
                     image = self.scheduler.step(model_output, t, image, **extra_step_kwargs).prev_sample
                     progress_bar.update()
-                images.append(image.float().cpu())
+                images.append(image.cpu())
 
         self.maybe_free_model_hooks()
         images = self.image_processor.postprocess(torch.cat(images), output_type=output_type)
@@ -799,14 +802,15 @@ class PolypMaskPipeline(PolypPipelineMixin, DiffusionPipeline):
                 batch_generator = generator[start : start + count] if isinstance(generator, list) else generator
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (count, self.unet.config.out_channels, *self.sample_size)
-                sample = randn_tensor(shape, generator=batch_generator, device=device, dtype=self.unet.dtype)
+                sample = randn_tensor(shape, generator=batch_generator, device=device, dtype=torch.float32)
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 sample = sample * self.scheduler.init_noise_sigma
-                for t in self.scheduler.timesteps:
-                    model_output = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
+                for t in self.scheduler.timesteps:  # the chain in float32, as `denoiser_output` says why
+                    model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+                    model_output = self.unet(model_input, t).sample.float()
                     sample = self.scheduler.step(model_output, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
-                masks.append((sample.float() > 0).float().cpu())
+                masks.append((sample > 0).float().cpu())
         self.maybe_free_model_hooks()
         masks = masks_for_output(torch.cat(masks), output_type)
         if not return_dict:
@@ -1134,11 +1138,11 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
             for start in range(0, num_images, batch_size):
                 batch = slice(start, start + batch_size)
                 batch_generator = generator[batch] if isinstance(generator, list) else generator
-                known = model_frames[batch].to(device=device, dtype=dtype)
+                known = model_frames[batch].to(device)
                 edit = blend[batch].to(device) > 0
                 mask_input = mask_condition(model_masks[batch].to(device=device, dtype=dtype), self.mask_channels)
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
-                sample = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
+                sample = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=torch.float32)
                 sample = sample * self.scheduler.init_noise_sigma
                 for position, next_position in zip(path, path[1:]):
                     if next_position < position:  # a resampling jump back to a noisier step
@@ -1147,12 +1151,12 @@ class PolypInpaintPipeline(PolypPipelineMixin, DiffusionPipeline):
                         sample = renoise(sample, alpha_from, alpha_to, batch_generator)
                         continue
                     t = timesteps[position]
-                    noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=dtype)
+                    noise = randn_tensor(known.shape, generator=batch_generator, device=device, dtype=torch.float32)
                     sample = torch.where(edit, sample, self.scheduler.add_noise(known, noise, t))
                     model_output = denoiser_output(self.unet, self.scheduler, sample, mask_input, t)
                     sample = self.scheduler.step(model_output, t, sample, **extra_step_kwargs).prev_sample
                     progress_bar.update()
-                samples.append(torch.where(edit, sample, known).float().cpu())
+                samples.append(torch.where(edit, sample, known).cpu())
         self.maybe_free_model_hooks()
 
         # 3. Back at the frames' size: generated inside the edit region, fading to the frame across the margin,

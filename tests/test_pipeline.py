@@ -203,13 +203,17 @@ def test_a_start_below_every_timestep_of_the_sampler_is_refused(tiny_pipeline, s
         generate(pipe, square_mask, num_inference_steps=25, start_timestep=5, start_color=[0.5] * 3)
 
 
-def test_pipeline_runs_in_bfloat16(tiny_pipeline, square_mask):
+def test_a_bfloat16_model_samples_within_a_grey_level_of_float32(tiny_pipeline, square_mask):
+    # Only the UNet runs in bfloat16; a chain of bfloat16 steps drifted by 0.9 grey levels on average in 50 steps
+    # (2.9 in 250), this one by 0.16.
     pipe = PolypDDPMPipeline(unet=copy.deepcopy(tiny_pipeline.unet), scheduler=tiny_pipeline.scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu", torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
-    images = generate(pipe, square_mask, output_type="pt").images
-    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    images = generate(pipe, square_mask, output_type="pt", num_inference_steps=50).images
+    assert images.dtype == torch.float32
+    float32_images = generate(tiny_pipeline, square_mask, output_type="pt", num_inference_steps=50).images
+    assert (images - float32_images).abs().mean() * 255 < 0.4
 
 
 def test_save_and_load_round_trip_reproduces_images(tiny_pipeline, saved_pipeline_dir, square_mask):
