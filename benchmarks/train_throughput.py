@@ -1,8 +1,9 @@
 """Training throughput (images/s) and peak memory of the paper's denoiser at 64, 128 and 256 px.
 
-Times exactly what `training/train.py` does per step (on-device joint augmentation, noising, UNet forward,
-L1 loss, backward, AdamW) on random data, in fp32, bf16 autocast and bf16 + torch.compile. With
-`--reference-dir` it also times the authors' network (fp32, their GaussianDiffusion loss) on the same device.
+Times what `training/train.py` does per step with its default settings (on-device joint augmentation, noising,
+UNet forward, L1 loss, backward, gradient clipping, AdamW, fused on CUDA, and the EMA update) on random data, in
+fp32, bf16 autocast and bf16 + torch.compile. With `--reference-dir` it also times the authors' network (fp32,
+their GaussianDiffusion loss, Adam; their EMA, every 10 steps, is left out) on the same device.
 `--cudnn-benchmark` lets cuDNN time its convolution algorithms and keep the fastest (compare with a run without it).
 
     python benchmarks/train_throughput.py                       # CUDA if present, else CPU with small batches
@@ -16,6 +17,7 @@ import time
 import torch
 
 from polyp_diffusers import make_polyp_scheduler, make_polyp_unet
+from polyp_diffusers.arguments import load_training_script
 from polyp_diffusers.modeling import diffusion_loss
 from polyp_diffusers.transforms import JointAugment
 
@@ -30,6 +32,13 @@ from common import (
 )
 
 MODES = ("fp32", "bf16", "bf16-compile", "fp32-compile")
+TRAIN_SCRIPT = load_training_script("train")
+TRAINING_DEFAULTS = TRAIN_SCRIPT.parse_args(["--dataset", "-", "--output_dir", "-"])
+OUR_STEP = (
+    f"augmentation, loss, backward, gradient clipping at {TRAINING_DEFAULTS.max_grad_norm}, AdamW (fused on CUDA), "
+    "foreach EMA"
+)  # since 2026-11-28; earlier rows had no clipping, an unfused AdamW and no EMA
+REFERENCE_STEP = "the authors' loss, backward, Adam (their EMA every 10 steps left out)"
 
 
 def time_steps(step, steps: int, warmup: int, device) -> tuple[float, float]:
@@ -52,7 +61,8 @@ def ours(size: int, batch_size: int, mode: str, device):
     unet = make_polyp_unet(image_size=size).to(device)
     model = torch.compile(unet) if mode.endswith("compile") else unet
     scheduler = make_polyp_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    optimizer = TRAIN_SCRIPT.make_optimizer(unet, TRAINING_DEFAULTS)
+    ema_model = TRAIN_SCRIPT.make_ema(unet, TRAINING_DEFAULTS)
     augment = JointAugment()
     images = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
     masks = (torch.rand(batch_size, 1, size, size, device=device) > 0.7).float()
@@ -64,8 +74,10 @@ def ours(size: int, batch_size: int, mode: str, device):
         with autocast:
             loss = diffusion_loss(model, scheduler, augmented, augmented_masks, 1, generator, "l1")
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), TRAINING_DEFAULTS.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        ema_model.step(unet.parameters())
 
     return unet, step
 
@@ -118,6 +130,7 @@ def main():
             "model": "reference" if mode.startswith("reference") else "polyp-diffusers",
             "size": size,
             "mode": mode,
+            "step_includes": REFERENCE_STEP if mode.startswith("reference") else OUR_STEP,
             "cudnn_benchmark": args.cudnn_benchmark,
             "batch_size": batch_size,
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

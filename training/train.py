@@ -358,6 +358,31 @@ def parse_args(argv=None):
     return args
 
 
+def make_ema(unet, args) -> EMAModel:
+    """The EMA of the weights that the pipeline saves, updated with one `foreach` kernel per step."""
+    return EMAModel(
+        unet.parameters(),
+        decay=args.ema_max_decay,
+        use_ema_warmup=True,
+        power=args.ema_power,
+        foreach=True,
+        model_cls=UNet2DModel,
+        model_config=unet.config,
+    )
+
+
+def make_optimizer(unet, args) -> torch.optim.AdamW:
+    """AdamW over the UNet's parameters, fused into one kernel on CUDA (where the parameters must already be)."""
+    return torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=next(unet.parameters()).device.type == "cuda",
+    )
+
+
 def trained_pipeline(accelerator, unet, noise_scheduler, start_color) -> PolypDDPMPipeline | PolypMaskPipeline:
     """
     The pipeline around the model being trained (its current weights), with the trained DDPM schedule and the
@@ -746,25 +771,8 @@ def main(argv=None):
     noise_scheduler = make_polyp_scheduler(args.num_train_timesteps, args.prediction_type, args.zero_terminal_snr)
     # The validation sampler's steps, now rather than at the first grid, after training steps that would be lost.
     validation_pipeline(accelerator, unet, noise_scheduler, args).check_model_and_steps(args.validation_inference_steps)
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            unet.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            power=args.ema_power,
-            foreach=True,
-            model_cls=UNet2DModel,
-            model_config=unet.config,
-        )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        fused=accelerator.device.type == "cuda",
-    )
+    ema_model = make_ema(unet, args) if args.use_ema else None
+    optimizer = make_optimizer(unet, args)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
