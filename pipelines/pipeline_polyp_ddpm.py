@@ -255,9 +255,10 @@ def _third_level(single: np.ndarray, tolerance: float, scale: int) -> tuple[floa
     return (float(values[others][top]), fraction) if fraction > MAX_THIRD_LEVEL_FRACTION else None
 
 
-def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
+def prepare_masks(masks, size: tuple[int, int], warn: bool = False) -> torch.Tensor:
     """
-    Validates, binarizes and resizes masks for the model.
+    Validates, binarizes and resizes masks for the model; with `warn`, warns of masks the model will not draw as
+    they are (mostly polyp: inverted?; a polyp too small to survive the resize).
 
     A mask has two levels, background 0 and polyp at its scale: {0, 1} or {0, 255}, and also {0, 65535} for
     integer masks of 16 bits or more (16-bit PNGs). The scale is the smallest one its maximum fits in, and
@@ -273,11 +274,17 @@ def prepare_masks(masks, size: tuple[int, int]) -> torch.Tensor:
         masks: a PIL image, numpy array or torch tensor of shape `(H, W)`, `(1, H, W)` or `(B, 1, H, W)` (bool,
             integer or float dtype), or a list of these (sizes may differ).
         size: `(height, width)` of the model.
+        warn: whether to warn (a pipeline's input), or not (training batches).
 
     Returns:
         `torch.Tensor` of shape `(N, 1, height, width)`, float32, values exactly 0 or 1, in input order.
     """
-    return torch.cat([resize_masks(binary, size) for binary in _binary_masks(masks)])
+    binaries = _binary_masks(masks)
+    resized = torch.cat([resize_masks(binary, size) for binary in binaries])
+    if warn:
+        _warn_if_mostly_polyp(resized)
+        _warn_if_polyp_vanished(binaries, resized)
+    return resized
 
 
 def _binary_masks(masks, argument: str = "masks", single_name: str = "mask") -> list[torch.Tensor]:
@@ -674,11 +681,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         start_color = self.config.start_color if start_color is None else start_color
         if start_timestep is not None:
             _check_start(start_timestep, start_color, self.scheduler.config.num_train_timesteps)
-        binaries = _binary_masks(masks)
-        # `prepare_masks`, with each mask also at its own size for the warnings
-        masks = torch.cat([resize_masks(binary, self.sample_size) for binary in binaries])
-        _warn_if_mostly_polyp(masks)
-        _warn_if_polyp_vanished(binaries, masks)
+        masks = prepare_masks(masks, self.sample_size, warn=True)
         masks = masks.repeat_interleave(num_images_per_mask, dim=0)
         num_images = masks.shape[0]
         _check_generator_count(generator, num_images, num_images_per_mask)
@@ -686,23 +689,17 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
         device = self._execution_device
         dtype = self.unet.dtype
         num_batches = -(-num_images // batch_size)
-
-        def reset_timesteps() -> torch.Tensor:
-            """The timesteps to run; multistep schedulers keep state between steps, so this runs for every batch."""
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            timesteps = self.scheduler.timesteps
-            if start_timestep is not None:
-                timesteps = timesteps[timesteps <= start_timestep]
-            return timesteps
-
-        steps_to_run = len(reset_timesteps())
-        if steps_to_run == 0:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if start_timestep is not None:
+            timesteps = timesteps[timesteps <= start_timestep]
+        if len(timesteps) == 0:
             raise ValueError(
                 f"start_timestep {start_timestep} lies below every timestep of this sampler with "
                 f"{num_inference_steps} steps (the lowest is {int(self.scheduler.timesteps.min())}): nothing would run."
             )
         images = []
-        with self.progress_bar(total=num_batches * steps_to_run) as progress_bar:
+        with self.progress_bar(total=num_batches * len(timesteps)) as progress_bar:
             for start in range(0, num_images, batch_size):
                 batch_masks = masks[start : start + batch_size].to(device=device, dtype=dtype)
                 batch_generator = generator[start : start + batch_size] if isinstance(generator, list) else generator
@@ -710,7 +707,7 @@ class PolypDDPMPipeline(PolypPipelineMixin, DiffusionPipeline):
                 extra_step_kwargs = step_kwargs(self.scheduler, batch_generator)
                 shape = (batch_masks.shape[0], self.unet.config.out_channels, *self.sample_size)
                 image = randn_tensor(shape, generator=batch_generator, device=device, dtype=torch.float32)
-                timesteps = reset_timesteps()
+                self.scheduler.set_timesteps(num_inference_steps, device=device)  # multistep ones keep state: anew
                 if start_timestep is None:
                     image = image * self.scheduler.init_noise_sigma
                 else:
