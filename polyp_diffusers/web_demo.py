@@ -9,6 +9,7 @@ import importlib.metadata
 import io
 import numbers
 import shutil
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
@@ -292,6 +293,8 @@ def launch_demo(
         raise ValueError(f"dtype is {dtype!r}; expected one of {sorted(DTYPES)}.")
     pipeline = load_pipeline(model)
     pipeline.to(device or default_device(), DTYPES[dtype])
+    # A stop (docker, systemd, a Space restarting) closes the server as Ctrl-C does: its temporary pairs are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     build_demo(pipeline, model).launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE)
 
 

@@ -279,11 +279,16 @@ def test_the_space_folder_builds_the_same_app_for_a_hub_model(tmp_path):
 
 def test_the_space_app_serves_the_demo_from_its_own_copy_of_the_package(tmp_path, saved_pipeline_dir):
     space = web_demo.write_space(tmp_path / "space", "someone/polyp-ddpm")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     model = {"POLYP_DDPM_MODEL": str(saved_pipeline_dir), "GRADIO_SERVER_PORT": str(free_port())}
-    with serving([sys.executable, "app.py"], cwd=space, **model) as url:
+    with serving([sys.executable, "app.py"], cwd=space, TMPDIR=str(temporary), **model) as url:
         client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path))
         images, _, _ = generate(client, web_demo.example_masks()[0], num_images=1)
+        assert list(temporary.glob("polyp-ddpm-demo-*/*.zip"))
     assert images[0].shape == (*MODEL_SIZE, 3)
+    # Stopped by SIGTERM, it removed the pairs it wrote (before, every stopped demo left them in /tmp).
+    assert not list(temporary.glob("polyp-ddpm-demo-*"))
 
 
 def test_a_space_needs_a_hub_model_id_and_a_new_folder(tmp_path, saved_pipeline_dir):
