@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import NamedTuple
 
 import numpy as np
@@ -192,6 +192,11 @@ def validate_pair(pair: RawPair, resolution: int | None = None) -> dict:
     if resolution is not None:
         image = image.convert("RGB").resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
         binary = binary.resize((resolution, resolution), PIL.Image.Resampling.NEAREST)
+        if not np.asarray(binary).any():  # an empty mask, as refused above, made by the resize
+            raise ValueError(
+                f"the polyp ({polyp_fraction:.2%} of {width}x{height} pixels) vanishes when resized to "
+                f"{resolution}x{resolution}: use a larger --resolution"
+            )
     # Files are kept byte for byte (no recompression); decoded, turned or resized images are stored as PNG.
     return {
         "image": {"bytes": _file_bytes(pair.image), "path": None} if keep_image_bytes else png_cell(image),
@@ -235,6 +240,13 @@ def _find_pair_folders(root: Path, image_dir: str, mask_dir: str) -> dict[str, P
     in the Kvasir-SEG zip). Several such folders one level below are the source's own splits when they are named
     as splits (`train/`, `test/`, `val/`, ...), and refused otherwise.
     """
+    for flag, folder in (("--image-dir", image_dir), ("--mask-dir", mask_dir)):
+        # Inside the source: elsewhere, an output checked apart from the source could land among the pairs read.
+        if not PurePath(folder).parts or PurePath(folder).is_absolute() or ".." in PurePath(folder).parts:
+            raise ValueError(
+                f"{flag} {folder!r} is not a folder inside the source; name it relative to the source (or to each "
+                "of its split folders), without '..'."
+            )
     if (root / image_dir).resolve() == (root / mask_dir).resolve():
         raise ValueError(
             f"--image-dir and --mask-dir both name {root / image_dir}: images and masks must be in two folders, "

@@ -3,7 +3,7 @@
 Steps, each recorded in `OUTPUT/steps/<step>.json` once done, so that rerunning the same command after a kill
 continues where it stopped (training and generation also resume inside their own step):
 1. `data`: the pairs prepared at the preset's size (the paper's split with `split_file`);
-2. `denoiser`: `training/train.py` under accelerate;
+2. `denoiser`: `training/train.py` (one process; accelerate picks the device);
 3. `synthetic`: one synthetic pair per training mask (`generate`);
 4. `realism`: FID/KID of the synthetic against the real training images, when Inception weights are at hand;
 5. `segmentation-<setting>-seed<k>`: a segmenter trained on real, synthetic or real+synthetic pairs;
@@ -33,7 +33,7 @@ import torch
 
 from .arguments import TRAINING_SCRIPTS, load_training_script, overridden_settings
 from .choices import DEMO_SOURCE
-from .data import load_polyp_dataset, split_file_path
+from .data import load_polyp_dataset, parse_dataset_spec, split_file_path
 from .folders import (
     OutputClaim,
     check_is_folder,
@@ -81,7 +81,8 @@ PAPER_TRAINING_IMAGES = 100_000 * 2 * 32
 OBJECTIVES = {"paper": {}, "velocity": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}
 
 # Presets are data: the flags of each step. `train_images_per_s` is the measured speed of a compiled bf16 training
-# step on an H200 for that preset (benchmarks/results/), used only for the time estimate printed at start;
+# step on an H200 for that preset (benchmarks/results/; None where none was measured at its size), used only
+# for the time estimate printed at start;
 # `segmentation_jobs` segmenters train at once (small segmenters leave a GPU mostly idle).
 STUDY_PRESETS = {
     # The whole path in about two minutes on two CPU cores, on the built-in demo data: proves it runs, nothing more.
@@ -296,7 +297,8 @@ def run_study(
     if split_file is not None and not split_file_path(split_file).is_file():
         raise FileNotFoundError(f"the split file {split_file} does not exist.")
     check_is_folder(output)
-    check_output_apart(output, {"data": data if data != DEMO_SOURCE else None})
+    test_sets = {f"test set {spec}": parse_dataset_spec(spec)[0] for spec in tests or []}
+    check_output_apart(output, {"data": data if data != DEMO_SOURCE else None, **test_sets})
     _check_output_holds_no_other_files(Path(output))
     if inception_weights is not None:  # damaged, or pickled code: refused now, not after hours of training
         if not Path(inception_weights).is_file():
@@ -490,6 +492,14 @@ def _adds_settings(previous: dict, arguments: dict) -> bool:
     return same and set(study_settings(previous)) <= set(study_settings(arguments))
 
 
+def _command_line() -> str | None:
+    """The `polyp-ddpm` command that runs this study, also when run as `python -m polyp_diffusers.cli`."""
+    entry = Path(sys.argv[0])
+    if entry.name != "polyp-ddpm" and entry.resolve() != Path(__file__).with_name("cli.py").resolve():
+        return None
+    return " ".join(["polyp-ddpm", *sys.argv[1:]])
+
+
 def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
     images = settings["denoiser"]["train_batch_size"] * settings["denoiser"]["gradient_accumulation_steps"]
     images *= settings["denoiser"]["max_train_steps"]
@@ -502,7 +512,7 @@ def _print_estimate(settings: dict, seeds: int, num_settings: int) -> None:
         minutes = images / settings["train_images_per_s"] / 60
         line += f" Training alone takes about {minutes:.0f} min at the speed measured on an H200."
     elif not torch.cuda.is_available() and (settings["train_images_per_s"] or minutes):
-        line += " This preset is meant for a GPU; on a CPU it takes days."
+        line += " This preset is meant for a GPU; on a CPU its generation and segmenters alone take hours."
     print(line, flush=True)
 
 
@@ -705,7 +715,7 @@ def write_report(study: Study, arguments: dict, wall_s: float) -> dict:
         **arguments,
         "device": describe_device(default_device()),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
-        "command": " ".join(["polyp-ddpm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "polyp-ddpm" else None,
+        "command": _command_line(),
         "wall_s": {name: record["wall_s"] for name, record in records.items()},
         "this_run_s": round(wall_s, 1),
         "pairs": records["data"]["result"],  # per split of the prepared data; "data" is the source, as given

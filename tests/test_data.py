@@ -586,6 +586,20 @@ def test_a_folder_with_16_bit_png_masks_prepares_without_problems(tmp_path):
         assert row["mask"].mode == "L" and set(np.unique(np.asarray(row["mask"]))) == {0, 255}
 
 
+def test_a_polyp_that_vanishes_when_resized_is_a_problem_like_an_empty_mask(tmp_path):
+    pairs = {f"case{index}": (*polyp_pair(seed=index), ".png", ".png") for index in range(3)}
+    image, _ = polyp_pair()
+    dot = np.zeros((40, 48), dtype=np.uint8)
+    dot[21, 25] = 255  # one pixel, which nearest-neighbour resizing to 4 px skips
+    pairs["dot"] = (image, PIL.Image.fromarray(dot), ".png", ".png")
+    folder = str(write_folder(tmp_path / "small-polyp", pairs))
+    with pytest.raises(DataValidationError, match=r"dot: invalid pair: the polyp \(0.05% of 48x40 pixels\) vanishes"):
+        build_dataset(folder, test_size=1, resolution=4)
+    dataset, problems, _ = build_dataset(folder, test_size=1, resolution=4, skip_invalid=True)
+    assert [problem.id for problem in problems] == ["dot"] and len(dataset["train"]) + len(dataset["test"]) == 3
+    assert build_dataset(folder, test_size=1, resolution=40)[1] == []  # large enough to keep it
+
+
 def test_a_palette_mask_is_read_by_its_colours_not_its_indices(tmp_path):
     from polyp_diffusers.data import binarize_mask
 
@@ -645,6 +659,9 @@ def test_one_folder_for_images_and_masks_is_refused(tmp_path):
     write_folder(tmp_path / "source", _pairs(2))
     with pytest.raises(ValueError, match="--image-dir and --mask-dir both name"):
         build_dataset(str(tmp_path / "source"), image_dir="images", mask_dir="images/")
+    for outside in ("/elsewhere/images", "../images", "a/../../images", ""):
+        with pytest.raises(ValueError, match=f"--image-dir '{re.escape(outside)}' is not a folder inside the source"):
+            build_dataset(str(tmp_path / "source"), image_dir=outside)
 
 
 def test_subfolders_and_files_of_other_types_are_problems_not_silent_skips(tmp_path):

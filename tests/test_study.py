@@ -62,6 +62,19 @@ def test_the_command_line_offers_every_preset_and_objective_of_the_study():
     assert STUDY_PRESET_NAMES == tuple(STUDY_PRESETS) and STUDY_OBJECTIVES == tuple(OBJECTIVES)
 
 
+@pytest.mark.parametrize(
+    "entry, command",
+    [
+        ("/usr/local/bin/polyp-ddpm", "polyp-ddpm reproduce --output study"),
+        (str(Path(study_module.__file__).with_name("cli.py")), "polyp-ddpm reproduce --output study"),  # python -m
+        ("/usr/bin/pytest", None),
+    ],
+)
+def test_the_report_names_the_command_also_when_run_as_a_module(monkeypatch, entry, command):
+    monkeypatch.setattr(sys, "argv", [entry, "reproduce", "--output", "study"])
+    assert study_module._command_line() == command
+
+
 def test_a_killed_study_continues_without_redoing_finished_steps(finished_study):
     output, _, runs, records_before, base_report = finished_study
     # Two segmenters train at once (the smoke preset's segmentation_jobs); the kill hit the second to start.
@@ -171,18 +184,22 @@ def test_a_study_folder_is_continued_only_with_the_same_arguments(finished_study
 
 def test_an_output_in_the_data_a_file_or_bad_inception_weights_are_refused_before_anything_is_written(tmp_path):
     data, afile, pickled = tmp_path / "kvasir", tmp_path / "afile.txt", tmp_path / "evil.pt"
+    test_set = tmp_path / "other-test-set"
     data.mkdir()
+    test_set.mkdir()
     afile.write_text("mine")
     pickled.write_bytes(pickle.dumps(Killed()))  # an object, not tensors: loading it would run code
     for output, more, error in [
         (data / "study", {}, "lies inside the data"),
+        # Before: found at the first segmenter, after the data, the denoiser and the generation.
+        (test_set / "study", {"tests": [f"{test_set}:test"]}, f"lies inside the test set {test_set}:test"),
         (afile, {}, "is a file"),
         (tmp_path / "study", {"inception_weights": str(tmp_path / "missing.pth")}, "do not exist"),
         (tmp_path / "study", {"inception_weights": str(pickled)}, "is refused: loading it would run code"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError, FileExistsError), match=error):
             run_study(str(data), output, preset="smoke", **more)
-    assert [path.name for path in data.iterdir()] == [] and afile.read_text() == "mine"
+    assert [path.name for path in data.iterdir()] == [] == list(test_set.iterdir()) and afile.read_text() == "mine"
     assert not (tmp_path / "study").exists()
 
 
