@@ -10,6 +10,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from polyp_diffusers.folders import write_text_atomically
 from polyp_diffusers.modeling import default_device, describe_device
 
 __all__ = ["default_device"]  # re-exported: the benchmarks run where the commands would
@@ -87,7 +88,7 @@ def write_results(
     }
     path = Path(output) if output else RESULTS_DIR / f"{name}-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")  # a stage's `timeout` may kill it at any time
     if not quiet:
         print(json.dumps(record, indent=2))
     return path

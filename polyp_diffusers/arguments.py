@@ -6,6 +6,7 @@ nothing heavy: the command line parses with it before torch is loaded.
 
 import argparse
 import importlib.util
+import math
 import numbers
 import os
 import signal
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+import PIL.Image
 
 # The accelerate scripts, beside the package in the repository (an editable install).
 TRAINING_SCRIPTS = Path(__file__).resolve().parents[1] / "training"
@@ -52,6 +55,39 @@ def non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0")
     return number
+
+
+# The largest square side PIL opens without taking the image for a decompression bomb (`PIL.Image.MAX_IMAGE_PIXELS`,
+# about 9,459 px): a dataset written larger could not be read back, and one image of 100,000 px takes 30 GB.
+MAX_IMAGE_SIDE = math.isqrt(PIL.Image.MAX_IMAGE_PIXELS)
+
+
+def image_side(value: str) -> int:
+    """A square image's side in pixels: at least 1, at most `MAX_IMAGE_SIDE`."""
+    number = positive_int(value)
+    if number > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"{value} pixels a side is more than images can have here ({MAX_IMAGE_SIDE}, PIL's limit)"
+        )
+    return number
+
+
+def _finite_float(condition: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: a finite number that meets `condition` (a NaN or inf would train to NaN or forever)."""
+
+    def parse(value: str) -> float:
+        number = float(value)
+        if not (math.isfinite(number) and condition(number)):
+            raise argparse.ArgumentTypeError(f"{value} is not {expected}")
+        return number
+
+    parse.__name__ = "float"  # argparse's "invalid float value" for text float() cannot read
+    return parse
+
+
+positive_float = _finite_float(lambda number: number > 0, "a finite number above 0")
+non_negative_float = _finite_float(lambda number: number >= 0, "a finite number of at least 0")
+fraction = _finite_float(lambda number: 0 <= number <= 1, "a number from 0 to 1")
 
 
 def port_number(value: str) -> int:
@@ -106,11 +142,11 @@ def _memory_errors() -> tuple[type[BaseException], ...]:
 
 def exit_code_of(
     command: Callable[[], object],
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError),
     interrupted: str = "interrupted: what was written whole is kept.",
 ) -> int:
     """
-    Runs `command`; one of `errors` (bad input, damaged files) or running out of memory, the host's or a GPU's (a
+    Runs `command`; one of `errors` (bad input, damaged files, a training that diverged) or running out of memory, the host's or a GPU's (a
     resolution or batch too large), is printed as one line, `error: ...`, a Ctrl-C as `interrupted` and a `Stopped`
     as its message, without a traceback, unless the environment sets `POLYP_DDPM_TRACEBACK=1`. Returns the exit
     status: 1 for an error, 128 + the signal for a stop, as a shell says.

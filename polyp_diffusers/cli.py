@@ -9,7 +9,15 @@ and a web demo.
 import argparse
 import sys
 
-from .arguments import HelpFormatter, count_or_fraction, exit_code_of, output_path, port_number, positive_int
+from .arguments import (
+    HelpFormatter,
+    count_or_fraction,
+    exit_code_of,
+    image_side,
+    output_path,
+    port_number,
+    positive_int,
+)
 from .choices import (
     COMPILE_MODES,
     DEMO_SOURCE,
@@ -63,7 +71,7 @@ def _add_prepare_data(subparsers):
     )
     parser.add_argument(
         "--resolution",
-        type=positive_int,
+        type=image_side,
         help="Resize to RESxRES (images bicubic, masks nearest). Default: keep sizes; demo: 64.",
     )
     parser.add_argument("--image-dir", default="images", help="Name of the image folder inside SOURCE.")
@@ -211,9 +219,7 @@ def _add_fid(subparsers):
         help="'module:factory' instead: the factory, called with no arguments, returns an nn.Module mapping uint8 "
         "images (N, 3, H, W) to features (N, D).",
     )
-    parser.add_argument(
-        "--image-size", type=positive_int, help="Resize every image to this square size first (bicubic)."
-    )
+    parser.add_argument("--image-size", type=image_side, help="Resize every image to this square size first (bicubic).")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="Images per feature batch.")
     parser.add_argument(
         "--kid-subset-size", type=positive_int, default=1000, help="KID subset size (capped at the set sizes)."

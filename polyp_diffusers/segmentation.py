@@ -30,6 +30,7 @@ from .data import (
     parse_dataset_spec,
     split_ids,
 )
+from .pipelines import non_finite_names
 from .transforms import images_from_levels, pair_tensors
 
 TRAIN_SETS = ("real", "synthetic", "real+synthetic")
@@ -184,6 +185,12 @@ def load_trained_segmenter(run_dir: str | Path) -> tuple[nn.Module, dict]:
         state = load_file(str(weights))
     except SafetensorError as error:  # truncated or empty: a copy cut short, a full disk
         raise ValueError(f"{weights} is damaged ({error}); train the segmenter again.") from None
+    non_finite = non_finite_names(state.items())
+    if non_finite:  # a run that diverged before it was stopped for it: it would score 0 as if it were a result
+        raise ValueError(
+            f"{weights} has NaN or inf in {len(non_finite)} weight tensors (first: {non_finite[0]}): its training "
+            "diverged; train the segmenter again with a lower --learning_rate."
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:  # weights of another architecture or size: hundreds of names, said in one line
@@ -233,6 +240,7 @@ def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) 
     Mean per-image IoU, Dice, precision and recall of thresholded predictions on pairs from
     `transforms.pair_tensors` (images as 8-bit levels), computed where the model runs.
     """
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores = {"iou": [], "dice": [], "precision": [], "recall": []}
@@ -241,7 +249,7 @@ def evaluate(model, images: torch.Tensor, masks: torch.Tensor, batch_size: int) 
         predictions = logits_of(model, images_from_levels(images[batch].to(device))).float() > 0
         for name, values in segmentation_scores(predictions, masks[batch].to(device) > 0).items():
             scores[name].append(values)
-    model.train()
+    model.train(was_training)
     result = {name: float(torch.cat(values).mean()) for name, values in scores.items()}
     result["num_images"] = len(images)
     return result

@@ -91,7 +91,11 @@ def partial_path(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
-    """Renames a completely written checkpoint into place and removes the oldest beyond `total_limit`."""
+    """
+    Renames a completely written checkpoint into place and removes the oldest beyond `total_limit`. A checkpoint of
+    the same step is there only where `latest` fell back past it, unreadable: it is replaced (a kill in between
+    leaves the checkpoint before it, which the next resume falls back to again).
+    """
     final = Path(output_dir) / f"checkpoint-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -196,6 +200,21 @@ def non_finite_weights(model: torch.nn.Module, ema_parameters: Iterable[torch.Te
     if ema_parameters is not None:
         named += [(f"ema.{name}", tensor) for (name, _), tensor in zip(named, ema_parameters)]
     return non_finite_names(named)
+
+
+def check_weights_are_finite(
+    model: torch.nn.Module, step: int, remedy: str, ema_parameters: Iterable[torch.Tensor] | None = None
+) -> None:
+    """
+    Stops a diverged run before it writes weights that NaN or inf has reached: they would be resumed, published or
+    scored (a segmenter of NaN predicts nothing: IoU 0, taken for a result).
+    """
+    non_finite = non_finite_weights(model, ema_parameters)
+    if non_finite:
+        raise FloatingPointError(
+            f"NaN or inf in {len(non_finite)} weight tensors at step {step} (first: {non_finite[0]}): the training "
+            f"diverged, nothing was saved. {remedy}"
+        )
 
 
 class GraphedStep:

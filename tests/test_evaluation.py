@@ -39,6 +39,7 @@ from polyp_diffusers.segmentation import (
     build_segmenter,
     check_resolution,
     check_tests_apart,
+    evaluate,
     held_out_ids,
     held_out_synthetic,
     import_extra,
@@ -578,6 +579,15 @@ class HostTraffic(TorchDispatchMode):
         return output
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_evaluating_leaves_the_segmenter_in_the_mode_it_was_in(mode):
+    # A loaded segmenter is in eval mode: scoring it (mask fidelity) must not switch its BatchNorm to training.
+    model = build_segmenter("monai").train(mode == "train")
+    images, masks = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.zeros(2, 1, 32, 32)
+    evaluate(model, images, masks, batch_size=2)
+    assert model.training == (mode == "train")
+
+
 @pytest.mark.parametrize("architecture", ["monai", "segformer"])
 def test_a_segmenter_training_step_can_be_captured_as_a_cuda_graph(architecture):
     # What capture needs, checked without a GPU: no value read back to the host, gradients left at None (on the
@@ -636,6 +646,18 @@ def test_train_segmentation_runs_a_segformer(demo_masks, tmp_path):
     phases = list(timing["start_up_phases_s"].values())
     assert list(timing["start_up_phases_s"]) == ["imports", "accelerator", "datasets", "pair_tensors"]
     assert 0 < phases[0] and phases == sorted(phases) and phases[-1] <= timing["start_up_s"]
+
+
+def test_a_segmenter_that_diverges_stops_at_its_validation_and_writes_no_results(demo_masks, tmp_path):
+    output = tmp_path / "diverged"
+    main = load_training_script("train_segmentation").main
+    with pytest.raises(
+        FloatingPointError, match=r"NaN or inf in \d+ weight tensors at step 2 .* lower --learning_rate"
+    ):
+        main(["--train", "real", "--real", str(demo_masks), "--test", f"{demo_masks}:test", "--output_dir",
+              str(output), "--resolution", "32", "--max_train_steps", "4", "--validation_steps", "2",
+              "--train_batch_size", "2", "--validation_size", "2", "--learning_rate", "1e30"])  # fmt: skip
+    assert not (output / "results.json").exists() and not (output / "best.safetensors").exists()
 
 
 def test_train_segmentation_refuses_what_it_would_mix_with_or_replace_in_one_line(demo_masks, tmp_path, capsys):
@@ -969,6 +991,13 @@ def test_a_damaged_segmenter_folder_is_one_line_that_names_the_file(real_segment
         assert polyp_ddpm(["mask-fidelity", "--segmenter", str(damaged), "--dataset", str(generated)]) == 1
         error = capsys.readouterr().err
         assert error.startswith(f"error: {damaged / 'best.safetensors'} is damaged (") and "Traceback" not in error
+    # Weights of a run that diverged: scored, they would be an IoU of 0 taken for a result.
+    state = load_file(str(real_segmenter / "best.safetensors"))
+    name = next(name for name, tensor in state.items() if tensor.is_floating_point())
+    save_file({**state, name: torch.full_like(state[name], float("nan"))}, str(damaged / "best.safetensors"))
+    assert polyp_ddpm(["mask-fidelity", "--segmenter", str(damaged), "--dataset", str(generated)]) == 1
+    error = capsys.readouterr().err
+    assert f"has NaN or inf in 1 weight tensors (first: {name}): its training diverged" in error
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,12 @@ from polyp_diffusers.arguments import (
     HelpFormatter,
     Stopped,
     exit_code_of,
+    fraction,
+    image_side,
+    non_negative_float,
     non_negative_int,
     output_path,
+    positive_float,
     positive_int,
 )
 from polyp_diffusers.choices import COMPILE_MODES, MIXED_PRECISIONS, SAMPLERS
@@ -71,6 +75,7 @@ from polyp_diffusers.pipelines import is_mask_model, mask_channels_of, masks_for
 from polyp_diffusers.results import card_naming
 from polyp_diffusers.training_utils import (
     StopRequest,
+    check_weights_are_finite,
     checkpoint_step,
     claim_output,
     ema_weights,
@@ -159,14 +164,16 @@ def parse_args(argv=None):
     data.add_argument(
         "--validation_split", default="test", help="Split whose masks (and images) fill the validation grid."
     )
+    data.add_argument("--resolution", type=image_side, default=None, help="Training size; default: the model preset's.")
     data.add_argument(
-        "--resolution", type=positive_int, default=None, help="Training size; default: the model preset's."
+        "--augment_degrees", type=non_negative_float, default=45.0, help="Random rotation range, +-degrees."
     )
-    data.add_argument("--augment_degrees", type=float, default=45.0, help="Random rotation range, +-degrees.")
-    data.add_argument("--augment_flip_probability", type=float, default=0.5, help="Chance of a joint horizontal flip.")
+    data.add_argument(
+        "--augment_flip_probability", type=fraction, default=0.5, help="Chance of a joint horizontal flip."
+    )
     data.add_argument(
         "--augment_zoom",
-        type=float,
+        type=positive_float,
         nargs=2,
         default=(1.0, 1.0),
         metavar=("MIN", "MAX"),
@@ -174,7 +181,7 @@ def parse_args(argv=None):
     )
     data.add_argument(
         "--max_preload_gb",
-        type=float,
+        type=non_negative_float,
         default=4.0,
         help="Decode the training pairs once into the training device's memory when they take at most this many "
         "GiB (898 pairs at 256 px: 0.22); 0: always stream them through DataLoader workers.",
@@ -206,7 +213,7 @@ def parse_args(argv=None):
     model.add_argument(
         "--zero_terminal_snr", action="store_true", help="Rescale the betas so that the last step is pure noise."
     )
-    model.add_argument("--dropout", type=float, default=0.0, help="Dropout in the residual blocks.")
+    model.add_argument("--dropout", type=fraction, default=0.0, help="Dropout in the residual blocks.")
     model.add_argument(
         "--mask_model",
         action="store_true",
@@ -224,13 +231,13 @@ def parse_args(argv=None):
     optim.add_argument("--max_train_steps", type=positive_int, default=100_000, help="Optimizer steps.")
     optim.add_argument(
         "--max_train_minutes",
-        type=float,
+        type=positive_float,
         default=None,
         help="Also stop, saving a checkpoint and the pipeline, at the first logging step after this many minutes "
         "of training in all (compilation included), counted across resumes from the checkpoints' clocks: the same "
         "command with --resume_from_checkpoint latest finishes a killed run's budget, and a larger value goes on.",
     )
-    optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak AdamW learning rate.")
+    optim.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Peak AdamW learning rate.")
     optim.add_argument(
         "--lr_scheduler",
         default="constant",
@@ -239,15 +246,17 @@ def parse_args(argv=None):
     optim.add_argument(
         "--lr_warmup_steps", type=non_negative_int, default=0, help="Steps of linear warm-up of the learning rate."
     )
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
+    optim.add_argument("--adam_beta1", type=fraction, default=0.9, help="AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=fraction, default=0.999, help="AdamW beta2.")
+    optim.add_argument("--adam_weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay.")
+    optim.add_argument("--adam_epsilon", type=non_negative_float, default=1e-8, help="AdamW epsilon.")
+    optim.add_argument(
+        "--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping; 0 disables it."
+    )
     optim.add_argument("--loss", choices=("l1", "l2"), default="l1", help="Loss on the predicted noise.")
     optim.add_argument(
         "--snr_gamma",
-        type=float,
+        type=positive_float,
         default=None,
         help="Weight each image's loss by min-SNR with this gamma (Hang et al. 2023 use 5); needs --loss l2, for "
         "which the weights are derived. Default: unweighted, the paper's objective.",
@@ -255,11 +264,11 @@ def parse_args(argv=None):
     optim.add_argument("--no_ema", dest="use_ema", action="store_false", help="Save the raw weights, not an EMA.")
     optim.add_argument(
         "--ema_max_decay",
-        type=float,
+        type=fraction,
         default=0.9995,
         help="The reference's 0.995 every 10 steps is about 0.9995 every step.",
     )
-    optim.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (diffusers EMAModel).")
+    optim.add_argument("--ema_power", type=positive_float, default=0.75, help="EMA warm-up power (diffusers EMAModel).")
     optim.add_argument("--seed", type=int, default=0, help="Seeds initialisation, data order, noise and augmentation.")
     optim.add_argument(
         "--compile",
@@ -434,7 +443,7 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
     """Saves the EMA (or raw) weights as a PolypDDPMPipeline with its model card, replacing earlier files."""
     pipeline = trained_pipeline(accelerator, unet, noise_scheduler, args.start_color)
     unet = pipeline.unet
-    check_weights_are_finite(unet, ema_model, step)
+    check_denoiser_is_finite(unet, ema_model, step)
     staging = Path(output_dir) / ".pipeline.partial"
     shutil.rmtree(staging, ignore_errors=True)
     with ema_weights(ema_model, unet):
@@ -467,14 +476,10 @@ def save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, out
     shutil.rmtree(staging)
 
 
-def check_weights_are_finite(unet, ema_model, step):
-    """Stops a diverged run before it writes weights that NaN or inf has reached: they would be resumed or published."""
-    non_finite = non_finite_weights(unet, ema_model.shadow_params if ema_model is not None else None)
-    if non_finite:
-        raise FloatingPointError(
-            f"NaN or inf in {len(non_finite)} weight tensors at step {step} (first: {non_finite[0]}): the training "
-            f"diverged, nothing was saved. Resume from the last checkpoint with a lower --learning_rate."
-        )
+def check_denoiser_is_finite(unet, ema_model: EMAModel | None, step: int) -> None:
+    """The weights and their EMA, before either is saved."""
+    shadow_params = ema_model.shadow_params if ema_model is not None else None
+    check_weights_are_finite(unet, step, "Resume from the last checkpoint with a lower --learning_rate.", shadow_params)
 
 
 def register_checkpoint_hooks(accelerator, ema_model: EMAModel | None) -> None:
@@ -681,6 +686,222 @@ def continue_schedule(lr_scheduler, checkpoint_settings: dict, args, num_process
         )
 
 
+def make_accelerator(args, output_dir: Path) -> Accelerator:
+    """The run's accelerator, with its logging, seed and the GPU's arithmetic settings."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    return accelerator
+
+
+class TrainingPairs:
+    """
+    The training pairs as the loop takes them: decoded and resized once into the device's memory when they fit in
+    `--max_preload_gb`, else by CPU workers at every step; batched in an order that depends only on the seed and
+    the epoch, so that a resumed run takes the batches it would have. A model of masks takes the masks alone: no
+    image is decoded or held for it.
+    """
+
+    def __init__(self, dataset, args, accelerator):
+        self.dataset, self.args, self.accelerator = dataset, args, accelerator
+        with_images = not args.mask_model
+        self.preloaded = pair_tensors_nbytes(len(dataset), args.resolution, with_images) <= args.max_preload_gb * 2**30
+        if self.preloaded:
+            self.images, self.masks = pair_tensors(
+                dataset,
+                args.resolution,
+                accelerator.device,
+                progress=accelerator.is_local_main_process,
+                with_images=with_images,
+            )
+            self.batches_per_epoch = len(dataset) // args.train_batch_size // accelerator.num_processes
+        else:
+            self.dataloader = torch.utils.data.DataLoader(
+                transformed_pairs(dataset, args.resolution, with_images),
+                batch_size=args.train_batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=args.dataloader_num_workers,
+                persistent_workers=args.dataloader_num_workers > 0,
+                worker_init_fn=leave_ctrl_c_to_the_training_process,
+            )
+            self.batches_per_epoch = len(self.dataloader)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(dataset)} training pairs are fewer than one batch of {args.train_batch_size} per process."
+            )
+
+    def prepare(self) -> None:
+        """Shards a streaming loader among the processes (preloaded pairs are sharded by `epoch_batches`)."""
+        if not self.preloaded:
+            self.dataloader = self.accelerator.prepare(self.dataloader)
+            self.batches_per_epoch = len(self.dataloader)
+
+    def mean_color(self) -> list[float]:
+        """The training images' mean colour (of the first 1,000 when they stream), where sampling may start."""
+        if self.preloaded:
+            return mean_color(self.images)
+        first = self.dataset.select(range(min(len(self.dataset), 1000)))
+        return mean_color(pair_tensors(first, self.args.resolution, progress=self.accelerator.is_local_main_process)[0])
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """
+        Optimizer steps per epoch. Preloaded batches accumulate across epochs; a DataLoader prepared by accelerate
+        also steps the optimizer at the end of an epoch whose last micro-batches do not fill an accumulation, and
+        starts counting anew in the next epoch.
+        """
+        steps = self.batches_per_epoch / self.args.gradient_accumulation_steps
+        return steps if self.preloaded else math.ceil(steps)
+
+    def position(self, global_step: int) -> tuple[int, int, int]:
+        """Where step `global_step` begins: its epoch, the batches of that epoch behind it, and its micro-batch."""
+        accumulation = self.args.gradient_accumulation_steps
+        if self.preloaded:
+            micro_step = global_step * accumulation
+            epoch, batches_to_skip = divmod(micro_step, self.batches_per_epoch)
+            return epoch, batches_to_skip, micro_step
+        epoch = global_step // self.steps_per_epoch
+        batches_to_skip = (global_step % self.steps_per_epoch) * accumulation
+        return epoch, batches_to_skip, epoch * self.batches_per_epoch + batches_to_skip
+
+    def epoch_batches(self, epoch: int, skip: int):
+        """The micro-batches of one epoch from the `skip`-th on."""
+        accelerator = self.accelerator
+        if self.preloaded:
+            batches = shuffled_batches(
+                len(self.dataset), self.args.train_batch_size, self.args.seed, epoch, accelerator.device,
+                accelerator.process_index, accelerator.num_processes,
+            )  # fmt: skip
+            return tensor_batches(self.images, self.masks, batches, skip)
+        loader = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+        loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
+        return loader
+
+
+class TrainingClock:
+    """Seconds trained in all, the checkpoint's included (the time budget spans resumes), on the slowest process."""
+
+    def __init__(self, accelerator, trained_before: float):
+        self.accelerator, self.trained_before, self.start = accelerator, trained_before, time.perf_counter()
+
+    def read(self, stop_signal: int = 0) -> tuple[float, int]:
+        """
+        The seconds, and the stop signal any process received (0 for none): every process must call it (a gather),
+        so that all see the same and stop at the same step.
+        """
+        elapsed = torch.tensor(
+            [[self.trained_before + time.perf_counter() - self.start, stop_signal]], device=self.accelerator.device
+        )
+        seconds, signum = self.accelerator.gather(elapsed).amax(0).tolist()
+        return seconds, int(signum)
+
+
+class LogWindow:
+    """
+    The loss and the speed since the last log. Losses add up on the device and are read once a window: a read
+    waits for all queued GPU work.
+    """
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.start, self.steps, self.micro_batches, self.images = time.perf_counter(), 0, 0, 0
+
+    def add(self, loss: torch.Tensor, images: int, stepped: bool) -> None:
+        """One micro-batch's loss, the images all processes took in it, and whether the optimizer stepped after it."""
+        self.loss += loss.detach()
+        self.micro_batches += 1
+        self.images += images
+        self.steps += stepped
+
+    def read(self, accelerator, global_step: int) -> tuple[float, float]:
+        """
+        The mean loss of every process's micro-batches, and images per second, since the last read; a loss that is
+        not finite stops the run before anything more is saved from it.
+        """
+        loss = (accelerator.reduce(self.loss, "mean") / self.micro_batches).item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {loss} at step {global_step} (mean of steps {global_step - self.steps + 1} to "
+                f"{global_step}): the training diverged, nothing more is saved. Resume from the last checkpoint with "
+                "a lower --learning_rate."
+            )
+        images_per_second = self.images / (time.perf_counter() - self.start)
+        self.reset()
+        return loss, images_per_second
+
+
+def save_checkpoint(accelerator, unet, ema_model, output_dir: Path, step: int, clock: TrainingClock, settings, args):
+    """
+    Saves the training state of `step` into a partial folder, published whole (a kill leaves the checkpoints before
+    it), with the time trained and the settings a resume must keep. Returns it (None on processes but the main).
+    """
+    check_denoiser_is_finite(accelerator.unwrap_model(unet, keep_torch_compile=False), ema_model, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial_path(output_dir, step)))
+    seconds, _ = clock.read()  # as the time budget reads it
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    write_training_seconds(partial_path(output_dir, step), seconds)
+    write_training_settings(
+        partial_path(output_dir, step),
+        {
+            **settings,
+            "learning_rate": args.learning_rate,
+            "learning_rate_changes": args.learning_rate_changes,
+            "num_processes": accelerator.num_processes,
+            "num_processes_changes": args.num_processes_changes,
+        },
+    )
+    saved = publish_checkpoint(output_dir, step, args.checkpoints_total_limit)
+    logger.info(f"Saved {saved}")
+    return saved
+
+
+def finish(accelerator, unet, ema_model, noise_scheduler, args, step: int, first_step: int, output_dir, repo_id):
+    """Saves the pipeline, unless a finished run resumed (it trained no step) finds its own, and pushes it if asked."""
+    # The saved pipeline's card may hold results added since.
+    if step == first_step and pipeline_is_saved(output_dir, step):
+        logger.info(f"The pipeline of step {step} is in {output_dir} already: kept, with its card.")
+    else:
+        save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, step, output_dir)
+        logger.info(f"Saved the pipeline to {output_dir}")
+    if not args.push_to_hub:
+        return
+    try:
+        repo_id = push_folder(
+            output_dir,
+            repo_id,
+            args.hub_private_repo,
+            ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
+            commit_message="Polyp-DDPM training run",
+            name_repo=card_naming(trained_pipeline(accelerator, unet, noise_scheduler, args.start_color), output_dir),
+        )
+    except UploadError as error:
+        raise UploadError(
+            f"{error} Or run this command again with --resume_from_checkpoint latest: it trains no step and "
+            "pushes the saved pipeline."
+        ) from error
+    logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -697,70 +918,17 @@ def main(argv=None):
     recorded = training_settings(named_checkpoint) if named_checkpoint is not None else None
     if recorded is not None:
         check_same_run(recorded, settings, named_checkpoint)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.logger,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
+    accelerator = make_accelerator(args, output_dir)
     output_claim = claim_output(accelerator, output_dir)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
 
-    # Data: decoded and resized once into the device's memory when it fits, else by CPU workers at every step;
-    # augmented on the device, batched.
-    # A model of masks denoises the masks alone: no image is decoded, held or augmented for it.
-    with_images = not args.mask_model
-    preload = pair_tensors_nbytes(len(train_dataset), args.resolution, with_images) <= args.max_preload_gb * 2**30
-    if preload:
-        train_images, train_masks = pair_tensors(
-            train_dataset,
-            args.resolution,
-            accelerator.device,
-            progress=accelerator.is_local_main_process,
-            with_images=with_images,
-        )
-        batches_per_epoch = len(train_dataset) // args.train_batch_size // accelerator.num_processes
-    else:
-        train_dataloader = torch.utils.data.DataLoader(
-            transformed_pairs(train_dataset, args.resolution, with_images),
-            batch_size=args.train_batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=args.dataloader_num_workers,
-            persistent_workers=args.dataloader_num_workers > 0,
-            worker_init_fn=leave_ctrl_c_to_the_training_process,
-        )
-        batches_per_epoch = len(train_dataloader)  # sharded among processes by accelerator.prepare below
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"{len(train_dataset)} training pairs are fewer than one batch of {args.train_batch_size} per process."
-        )
-    # Derived from the data; saved with the configuration and in the pipeline config (a mask model has no colour).
-    args.start_color = (
-        None
-        if args.mask_model
-        else mean_color(
-            train_images
-            if preload
-            else pair_tensors(
-                train_dataset.select(range(min(len(train_dataset), 1000))),
-                args.resolution,
-                progress=accelerator.is_local_main_process,
-            )[0]
-        )
-    )
+    # Data, augmented on the device; the start colour is derived from it and saved with the configuration and in
+    # the pipeline config (a mask model has no colour).
+    pairs = TrainingPairs(train_dataset, args, accelerator)
+    args.start_color = None if args.mask_model else pairs.mean_color()
     validation_batch = validation_dataset.select(range(min(args.num_validation_masks, len(validation_dataset))))
-    validation_batch = transformed_pairs(validation_batch, args.resolution, with_images)[:]
+    validation_batch = transformed_pairs(validation_batch, args.resolution, with_images=not args.mask_model)[:]
     augment = JointAugment(args.augment_degrees, tuple(args.augment_zoom), args.augment_flip_probability)
 
     # Model, EMA, optimizer and learning-rate schedule.
@@ -781,33 +949,13 @@ def main(argv=None):
     )
 
     register_checkpoint_hooks(accelerator, ema_model)
-
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if not preload:
-        train_dataloader = accelerator.prepare(train_dataloader)
-        batches_per_epoch = len(train_dataloader)
+    pairs.prepare()
     if ema_model is not None:
         ema_model.to(accelerator.device)
     if args.compile if args.compile is not None else accelerator.device.type == "cuda":
         unet = torch.compile(unet, mode=args.compile_mode)
 
-    def epoch_batches(epoch, skip):
-        """The micro-batches of one epoch from the `skip`-th on; the order depends only on the seed and epoch."""
-        if preload:
-            batches = shuffled_batches(
-                len(train_dataset), args.train_batch_size, args.seed, epoch, accelerator.device,
-                accelerator.process_index, accelerator.num_processes,
-            )  # fmt: skip
-            return tensor_batches(train_images, train_masks, batches, skip)
-        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        loader.set_epoch(epoch)  # the shuffling order of this epoch, also in a loader that skips batches
-        return loader
-
-    # A DataLoader prepared by accelerate also steps the optimizer at the end of an epoch whose last micro-batches
-    # do not fill an accumulation, and starts counting anew in the next epoch.
-    steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
-    if not preload:
-        steps_per_epoch = math.ceil(steps_per_epoch)
     checkpoint = resume(accelerator, named_checkpoint, args.resume_from_checkpoint, output_dir)
     global_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
     first_step = global_step
@@ -830,39 +978,18 @@ def main(argv=None):
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"{len(train_dataset)} training pairs ({'preloaded on ' + str(accelerator.device) if preload else 'streamed'}), "
-        f"{steps_per_epoch:g} steps per epoch, batch {total_batch} in all, "
+        f"{len(train_dataset)} training pairs "
+        f"({'preloaded on ' + str(accelerator.device) if pairs.preloaded else 'streamed'}), "
+        f"{pairs.steps_per_epoch:g} steps per epoch, batch {total_batch} in all, "
         f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, resolution {args.resolution}"
     )
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-
-    if preload:  # accumulation runs on across epochs: every step took gradient_accumulation_steps micro-batches
-        micro_step = global_step * args.gradient_accumulation_steps
-        epoch, batches_to_skip = divmod(micro_step, batches_per_epoch)
-    else:
-        epoch = global_step // steps_per_epoch
-        batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-        micro_step = epoch * batches_per_epoch + batches_to_skip
-    # Losses add up on the device and are read once a logging window: a read waits for all queued GPU work.
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_start, window_steps, window_images = time.perf_counter(), 0, 0
-    # The training time recorded in the checkpoint counts, and a budget spent is done.
-    loop_start = time.perf_counter()
+    epoch, batches_to_skip, micro_step = pairs.position(global_step)
+    window = LogWindow(accelerator.device)
+    clock = TrainingClock(accelerator, trained_before)
     out_of_time = args.max_train_minutes is not None and trained_before >= args.max_train_minutes * 60
-
-    def slowest_training_clock(stop_signal: int = 0) -> tuple[float, int]:
-        """
-        Seconds trained in all on the slowest process's clock, and the stop signal any process received (0 for
-        none): every process must call it (a gather), so that all see the same and stop at the same step.
-        """
-        elapsed = torch.tensor(
-            [[trained_before + time.perf_counter() - loop_start, stop_signal]], device=accelerator.device
-        )
-        seconds, signum = accelerator.gather(elapsed).amax(0).tolist()
-        return seconds, int(signum)
-
     if out_of_time:
         logger.info(f"The --max_train_minutes {args.max_train_minutes} budget was spent by {checkpoint}.")
     # Ctrl-C or SIGTERM: a checkpoint at the next step that every process reaches, then a stop.
@@ -870,7 +997,7 @@ def main(argv=None):
     with StopRequest() as stop_request:
         while global_step < args.max_train_steps and not out_of_time and not stop_signal:
             unet.train()
-            batches = epoch_batches(epoch, batches_to_skip)
+            batches = pairs.epoch_batches(epoch, batches_to_skip)
             batches_to_skip = 0
             for batch in batches:
                 augment_generator, noise_generator = step_generators(
@@ -890,13 +1017,11 @@ def main(argv=None):
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                window_images += images.shape[0] * accelerator.num_processes
+                window.add(loss, images.shape[0] * accelerator.num_processes, stepped=accelerator.sync_gradients)
                 if not accelerator.sync_gradients:
                     continue
 
                 global_step += 1
-                window_loss += loss.detach()
-                window_steps += 1
                 if ema_model is not None:
                     ema_model.step(unet.parameters())
                 progress.update(1)
@@ -907,8 +1032,8 @@ def main(argv=None):
                     args.max_train_minutes is not None or accelerator.num_processes > 1
                 ):
                     # The slowest process's clock and any process's signal, so that all processes stop at the same step.
-                    clock, stop_signal = slowest_training_clock(stop_request.signum or 0)
-                    out_of_time = args.max_train_minutes is not None and clock > args.max_train_minutes * 60
+                    seconds, stop_signal = clock.read(stop_request.signum or 0)
+                    out_of_time = args.max_train_minutes is not None and seconds > args.max_train_minutes * 60
                 if global_step == args.max_train_steps:
                     stop_signal = 0  # nothing is left to train: the run finishes as it would have
                 last_step = last_step or out_of_time or bool(stop_signal)
@@ -917,14 +1042,7 @@ def main(argv=None):
                 validation_due = global_step % args.validation_steps == 0 or (last_step and not stop_signal)
                 # Also before a checkpoint or a validation grid: neither is made from a diverged run.
                 if global_step % args.logging_steps == 0 or checkpoint_due or validation_due:
-                    loss_value = (window_loss / window_steps).item()
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(
-                            f"the loss is {loss_value} at step {global_step} (mean of steps {global_step - window_steps + 1}"
-                            f" to {global_step}): the training diverged, nothing more is saved. Resume from the last "
-                            f"checkpoint with a lower --learning_rate."
-                        )
-                    images_per_second = window_images / (time.perf_counter() - window_start)
+                    loss_value, images_per_second = window.read(accelerator, global_step)
                     logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
                     if ema_model is not None:
                         logs["ema_decay"] = ema_model.cur_decay_value
@@ -934,31 +1052,11 @@ def main(argv=None):
                         loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}"
                     )
                     accelerator.log(logs, step=global_step)
-                    window_loss.zero_()
-                    window_start, window_steps, window_images = time.perf_counter(), 0, 0
 
                 if checkpoint_due:
-                    check_weights_are_finite(
-                        accelerator.unwrap_model(unet, keep_torch_compile=False), ema_model, global_step
+                    saved = save_checkpoint(
+                        accelerator, unet, ema_model, output_dir, global_step, clock, settings, args
                     )
-                    accelerator.wait_for_everyone()
-                    accelerator.save_state(str(partial_path(output_dir, global_step)))
-                    clock, _ = slowest_training_clock()  # as the time budget reads it
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        write_training_seconds(partial_path(output_dir, global_step), clock)
-                        write_training_settings(
-                            partial_path(output_dir, global_step),
-                            {
-                                **settings,
-                                "learning_rate": args.learning_rate,
-                                "learning_rate_changes": args.learning_rate_changes,
-                                "num_processes": accelerator.num_processes,
-                                "num_processes_changes": args.num_processes_changes,
-                            },
-                        )
-                        saved = publish_checkpoint(output_dir, global_step, args.checkpoints_total_limit)
-                        logger.info(f"Saved {saved}")
                 if accelerator.is_main_process and validation_due:
                     run_validation(
                         accelerator, unet, ema_model, noise_scheduler, validation_batch, args, global_step, output_dir
@@ -981,30 +1079,7 @@ def main(argv=None):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not stop_signal:
-        # A finished run resumed (it trained no step): its card may hold results added since.
-        if global_step == first_step and pipeline_is_saved(output_dir, global_step):
-            logger.info(f"The pipeline of step {global_step} is in {output_dir} already: kept, with its card.")
-        else:
-            save_pipeline(accelerator, unet, ema_model, noise_scheduler, args, global_step, output_dir)
-            logger.info(f"Saved the pipeline to {output_dir}")
-        if args.push_to_hub:
-            try:
-                repo_id = push_folder(
-                    output_dir,
-                    repo_id,
-                    args.hub_private_repo,
-                    ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", ".*"],
-                    commit_message="Polyp-DDPM training run",
-                    name_repo=card_naming(
-                        trained_pipeline(accelerator, unet, noise_scheduler, args.start_color), output_dir
-                    ),
-                )
-            except UploadError as error:
-                raise UploadError(
-                    f"{error} Or run this command again with --resume_from_checkpoint latest: it trains no step and "
-                    "pushes the saved pipeline."
-                ) from error
-            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+        finish(accelerator, unet, ema_model, noise_scheduler, args, global_step, first_step, output_dir, repo_id)
     accelerator.end_training()  # the trackers' last writes into output_dir
     if output_claim is not None:
         output_claim.release()

@@ -33,7 +33,10 @@ from polyp_diffusers.arguments import (
     HelpFormatter,
     count_or_fraction,
     exit_code_of,
+    image_side,
+    non_negative_float,
     output_path,
+    positive_float,
     positive_int,
 )
 from polyp_diffusers.choices import MIXED_PRECISIONS
@@ -58,7 +61,12 @@ from polyp_diffusers.segmentation import (
     name_test_sets,
     training_pairs,
 )
-from polyp_diffusers.training_utils import GraphedStep, claim_output, seconds_since_process_start
+from polyp_diffusers.training_utils import (
+    GraphedStep,
+    check_weights_are_finite,
+    claim_output,
+    seconds_since_process_start,
+)
 from polyp_diffusers.transforms import (
     JointAugment,
     pair_tensors,
@@ -117,7 +125,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--resolution",
-        type=positive_int,
+        type=image_side,
         default=256,
         help="Training and test size: at least 32 (SegFormer: 29), a multiple of 32 for smp.",
     )
@@ -128,17 +136,19 @@ def parse_args(argv=None):
         default=11250,
         help="Same for every setting (100 epochs of 900 real pairs at batch 8).",
     )
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Adam learning rate.")
     parser.add_argument(
         "--validation_steps", type=positive_int, default=500, help="Validate (and keep the best) every N steps."
     )
-    parser.add_argument("--augment_degrees", type=float, default=45.0, help="Joint random rotation, +-degrees.")
+    parser.add_argument(
+        "--augment_degrees", type=non_negative_float, default=45.0, help="Joint random rotation, +-degrees."
+    )
     parser.add_argument(
         "--eval_batch_size", type=positive_int, default=16, help="Batch size for validation and testing."
     )
     parser.add_argument(
         "--max_preload_gb",
-        type=float,
+        type=non_negative_float,
         default=4.0,
         help="Pairs are decoded once into memory: the training device's when they take at most this many GiB, "
         "else the CPU's (batches then move to the device at each step).",
@@ -304,7 +314,12 @@ def main(argv=None):
             loss = train_step(*augment(batch["images"], batch["masks"], generator))
             step += 1
             progress.update(1)
-            if accelerator.is_main_process and (step % args.validation_steps == 0 or step == args.max_train_steps):
+            validation_due = step % args.validation_steps == 0 or step == args.max_train_steps
+            if validation_due:  # on every process: the same weights, so all stop at the same step
+                check_weights_are_finite(
+                    accelerator.unwrap_model(model), step, "Train again with a lower --learning_rate."
+                )
+            if accelerator.is_main_process and validation_due:
                 unwrapped = accelerator.unwrap_model(model)
                 validation = evaluate(unwrapped, *validation_pairs, args.eval_batch_size)
                 progress.set_postfix(loss=f"{loss.item():.4f}", val_iou=f"{validation['iou']:.4f}")
@@ -372,7 +387,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # Bad input, damaged files or a missing optional extra: what is wrong, in one line.
-    if exit_code := exit_code_of(main, (ValueError, OSError, ImportError)):
+    if exit_code := exit_code_of(main, (ValueError, OSError, ImportError, FloatingPointError)):
         sys.exit(exit_code)
     # All is written (results.json atomically; the logs and output streams flushed here): the interpreter's
     # teardown of torch, MONAI and diffusers is skipped, 1.5 s of a short run on 2 CPU cores.
