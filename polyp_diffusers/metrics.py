@@ -26,7 +26,11 @@ INCEPTION_WEIGHTS_FILE = (
 
 
 class ReuseLastBatch(nn.Module):
-    """Lets FID and KID share one forward pass of the feature extractor for the same batch."""
+    """
+    Lets FID and KID share one forward pass of the feature extractor for the same batch, and checks what a pluggable
+    extractor gives: one finite row of features per image (else torchmetrics fails on a shape it does not name, or
+    LAPACK prints its own error into the output).
+    """
 
     def __init__(self, extractor: nn.Module):
         super().__init__()
@@ -36,7 +40,15 @@ class ReuseLastBatch(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images is not self._last_images:
-            self._last_images, self._last_features = images, self.extractor(images)
+            features = self.extractor(images)
+            if features.ndim != 2 or features.shape[0] != images.shape[0]:
+                raise ValueError(
+                    f"the feature extractor gave features of shape {tuple(features.shape)} for images of shape "
+                    f"{tuple(images.shape)}; expected (N, D): one row of D features per image."
+                )
+            if not torch.isfinite(features).all():
+                raise ValueError("the feature extractor gave NaN or inf features.")
+            self._last_images, self._last_features = images, features
         return self._last_features
 
 

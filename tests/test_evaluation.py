@@ -436,12 +436,27 @@ class NotANumber(nn.Module):
         return torch.full((len(images), 4), float("nan"))
 
 
-def test_distances_of_features_that_are_not_numbers_are_refused_not_written():
+class OneFeatureInAll(nn.Module):
+    def forward(self, images):
+        return images.float().mean(dim=(0, 1, 2, 3), keepdim=True).flatten()
+
+
+class HugeFeatures(nn.Module):
+    def forward(self, images):
+        return torch.full((len(images), 4), 1e30) * torch.arange(1, len(images) + 1)[:, None]
+
+
+def test_features_that_are_not_numbers_or_not_one_row_per_image_are_refused_not_written():
     images = Dataset.from_dict(
         {"image": [PIL.Image.new("RGB", (32, 32))] * 4}, features=Features({"image": ImageFeature()})
     )
-    with pytest.raises(ValueError, match="the distances are not finite .* NaN or inf features"):
-        fid_kid(images, images, extractor=NotANumber(), kid_subset_size=2, kid_subsets=2)
+    for extractor, problem in [
+        (NotANumber(), "the feature extractor gave NaN or inf features"),
+        (OneFeatureInAll(), r"features of shape \(1,\) for images of shape \(1, 3, \d+, \d+\); expected \(N, D\)"),
+        (HugeFeatures(), "the distances are not finite"),  # finite features whose covariance overflows
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            fid_kid(images, images, extractor=extractor, kid_subset_size=2, kid_subsets=2)
 
 
 def test_only_scores_on_inception_features_are_published_as_fid_and_kid():
