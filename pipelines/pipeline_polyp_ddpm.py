@@ -166,6 +166,7 @@ def _mask_array(mask, name: str) -> np.ndarray:
             "a torch tensor or a list of these."
         )
 
+    shape = tuple(array.shape)  # as given, for the messages
     if array.ndim == 4:
         if array.shape[1] != 1:
             raise ValueError(
@@ -183,7 +184,7 @@ def _mask_array(mask, name: str) -> np.ndarray:
     else:
         raise ValueError(f"{name} has shape {tuple(array.shape)}; expected (H, W), (1, H, W) or (B, 1, H, W).")
     if 0 in array.shape:
-        raise ValueError(f"{name} has shape {tuple(array.shape)} with a zero-sized dimension.")
+        raise ValueError(f"{name} has shape {shape} with a zero-sized dimension.")
     return array
 
 

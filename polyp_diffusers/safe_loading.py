@@ -37,8 +37,10 @@ def torch_load_safely(path: str | os.PathLike, expected: str, error_type: type[V
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected {expected}.")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {expected}.")
+    if not path.is_file():  # a device, a pipe
+        raise ValueError(f"{path} is not a regular file; expected {expected}.")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore", UserWarning)

@@ -180,11 +180,13 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
         convert_official_checkpoint(path)
 
 
-def test_a_missing_checkpoint_or_a_folder_is_refused(tmp_path):
+def test_a_missing_checkpoint_a_folder_or_a_device_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_official_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(IsADirectoryError, match="is a folder; expected the authors' checkpoint"):
         convert_official_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):  # was: "does not exist"
+        convert_official_checkpoint("/dev/null")
 
 
 def test_a_truncated_checkpoint_is_refused(official_checkpoint, tmp_path):
